@@ -1,0 +1,1 @@
+"""The ways into twostage: the command line and (later) HTTP."""

@@ -1,0 +1,1 @@
+"""The runtime path of twostage: text in, ranked chunks out."""

@@ -1,0 +1,66 @@
+"""Sequence-classification rerankers through sentence-transformers' `CrossEncoder`.
+
+For classic cross-encoders (BERT/XLM-R style, or a Qwen3 reranker converted to a
+sequence-classification head). The instruction is passed as the CrossEncoder prompt, which
+only models trained with one use.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from sentence_transformers import CrossEncoder
+
+from retrieval.errors import ModelLoadError
+from retrieval.model_source import ModelSource, fingerprint
+from retrieval.prompts import require_text, require_texts
+from retrieval.reranker import RerankMixin
+from retrieval.settings import RerankerSettings
+
+
+class CrossEncoderReranker(RerankMixin):
+    """Wraps `CrossEncoder.predict`; scores are the model's activation output (sigmoid for 1 label)."""
+
+    def __init__(
+        self, model: CrossEncoder, *, model_id: str, batch_tokens: int = 16384, use_instruction: bool = False
+    ) -> None:
+        self.model = model
+        self._model_id = model_id
+        self.max_length = int(model.max_length or 512)
+        self.batch_size = max(1, batch_tokens // self.max_length)
+        self.use_instruction = use_instruction
+
+    @classmethod
+    def load(
+        cls, source: ModelSource, cfg: RerankerSettings, *, device: torch.device, dtype: torch.dtype, cache_dir: Path
+    ) -> "CrossEncoderReranker":
+        """Load a CrossEncoder model directory."""
+        try:
+            model = CrossEncoder(
+                str(source.path), device=str(device), model_kwargs={"dtype": dtype}, local_files_only=True,
+                max_length=cfg.max_length,
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load reranker {source.name!r} from {source.path}: {exc}") from exc
+        # A causal-LM CrossEncoder renders the prompt through its chat template (the instruction);
+        # a classic sequence-classification model would only see it glued to the query.
+        generative = getattr(model[0], "transformer_task", "") == "text-generation"
+        return cls(model, model_id=f"{source.name}@{fingerprint(source.path, cache_dir)}",
+                   batch_tokens=cfg.batch_tokens, use_instruction=generative)
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    def score(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[float]:
+        require_text(query, "query")
+        docs = require_texts(documents, "documents", allow_empty_items=True)
+        if instruction is not None:
+            require_text(instruction, "instruction")
+        if not docs:
+            return []
+        prompt = instruction if self.use_instruction else None
+        scores = self.model.predict(
+            [(query, d) for d in docs], batch_size=self.batch_size, show_progress_bar=False, prompt=prompt
+        )
+        return [float(s) for s in scores]

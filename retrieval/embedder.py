@@ -1,0 +1,63 @@
+"""The `Embedder` protocol and the factory that picks an implementation for a model.
+
+Implementations: `LastTokenEmbedder` (Qwen3-Embedding semantics) and
+`SentenceTransformerEmbedder` (any sentence-transformers model with its own pooling).
+"""
+
+import json
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from retrieval.devices import resolve_device, resolve_dtype
+from retrieval.model_source import ModelSource, resolve_model
+from retrieval.settings import Settings
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns text into L2-normalised float32 vectors; queries get the task instruction."""
+
+    @property
+    def model_id(self) -> str:
+        """`name@content-hash`: what a collection records to refuse vectors from another model."""
+        ...
+
+    @property
+    def dim(self) -> int:
+        """Length of the returned vectors (after any Matryoshka truncation)."""
+        ...
+
+    def embed_queries(self, queries: Sequence[str], instruction: str | None = None) -> np.ndarray:
+        """Vectors of search queries, shape (len(queries), dim), in input order."""
+        ...
+
+    def embed_documents(self, documents: Sequence[str]) -> np.ndarray:
+        """Vectors of documents (no instruction), shape (len(documents), dim), in input order."""
+        ...
+
+
+def detect_embedder_family(source: ModelSource) -> str:
+    """`last-token` for Qwen-style decoder embedders, else `sentence-transformers`."""
+    pooling = source.path / "1_Pooling" / "config.json"
+    if pooling.exists() and json.loads(pooling.read_text()).get("pooling_mode_lasttoken"):
+        return "last-token"
+    config = json.loads((source.path / "config.json").read_text())
+    return "last-token" if config.get("model_type") in {"qwen3", "qwen2"} else "sentence-transformers"
+
+
+def load_embedder(settings: Settings) -> Embedder:
+    """Resolve, load and warm the configured embedder (the only place that picks the family)."""
+    cfg = settings.embedder
+    source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    family = detect_embedder_family(source) if cfg.family == "auto" else cfg.family
+    if family == "last-token":
+        from retrieval.last_token_embedder import LastTokenEmbedder
+
+        return LastTokenEmbedder.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
+    from retrieval.st_embedder import SentenceTransformerEmbedder
+
+    return SentenceTransformerEmbedder.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)

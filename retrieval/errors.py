@@ -1,0 +1,17 @@
+"""Exceptions that carry a message meant for the person running the service.
+
+Everything the CLI or the HTTP layer should report as one readable line (instead of a
+stack trace) derives from `TwostageError`.
+"""
+
+
+class TwostageError(Exception):
+    """Base class: the message is complete and safe to show to a user as it is."""
+
+
+class InputError(TwostageError, ValueError):
+    """The caller passed something unusable (empty query, wrong type, too long for the model)."""
+
+
+class ModelLoadError(TwostageError):
+    """A model could not be found, downloaded or loaded; the message says how to fix it."""

@@ -1,0 +1,114 @@
+"""Qwen3-Embedding semantics: instruction-prefixed queries, last-token pooling, L2 norm.
+
+Equal (within 1e-5 in fp32) to the model card's recipe, but inputs are sorted by length
+and grouped under a padded-token budget, so a batch of mixed lengths wastes little compute
+on padding and memory stays bounded whatever the batch size.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from retrieval.batching import left_pad, token_budget_batches
+from retrieval.errors import InputError, ModelLoadError
+from retrieval.model_source import ModelSource, fingerprint
+from retrieval.prompts import clip_for_tokens, embedding_query, require_text, require_texts
+from retrieval.settings import EmbedderSettings
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+class LastTokenEmbedder:
+    """Embeds with a decoder model by reading the hidden state of the final `<|endoftext|>`."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        model_id: str,
+        max_length: int = 8192,
+        batch_tokens: int = 16384,
+        dim: int | None = None,
+        instruction: str,
+    ) -> None:
+        hidden = int(model.config.hidden_size)
+        if dim is not None and not 1 <= dim <= hidden:
+            raise InputError(f"dim must be between 1 and the model's {hidden} dimensions, got {dim}")
+        eod = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+        if not isinstance(eod, int) or eod == tokenizer.unk_token_id:
+            raise ModelLoadError(f"{model_id}: tokenizer has no {END_OF_TEXT} token for last-token pooling")
+        self.model = model
+        self.tokenizer = tokenizer
+        self._model_id = model_id
+        self._dim = dim or hidden
+        self.max_length = max_length
+        self.batch_tokens = batch_tokens
+        self.instruction = require_text(instruction, "instruction")
+        self._eod_id = eod
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eod
+        # Qwen3-Embedding's tokenizer appends <|endoftext|> itself; older snapshots did not and the
+        # model card appended it by hand. Detect which, so both give the same ids.
+        self._tokenizer_appends_eod = tokenizer("a")["input_ids"][-1] == eod
+
+    @classmethod
+    def load(
+        cls, source: ModelSource, cfg: EmbedderSettings, *, device: torch.device, dtype: torch.dtype, cache_dir: Path
+    ) -> "LastTokenEmbedder":
+        """Load weights and tokenizer from a resolved model directory."""
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.path)
+            model = AutoModel.from_pretrained(source.path, dtype=dtype).to(device).eval()
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load embedder {source.name!r} from {source.path}: {exc}") from exc
+        return cls(
+            model,
+            tokenizer,
+            model_id=f"{source.name}@{fingerprint(source.path, cache_dir)}",
+            max_length=cfg.max_length,
+            batch_tokens=cfg.batch_tokens,
+            dim=cfg.dim,
+            instruction=cfg.instruction,
+        )
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def embed_queries(self, queries: Sequence[str], instruction: str | None = None) -> np.ndarray:
+        task = self.instruction if instruction is None else require_text(instruction, "instruction")
+        texts = require_texts(queries, "queries")
+        return self._embed([embedding_query(task, q) for q in texts])
+
+    def embed_documents(self, documents: Sequence[str]) -> np.ndarray:
+        return self._embed(require_texts(documents, "documents"))
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids exactly as the model card's tokenizer call gives them (truncated, eod last)."""
+        clipped = [clip_for_tokens(t, self.max_length) for t in texts]
+        ids: list[list[int]] = self.tokenizer(clipped, truncation=True, max_length=self.max_length)["input_ids"]
+        if not self._tokenizer_appends_eod:
+            ids = [row[: self.max_length - 1] + [self._eod_id] for row in ids]
+        return ids
+
+    @torch.inference_mode()
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        out = np.empty((len(texts), self._dim), dtype=np.float32)
+        if not texts:
+            return out
+        ids = self.tokenize(texts)
+        device = self.model.device
+        for batch in token_budget_batches([len(r) for r in ids], self.batch_tokens):
+            input_ids, mask = left_pad([ids[i] for i in batch], self._pad_id, device)
+            last = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, -1]
+            vectors = F.normalize(last.float()[:, : self._dim], p=2, dim=1)
+            out[batch] = vectors.cpu().numpy()
+        return out

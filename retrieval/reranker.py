@@ -1,0 +1,83 @@
+"""The `Reranker` protocol, its result type, and the factory that picks an implementation.
+
+Implementations: `YesNoReranker` (Qwen3-Reranker and any causal LM judged by
+logit(yes) - logit(no)) and `CrossEncoderReranker` (sentence-transformers CrossEncoder,
+for sequence-classification rerankers).
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from retrieval.devices import resolve_device, resolve_dtype
+from retrieval.errors import InputError
+from retrieval.model_source import ModelSource, resolve_model
+from retrieval.settings import Settings
+
+
+@dataclass(frozen=True)
+class RankedDocument:
+    """One document's place after reranking: its index in the input and its score in [0, 1]."""
+
+    index: int
+    score: float
+
+
+@runtime_checkable
+class Reranker(Protocol):
+    """Scores (query, document) pairs; higher means more relevant."""
+
+    @property
+    def model_id(self) -> str:
+        """`name@content-hash` of the loaded model."""
+        ...
+
+    def score(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[float]:
+        """Relevance of each document to the query, in input order."""
+        ...
+
+    def rerank(
+        self, query: str, documents: Sequence[str], instruction: str | None = None, top_n: int | None = None
+    ) -> list[RankedDocument]:
+        """Documents sorted by descending score (ties keep input order), cut to `top_n`."""
+        ...
+
+
+class RerankMixin:
+    """`rerank` in terms of `score`, shared by every implementation."""
+
+    def score(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[float]:
+        raise NotImplementedError
+
+    def rerank(
+        self, query: str, documents: Sequence[str], instruction: str | None = None, top_n: int | None = None
+    ) -> list[RankedDocument]:
+        if top_n is not None and top_n < 1:
+            raise InputError(f"top_n must be at least 1, got {top_n}")
+        scores = self.score(query, documents, instruction)
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+        return [RankedDocument(i, scores[i]) for i in order[:top_n]]
+
+
+def detect_reranker_family(source: ModelSource) -> str:
+    """`yes-no` for causal LMs, `cross-encoder` for sequence-classification models."""
+    config = json.loads((source.path / "config.json").read_text())
+    architectures = config.get("architectures") or []
+    return "yes-no" if any(a.endswith("ForCausalLM") for a in architectures) else "cross-encoder"
+
+
+def load_reranker(settings: Settings) -> Reranker:
+    """Resolve, load and warm the configured reranker (the only place that picks the family)."""
+    cfg = settings.reranker
+    source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    family = detect_reranker_family(source) if cfg.family == "auto" else cfg.family
+    if family == "yes-no":
+        from retrieval.yes_no_reranker import YesNoReranker
+
+        return YesNoReranker.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
+    from retrieval.cross_encoder_reranker import CrossEncoderReranker
+
+    return CrossEncoderReranker.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)

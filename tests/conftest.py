@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny Qwen3 models written once per session, and settings pointing at them."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from retrieval.settings import Settings  # noqa: E402
+from retrieval.tiny_models import TinyModelPaths, write_tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModelPaths:
+    return write_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Converted models and fingerprints; shared so SmolLM2 is converted from GGUF once per run."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_models: TinyModelPaths, model_cache: Path) -> Settings:
+    return Settings(
+        embedder={"model": str(tiny_models.embedder)},
+        reranker={"model": str(tiny_models.reranker)},
+        cache_dir=model_cache,
+        device="cpu",
+    )

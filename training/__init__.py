@@ -1,0 +1,1 @@
+"""Training: hard-negative mining, LoRA fine-tuning of the embedder and reranker, evaluation."""

@@ -30,7 +30,9 @@ def token_budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]
     return batches
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: "torch.device") -> tuple["torch.Tensor", "torch.Tensor"]:
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: "torch.device"
+) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Left-padded `input_ids` and `attention_mask` tensors, so position -1 is every row's last token."""
     import torch
 

@@ -32,12 +32,21 @@ class CrossEncoderReranker(RerankMixin):
 
     @classmethod
     def load(
-        cls, source: ModelSource, cfg: RerankerSettings, *, device: torch.device, dtype: torch.dtype, cache_dir: Path
+        cls,
+        source: ModelSource,
+        cfg: RerankerSettings,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_dir: Path,
     ) -> "CrossEncoderReranker":
         """Load a CrossEncoder model directory."""
         try:
             model = CrossEncoder(
-                str(source.path), device=str(device), model_kwargs={"dtype": dtype}, local_files_only=True,
+                str(source.path),
+                device=str(device),
+                model_kwargs={"dtype": dtype},
+                local_files_only=True,
                 max_length=cfg.max_length,
             )
         except (OSError, ValueError) as exc:
@@ -45,8 +54,12 @@ class CrossEncoderReranker(RerankMixin):
         # A causal-LM CrossEncoder renders the prompt through its chat template (the instruction);
         # a classic sequence-classification model would only see it glued to the query.
         generative = getattr(model[0], "transformer_task", "") == "text-generation"
-        return cls(model, model_id=f"{source.name}@{fingerprint(source.path, cache_dir)}",
-                   batch_tokens=cfg.batch_tokens, use_instruction=generative)
+        return cls(
+            model,
+            model_id=f"{source.name}@{fingerprint(source.path, cache_dir)}",
+            batch_tokens=cfg.batch_tokens,
+            use_instruction=generative,
+        )
 
     @property
     def model_id(self) -> str:

@@ -60,4 +60,6 @@ def load_embedder(settings: Settings) -> Embedder:
         return LastTokenEmbedder.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
     from retrieval.st_embedder import SentenceTransformerEmbedder
 
-    return SentenceTransformerEmbedder.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
+    return SentenceTransformerEmbedder.load(
+        source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir
+    )

@@ -57,7 +57,13 @@ class LastTokenEmbedder:
 
     @classmethod
     def load(
-        cls, source: ModelSource, cfg: EmbedderSettings, *, device: torch.device, dtype: torch.dtype, cache_dir: Path
+        cls,
+        source: ModelSource,
+        cfg: EmbedderSettings,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_dir: Path,
     ) -> "LastTokenEmbedder":
         """Load weights and tokenizer from a resolved model directory."""
         try:
@@ -94,9 +100,11 @@ class LastTokenEmbedder:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids exactly as the model card's tokenizer call gives them (truncated, eod last)."""
         clipped = [clip_for_tokens(t, self.max_length) for t in texts]
-        ids: list[list[int]] = self.tokenizer(clipped, truncation=True, max_length=self.max_length)["input_ids"]
+        ids: list[list[int]] = self.tokenizer(clipped, truncation=True, max_length=self.max_length)[
+            "input_ids"
+        ]
         if not self._tokenizer_appends_eod:
-            ids = [row[: self.max_length - 1] + [self._eod_id] for row in ids]
+            ids = [[*row[: self.max_length - 1], self._eod_id] for row in ids]
         return ids
 
     @torch.inference_mode()

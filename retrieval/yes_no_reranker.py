@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from retrieval.batching import right_pad, token_budget_batches
 from retrieval.errors import InputError, ModelLoadError
@@ -29,10 +35,10 @@ from retrieval.prompts import (
     RERANKER_PREFIX,
     RERANKER_SUFFIX,
     clip_for_tokens,
-    reranker_document_part,
-    reranker_query_part,
     require_text,
     require_texts,
+    reranker_document_part,
+    reranker_query_part,
 )
 from retrieval.reranker import RerankMixin
 from retrieval.settings import RerankerSettings
@@ -42,12 +48,12 @@ def single_token_id(tokenizer: PreTrainedTokenizerBase, word: str, model_name: s
     """The id of `word`, which must be one token both as a vocabulary entry and when encoded."""
     encoded = tokenizer.encode(word, add_special_tokens=False)
     token_id = tokenizer.convert_tokens_to_ids(word)
-    if len(encoded) != 1 or encoded[0] != token_id:
+    if not isinstance(token_id, int) or len(encoded) != 1 or encoded[0] != token_id:
         raise ModelLoadError(
             f"{model_name} cannot be a yes/no reranker: {word!r} is not a single token of its vocabulary "
             f"(it encodes to {encoded})"
         )
-    return int(token_id)
+    return token_id
 
 
 @dataclass(frozen=True)
@@ -99,12 +105,18 @@ class YesNoReranker(RerankMixin):
 
     @classmethod
     def load(
-        cls, source: ModelSource, cfg: RerankerSettings, *, device: torch.device, dtype: torch.dtype, cache_dir: Path
+        cls,
+        source: ModelSource,
+        cfg: RerankerSettings,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache_dir: Path,
     ) -> "YesNoReranker":
         """Load a causal LM from a resolved model directory."""
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.path)
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device).eval()
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load reranker {source.name!r} from {source.path}: {exc}") from exc
         return cls(
@@ -120,16 +132,21 @@ class YesNoReranker(RerankMixin):
     def model_id(self) -> str:
         return self._model_id
 
-    def prompt_tokens(self, query: str, documents: Sequence[str], instruction: str | None = None) -> PromptTokens:
+    def prompt_tokens(
+        self, query: str, documents: Sequence[str], instruction: str | None = None
+    ) -> PromptTokens:
         """Tokenize and truncate exactly as the official recipe does, split at the document."""
         require_text(query, "query")
         docs = require_texts(documents, "documents", allow_empty_items=True)
         task = self.instruction if instruction is None else require_text(instruction, "instruction")
-        shared = self._prefix_ids + self.tokenizer.encode(reranker_query_part(task, query), add_special_tokens=False)
+        shared = self._prefix_ids + self.tokenizer.encode(
+            reranker_query_part(task, query), add_special_tokens=False
+        )
         room = self.max_length - len(shared) - len(self._suffix_ids)
         if room <= self._tag_len:
+            used = len(shared) - len(self._prefix_ids)
             raise InputError(
-                f"instruction and query take {len(shared) - len(self._prefix_ids)} tokens, which leaves no room "
+                f"instruction and query take {used} tokens, which leaves no room "
                 f"for a document within the reranker's max_length of {self.max_length} tokens"
             )
         bodies = [reranker_document_part(clip_for_tokens(d, room)) for d in docs]
@@ -152,7 +169,10 @@ class YesNoReranker(RerankMixin):
         for batch in token_budget_batches([len(t) for t in tails], self.batch_tokens):
             rows = [tails[i] for i in batch]
             cache = DynamicCache(
-                [(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1)) for k, v, *_ in prefix_cache]
+                [
+                    (k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1))
+                    for k, v, *_ in prefix_cache
+                ]
             )
             hidden = self._decoder(
                 input_ids=right_pad(rows, self._pad_id, device), past_key_values=cache, use_cache=True

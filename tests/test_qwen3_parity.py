@@ -41,7 +41,14 @@ GOLDEN_EMBEDDING_QUERY = [
 def mixed_texts(n: int, seed: int) -> list[str]:
     """`n` texts from 1 to ~600 tokens, English, Chinese and code mixed."""
     rng = random.Random(seed)
-    pieces = ["apt-get install qdrant", "向量数据库", "def f(x):\n    return x", "Debian package", "é ü ß", "?!"]
+    pieces = [
+        "apt-get install qdrant",
+        "向量数据库",
+        "def f(x):\n    return x",
+        "Debian package",
+        "é ü ß",
+        "?!",
+    ]
     return [" ".join(rng.choice(pieces) for _ in range(rng.choice([1, 2, 5, 20, 60, 150]))) for _ in range(n)]
 
 
@@ -54,7 +61,9 @@ def reference_reranker(tiny_models: TinyModelPaths) -> tuple[AutoModelForCausalL
 
 @pytest.fixture(scope="module")
 def reference_embedder(tiny_models: TinyModelPaths) -> tuple[AutoModel, AutoTokenizer]:
-    return AutoModel.from_pretrained(tiny_models.embedder).eval(), AutoTokenizer.from_pretrained(tiny_models.embedder)
+    return AutoModel.from_pretrained(tiny_models.embedder).eval(), AutoTokenizer.from_pretrained(
+        tiny_models.embedder
+    )
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +93,19 @@ def test_golden_embedding_query_ids(embedder: LastTokenEmbedder) -> None:
     assert embedder.tokenize([embedding_query(DEFAULT_TASK, QUERY)]) == [GOLDEN_EMBEDDING_QUERY]
 
 
-def test_split_prompt_tokenizes_like_the_whole_prompt(reranker: YesNoReranker, reference_reranker: tuple) -> None:
+def test_split_prompt_tokenizes_like_the_whole_prompt(
+    reranker: YesNoReranker, reference_reranker: tuple
+) -> None:
     """The shared-prefix split must never change a token at the query/document boundary."""
     _, tok = reference_reranker
-    queries = ["plain query", "ends with a question?", "ends with newline\n", "中文查询", "trailing space ", "x:"]
+    queries = [
+        "plain query",
+        "ends with a question?",
+        "ends with newline\n",
+        "中文查询",
+        "trailing space ",
+        "x:",
+    ]
     docs = ["doc", " leading space", "\nleading newline", "中文文档", "<tag> html", "", "?!"]
     for q in queries:
         prompt = reranker.prompt_tokens(q, docs, instruction="Find: it")
@@ -108,7 +126,9 @@ def test_reranker_scores_equal_recipe(
         ours = reranker.score(QUERY, docs, instruction="Given a package synopsis, find its description")
     finally:
         reranker.batch_tokens = 16384
-    ref = recipe_rerank(model, tok, [(QUERY, d) for d in docs], "Given a package synopsis, find its description")
+    ref = recipe_rerank(
+        model, tok, [(QUERY, d) for d in docs], "Given a package synopsis, find its description"
+    )
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
 
 
@@ -123,7 +143,9 @@ def test_reranker_truncates_only_the_document(reference_reranker: tuple, tiny_mo
         assert full[: len(prompt.shared)] == prompt.shared
         assert full[-len(prompt.suffix) :] == tok.encode(RERANKER_SUFFIX)
     np.testing.assert_allclose(
-        short.score(QUERY, docs), recipe_rerank(model, tok, [(QUERY, d) for d in docs], DEFAULT_TASK, 128), atol=1e-5
+        short.score(QUERY, docs),
+        recipe_rerank(model, tok, [(QUERY, d) for d in docs], DEFAULT_TASK, 128),
+        atol=1e-5,
     )
 
 
@@ -167,19 +189,25 @@ def test_embedding_truncates_at_max_length_keeping_endoftext(reference_embedder:
     long_text = "Debian packages " * 2000
     assert short.tokenize([long_text])[0][-1] == 151643 and len(short.tokenize([long_text])[0]) == 32
     np.testing.assert_allclose(
-        short.embed_documents([long_text]), recipe_embed(model, tok, [long_text], max_length=32).numpy(), atol=1e-5
+        short.embed_documents([long_text]),
+        recipe_embed(model, tok, [long_text], max_length=32).numpy(),
+        atol=1e-5,
     )
 
 
 def test_embedder_appends_endoftext_when_tokenizer_does_not(reference_embedder: tuple, tiny_models) -> None:
     """Older Qwen3-Embedding tokenizers did not append <|endoftext|>; the card appended it by hand."""
     model, _ = reference_embedder
-    plain_tok = AutoTokenizer.from_pretrained(tiny_models.reranker)  # ByteLevel post-processor: appends nothing
+    plain_tok = AutoTokenizer.from_pretrained(
+        tiny_models.reranker
+    )  # ByteLevel post-processor: appends nothing
     appending_tok = AutoTokenizer.from_pretrained(tiny_models.embedder)
     a = LastTokenEmbedder(model, plain_tok, model_id="a", instruction=DEFAULT_TASK)
     b = LastTokenEmbedder(model, appending_tok, model_id="b", instruction=DEFAULT_TASK)
     assert a.tokenize(["hello world"]) == b.tokenize(["hello world"]) == [[14990, 1879, 151643]]
-    np.testing.assert_allclose(a.embed_documents(["hello world"]), b.embed_documents(["hello world"]), atol=1e-6)
+    np.testing.assert_allclose(
+        a.embed_documents(["hello world"]), b.embed_documents(["hello world"]), atol=1e-6
+    )
 
 
 def test_matryoshka_truncates_then_normalises(reference_embedder: tuple) -> None:
@@ -213,7 +241,9 @@ def test_crossencoder_path_equals_recipe_only_with_the_template(
     for f in tiny_models.reranker.iterdir():
         if f.name != "chat_template.jinja":
             (bare / f.name).symlink_to(f)
-    untemplated = CrossEncoder(str(bare), local_files_only=True, device="cpu").predict(pairs, prompt=DEFAULT_TASK)
+    untemplated = CrossEncoder(str(bare), local_files_only=True, device="cpu").predict(
+        pairs, prompt=DEFAULT_TASK
+    )
     assert np.abs(np.asarray(untemplated) - recipe_rerank(model, tok, pairs, DEFAULT_TASK)).max() > 1e-3
 
 
@@ -222,4 +252,6 @@ def test_scores_are_deterministic_and_in_unit_interval(reranker: YesNoReranker) 
     a, b = reranker.score(QUERY, docs), reranker.score(QUERY, docs)
     assert a == b
     assert all(0.0 < s < 1.0 for s in a)
-    torch.testing.assert_close(torch.tensor(reranker.score(QUERY, docs[::-1])), torch.tensor(a[::-1]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(reranker.score(QUERY, docs[::-1])), torch.tensor(a[::-1]), atol=1e-6, rtol=0
+    )

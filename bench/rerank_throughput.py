@@ -1,0 +1,159 @@
+"""Reranker throughput: the official Qwen3 recipe vs YesNoReranker vs CrossEncoder.predict.
+
+Same model, same query-document pairs (documents from debian-ir's corpus plus some built
+to ~1,000 tokens), grouped as rerank calls: Q queries x D documents each. Each system is
+warmed up on one call, then timed over all calls. The last line is one JSON object.
+
+    python bench/rerank_throughput.py                                  # tiny random Qwen3 reranker
+    python bench/rerank_throughput.py --model pypi:SmolLM2-135M-Instruct
+"""
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import DATA, read_jsonl, run_info
+from retrieval.devices import resolve_device, resolve_dtype
+from retrieval.model_source import resolve_model
+from retrieval.prompts import DEFAULT_TASK
+from retrieval.reference import recipe_rerank
+from retrieval.settings import RerankerSettings
+from retrieval.tiny_models import RERANKER_CHAT_TEMPLATE, write_tiny_models
+from retrieval.tokens import Qwen3Tokens
+from retrieval.yes_no_reranker import YesNoReranker
+
+
+def build_calls(queries: int, docs_per_query: int, long_docs: int, seed: int) -> list[tuple[str, list[str]]]:
+    """`queries` rerank calls of `docs_per_query` documents each; `long_docs` of them ~1,000 tokens."""
+    rng = random.Random(seed)
+    corpus = [r["text"] for r in read_jsonl(DATA / "corpus.jsonl", 5000)]
+    dev = read_jsonl(DATA / "dev.jsonl", 500)
+    tokens = Qwen3Tokens()
+    total = queries * docs_per_query
+    long_slots = set(rng.sample(range(total), long_docs))
+    calls = []
+    for q in range(queries):
+        docs = []
+        for d in range(docs_per_query):
+            if q * docs_per_query + d in long_slots:
+                text = ""
+                while tokens.count(text) < 950:
+                    text += rng.choice(corpus) + "\n"
+                docs.append(tokens.decode(tokens.encode(text)[:1000]))
+            else:
+                docs.append(rng.choice(corpus))
+        calls.append((dev[q]["query"], docs))
+    return calls
+
+
+def timed(
+    fn: Callable[[str, list[str]], list[float]], calls: list[tuple[str, list[str]]]
+) -> tuple[float, list[float]]:
+    fn(*calls[0])  # warm-up
+    start = time.perf_counter()
+    scores = [s for q, docs in calls for s in fn(q, docs)]
+    return time.perf_counter() - start, scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="tiny (built here), a model dir, hub id or pypi:NAME")
+    parser.add_argument("--queries", type=int, default=16)
+    parser.add_argument("--docs-per-query", type=int, default=16)
+    parser.add_argument("--long-docs", type=int, default=24, help="documents of ~1,000 tokens among all")
+    parser.add_argument("--recipe-batch", type=int, default=16, help="pairs per forward pass for the recipe")
+    parser.add_argument("--crossencoder-batch", type=int, default=32)
+    parser.add_argument("--batch-tokens", type=int, default=16384)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--cache-dir", default=".twostage/cache")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    cache = Path(args.cache_dir)
+    if args.model == "tiny":
+        tiny = cache / "bench-tiny" / "qwen3-reranker-tiny"
+        if not (tiny / "model.safetensors").exists():
+            write_tiny_models(cache / "bench-tiny")
+        model_dir, model_name = tiny, "tiny-qwen3-reranker"
+    else:
+        model_dir, model_name = resolve_model(args.model, cache_dir=cache).path, args.model
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    torch.manual_seed(args.seed)
+
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ours = YesNoReranker(
+        model,
+        AutoTokenizer.from_pretrained(model_dir),
+        model_id=model_name,
+        batch_tokens=args.batch_tokens,
+        instruction=RerankerSettings().instruction,
+    )
+    crossencoder = CrossEncoder(
+        str(model_dir),
+        device=str(device),
+        model_kwargs={"dtype": dtype},
+        local_files_only=True,
+        processor_kwargs={"chat_template": RERANKER_CHAT_TEMPLATE},  # the exact Qwen3-Reranker prompt
+    )
+    calls = build_calls(args.queries, args.docs_per_query, args.long_docs, args.seed)
+    pairs = sum(len(d) for _, d in calls)
+
+    def recipe(query: str, docs: list[str]) -> list[float]:
+        out: list[float] = []
+        for i in range(0, len(docs), args.recipe_batch):
+            out += recipe_rerank(
+                model, tokenizer, [(query, d) for d in docs[i : i + args.recipe_batch]], DEFAULT_TASK
+            )
+        return out
+
+    def cross(query: str, docs: list[str]) -> list[float]:
+        scores = crossencoder.predict(
+            [(query, d) for d in docs],
+            batch_size=args.crossencoder_batch,
+            prompt=DEFAULT_TASK,
+            show_progress_bar=False,
+        )
+        return [float(s) for s in scores]
+
+    t_recipe, s_recipe = timed(recipe, calls)
+    t_ours, s_ours = timed(ours.score, calls)
+    t_cross, s_cross = timed(cross, calls)
+    doc_tokens = [len(t) for _, docs in calls for t in ours.prompt_tokens("q", docs).documents]
+    result = {
+        "bench": "rerank_throughput",
+        "model": model_name,
+        "model_path": str(model_dir),
+        "dtype": str(dtype).removeprefix("torch."),
+        "pairs": pairs,
+        "queries": len(calls),
+        "doc_tokens_mean": round(float(np.mean(doc_tokens)), 1),
+        "doc_tokens_max": int(max(doc_tokens)),
+        "recipe_pairs_per_s": round(pairs / t_recipe, 2),
+        "ours_pairs_per_s": round(pairs / t_ours, 2),
+        "crossencoder_pairs_per_s": round(pairs / t_cross, 2),
+        "speedup_vs_recipe": round(t_recipe / t_ours, 2),
+        "speedup_vs_crossencoder": round(t_cross / t_ours, 2),
+        "max_abs_diff": float(np.max(np.abs(np.array(s_ours) - np.array(s_recipe)))),
+        "crossencoder_max_abs_diff": float(np.max(np.abs(np.array(s_cross) - np.array(s_recipe)))),
+        **run_info(str(device)),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,22 @@ def _models_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_check(args: argparse.Namespace) -> int:
+    """Load the configured embedder and reranker, run one input through each, say what loaded."""
+    from retrieval.embedder import load_embedder
+    from retrieval.reranker import load_reranker
+    from retrieval.settings import Settings
+
+    settings = Settings()
+    embedder = load_embedder(settings)
+    vector = embedder.embed_queries(["twostage model check"])
+    print(f"embedder: {embedder.model_id} dim={embedder.dim} norm={float((vector[0] ** 2).sum()) ** 0.5:.4f}")
+    reranker = load_reranker(settings)
+    score = reranker.score("twostage model check", ["a document"])[0]
+    print(f"reranker: {reranker.model_id} score={score:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="twostage", description="Two-stage retrieval for RAG chatbots.")
@@ -34,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True, help="directory to write the two models into")
     tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     tiny.set_defaults(handler=_models_tiny)
+    check = model_commands.add_parser(
+        "check",
+        help="load the configured models (TWOSTAGE_EMBEDDER__MODEL, TWOSTAGE_RERANKER__MODEL) and try them",
+    )
+    check.set_defaults(handler=_models_check)
     return parser
 
 

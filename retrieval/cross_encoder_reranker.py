@@ -12,7 +12,7 @@ import torch
 from sentence_transformers import CrossEncoder
 
 from retrieval.errors import ModelLoadError
-from retrieval.model_source import ModelSource, fingerprint
+from retrieval.model_source import ModelSource, model_identity
 from retrieval.prompts import require_text, require_texts
 from retrieval.reranker import RerankMixin
 from retrieval.settings import RerankerSettings
@@ -56,7 +56,7 @@ class CrossEncoderReranker(RerankMixin):
         generative = getattr(model[0], "transformer_task", "") == "text-generation"
         return cls(
             model,
-            model_id=f"{source.name}@{fingerprint(source.path, cache_dir)}",
+            model_id=model_identity(source, cache_dir),
             batch_tokens=cfg.batch_tokens,
             use_instruction=generative,
         )

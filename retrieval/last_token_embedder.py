@@ -15,7 +15,7 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTo
 
 from retrieval.batching import left_pad, token_budget_batches
 from retrieval.errors import InputError, ModelLoadError
-from retrieval.model_source import ModelSource, fingerprint
+from retrieval.model_source import ModelSource, model_identity
 from retrieval.prompts import clip_for_tokens, embedding_query, require_text, require_texts
 from retrieval.settings import EmbedderSettings
 
@@ -74,7 +74,7 @@ class LastTokenEmbedder:
         return cls(
             model,
             tokenizer,
-            model_id=f"{source.name}@{fingerprint(source.path, cache_dir)}",
+            model_id=model_identity(source, cache_dir),
             max_length=cfg.max_length,
             batch_tokens=cfg.batch_tokens,
             dim=cfg.dim,

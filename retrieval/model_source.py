@@ -172,3 +172,8 @@ def _file_sha256(path: Path) -> str:
         while chunk := fh.read(1 << 22):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def model_identity(source: ModelSource, cache_dir: Path) -> str:
+    """`name@content-hash`: how a loaded model names itself to collections and responses."""
+    return f"{source.name}@{fingerprint(source.path, cache_dir)}"

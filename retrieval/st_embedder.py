@@ -14,7 +14,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from retrieval.errors import InputError, ModelLoadError
-from retrieval.model_source import ModelSource, fingerprint
+from retrieval.model_source import ModelSource, model_identity
 from retrieval.prompts import embedding_query, require_text, require_texts
 from retrieval.settings import EmbedderSettings
 
@@ -66,7 +66,7 @@ class SentenceTransformerEmbedder:
         model.eval()
         return cls(
             model,
-            model_id=f"{source.name}@{fingerprint(source.path, cache_dir)}",
+            model_id=model_identity(source, cache_dir),
             batch_tokens=cfg.batch_tokens,
             dim=cfg.dim,
             instruction=cfg.instruction,

@@ -29,7 +29,7 @@ from transformers import (
 
 from retrieval.batching import right_pad, token_budget_batches
 from retrieval.errors import InputError, ModelLoadError
-from retrieval.model_source import ModelSource, fingerprint
+from retrieval.model_source import ModelSource, model_identity
 from retrieval.prompts import (
     DOCUMENT_TAG,
     RERANKER_PREFIX,
@@ -122,7 +122,7 @@ class YesNoReranker(RerankMixin):
         return cls(
             model,
             tokenizer,
-            model_id=f"{source.name}@{fingerprint(source.path, cache_dir)}",
+            model_id=model_identity(source, cache_dir),
             max_length=cfg.max_length,
             batch_tokens=cfg.batch_tokens,
             instruction=cfg.instruction,

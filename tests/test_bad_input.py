@@ -98,19 +98,20 @@ def test_non_yes_no_model_is_refused(tiny_models, tmp_path: Path) -> None:
         YesNoReranker(model, broken, model_id="broken", instruction="x")
 
 
-def test_cli_reports_a_missing_model_in_one_line(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "TWOSTAGE_EMBEDDER__MODEL": "/nonexistent/model",
-        "TWOSTAGE_CACHE_DIR": str(tmp_path),
-    }
-    done = subprocess.run(
+def run_models_check(**settings: str) -> subprocess.CompletedProcess[str]:
+    """`twostage models check` in a subprocess, with TWOSTAGE_* variables from `settings`."""
+    env = {**os.environ, **{f"TWOSTAGE_{k.upper()}": v for k, v in settings.items()}}
+    return subprocess.run(
         [sys.executable, "-m", "api.cli", "models", "check"],
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
+
+
+def test_cli_reports_a_missing_model_in_one_line(tmp_path: Path) -> None:
+    done = run_models_check(embedder__model="/nonexistent/model", cache_dir=str(tmp_path))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "twostage: error: model '/nonexistent/model' not found: no such directory, "
@@ -119,18 +120,10 @@ def test_cli_reports_a_missing_model_in_one_line(tmp_path: Path) -> None:
 
 
 def test_cli_models_check_loads_the_configured_models(tiny_models, tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "TWOSTAGE_EMBEDDER__MODEL": str(tiny_models.embedder),
-        "TWOSTAGE_RERANKER__MODEL": str(tiny_models.reranker),
-        "TWOSTAGE_CACHE_DIR": str(tmp_path),
-    }
-    done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "models", "check"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = run_models_check(
+        embedder__model=str(tiny_models.embedder),
+        reranker__model=str(tiny_models.reranker),
+        cache_dir=str(tmp_path),
     )
     assert done.returncode == 0, done.stderr
     assert "embedder: " in done.stdout and "dim=64 norm=1.0000" in done.stdout

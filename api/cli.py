@@ -12,6 +12,13 @@ from pathlib import Path
 from retrieval.errors import TwostageError
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
 def _models_tiny(args: argparse.Namespace) -> int:
     from retrieval.tiny_models import write_tiny_models
 
@@ -37,6 +44,50 @@ def _models_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ingest(args: argparse.Namespace) -> int:
+    """Read a corpus, chunk, embed and upsert it into the collection's live (or a new) version."""
+    import json
+    from dataclasses import asdict
+
+    from retrieval.chunker import Chunker
+    from retrieval.collections import open_store
+    from retrieval.embedder import load_embedder
+    from retrieval.ingest import Progress, ingest_corpus
+    from retrieval.readers import CorpusReader
+    from retrieval.settings import Settings
+    from retrieval.store import check_collection_name
+    from retrieval.tokens import Qwen3Tokens
+
+    settings = Settings()
+    collection = check_collection_name(args.collection or settings.ingest.collection)
+    batch_tokens = args.batch_tokens or settings.ingest.batch_tokens
+    if batch_tokens:
+        settings.embedder.batch_tokens = batch_tokens
+    reader = CorpusReader(args.path, settings.ingest.max_document_chars)  # fails fast on a missing path
+    embedder = load_embedder(settings)
+    store = open_store(settings)
+    try:
+        report = ingest_corpus(
+            reader,
+            store=store,
+            embedder=embedder,
+            chunker=Chunker(Qwen3Tokens(), settings.chunker),
+            settings=settings,
+            collection=collection,
+            sync=args.sync,
+            strict=args.strict,
+            new_version=args.new_version,
+            progress=Progress(
+                reader.bytes_total, settings.ingest.progress_interval_s, enabled=not args.quiet
+            ),
+            bytes_read=lambda: reader.bytes_read,
+        )
+    finally:
+        store.close()
+    print(json.dumps(asdict(report)) if args.json else report.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="twostage", description="Two-stage retrieval for RAG chatbots.")
@@ -55,6 +106,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="load the configured models (TWOSTAGE_EMBEDDER__MODEL, TWOSTAGE_RERANKER__MODEL) and try them",
     )
     check.set_defaults(handler=_models_check)
+
+    ingest = commands.add_parser("ingest", help="chunk, embed and upsert a corpus (idempotent, resumable)")
+    ingest.add_argument("path", help="JSONL file, directory of .txt/.md/.html files, or - for JSONL on stdin")
+    ingest.add_argument("--collection", help="collection (alias) name; default TWOSTAGE_INGEST__COLLECTION")
+    ingest.add_argument("--batch-tokens", type=_positive_int, help="embedder token budget per forward pass")
+    ingest.add_argument("--sync", action="store_true", help="delete documents that are gone from the source")
+    ingest.add_argument(
+        "--strict", action="store_true", help="fail on the first bad record instead of skipping"
+    )
+    ingest.add_argument(
+        "--new-version",
+        action="store_true",
+        help="build a new collection version, then switch the alias to it",
+    )
+    ingest.add_argument("--json", action="store_true", help="print the report as JSON")
+    ingest.add_argument("--quiet", action="store_true", help="no progress output")
+    ingest.set_defaults(handler=_ingest)
     return parser
 
 

@@ -7,7 +7,7 @@ Later packages (store, API, training) add their sections here rather than keepin
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from retrieval.prompts import DEFAULT_TASK
@@ -45,6 +45,58 @@ class RerankerSettings(BaseModel):
     instruction: str = Field(DEFAULT_TASK, min_length=1, description="default <Instruct> of the prompt")
 
 
+class ChunkerSettings(BaseModel):
+    """Token windows of the chunker, counted with Qwen3's tokenizer (tiktoken)."""
+
+    tokens: int = Field(512, ge=16, le=32768, description="maximum tokens per chunk")
+    overlap: int = Field(64, ge=0, description="tokens repeated from the end of the previous chunk")
+
+    @model_validator(mode="after")
+    def _overlap_below_window(self) -> "ChunkerSettings":
+        if self.overlap >= self.tokens // 2:
+            raise ValueError(
+                f"chunker overlap ({self.overlap}) must be below half the window ({self.tokens})"
+            )
+        return self
+
+
+class StoreSettings(BaseModel):
+    """Where vectors live: the embedded Qdrant Edge engine (default) or a Qdrant server/cluster."""
+
+    kind: Literal["embedded", "qdrant"] = Field(
+        "embedded",
+        description="embedded: Qdrant Edge under data_dir; qdrant: qdrant-client (url or location)",
+    )
+    url: str | None = Field(None, description="Qdrant server URL, e.g. http://qdrant:6333 (kind=qdrant)")
+    location: str | None = Field(
+        None, description="qdrant-client local mode instead of a server: ':memory:' or a directory"
+    )
+    api_key: SecretStr | None = Field(None, description="Qdrant API key (kind=qdrant with url)")
+    prefer_grpc: bool = Field(True, description="talk gRPC to the server (port grpc_port)")
+    grpc_port: int = Field(6334, ge=1, le=65535)
+    timeout_s: int = Field(60, ge=1)
+    shard_number: int = Field(1, ge=1, description="shards per new collection (cluster scale-out)")
+    replication_factor: int = Field(1, ge=1, description="copies of each shard (cluster)")
+    hnsw_m: int = Field(16, ge=4, le=128)
+    hnsw_ef_construct: int = Field(100, ge=8, le=4096)
+    hnsw_ef: int | None = Field(None, ge=1, le=4096, description="search-time ef (None: engine default)")
+    payload_indexes: dict[str, Literal["keyword", "integer", "float", "bool"]] = Field(
+        default_factory=dict,
+        description='extra payload fields to index for filters, e.g. {"metadata.section": "keyword"}',
+    )
+
+
+class IngestSettings(BaseModel):
+    """How `twostage ingest` reads, batches and reports."""
+
+    collection: str = Field("docs", description="alias the service searches; data lives in NAME__vN")
+    batch_tokens: int | None = Field(None, ge=64, description="embedder token budget (None: embedder's)")
+    lookup_docs: int = Field(256, ge=1, description="documents whose stored state is read in one call")
+    queue_batches: int = Field(4, ge=1, le=64, description="batches in flight between the pipeline stages")
+    max_document_chars: int = Field(5_000_000, ge=1000, description="larger documents are reported, skipped")
+    progress_interval_s: float = Field(5.0, gt=0, description="seconds between progress lines (no tty)")
+
+
 class Settings(BaseSettings):
     """The root of the settings tree."""
 
@@ -56,3 +108,6 @@ class Settings(BaseSettings):
     dtype: DtypeName = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
     reranker: RerankerSettings = Field(default_factory=RerankerSettings)
+    chunker: ChunkerSettings = Field(default_factory=ChunkerSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)

@@ -8,6 +8,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from retrieval.embedder import Embedder, load_embedder
 from retrieval.settings import Settings
 from retrieval.tiny_models import TinyModelPaths, write_tiny_models
 
@@ -31,3 +32,19 @@ def tiny_settings(tiny_models: TinyModelPaths, model_cache: Path) -> Settings:
         cache_dir=model_cache,
         device="cpu",
     )
+
+
+@pytest.fixture(scope="session")
+def minilm_settings(model_cache: Path) -> Settings:
+    """The real all-MiniLM-L6-v2 (from PyPI) as the embedder; windows of 128 Qwen3 tokens."""
+    return Settings(
+        embedder={"model": "pypi:all-MiniLM-L6-v2"},
+        chunker={"tokens": 128, "overlap": 16},
+        cache_dir=model_cache,
+        device="cpu",
+    )
+
+
+@pytest.fixture(scope="session")
+def minilm_embedder(minilm_settings: Settings) -> Embedder:
+    return load_embedder(minilm_settings)

@@ -1,0 +1,111 @@
+"""Token-window chunking with Qwen3's tokenizer, preferring paragraph and sentence boundaries.
+
+The text is cut into pieces no longer than the window: whole paragraphs where they fit,
+else sentences, else lines/words, else runs of `overlap` tokens (so even a text without
+any boundary gets overlapping windows). Pieces are then packed greedily into windows of at
+most `tokens` tokens; each new window starts with the trailing pieces of the previous one
+that fit in `overlap` tokens. Every emitted chunk is re-counted, so no chunk exceeds the
+window even where BPE merges differently across a piece boundary. Offsets are character
+offsets into the document text, with surrounding whitespace trimmed; empty chunks are never
+produced.
+"""
+
+import itertools
+import re
+from collections.abc import Iterator
+
+from retrieval.documents import Chunk
+from retrieval.settings import ChunkerSettings
+from retrieval.tokens import Qwen3Tokens
+
+# Boundaries, coarsest first; a cut is made at the start of each match, so the separating
+# whitespace begins the next piece (as Qwen's pre-tokenizer attaches a space to the next word).
+_BOUNDARIES = (
+    re.compile(r"\n[ \t]*\n\s*"),  # paragraphs
+    re.compile(r"(?<=[.!?;:])\s+|(?<=[。！？；])"),  # sentences (Latin and CJK punctuation)
+    re.compile(r"\n|(?<=\S)\s+"),  # lines, then words
+)
+
+Piece = tuple[int, int, int]  # start, end, tokens
+
+
+class Chunker:
+    """Splits document text into `Chunk`s. Cheap to build; share one per process."""
+
+    def __init__(self, tokens: Qwen3Tokens, settings: ChunkerSettings | None = None) -> None:
+        self.tokens = tokens
+        self.settings = settings or ChunkerSettings()
+
+    def chunk(self, doc_id: str, text: str) -> list[Chunk]:
+        """The chunks of one document, in order, indexed from 0."""
+        windows = self._windows(text, self._pieces(text, 0, len(text), 0))
+        chunks: list[Chunk] = []
+        for start, end in windows:
+            body = text[start:end]
+            stripped = body.strip()
+            if not stripped:
+                continue
+            start += len(body) - len(body.lstrip())
+            chunks.append(Chunk(doc_id, len(chunks), stripped, start, start + len(stripped)))
+        return chunks
+
+    def _pieces(self, text: str, start: int, end: int, level: int) -> list[Piece]:
+        """Cut text[start:end] into pieces of at most `tokens` tokens at the coarsest boundaries."""
+        n = self.tokens.count(text[start:end].strip())
+        if n <= self.settings.tokens:
+            return [(start, end, n)] if end > start else []
+        if level == len(_BOUNDARIES):
+            return list(self._token_runs(text, start, end))
+        cuts = [start]
+        for match in _BOUNDARIES[level].finditer(text, start, end):
+            if match.start() > cuts[-1]:
+                cuts.append(match.start())
+        cuts.append(end)
+        if len(cuts) == 2:  # no boundary of this kind inside: try the next finer one
+            return self._pieces(text, start, end, level + 1)
+        return [p for a, b in itertools.pairwise(cuts) for p in self._pieces(text, a, b, level + 1)]
+
+    def _token_runs(self, text: str, start: int, end: int) -> Iterator[Piece]:
+        """Runs of `overlap` tokens (or a whole window when overlap is 0) with their offsets."""
+        ids = self.tokens.encode(text[start:end])
+        _, offsets = self.tokens.encoding.decode_with_offsets(ids)
+        step = self.settings.overlap or self.settings.tokens
+        bounds = [*offsets[::step], end - start]
+        for a, b in itertools.pairwise(bounds):
+            if b > a:
+                yield start + a, start + b, self.tokens.count(text[start + a : start + b].strip())
+
+    def _windows(self, text: str, pieces: list[Piece]) -> list[tuple[int, int]]:
+        """Pack pieces into windows of at most `tokens` tokens, carrying `overlap` tokens over."""
+        size, overlap = self.settings.tokens, self.settings.overlap
+        windows: list[tuple[int, int]] = []
+        queue = list(reversed(pieces))  # next piece at the end
+        current: list[Piece] = []
+        carried = 0  # leading pieces of `current` repeated from the previous window
+        while queue:
+            total = sum(p[2] for p in current)
+            if not current[carried:] or total + queue[-1][2] <= size:
+                current.append(queue.pop())
+                if queue:
+                    continue
+            # The window is full (or the input is done). Counts of pieces add up to the count
+            # of their concatenation except where BPE merges across a join: re-count, give back.
+            while len(current) - carried > 1 and self._count(text, current) > size:
+                queue.append(current.pop())
+            while carried and self._count(text, current) > size:
+                current.pop(0)
+                carried -= 1
+            windows.append((current[0][0], current[-1][1]))
+            tail: list[Piece] = []
+            for piece in reversed(current):
+                if sum(p[2] for p in tail) + piece[2] > overlap:
+                    break
+                tail.insert(0, piece)
+            while tail and queue and sum(p[2] for p in tail) + queue[-1][2] > size:
+                tail.pop(0)
+            current, carried = (tail, len(tail)) if queue else ([], 0)
+        return windows
+
+    def _count(self, text: str, pieces: list[Piece]) -> int:
+        """Tokens of the window the pieces make, as stored (whitespace trimmed)."""
+        return self.tokens.count(text[pieces[0][0] : pieces[-1][1]].strip())

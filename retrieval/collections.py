@@ -1,0 +1,122 @@
+"""Versioned collections: `NAME__vN` holds the data, the alias `NAME` points at the live one.
+
+Policy only, over any `VectorStore`: which version an ingest writes into, when a new one is
+made, and the refusal to mix embedders. The alias switch itself is the store's atomic
+`set_alias`; previous versions are kept (for rollback) until deleted explicitly.
+"""
+
+from retrieval.embedder import Embedder
+from retrieval.settings import ChunkerSettings, Settings
+from retrieval.store import (
+    CORE_INDEXES,
+    CollectionManifest,
+    FieldType,
+    StoreError,
+    VectorStore,
+    check_collection_name,
+    parse_versioned_name,
+    versioned_name,
+)
+
+TOKENIZER = "qwen3-tiktoken"
+
+
+def open_store(settings: Settings) -> VectorStore:
+    """The configured store (its shards open lazily, on first use)."""
+    if settings.store.kind == "embedded":
+        from retrieval.edge_store import EdgeStore
+
+        return EdgeStore(settings.data_dir, settings.store)
+    from retrieval.qdrant_store import QdrantStore
+
+    return QdrantStore(settings.store)
+
+
+def chunker_record(chunker: ChunkerSettings) -> dict[str, int | str]:
+    return {"tokens": chunker.tokens, "overlap": chunker.overlap, "tokenizer": TOKENIZER}
+
+
+def versions(store: VectorStore, name: str) -> list[int]:
+    """Version numbers of `name` that exist, ascending."""
+    found = [parse_versioned_name(c) for c in store.list_collections()]
+    return sorted(v[1] for v in found if v is not None and v[0] == name)
+
+
+def active_manifest(store: VectorStore, name: str) -> CollectionManifest:
+    """The manifest of the version the alias `name` points at; a clear error when there is none."""
+    collection = store.resolve_alias(check_collection_name(name))
+    if collection is None:
+        raise StoreError(
+            f"collection {name!r} does not exist yet; run `twostage ingest PATH --collection {name}`"
+        )
+    return store.read_manifest(collection)
+
+
+def require_same_builder(manifest: CollectionManifest, embedder: Embedder, chunker: ChunkerSettings) -> None:
+    """Refuse to write (or query) a version with an embedder or chunker other than its own."""
+    if manifest.embedder != embedder.model_id or manifest.dim != embedder.dim:
+        raise StoreError(
+            f"collection {manifest.collection} was built with embedder {manifest.embedder} "
+            f"(dim {manifest.dim}); the configured embedder is {embedder.model_id} (dim {embedder.dim}). "
+            f"Configure TWOSTAGE_EMBEDDER__MODEL={manifest.embedder_model}, or build a new version "
+            "with `twostage ingest --new-version`"
+        )
+    if manifest.chunker != chunker_record(chunker):
+        raise StoreError(
+            f"collection {manifest.collection} was chunked with {manifest.chunker}; the settings say "
+            f"{chunker_record(chunker)}. Re-chunking needs a new version: `twostage ingest --new-version`"
+        )
+
+
+def create_version(
+    store: VectorStore,
+    name: str,
+    embedder: Embedder,
+    settings: Settings,
+    extra_indexes: dict[str, FieldType] | None = None,
+) -> CollectionManifest:
+    """Create `NAME__v(N+1)` for `embedder` (status building, not yet behind the alias)."""
+    check_collection_name(name)
+    existing = versions(store, name)
+    manifest = CollectionManifest(
+        name=name,
+        version=(existing[-1] + 1) if existing else 1,
+        embedder=embedder.model_id,
+        embedder_model=settings.embedder.model,
+        embedder_revision=settings.embedder.revision,
+        dim=embedder.dim,
+        chunker=chunker_record(settings.chunker),
+        payload_indexes={**CORE_INDEXES, **(extra_indexes or {})},
+    )
+    store.create_collection(manifest)
+    return manifest
+
+
+def version_for_ingest(
+    store: VectorStore, name: str, embedder: Embedder, settings: Settings, new_version: bool
+) -> tuple[CollectionManifest, bool]:
+    """The version an ingest writes into, and whether the alias must be switched to it at the end.
+
+    Without `new_version`: the live version (created and aliased on the first ingest).
+    With it: a fresh version, or the newest unfinished one built by the same embedder and
+    chunker, which is how an interrupted `--new-version` run resumes instead of starting over.
+    """
+    active = store.resolve_alias(check_collection_name(name))
+    if active is not None and not new_version:
+        manifest = store.read_manifest(active)
+        require_same_builder(manifest, embedder, settings.chunker)
+        return manifest, False
+    parsed = parse_versioned_name(active) if active else None
+    active_version = parsed[1] if parsed else 0
+    for version in reversed(versions(store, name)):
+        if version <= active_version:
+            break
+        candidate = store.read_manifest(versioned_name(name, version))
+        if candidate.status == "building":
+            try:
+                require_same_builder(candidate, embedder, settings.chunker)
+            except StoreError:
+                break
+            return candidate, True
+        break
+    return create_version(store, name, embedder, settings, settings.store.payload_indexes), True

@@ -1,0 +1,204 @@
+"""`QdrantStore`: a Qdrant server or cluster through qdrant-client (or its local mode).
+
+Collections are created with the configured `shard_number` / `replication_factor`; the
+manifest lives in the collection's own metadata (so it moves with snapshots and needs no
+side store), and aliases are Qdrant's native aliases, switched in one `update_collection_aliases`
+call (delete + create applied atomically by the server).
+"""
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+
+from retrieval.settings import StoreSettings
+from retrieval.store import (
+    AnyOf,
+    CollectionManifest,
+    Condition,
+    Equals,
+    FieldType,
+    Filter,
+    Hit,
+    Point,
+    Record,
+    StoreError,
+    check_collection_name,
+    now_iso,
+)
+
+_SCHEMA: dict[FieldType, models.PayloadSchemaType] = {
+    "keyword": models.PayloadSchemaType.KEYWORD,
+    "integer": models.PayloadSchemaType.INTEGER,
+    "float": models.PayloadSchemaType.FLOAT,
+    "bool": models.PayloadSchemaType.BOOL,
+}
+_MANIFEST_KEY = "twostage_manifest"
+_SCROLL_PAGE = 1024
+
+
+class QdrantStore:
+    """`VectorStore` over qdrant-client: `url` for a server/cluster, `location` for local mode."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+        if settings.url:
+            self.client = QdrantClient(
+                url=settings.url,
+                api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+                prefer_grpc=settings.prefer_grpc,
+                grpc_port=settings.grpc_port,
+                timeout=settings.timeout_s,
+            )
+        elif settings.location == ":memory:":
+            self.client = QdrantClient(location=":memory:")
+        elif settings.location:
+            self.client = QdrantClient(path=settings.location)
+        else:
+            raise StoreError(
+                "store kind 'qdrant' needs TWOSTAGE_STORE__URL (or STORE__LOCATION for local mode)"
+            )
+
+    def create_collection(self, manifest: CollectionManifest) -> None:
+        if self.client.collection_exists(manifest.collection):
+            raise StoreError(f"collection {manifest.collection} already exists")
+        self.client.create_collection(
+            manifest.collection,
+            vectors_config=models.VectorParams(size=manifest.dim, distance=models.Distance.COSINE),
+            shard_number=self.settings.shard_number,
+            replication_factor=self.settings.replication_factor,
+            hnsw_config=models.HnswConfigDiff(
+                m=self.settings.hnsw_m, ef_construct=self.settings.hnsw_ef_construct
+            ),
+            metadata={_MANIFEST_KEY: manifest.model_dump(mode="json")},
+        )
+        if self.settings.url:  # local mode has no payload indexes (and warns about them)
+            for key, kind in manifest.payload_indexes.items():
+                self.client.create_payload_index(manifest.collection, key, _SCHEMA[kind], wait=True)
+
+    def delete_collection(self, collection: str) -> None:
+        self.client.delete_collection(collection)
+
+    def list_collections(self) -> list[str]:
+        names = [c.name for c in self.client.get_collections().collections]
+        return sorted(n for n in names if self._has_manifest(n))
+
+    def _has_manifest(self, collection: str) -> bool:
+        metadata = self.client.get_collection(collection).config.metadata or {}
+        return _MANIFEST_KEY in metadata
+
+    def read_manifest(self, collection: str) -> CollectionManifest:
+        if not self.client.collection_exists(collection):
+            raise StoreError(f"collection {collection} does not exist")
+        metadata = self.client.get_collection(collection).config.metadata or {}
+        if _MANIFEST_KEY not in metadata:
+            raise StoreError(f"collection {collection} was not created by twostage (no manifest)")
+        return CollectionManifest.model_validate(metadata[_MANIFEST_KEY])
+
+    def write_manifest(self, manifest: CollectionManifest) -> None:
+        manifest.updated_at = now_iso()
+        self.client.update_collection(
+            manifest.collection, metadata={_MANIFEST_KEY: manifest.model_dump(mode="json")}
+        )
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        check_collection_name(alias)
+        if not self.client.collection_exists(collection):
+            raise StoreError(f"cannot point alias {alias!r} at missing collection {collection}")
+        operations: list[Any] = []
+        if self.resolve_alias(alias) is not None:
+            operations.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
+        operations.append(
+            models.CreateAliasOperation(
+                create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)
+            )
+        )
+        self.client.update_collection_aliases(change_aliases_operations=operations)
+
+    def resolve_alias(self, alias: str) -> str | None:
+        for entry in self.client.get_aliases().aliases:
+            if entry.alias_name == alias:
+                return entry.collection_name
+        return None
+
+    def upsert(self, collection: str, points: Sequence[Point]) -> None:
+        if not points:
+            return
+        self.client.upsert(
+            collection,
+            points=[
+                models.PointStruct(
+                    id=p.id, vector=np.asarray(p.vector, dtype=np.float32).tolist(), payload=p.payload
+                )
+                for p in points
+            ],
+            wait=True,
+        )
+
+    def delete(self, collection: str, flt: Filter) -> None:
+        self.client.delete(
+            collection, points_selector=models.FilterSelector(filter=_qdrant_filter(flt)), wait=True
+        )
+
+    def search(
+        self,
+        collection: str,
+        vector: np.ndarray,
+        limit: int,
+        flt: Filter | None = None,
+        hnsw_ef: int | None = None,
+        exact: bool = False,
+    ) -> list[Hit]:
+        response = self.client.query_points(
+            collection,
+            query=np.asarray(vector, dtype=np.float32).tolist(),
+            query_filter=_qdrant_filter(flt) if flt else None,
+            search_params=models.SearchParams(hnsw_ef=hnsw_ef or self.settings.hnsw_ef, exact=exact),
+            limit=limit,
+            with_payload=True,
+        )
+        return [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in response.points]
+
+    def scroll(
+        self, collection: str, flt: Filter | None = None, fields: Sequence[str] | None = None
+    ) -> Iterator[Record]:
+        offset: Any = None
+        while True:
+            records, offset = self.client.scroll(
+                collection,
+                scroll_filter=_qdrant_filter(flt) if flt else None,
+                limit=_SCROLL_PAGE,
+                offset=offset,
+                with_payload=list(fields) if fields is not None else True,
+            )
+            for r in records:
+                yield Record(str(r.id), dict(r.payload or {}))
+            if offset is None:
+                return
+
+    def count(self, collection: str, flt: Filter | None = None) -> int:
+        return self.client.count(
+            collection, count_filter=_qdrant_filter(flt) if flt else None, exact=True
+        ).count
+
+    def optimize(self, collection: str) -> None:
+        """The server indexes in the background; nothing to do."""
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _qdrant_condition(c: Condition) -> models.FieldCondition:
+    if isinstance(c, Equals):
+        return models.FieldCondition(key=c.key, match=models.MatchValue(value=c.value))
+    if isinstance(c, AnyOf):
+        return models.FieldCondition(key=c.key, match=models.MatchAny(any=list(c.values)))
+    return models.FieldCondition(key=c.key, range=models.Range(gte=c.gte, gt=c.gt, lte=c.lte, lt=c.lt))
+
+
+def _qdrant_filter(flt: Filter) -> models.Filter:
+    return models.Filter(
+        must=[_qdrant_condition(c) for c in flt.must] or None,
+        must_not=[_qdrant_condition(c) for c in flt.must_not] or None,
+    )

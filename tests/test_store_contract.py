@@ -1,0 +1,206 @@
+"""One contract, two engines: Qdrant Edge (embedded) and qdrant-client (local mode here).
+
+Vectors are real all-MiniLM-L6-v2 embeddings of debian-ir documents, so top-k order and
+scores are checked against exact numpy cosine search on realistic data.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval.documents import chunk_point_id
+from retrieval.edge_store import EdgeStore
+from retrieval.qdrant_store import QdrantStore
+from retrieval.settings import StoreSettings
+from retrieval.store import (
+    AnyOf,
+    CollectionManifest,
+    Equals,
+    Filter,
+    Point,
+    Range,
+    StoreError,
+    StoreLockedError,
+    VectorStore,
+    check_collection_name,
+    parse_versioned_name,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir" / "corpus.jsonl"
+StoreFactory = Callable[[], VectorStore]
+
+
+@pytest.fixture(scope="module")
+def corpus_vectors(minilm_embedder) -> tuple[list[dict], np.ndarray]:
+    with DATA.open() as handle:
+        rows = [json.loads(next(handle)) for _ in range(120)]
+    return rows, minilm_embedder.embed_documents([r["text"] for r in rows])
+
+
+@pytest.fixture(params=["edge", "qdrant-local"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    opened: list[VectorStore] = []
+
+    def factory() -> VectorStore:
+        if request.param == "edge":
+            store: VectorStore = EdgeStore(tmp_path / "data")
+        else:
+            store = QdrantStore(StoreSettings(kind="qdrant", location=str(tmp_path / "qdrant")))
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        store.close()
+
+
+def manifest(version: int = 1, dim: int = 384) -> CollectionManifest:
+    return CollectionManifest(
+        name="docs", version=version, embedder="minilm@test", embedder_model="x", dim=dim, chunker={}
+    )
+
+
+def points(rows: list[dict], vectors: np.ndarray, tag: str = "a") -> list[Point]:
+    return [
+        Point(
+            chunk_point_id(r["_id"], 0),
+            v,
+            {"doc_id": r["_id"], "chunk_index": 0, "section": r["section"], "n": i, "tag": tag},
+        )
+        for i, (r, v) in enumerate(zip(rows, vectors, strict=True))
+    ]
+
+
+def test_upsert_is_idempotent_and_replaces_payloads(open_store: StoreFactory, corpus_vectors) -> None:
+    rows, vectors = corpus_vectors
+    store = open_store()
+    store.create_collection(manifest())
+    store.upsert("docs__v1", points(rows, vectors))
+    store.upsert("docs__v1", points(rows, vectors, tag="b"))
+    assert store.count("docs__v1") == len(rows)
+    assert store.count("docs__v1", Filter(must=(Equals("tag", "b"),))) == len(rows)
+
+
+def test_top_k_order_and_scores_match_exact_search(open_store: StoreFactory, corpus_vectors) -> None:
+    rows, vectors = corpus_vectors
+    store = open_store()
+    store.create_collection(manifest())
+    store.upsert("docs__v1", points(rows, vectors))
+    store.optimize("docs__v1")
+    for q in (0, 7, 42):
+        query = vectors[q] + 0.05 * vectors[q + 1]
+        exact = vectors @ (query / np.linalg.norm(query))
+        expected = np.argsort(-exact)[:10]
+        hits = store.search("docs__v1", query, 10)
+        assert [h.payload["n"] for h in hits] == expected.tolist()
+        np.testing.assert_allclose([h.score for h in hits], exact[expected], atol=1e-5)
+        assert all(a.score >= b.score for a, b in zip(hits, hits[1:], strict=False))
+
+
+def test_payload_filters(open_store: StoreFactory, corpus_vectors) -> None:
+    rows, vectors = corpus_vectors
+    store = open_store()
+    store.create_collection(manifest())
+    store.upsert("docs__v1", points(rows, vectors))
+    sections = [r["section"] for r in rows]
+    some = sorted(set(sections))[:2]
+    flt = Filter(must=(AnyOf("section", tuple(some)), Range("n", gte=10, lt=90)))
+    expected = {i for i, s in enumerate(sections) if s in some and 10 <= i < 90}
+    assert store.count("docs__v1", flt) == len(expected)
+    hits = store.search("docs__v1", vectors[0], 1000, flt)
+    assert {h.payload["n"] for h in hits} == expected
+    assert {r.payload["n"] for r in store.scroll("docs__v1", flt, ["n"])} == expected
+    not_first = Filter(must_not=(Equals("section", some[0]),))
+    assert store.count("docs__v1", not_first) == sum(s != some[0] for s in sections)
+
+
+def test_delete_by_document(open_store: StoreFactory, corpus_vectors) -> None:
+    rows, vectors = corpus_vectors
+    store = open_store()
+    store.create_collection(manifest())
+    store.upsert("docs__v1", points(rows, vectors))
+    gone = (rows[3]["_id"], rows[5]["_id"])
+    store.delete("docs__v1", Filter(must=(AnyOf("doc_id", gone),)))
+    assert store.count("docs__v1") == len(rows) - 2
+    assert not [r for r in store.scroll("docs__v1", None, ["doc_id"]) if r.payload["doc_id"] in gone]
+
+
+def test_versions_and_alias_switch_keep_the_previous_version(open_store: StoreFactory, corpus_vectors) -> None:
+    rows, vectors = corpus_vectors
+    store = open_store()
+    store.create_collection(manifest(1))
+    store.create_collection(manifest(2))
+    store.upsert("docs__v1", points(rows[:10], vectors[:10]))
+    store.upsert("docs__v2", points(rows, vectors))
+    assert store.resolve_alias("docs") is None
+    store.set_alias("docs", "docs__v1")
+    assert store.resolve_alias("docs") == "docs__v1"
+    store.set_alias("docs", "docs__v2")
+    assert store.resolve_alias("docs") == "docs__v2"
+    assert store.list_collections() == ["docs__v1", "docs__v2"]
+    assert store.count("docs__v1") == 10
+    assert store.read_manifest("docs__v2").version == 2
+    with pytest.raises(StoreError, match="missing collection"):
+        store.set_alias("docs", "docs__v9")
+    with pytest.raises(StoreError, match="already exists"):
+        store.create_collection(manifest(2))
+
+
+def test_manifest_round_trip_and_reopen_after_close(open_store: StoreFactory, corpus_vectors) -> None:
+    rows, vectors = corpus_vectors
+    store = open_store()
+    m = manifest()
+    store.create_collection(m)
+    store.upsert("docs__v1", points(rows, vectors))
+    m.documents, m.chunks, m.status = len(rows), len(rows), "ready"
+    store.write_manifest(m)
+    store.set_alias("docs", "docs__v1")
+    store.close()
+    again = open_store()
+    assert again.resolve_alias("docs") == "docs__v1"
+    assert again.count("docs__v1") == len(rows)
+    reread = again.read_manifest("docs__v1")
+    assert (reread.documents, reread.status, reread.embedder, reread.dim) == (len(rows), "ready", "minilm@test", 384)
+    assert again.search("docs__v1", vectors[4], 1)[0].payload["n"] == 4
+
+
+def test_collection_names_are_checked() -> None:
+    for bad in ["a b", "a/b", "", "docs__v1", "../x", "-x", "x" * 64]:
+        with pytest.raises(StoreError, match="invalid collection name"):
+            check_collection_name(bad)
+    assert check_collection_name("my-docs_2") == "my-docs_2"
+    assert parse_versioned_name("my-docs__v12") == ("my-docs", 12)
+
+
+def test_edge_shard_is_owned_by_one_process(tmp_path: Path, corpus_vectors) -> None:
+    rows, vectors = corpus_vectors
+    store = EdgeStore(tmp_path)
+    store.create_collection(manifest())
+    store.upsert("docs__v1", points(rows, vectors))
+    other = textwrap.dedent(
+        f"""
+        from retrieval.edge_store import EdgeStore
+        from retrieval.store import StoreLockedError
+        try:
+            EdgeStore({str(tmp_path)!r}).count("docs__v1")
+        except StoreLockedError as exc:
+            print(exc)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True, check=True)
+    import os
+
+    assert f"is in use by pid {os.getpid()}; stop the server or ingest through it" in result.stdout
+    with pytest.raises(StoreLockedError):  # a second store in the same process is refused too
+        EdgeStore(tmp_path).count("docs__v1")
+    store.upsert("docs__v1", points(rows[:1], vectors[:1], tag="still-writable"))
+    store.close()
+    reopened = EdgeStore(tmp_path)
+    assert reopened.count("docs__v1", Filter(must=(Equals("tag", "still-writable"),))) == 1
+    reopened.close()

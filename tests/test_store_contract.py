@@ -4,6 +4,7 @@ Vectors are real all-MiniLM-L6-v2 embeddings of debian-ir documents, so top-k or
 scores are checked against exact numpy cosine search on realistic data.
 """
 
+import itertools
 import json
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def test_top_k_order_and_scores_match_exact_search(open_store: StoreFactory, cor
         hits = store.search("docs__v1", query, 10)
         assert [h.payload["n"] for h in hits] == expected.tolist()
         np.testing.assert_allclose([h.score for h in hits], exact[expected], atol=1e-5)
-        assert all(a.score >= b.score for a, b in zip(hits, hits[1:], strict=False))
+        assert all(a.score >= b.score for a, b in itertools.pairwise(hits))
 
 
 def test_payload_filters(open_store: StoreFactory, corpus_vectors) -> None:
@@ -131,7 +132,9 @@ def test_delete_by_document(open_store: StoreFactory, corpus_vectors) -> None:
     assert not [r for r in store.scroll("docs__v1", None, ["doc_id"]) if r.payload["doc_id"] in gone]
 
 
-def test_versions_and_alias_switch_keep_the_previous_version(open_store: StoreFactory, corpus_vectors) -> None:
+def test_versions_and_alias_switch_keep_the_previous_version(
+    open_store: StoreFactory, corpus_vectors
+) -> None:
     rows, vectors = corpus_vectors
     store = open_store()
     store.create_collection(manifest(1))
@@ -166,7 +169,12 @@ def test_manifest_round_trip_and_reopen_after_close(open_store: StoreFactory, co
     assert again.resolve_alias("docs") == "docs__v1"
     assert again.count("docs__v1") == len(rows)
     reread = again.read_manifest("docs__v1")
-    assert (reread.documents, reread.status, reread.embedder, reread.dim) == (len(rows), "ready", "minilm@test", 384)
+    assert (reread.documents, reread.status, reread.embedder, reread.dim) == (
+        len(rows),
+        "ready",
+        "minilm@test",
+        384,
+    )
     assert again.search("docs__v1", vectors[4], 1)[0].payload["n"] == 4
 
 

@@ -59,7 +59,7 @@ def _ingest(args: argparse.Namespace) -> int:
     from retrieval.tokens import Qwen3Tokens
 
     settings = Settings()
-    collection = check_collection_name(args.collection or settings.ingest.collection)
+    collection = check_collection_name(args.collection or settings.collection)
     batch_tokens = args.batch_tokens or settings.ingest.batch_tokens
     if batch_tokens:
         settings.embedder.batch_tokens = batch_tokens
@@ -88,6 +88,35 @@ def _ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Load the models and the store, then serve the API with uvicorn until SIGINT/SIGTERM."""
+    import logging
+
+    import uvicorn
+
+    from api.app import create_app
+    from api.service import Service
+    from retrieval.settings import Settings
+
+    settings = Settings()
+    host = args.host or settings.api.host
+    port = args.port or settings.api.port
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    service = Service(settings)
+    service.start()  # model and store errors surface here as one line, before binding the port
+    if service.load_error:
+        print(f"twostage: warning: {service.load_error}", file=sys.stderr)
+    print(f"twostage: serving {settings.collection} on http://{host}:{port} (docs at /docs)", file=sys.stderr)
+    uvicorn.run(
+        create_app(settings, service),
+        host=host,
+        port=port,
+        access_log=False,
+        timeout_graceful_shutdown=settings.api.shutdown_timeout_s,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="twostage", description="Two-stage retrieval for RAG chatbots.")
@@ -109,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest = commands.add_parser("ingest", help="chunk, embed and upsert a corpus (idempotent, resumable)")
     ingest.add_argument("path", help="JSONL file, directory of .txt/.md/.html files, or - for JSONL on stdin")
-    ingest.add_argument("--collection", help="collection (alias) name; default TWOSTAGE_INGEST__COLLECTION")
+    ingest.add_argument("--collection", help="collection (alias) name; default TWOSTAGE_COLLECTION")
     ingest.add_argument("--batch-tokens", type=_positive_int, help="embedder token budget per forward pass")
     ingest.add_argument("--sync", action="store_true", help="delete documents that are gone from the source")
     ingest.add_argument(
@@ -123,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--json", action="store_true", help="print the report as JSON")
     ingest.add_argument("--quiet", action="store_true", help="no progress output")
     ingest.set_defaults(handler=_ingest)
+
+    serve = commands.add_parser("serve", help="serve /v1/search and the compatible endpoints (uvicorn)")
+    serve.add_argument("--host", help="default TWOSTAGE_API__HOST (127.0.0.1)")
+    serve.add_argument("--port", type=_positive_int, help="default TWOSTAGE_API__PORT (8000)")
+    serve.set_defaults(handler=_serve)
     return parser
 
 

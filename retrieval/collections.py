@@ -10,6 +10,7 @@ from retrieval.settings import ChunkerSettings, Settings
 from retrieval.store import (
     CORE_INDEXES,
     CollectionManifest,
+    CollectionNotFound,
     FieldType,
     StoreError,
     VectorStore,
@@ -46,7 +47,7 @@ def active_manifest(store: VectorStore, name: str) -> CollectionManifest:
     """The manifest of the version the alias `name` points at; a clear error when there is none."""
     collection = store.resolve_alias(check_collection_name(name))
     if collection is None:
-        raise StoreError(
+        raise CollectionNotFound(
             f"collection {name!r} does not exist yet; run `twostage ingest PATH --collection {name}`"
         )
     return store.read_manifest(collection)

@@ -29,6 +29,7 @@ from retrieval.settings import StoreSettings
 from retrieval.store import (
     AnyOf,
     CollectionManifest,
+    CollectionNotFound,
     Condition,
     Equals,
     FieldType,
@@ -163,7 +164,7 @@ class EdgeStore:
     def read_manifest(self, collection: str) -> CollectionManifest:
         path = self._dir(collection) / "manifest.json"
         if not path.exists():
-            raise StoreError(f"collection {collection} does not exist")
+            raise CollectionNotFound(f"collection {collection} does not exist")
         return CollectionManifest.model_validate_json(path.read_text(encoding="utf-8"))
 
     def write_manifest(self, manifest: CollectionManifest) -> None:
@@ -192,7 +193,7 @@ class EdgeStore:
             if collection not in self._shards:
                 path = self._dir(collection)
                 if not (path / "manifest.json").exists():
-                    raise StoreError(f"collection {collection} does not exist")
+                    raise CollectionNotFound(f"collection {collection} does not exist")
                 lock = ShardLock(path / "lock")
                 lock.acquire()
                 try:

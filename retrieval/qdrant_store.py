@@ -16,6 +16,7 @@ from retrieval.settings import StoreSettings
 from retrieval.store import (
     AnyOf,
     CollectionManifest,
+    CollectionNotFound,
     Condition,
     Equals,
     FieldType,
@@ -90,7 +91,7 @@ class QdrantStore:
 
     def read_manifest(self, collection: str) -> CollectionManifest:
         if not self.client.collection_exists(collection):
-            raise StoreError(f"collection {collection} does not exist")
+            raise CollectionNotFound(f"collection {collection} does not exist")
         metadata = self.client.get_collection(collection).config.metadata or {}
         if _MANIFEST_KEY not in metadata:
             raise StoreError(f"collection {collection} was not created by twostage (no manifest)")

@@ -89,12 +89,27 @@ class StoreSettings(BaseModel):
 class IngestSettings(BaseModel):
     """How `twostage ingest` reads, batches and reports."""
 
-    collection: str = Field("docs", description="alias the service searches; data lives in NAME__vN")
     batch_tokens: int | None = Field(None, ge=64, description="embedder token budget (None: embedder's)")
     lookup_docs: int = Field(256, ge=1, description="documents whose stored state is read in one call")
     queue_batches: int = Field(4, ge=1, le=64, description="batches in flight between the pipeline stages")
     max_document_chars: int = Field(5_000_000, ge=1000, description="larger documents are reported, skipped")
     progress_interval_s: float = Field(5.0, gt=0, description="seconds between progress lines (no tty)")
+
+
+class ApiSettings(BaseModel):
+    """The HTTP service: binding, auth, limits and micro-batching."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: list[SecretStr] = Field(default_factory=list, description="bearer keys; required for writes")
+    keys_for_reads: bool = Field(False, description="also require a key for search/rerank/embeddings")
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    cors_origins: list[str] = Field(default_factory=list, description='e.g. ["https://chat.example.com"]')
+    batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="longest a request waits for a batch to fill"
+    )
+    max_pending: int = Field(256, ge=1, description="queued model calls per model before 503 + Retry-After")
+    shutdown_timeout_s: int = Field(30, ge=1, description="grace period for in-flight requests on shutdown")
 
 
 class Settings(BaseSettings):
@@ -104,6 +119,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path(".twostage/data"), description="indexes and registry")
     cache_dir: Path = Field(Path(".twostage/cache"), description="converted models, fingerprints")
+    collection: str = Field(
+        "docs", description="collection (alias) searched and ingested into; data in NAME__vN"
+    )
     device: DeviceName = Field("auto", description="auto: CUDA when present, else CPU")
     dtype: DtypeName = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
@@ -111,3 +129,4 @@ class Settings(BaseSettings):
     chunker: ChunkerSettings = Field(default_factory=ChunkerSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)

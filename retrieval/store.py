@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, Field
 
-from retrieval.errors import TwostageError
+from retrieval.errors import InputError, TwostageError
 
 FieldType = Literal["keyword", "integer", "float", "bool"]
 
@@ -41,10 +41,18 @@ class StoreLockedError(StoreError):
     """Another process owns an embedded shard."""
 
 
+class CollectionNotFound(StoreError):
+    """The collection (alias or version) does not exist."""
+
+
+class InvalidCollectionName(StoreError, InputError):
+    """A collection name that is not path- and URL-safe."""
+
+
 def check_collection_name(name: str) -> str:
     """Collection names are path- and URL-safe and never contain the `__v` version marker."""
     if not isinstance(name, str) or not _NAME.match(name) or "__" in name:
-        raise StoreError(
+        raise InvalidCollectionName(
             f"invalid collection name {name!r}: use 1-63 letters, digits, '-' or '_' "
             "(starting with a letter or digit, no '__')"
         )

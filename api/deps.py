@@ -1,0 +1,53 @@
+"""Dependencies routes declare: the service, and the API-key checks."""
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from api.service import Service
+
+
+def get_service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def _presented_key(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _key_matches(presented: str, service: Service) -> bool:
+    """Constant-time comparison against every configured key (no early exit on a match)."""
+    matched = False
+    for key in service.settings.api.api_keys:
+        matched |= hmac.compare_digest(presented.encode(), key.get_secret_value().encode())
+    return matched
+
+
+def require_read_key(request: Request, service: ServiceDep) -> None:
+    """Reads need a key only when `api.keys_for_reads` is set."""
+    if service.settings.api.keys_for_reads:
+        _check(request, service)
+
+
+def require_write_key(request: Request, service: ServiceDep) -> None:
+    """Writes always need a key; with none configured, write routes are disabled."""
+    if not service.settings.api.api_keys:
+        raise HTTPException(403, "write routes are disabled: configure TWOSTAGE_API__API_KEYS")
+    _check(request, service)
+
+
+def _check(request: Request, service: ServiceDep) -> None:
+    presented = _presented_key(request)
+    if presented is None or not _key_matches(presented, service):
+        raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+ReadAccess = Depends(require_read_key)
+WriteAccess = Depends(require_write_key)

@@ -1,0 +1,133 @@
+"""Micro-batching across concurrent requests, with a bounded queue.
+
+Requests submit work items from the event loop; one worker thread per model takes the
+first waiting item, then keeps gathering items until their summed cost reaches the token
+budget or `max_wait_s` has passed since the first one, and runs them as one batch. A lone
+request therefore waits at most `max_wait_s`; under load, batches fill up and throughput
+grows with concurrency. When more than `max_pending` items wait, `submit` raises
+`Overloaded` at once (the API answers 503 with Retry-After) instead of queueing without bound.
+"""
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Overloaded(Exception):
+    """The queue is full; retry after `retry_after_s` seconds."""
+
+    def __init__(self, name: str, retry_after_s: int) -> None:
+        super().__init__(f"{name} queue is full; retry in {retry_after_s}s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class _Pending(Generic[Item]):
+    item: Item
+    cost: int
+    future: "asyncio.Future[Any]"
+    loop: asyncio.AbstractEventLoop
+
+
+class MicroBatcher(Generic[Item, Result]):
+    """Runs `run_batch(items) -> results` (same order) on gathered items in a worker thread."""
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[Sequence[Item]], Sequence[Result]],
+        cost: Callable[[Item], int],
+        *,
+        budget: int,
+        max_wait_s: float,
+        max_pending: int,
+        on_batch: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.run_batch = run_batch
+        self.cost = cost
+        self.budget = budget
+        self.max_wait_s = max_wait_s
+        self.max_pending = max_pending
+        self.on_batch = on_batch
+        self._queue: queue.Queue[_Pending[Item] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._worker.start()
+
+    @property
+    def depth(self) -> int:
+        """Items waiting (not yet taken by the worker)."""
+        return self._queue.qsize()
+
+    async def submit(self, item: Item) -> Result:
+        if self._queue.qsize() >= self.max_pending:
+            raise Overloaded(self.name, retry_after_s=1)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        self._queue.put(_Pending(item, max(1, self.cost(item)), future, loop))
+        return await future
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the worker."""
+        self._queue.put(None)
+        self._worker.join(timeout=60)
+
+    def _loop(self) -> None:
+        carry: _Pending[Item] | None = None
+        while True:
+            first = carry or self._queue.get()
+            carry = None
+            if first is None:
+                return
+            batch, total = [first], first.cost
+            deadline = time.monotonic() + self.max_wait_s
+            while total < self.budget:
+                remaining = deadline - time.monotonic()
+                try:
+                    nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                if total + nxt.cost > self.budget:
+                    carry = nxt  # starts the next batch
+                    break
+                batch.append(nxt)
+                total += nxt.cost
+            self._run(batch, total)
+
+    def _run(self, batch: list[_Pending[Item]], total: int) -> None:
+        if self.on_batch is not None:
+            self.on_batch(self.name, len(batch), total)
+        try:
+            results = list(self.run_batch([p.item for p in batch]))
+        except Exception as exc:
+            if len(batch) == 1:
+                self._fail(batch[0], exc)
+                return
+            for pending in batch:  # isolate the failing item: the others still get answers
+                self._run([pending], pending.cost)
+            return
+        for pending, result in zip(batch, results, strict=True):
+            pending.loop.call_soon_threadsafe(_resolve, pending.future, result, None)
+
+    @staticmethod
+    def _fail(pending: _Pending[Any], exc: BaseException) -> None:
+        pending.loop.call_soon_threadsafe(_resolve, pending.future, None, exc)
+
+
+def _resolve(future: "asyncio.Future[Any]", result: Any, exc: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)

@@ -1,0 +1,115 @@
+"""Endpoints clients already speak, as thin adapters over the service's rerank/embed calls.
+
+Cohere `POST /v2/rerank`, Jina/vLLM `POST /v1/rerank`, OpenAI `POST /v1/embeddings`.
+Each accepts an optional `instruction` (the Qwen3 task) on top of its usual fields.
+"""
+
+import base64
+import uuid
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter
+
+from api.deps import ReadAccess, ServiceDep
+from api.schemas import CohereRerankRequest, EmbeddingsRequest, JinaRerankRequest
+from api.service import Service
+from retrieval.errors import InputError
+
+router = APIRouter(tags=["compatible"])
+
+
+def _texts(documents: list[str | dict[str, Any]]) -> list[str]:
+    texts = []
+    for i, doc in enumerate(documents):
+        text = doc.get("text") if isinstance(doc, dict) else doc
+        if not isinstance(text, str):
+            raise InputError(f"documents[{i}] must be a string or an object with a 'text' string")
+        texts.append(text)
+    return texts
+
+
+async def _rerank(
+    service: Service,
+    query: str,
+    documents: list[str],
+    instruction: str | None,
+    top_n: int | None,
+    max_tokens: int | None,
+) -> tuple[list[tuple[int, float]], int]:
+    """(index, score) best first, cut to top_n; and the Qwen3 tokens of query + documents."""
+    if max_tokens is not None:
+        documents = [service.tokens.decode(service.tokens.encode(d)[:max_tokens]) for d in documents]
+    scores = await service.score(query, documents, instruction)
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:top_n]
+    used = service.tokens.count(query) * len(documents) + sum(service.tokens.count(d) for d in documents)
+    return [(i, scores[i]) for i in order], used
+
+
+@router.post("/v2/rerank", dependencies=[ReadAccess])
+async def cohere_rerank(body: CohereRerankRequest, service: ServiceDep) -> dict[str, Any]:
+    docs = _texts(body.documents)
+    ranked, _ = await _rerank(
+        service, body.query, docs, body.instruction, body.top_n, body.max_tokens_per_doc
+    )
+    results: list[dict[str, Any]] = [{"index": i, "relevance_score": s} for i, s in ranked]
+    if body.return_documents:
+        for r in results:
+            r["document"] = {"text": docs[r["index"]]}
+    return {
+        "id": str(uuid.uuid4()),
+        "results": results,
+        "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}},
+    }
+
+
+@router.post("/v1/rerank", dependencies=[ReadAccess])
+async def jina_rerank(body: JinaRerankRequest, service: ServiceDep) -> dict[str, Any]:
+    docs = _texts(body.documents)
+    ranked, used = await _rerank(
+        service, body.query, docs, body.instruction, body.top_n, body.max_tokens_per_doc
+    )
+    assert service.reranker is not None
+    results: list[dict[str, Any]] = [{"index": i, "relevance_score": s} for i, s in ranked]
+    if body.return_documents:
+        for r in results:
+            r["document"] = {"text": docs[r["index"]]}
+    return {
+        "id": str(uuid.uuid4()),
+        "model": body.model or service.reranker.model_id,
+        "usage": {"total_tokens": used},
+        "results": results,
+    }
+
+
+@router.post("/v1/embeddings", dependencies=[ReadAccess])
+async def openai_embeddings(body: EmbeddingsRequest, service: ServiceDep) -> dict[str, Any]:
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts or any(not t.strip() for t in texts):
+        raise InputError("input must be a non-empty string or a non-empty list of non-empty strings")
+    if len(texts) > 2048:
+        raise InputError(f"at most 2048 inputs per request, got {len(texts)}")
+    assert service.embedder is not None
+    if body.dimensions is not None and body.dimensions > service.embedder.dim:
+        raise InputError(f"dimensions must be at most {service.embedder.dim}, got {body.dimensions}")
+    as_query = body.instruction is not None or body.input_type == "query"
+    vectors = await service.embed_texts(texts, body.instruction, as_query)
+    data = []
+    for i, vector in enumerate(vectors):
+        if body.dimensions is not None:  # Matryoshka: truncate, then re-normalise
+            vector = vector[: body.dimensions]
+            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        vector = np.asarray(vector, dtype="<f4")
+        encoded: Any = (
+            base64.b64encode(vector.tobytes()).decode()
+            if body.encoding_format == "base64"
+            else vector.tolist()
+        )
+        data.append({"object": "embedding", "index": i, "embedding": encoded})
+    used = sum(service.tokens.count(t) for t in texts)
+    return {
+        "object": "list",
+        "data": data,
+        "model": body.model or service.embedder.model_id,
+        "usage": {"prompt_tokens": used, "total_tokens": used},
+    }

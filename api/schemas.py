@@ -1,0 +1,100 @@
+"""Wire schemas (pydantic, explicit bounds), kept apart from the domain dataclasses.
+
+Filters on the wire are a mapping from an indexed payload field to a value (equality),
+`{"any": [...]}` (any of) or `{"gte"|"gt"|"lte"|"lt": number}` (range), all ANDed:
+
+    {"metadata.section": "games", "chunk_index": {"lte": 2}, "source": {"any": ["a", "b"]}}
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_QUERY_CHARS = 32_768
+MAX_INSTRUCTION_CHARS = 16_384
+MAX_DOCUMENTS = 1000
+MAX_DOCUMENT_CHARS = 1_000_000
+
+Scalar = str | int | bool
+FilterValue = Scalar | dict[str, Any]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchRequest(_Strict):
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    instruction: str | None = Field(None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
+    top_k: int = Field(50, ge=1, le=1000, description="chunks recalled by ANN")
+    top_n: int = Field(10, ge=1, le=1000, description="hits returned")
+    filter: dict[str, FilterValue] | None = None
+    rerank: bool = True
+    collection: str | None = Field(None, description="alias to search; default the service's collection")
+    group_by_doc: bool = Field(False, description="keep each document's best chunk only")
+
+    @model_validator(mode="after")
+    def _top_n_within_top_k(self) -> "SearchRequest":
+        if self.top_n > self.top_k:
+            raise ValueError(f"top_n ({self.top_n}) cannot exceed top_k ({self.top_k})")
+        return self
+
+
+class HitOut(BaseModel):
+    id: str
+    doc_id: str
+    chunk_index: int
+    text: str
+    title: str
+    source: str
+    metadata: dict[str, Any]
+    start: int
+    end: int
+    recall_score: float
+    rerank_score: float | None
+    rank: int
+
+
+class SearchResponse(BaseModel):
+    hits: list[HitOut]
+    collection: str = Field(description="the collection version that answered (NAME__vN)")
+    embedder: str
+    reranker: str | None
+    timings_ms: dict[str, float]
+
+
+class CohereRerankRequest(BaseModel):
+    """Cohere v2 `POST /v2/rerank` (unknown fields such as `model` are accepted and ignored)."""
+
+    model: str | None = None
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    documents: list[str | dict[str, Any]] = Field(min_length=1, max_length=MAX_DOCUMENTS)
+    top_n: int | None = Field(None, ge=1)
+    max_tokens_per_doc: int | None = Field(None, ge=1, le=32768)
+    return_documents: bool = False
+    instruction: str | None = Field(None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
+
+
+class JinaRerankRequest(BaseModel):
+    """Jina / vLLM `POST /v1/rerank`."""
+
+    model: str | None = None
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    documents: list[str | dict[str, Any]] = Field(min_length=1, max_length=MAX_DOCUMENTS)
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = True
+    max_tokens_per_doc: int | None = Field(None, ge=1, le=32768)
+    instruction: str | None = Field(None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI `POST /v1/embeddings`. With an `instruction` (or input_type=query) inputs are
+    embedded as queries with the Qwen3 query prompt; otherwise as documents (no instruction)."""
+
+    input: str | list[str] = Field(description="a string or a list of strings")
+    model: str | None = None
+    dimensions: int | None = Field(None, ge=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    instruction: str | None = Field(None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
+    input_type: Literal["query", "document"] | None = None
+    user: str | None = None

@@ -1,0 +1,189 @@
+"""What the HTTP service holds while it runs: store, deployment, micro-batchers, metrics.
+
+Built in the app's lifespan from the settings and reached by routes through `deps.py`.
+The current `Deployment` (collection version + its embedder + reranker) is one attribute
+replaced in one assignment, so every request uses one consistent pair from start to end.
+"""
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from api.micro_batcher import MicroBatcher
+from retrieval.collections import active_manifest, open_store
+from retrieval.embedder import Embedder, load_embedder
+from retrieval.errors import TwostageError
+from retrieval.reranker import Reranker, load_reranker
+from retrieval.search import Deployment
+from retrieval.settings import Settings
+from retrieval.store import StoreError, VectorStore
+from retrieval.tokens import Qwen3Tokens
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+@dataclass(frozen=True)
+class EmbedItem:
+    text: str
+    instruction: str | None  # None: embed as a document (no instruction)
+    as_query: bool
+
+
+@dataclass(frozen=True)
+class RerankItem:
+    query: str
+    documents: tuple[str, ...]
+    instruction: str | None
+
+
+class Metrics:
+    """Prometheus metrics in the app's own registry (no process-global state)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "twostage_requests_total", "HTTP requests", ["route", "method", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "twostage_request_seconds", "HTTP request latency", ["route"], buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.stage = Histogram(
+            "twostage_stage_seconds", "search stage latency", ["stage"], buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.batch_items = Histogram(
+            "twostage_batch_items", "items per model batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "twostage_queue_depth", "queued model calls", ["model"], registry=self.registry
+        )
+
+    def observe_batch(self, model: str, items: int, cost: int) -> None:
+        self.batch_items.labels(model).observe(items)
+
+
+class Service:
+    """Owns the models, the store and the batchers for one process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.tokens = Qwen3Tokens()
+        self.store: VectorStore | None = None
+        self.embedder: Embedder | None = None
+        self.reranker: Reranker | None = None
+        self._deployments: dict[str, Deployment] = {}
+        self.embed_batcher: MicroBatcher[EmbedItem, np.ndarray] | None = None
+        self.rerank_batcher: MicroBatcher[RerankItem, list[float]] | None = None
+        self.load_error: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load models and open the store (blocking; run in a thread from the lifespan)."""
+        self.store = open_store(self.settings)
+        self.embedder = load_embedder(self.settings)
+        self.reranker = load_reranker(self.settings)
+        wait = self.settings.api.batch_wait_ms / 1000
+        pending = self.settings.api.max_pending
+        self.embed_batcher = MicroBatcher(
+            "embedder", self._embed_batch, lambda item: self.tokens.count(item.text) + 16,
+            budget=self.settings.embedder.batch_tokens, max_wait_s=wait, max_pending=pending,
+            on_batch=self.metrics.observe_batch,
+        )  # fmt: skip
+        self.rerank_batcher = MicroBatcher(
+            "reranker", self._rerank_batch, lambda item: sum(len(d) for d in item.documents) // 4 + 64,
+            budget=self.settings.reranker.batch_tokens, max_wait_s=wait, max_pending=pending,
+            on_batch=self.metrics.observe_batch,
+        )  # fmt: skip
+        self.metrics.queue_depth.labels("embedder").set_function(lambda: self._depth(self.embed_batcher))
+        self.metrics.queue_depth.labels("reranker").set_function(lambda: self._depth(self.rerank_batcher))
+        try:
+            self.deployment(self.settings.collection)
+        except TwostageError as exc:  # serve anyway: /readyz says why, ingestion can create it
+            self.load_error = str(exc)
+
+    def close(self) -> None:
+        for batcher in (self.embed_batcher, self.rerank_batcher):
+            if batcher is not None:
+                batcher.close()
+        if self.store is not None:
+            self.store.close()
+
+    @staticmethod
+    def _depth(batcher: "MicroBatcher[Any, Any] | None") -> float:
+        return float(batcher.depth) if batcher is not None else 0.0
+
+    # -- deployments -----------------------------------------------------------------------
+
+    def deployment(self, collection: str) -> Deployment:
+        """The live version of `collection` with the models to use on it.
+
+        Refuses (HTTP 409) a version built by an embedder other than the loaded one, since
+        its vectors and our query vectors would not be comparable.
+        """
+        assert self.store is not None and self.embedder is not None
+        manifest = active_manifest(self.store, collection)
+        cached = self._deployments.get(collection)
+        if cached is not None and cached.manifest.collection == manifest.collection:
+            return cached
+        if manifest.embedder != self.embedder.model_id or manifest.dim != self.embedder.dim:
+            raise StoreError(
+                f"collection {manifest.collection} was built with embedder {manifest.embedder} (dim "
+                f"{manifest.dim}) but this service runs {self.embedder.model_id} (dim {self.embedder.dim})"
+            )
+        deployment = Deployment(manifest, self.embedder, self.reranker)
+        self._deployments[collection] = deployment
+        if collection == self.settings.collection:
+            self.load_error = None
+        return deployment
+
+    @property
+    def ready(self) -> bool:
+        return self.store is not None and self.embedder is not None and self.reranker is not None
+
+    # -- batched model calls ---------------------------------------------------------------
+
+    def _embed_batch(self, items: Sequence[EmbedItem]) -> list[np.ndarray]:
+        """Group by (kind, instruction): one embedder call per group, results in input order."""
+        assert self.embedder is not None
+        out: list[np.ndarray | None] = [None] * len(items)
+        groups: dict[tuple[bool, str | None], list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault((item.as_query, item.instruction), []).append(i)
+        for (as_query, instruction), indices in groups.items():
+            texts = [items[i].text for i in indices]
+            if as_query:
+                vectors = self.embedder.embed_queries(texts, instruction)
+            else:
+                vectors = self.embedder.embed_documents(texts)
+            for i, vector in zip(indices, vectors, strict=True):
+                out[i] = vector
+        return [v for v in out if v is not None]
+
+    def _rerank_batch(self, items: Sequence[RerankItem]) -> list[list[float]]:
+        assert self.reranker is not None
+        return [self.reranker.score(i.query, list(i.documents), i.instruction) for i in items]
+
+    async def embed_query(self, text: str, instruction: str | None) -> np.ndarray:
+        assert self.embed_batcher is not None
+        return await self.embed_batcher.submit(EmbedItem(text, instruction, as_query=True))
+
+    async def embed_texts(
+        self, texts: Sequence[str], instruction: str | None, as_query: bool
+    ) -> list[np.ndarray]:
+        assert self.embed_batcher is not None
+        batcher = self.embed_batcher
+        return list(
+            await asyncio.gather(*(batcher.submit(EmbedItem(t, instruction, as_query)) for t in texts))
+        )
+
+    async def score(self, query: str, documents: Sequence[str], instruction: str | None) -> list[float]:
+        assert self.rerank_batcher is not None
+        return await self.rerank_batcher.submit(RerankItem(query, tuple(documents), instruction))

@@ -1,0 +1,318 @@
+"""The HTTP service on a real port: /v1/search, the Cohere/Jina/OpenAI-compatible endpoints
+(driven by the real `cohere` and `openai` SDKs), operations routes, auth, limits, batching.
+
+Corpus: debian-ir documents ingested with the real MiniLM embedder into Qdrant Edge; the
+reranker is the tiny random Qwen3 reranker, so rerank scores are checked for exactness
+against the reranker itself, not for relevance.
+"""
+
+import base64
+import itertools
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cohere
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+
+from api.app import create_app
+from api.service import Service
+from retrieval.chunker import Chunker
+from retrieval.collections import open_store
+from retrieval.documents import Document
+from retrieval.embedder import load_embedder
+from retrieval.ingest import ingest_corpus
+from retrieval.settings import Settings
+from retrieval.tiny_models import TinyModelPaths
+from retrieval.tokens import Qwen3Tokens
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir" / "corpus.jsonl"
+INSTRUCTION = "Given a question about Debian, retrieve the package description that answers it"
+
+
+@dataclass
+class Served:
+    url: str
+    service: Service
+    settings: Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sample_settings(data_dir: Path, tiny_models: TinyModelPaths, model_cache: Path, docs: int) -> Settings:
+    """Settings for MiniLM + tiny Qwen3 reranker, with `docs` debian-ir documents ingested."""
+    settings = Settings(
+        data_dir=data_dir,
+        cache_dir=model_cache,
+        device="cpu",
+        embedder={"model": "pypi:all-MiniLM-L6-v2"},
+        reranker={"model": str(tiny_models.reranker), "batch_tokens": 4096},
+        chunker={"tokens": 128, "overlap": 16},
+        store={"payload_indexes": {"metadata.section": "keyword"}},
+        api={"api_keys": ["secret-key"], "batch_wait_ms": 20, "max_body_bytes": 200_000},
+    )
+    with DATA.open() as handle:
+        rows = [json.loads(next(handle)) for _ in range(docs)]
+    documents = [
+        Document(r["_id"], r["text"], r["title"], "corpus.jsonl", {"section": r["section"]}) for r in rows
+    ]
+    store = open_store(settings)
+    ingest_corpus(
+        documents,
+        store=store,
+        embedder=load_embedder(settings),
+        chunker=Chunker(Qwen3Tokens(), settings.chunker),
+        settings=settings,
+        collection="docs",
+    )
+    store.close()
+    return settings
+
+
+@pytest.fixture(scope="module")
+def api_settings(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModelPaths, model_cache: Path
+) -> Settings:
+    return sample_settings(tmp_path_factory.mktemp("api-data"), tiny_models, model_cache, 150)
+
+
+def serve(settings: Settings) -> Iterator[Served]:
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield Served(f"http://127.0.0.1:{port}", app.state.service, settings)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(api_settings: Settings) -> Iterator[Served]:
+    yield from serve(api_settings)
+
+
+def post(served: Served, path: str, body: object, **kwargs: object) -> httpx.Response:
+    return httpx.post(served.url + path, json=body, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+
+def test_search_returns_reranked_hits_with_both_scores_and_timings(served: Served) -> None:
+    response = post(
+        served, "/v1/search", {"query": "real-time strategy game of ancient warfare", "top_k": 20}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["collection"] == "docs__v1" and body["embedder"] == served.service.embedder.model_id
+    hits = body["hits"]
+    assert len(hits) == 10 and [h["rank"] for h in hits] == list(range(1, 11))
+    assert all(a["rerank_score"] >= b["rerank_score"] for a, b in itertools.pairwise(hits))
+    assert set(body["timings_ms"]) == {"embed", "recall", "rerank", "total"}
+    assert "recall;dur=" in response.headers["server-timing"] and response.headers["x-request-id"]
+
+    plain = post(
+        served, "/v1/search", {"query": "real-time strategy game of ancient warfare", "rerank": False}
+    )
+    dense = plain.json()["hits"]
+    assert dense[0]["doc_id"] == "0ad" and dense[0]["rerank_score"] is None
+    assert all(a["recall_score"] >= b["recall_score"] for a, b in itertools.pairwise(dense))
+
+
+def test_instruction_reaches_query_prompt_and_reranker_prompt(served: Served) -> None:
+    query = "which package plays chess"
+    body = post(
+        served, "/v1/search", {"query": query, "instruction": INSTRUCTION, "top_k": 15, "top_n": 15}
+    ).json()
+    service = served.service
+    vector = service.embedder.embed_queries([query], INSTRUCTION)[0]
+    expected = service.store.search("docs__v1", vector, 15)
+    by_id = {h["id"]: h for h in body["hits"]}
+    assert set(by_id) == {h.id for h in expected}
+    for hit in expected:
+        assert by_id[hit.id]["recall_score"] == pytest.approx(hit.score, abs=1e-5)
+    texts = [by_id[h.id]["text"] for h in expected]
+    direct = service.reranker.score(query, texts, INSTRUCTION)
+    default = service.reranker.score(query, texts)
+    assert [by_id[h.id]["rerank_score"] for h in expected] == pytest.approx(direct, abs=1e-6)
+    assert not np.allclose(direct, default, atol=1e-6)  # the instruction changed the reranker prompt
+
+
+def test_filters_and_grouping(served: Served) -> None:
+    body = post(
+        served,
+        "/v1/search",
+        {"query": "game", "top_k": 100, "top_n": 100, "filter": {"metadata.section": "games"}},
+    ).json()
+    assert body["hits"] and all(h["metadata"]["section"] == "games" for h in body["hits"])
+    ranged = post(
+        served,
+        "/v1/search",
+        {"query": "game", "top_k": 100, "top_n": 100, "filter": {"chunk_index": {"gte": 1}}},
+    ).json()
+    assert all(h["chunk_index"] >= 1 for h in ranged["hits"])
+    grouped = post(
+        served, "/v1/search", {"query": "game", "top_k": 100, "top_n": 100, "group_by_doc": True}
+    ).json()
+    doc_ids = [h["doc_id"] for h in grouped["hits"]]
+    assert len(doc_ids) == len(set(doc_ids))
+    bad = post(served, "/v1/search", {"query": "game", "filter": {"metadata.tags": "x"}})
+    assert bad.status_code == 400 and "not an indexed field" in bad.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "body,status,message",
+    [
+        ({"query": ""}, 422, "at least 1 character"),
+        ({"query": "x", "top_k": 5000}, 422, "less than or equal to 1000"),
+        ({"query": "x", "top_k": 5, "top_n": 10}, 422, "cannot exceed top_k"),
+        ({"query": "x", "collection": "nope"}, 404, "does not exist"),
+        ({"query": "x", "collection": "a/b"}, 400, "invalid collection name"),
+        ({"query": "x", "filter": {"chunk_index": {"gte": "high"}}}, 400, "range bounds must be numbers"),
+        ({"query": "x", "unknown": 1}, 422, "Extra inputs"),
+    ],
+)
+def test_search_bad_input_is_4xx_with_a_message(
+    served: Served, body: dict, status: int, message: str
+) -> None:
+    response = post(served, "/v1/search", body)
+    assert response.status_code == status and message in response.text
+
+
+def test_body_limit_invalid_json_and_unknown_routes(served: Served) -> None:
+    huge = post(served, "/v2/rerank", {"query": "q", "documents": ["x" * 300_000]})
+    assert huge.status_code == 413 and "larger than 200000 bytes" in huge.text
+    broken = httpx.post(
+        served.url + "/v1/search", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert broken.status_code == 422
+    assert httpx.get(served.url + "/v1/nothing").status_code == 404
+
+
+def test_cohere_sdk_rerank_matches_the_reranker(served: Served) -> None:
+    client = cohere.ClientV2(api_key="unused", base_url=served.url)
+    documents = ["a chess engine", "a strategy game", "an image viewer", "chess database and board"]
+    result = client.rerank(model="twostage", query="chess", documents=documents, top_n=3)
+    expected = served.service.reranker.rerank("chess", documents, top_n=3)
+    assert [r.index for r in result.results] == [e.index for e in expected]
+    assert [r.relevance_score for r in result.results] == pytest.approx([e.score for e in expected], abs=1e-6)
+    with_instruction = post(
+        served, "/v2/rerank", {"query": "chess", "documents": documents, "instruction": INSTRUCTION}
+    )
+    direct = served.service.reranker.score("chess", documents, INSTRUCTION)
+    by_index = {r["index"]: r["relevance_score"] for r in with_instruction.json()["results"]}
+    assert [by_index[i] for i in range(4)] == pytest.approx(direct, abs=1e-6)
+
+
+def test_jina_rerank_returns_documents_and_usage(served: Served) -> None:
+    body = post(
+        served,
+        "/v1/rerank",
+        {"model": "m", "query": "chess", "documents": ["chess", "image viewer"], "top_n": 1},
+    ).json()
+    assert len(body["results"]) == 1 and body["results"][0]["document"]["text"] in {"chess", "image viewer"}
+    assert body["usage"]["total_tokens"] > 0
+    clipped = post(
+        served, "/v1/rerank", {"query": "chess", "documents": ["chess " * 50], "max_tokens_per_doc": 3}
+    ).json()
+    expected = served.service.reranker.score("chess", ["chess chess"])[
+        0
+    ]  # "ch","ess"," chess": 3 Qwen3 tokens
+    assert clipped["results"][0]["relevance_score"] == pytest.approx(expected, abs=1e-6)
+    empty = post(served, "/v1/rerank", {"query": "chess", "documents": []})
+    assert empty.status_code == 422
+
+
+def test_openai_sdk_embeddings_float_base64_dimensions(served: Served) -> None:
+    client = openai.OpenAI(api_key="unused", base_url=served.url + "/v1")
+    texts = ["first document", "second document about chess"]
+    default = client.embeddings.create(input=texts, model="twostage")  # the SDK asks for base64
+    expected = served.service.embedder.embed_documents(texts)
+    np.testing.assert_allclose([d.embedding for d in default.data], expected, atol=1e-6)
+    as_float = client.embeddings.create(input="chess", model="twostage", encoding_format="float")
+    np.testing.assert_allclose(
+        as_float.data[0].embedding, served.service.embedder.embed_documents(["chess"])[0], atol=1e-6
+    )
+    short = client.embeddings.create(input="chess", model="twostage", dimensions=64, encoding_format="float")
+    vector = np.array(short.data[0].embedding)
+    assert vector.shape == (64,) and np.linalg.norm(vector) == pytest.approx(1, abs=1e-5)
+    query = post(
+        served, "/v1/embeddings", {"input": "chess", "instruction": INSTRUCTION, "encoding_format": "base64"}
+    ).json()
+    decoded = np.frombuffer(base64.b64decode(query["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(
+        decoded, served.service.embedder.embed_queries(["chess"], INSTRUCTION)[0], atol=1e-6
+    )
+    too_wide = post(served, "/v1/embeddings", {"input": "chess", "dimensions": 4096})
+    assert too_wide.status_code == 400 and "at most 384" in too_wide.text
+    assert post(served, "/v1/embeddings", {"input": ["ok", " "]}).status_code == 400
+
+
+def test_health_ready_metrics(served: Served) -> None:
+    assert httpx.get(served.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(served.url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["collection"] == "docs__v1"
+    post(served, "/v1/search", {"query": "metrics please"})
+    metrics = httpx.get(served.url + "/metrics").text
+    assert 'twostage_requests_total{method="POST",route="/v1/search",status="200"}' in metrics
+    assert 'twostage_stage_seconds_count{stage="rerank"}' in metrics
+    assert 'twostage_queue_depth{model="reranker"}' in metrics and "twostage_batch_items_bucket" in metrics
+    assert httpx.get(served.url + "/docs").status_code == 200
+    page = httpx.get(served.url + "/")
+    assert page.status_code == 200 and '<form id="search">' in page.text
+
+
+def test_concurrent_requests_share_batches(served: Served) -> None:
+    def one(i: int) -> int:
+        return post(
+            served, "/v1/embeddings", {"input": f"concurrent query number {i}", "input_type": "query"}
+        ).status_code
+
+    histogram = served.service.metrics.batch_items.labels("embedder")
+    before = (histogram._sum.get(), sum(b.get() for b in histogram._buckets[:1]))
+    with ThreadPoolExecutor(16) as pool:
+        assert set(pool.map(one, range(32))) == {200}
+    items = histogram._sum.get() - before[0]
+    singles = sum(b.get() for b in histogram._buckets[:1]) - before[1]
+    assert items >= 32 and singles < 32  # some batches carried more than one request
+
+
+def test_keys_for_reads_and_overload(tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path) -> None:
+    strict = sample_settings(tmp_path, tiny_models, model_cache, 20)
+    strict.api.keys_for_reads = True
+    strict.api.max_pending = 1
+    strict.api.batch_wait_ms = 200
+    for served in serve(strict):
+        assert post(served, "/v1/search", {"query": "x"}).status_code == 401
+        wrong = post(served, "/v1/search", {"query": "x"}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        ok = post(served, "/v1/search", {"query": "x"}, headers={"Authorization": "Bearer secret-key"})
+        assert ok.status_code == 200
+
+        def one(i: int, served: Served = served) -> httpx.Response:
+            return post(
+                served, "/v1/embeddings", {"input": f"q{i}"}, headers={"Authorization": "Bearer secret-key"}
+            )
+
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(one, range(24)))
+        refused = [r for r in responses if r.status_code == 503]
+        assert refused and all(r.headers["retry-after"] == "1" for r in refused)
+        assert {r.status_code for r in responses} <= {200, 503}

@@ -5,11 +5,12 @@ meant for the user (`TwostageError`) print as one line on stderr with exit statu
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from retrieval.errors import TwostageError
+from retrieval.errors import InputError, TwostageError
 
 
 def _positive_int(value: str) -> int:
@@ -64,6 +65,16 @@ def _ingest(args: argparse.Namespace) -> int:
     if batch_tokens:
         settings.embedder.batch_tokens = batch_tokens
     reader = CorpusReader(args.path, settings.ingest.max_document_chars)  # fails fast on a missing path
+    if args.server:
+        from api.client import ingest_via_server
+
+        if args.sync or args.new_version:
+            raise InputError("--sync and --new-version run where the store is: not with --server")
+        totals = ingest_via_server(
+            reader, args.server, collection, args.api_key or os.environ.get("TWOSTAGE_API_KEY")
+        )
+        print(json.dumps(totals) if args.json else ", ".join(f"{k}={v}" for k, v in totals.items()))
+        return 0
     embedder = load_embedder(settings)
     store = open_store(settings)
     try:
@@ -149,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="build a new collection version, then switch the alias to it",
     )
+    ingest.add_argument(
+        "--server", help="ingest through a running service at this URL (its store, its embedder)"
+    )
+    ingest.add_argument("--api-key", help="bearer key for --server (default: $TWOSTAGE_API_KEY)")
     ingest.add_argument("--json", action="store_true", help="print the report as JSON")
     ingest.add_argument("--quiet", action="store_true", help="no progress output")
     ingest.set_defaults(handler=_ingest)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from api.jobs import JobRunner
 from api.micro_batcher import MicroBatcher
 from retrieval.collections import active_manifest, open_store
 from retrieval.embedder import Embedder, load_embedder
@@ -82,6 +83,7 @@ class Service:
         self.embed_batcher: MicroBatcher[EmbedItem, np.ndarray] | None = None
         self.rerank_batcher: MicroBatcher[RerankItem, list[float]] | None = None
         self.load_error: str | None = None
+        self.jobs: JobRunner | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -102,6 +104,7 @@ class Service:
             budget=self.settings.reranker.batch_tokens, max_wait_s=wait, max_pending=pending,
             on_batch=self.metrics.observe_batch,
         )  # fmt: skip
+        self.jobs = JobRunner(self)
         self.metrics.queue_depth.labels("embedder").set_function(lambda: self._depth(self.embed_batcher))
         self.metrics.queue_depth.labels("reranker").set_function(lambda: self._depth(self.rerank_batcher))
         try:
@@ -110,6 +113,8 @@ class Service:
             self.load_error = str(exc)
 
     def close(self) -> None:
+        if self.jobs is not None:
+            self.jobs.close(timeout_s=self.settings.api.shutdown_timeout_s)
         for batcher in (self.embed_batcher, self.rerank_batcher):
             if batcher is not None:
                 batcher.close()

@@ -152,10 +152,9 @@ class Ingestor:
             name="ingest-read",
             daemon=True,
         )
-        written = {"chunks": 0}
         writer = threading.Thread(
             target=self._guard,
-            args=(self._write, manifest.collection, to_write, report, written, bytes_read),
+            args=(self._write, manifest.collection, to_write, report, bytes_read),
             name="ingest-write",
             daemon=True,
         )
@@ -308,7 +307,6 @@ class Ingestor:
         collection: str,
         inbox: "queue.Queue[Any]",
         report: IngestReport,
-        written: dict[str, int],
         bytes_read: Callable[[], int] | None,
     ) -> None:
         remaining: dict[str, int] = {}

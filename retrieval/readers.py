@@ -120,16 +120,32 @@ class CorpusReader:
     def _document(
         self, doc_id: str, text: str, title: str, source: str, metadata: dict[str, Any], location: str
     ) -> Record:
-        if not text.strip():
-            return BadRecord(location, f"document {doc_id!r} has no text (empty or whitespace only)")
-        if len(text) > self.max_document_chars:
-            return BadRecord(
-                location,
-                f"document {doc_id!r} has {len(text):,} characters; the limit is "
-                f"{self.max_document_chars:,} (TWOSTAGE_INGEST__MAX_DOCUMENT_CHARS)",
-            )
-        nfc = unicodedata.normalize
-        return Document(doc_id, nfc("NFC", text), nfc("NFC", title), source, metadata)
+        return make_document(doc_id, text, title, source, metadata, location, self.max_document_chars)
+
+
+def make_document(
+    doc_id: str,
+    text: str,
+    title: str,
+    source: str,
+    metadata: dict[str, Any],
+    location: str,
+    max_chars: int,
+) -> Record:
+    """A validated, NFC-normalised `Document`, or the `BadRecord` saying what is wrong with it.
+
+    Every way into the index (files, stdin, the HTTP API) goes through here.
+    """
+    if not text.strip():
+        return BadRecord(location, f"document {doc_id!r} has no text (empty or whitespace only)")
+    if len(text) > max_chars:
+        return BadRecord(
+            location,
+            f"document {doc_id!r} has {len(text):,} characters; the limit is "
+            f"{max_chars:,} (TWOSTAGE_INGEST__MAX_DOCUMENT_CHARS)",
+        )
+    nfc = unicodedata.normalize
+    return Document(doc_id, nfc("NFC", text), nfc("NFC", title), source, metadata)
 
 
 class _HtmlText(HTMLParser):

@@ -9,7 +9,10 @@ against the reranker itself, not for relevance.
 import base64
 import itertools
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,6 +35,7 @@ from retrieval.documents import Document
 from retrieval.embedder import load_embedder
 from retrieval.ingest import ingest_corpus
 from retrieval.settings import Settings
+from retrieval.store import AnyOf, Filter
 from retrieval.tiny_models import TinyModelPaths
 from retrieval.tokens import Qwen3Tokens
 
@@ -316,3 +320,61 @@ def test_keys_for_reads_and_overload(tmp_path: Path, tiny_models: TinyModelPaths
         refused = [r for r in responses if r.status_code == 503]
         assert refused and all(r.headers["retry-after"] == "1" for r in refused)
         assert {r.status_code for r in responses} <= {200, 503}
+
+
+def wait_for_job(served: Served, job_id: str, headers: dict[str, str]) -> dict:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{served.url}/v1/jobs/{job_id}", headers=headers).json()
+        if job["status"] in {"succeeded", "failed"}:
+            return job
+        time.sleep(0.1)
+    raise AssertionError("job did not finish")
+
+
+def test_documents_api_jobs_delete_and_cli_through_the_server(served: Served, tmp_path: Path) -> None:
+    key = {"Authorization": "Bearer secret-key"}
+    docs = [
+        {"id": "new-1", "text": "A terminal chess board with an engine.", "metadata": {"section": "games"}},
+        {"id": "blank", "text": "   "},
+    ]
+    assert post(served, "/v1/documents", {"documents": docs}).status_code == 401
+    accepted = post(served, "/v1/documents", {"documents": docs}, headers=key)
+    assert accepted.status_code == 202, accepted.text
+    body = accepted.json()
+    assert body["documents"] == 1 and "document 'blank' has no text" in body["rejected"][0]
+    job = wait_for_job(served, body["job_id"], key)
+    assert job["status"] == "succeeded" and job["report"]["new"] == 1
+    hits = post(served, "/v1/search", {"query": "terminal chess board", "rerank": False, "top_n": 3}).json()[
+        "hits"
+    ]
+    assert "new-1" in [h["doc_id"] for h in hits]
+
+    removed = httpx.delete(f"{served.url}/v1/documents/new-1", headers=key)
+    assert removed.status_code == 200 and removed.json()["deleted_chunks"] >= 1
+    assert httpx.delete(f"{served.url}/v1/documents/new-1", headers=key).status_code == 404
+    assert httpx.get(f"{served.url}/v1/jobs/nope", headers=key).status_code == 404
+    none_valid = post(served, "/v1/documents", {"documents": [{"id": "x", "text": ""}]}, headers=key)
+    assert none_valid.status_code == 400 and "no valid documents" in none_valid.text
+
+    corpus = tmp_path / "more.jsonl"
+    corpus.write_text(
+        "\n".join(
+            json.dumps({"_id": f"cli-{i}", "text": f"Package number {i} for the command line."})
+            for i in range(5)
+        )
+        + "\n{broken\n"
+    )
+    env = {**os.environ, "TWOSTAGE_API_KEY": "secret-key"}
+    result = subprocess.run(
+        [sys.executable, "-m", "api.cli", "ingest", str(corpus), "--server", served.url, "--json"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    totals = json.loads(result.stdout)
+    assert (totals["new"], totals["collection"]) == (5, "docs__v1")
+    assert f"{corpus}:6: invalid JSON" in result.stderr
+    count = served.service.store.count(
+        "docs__v1", Filter(must=(AnyOf("doc_id", tuple(f"cli-{i}" for i in range(5))),))
+    )
+    assert count == 5

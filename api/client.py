@@ -1,0 +1,103 @@
+"""`twostage ingest --server URL`: send a corpus to a running service in batches.
+
+In embedded mode the server owns the shard, so other processes ingest through it. Records
+are read and validated locally (bad ones reported with file:line), sent as batches of
+documents under a size cap, and each batch's background job is polled to the end.
+"""
+
+import json
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import httpx
+
+from retrieval.documents import BadRecord, Document
+from retrieval.errors import InputError, TwostageError
+
+_SUMMED = ("documents", "new", "updated", "unchanged", "chunks_embedded", "bad_records")
+
+
+def _batches(
+    records: Iterable[Document | BadRecord], docs: int, max_bytes: int
+) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for record in records:
+        if isinstance(record, BadRecord):
+            print(f"twostage: skipped {record}", file=sys.stderr)
+            continue
+        item = {"id": record.id, "text": record.text, "title": record.title, "metadata": record.metadata}
+        item_size = len(json.dumps(item, ensure_ascii=False).encode())
+        if batch and (len(batch) >= docs or size + item_size > max_bytes):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item_size
+    if batch:
+        yield batch
+
+
+def ingest_via_server(
+    records: Iterable[Document | BadRecord],
+    url: str,
+    collection: str,
+    api_key: str | None,
+    *,
+    batch_docs: int = 256,
+    max_bytes: int = 8 * 1024 * 1024,
+) -> dict[str, Any]:
+    """Send every batch, wait for its job, and return the summed report."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    totals: dict[str, Any] = dict.fromkeys(_SUMMED, 0)
+    sent = 0
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120) as client:
+        for batch in _batches(records, batch_docs, max_bytes):
+            job = _call(client, "POST", "/v1/documents", {"collection": collection, "documents": batch})
+            for rejected in job.get("rejected", []):
+                print(f"twostage: skipped {rejected}", file=sys.stderr)
+            totals["bad_records"] += len(job.get("rejected", []))
+            report = _wait(client, job["job_id"])
+            for key in _SUMMED:
+                totals[key] += report.get(key, 0)
+            totals["collection"] = report.get("collection")
+            totals["total_documents"], totals["total_chunks"] = (
+                report["total_documents"],
+                report["total_chunks"],
+            )
+            sent += len(batch)
+            print(
+                f"ingest: {sent} documents sent, {totals['chunks_embedded']} chunks embedded", file=sys.stderr
+            )
+    if not sent:
+        raise InputError("no documents to ingest")
+    return totals
+
+
+def _call(client: httpx.Client, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    try:
+        response = client.request(method, path, json=body)
+    except httpx.HTTPError as exc:
+        raise TwostageError(f"cannot reach the server at {client.base_url}: {exc}") from exc
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail")
+        except ValueError:
+            detail = response.text[:200]
+        raise TwostageError(f"server answered {response.status_code} to {method} {path}: {detail}")
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def _wait(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    delay = 0.05
+    while True:
+        job = _call(client, "GET", f"/v1/jobs/{job_id}")
+        if job["status"] == "succeeded":
+            report: dict[str, Any] = job["report"]
+            return report
+        if job["status"] == "failed":
+            raise TwostageError(f"ingestion job {job_id} failed: {job['error']}")
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)

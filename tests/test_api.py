@@ -10,11 +10,13 @@ import base64
 import itertools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -378,3 +380,30 @@ def test_documents_api_jobs_delete_and_cli_through_the_server(served: Served, tm
         "docs__v1", Filter(must=(AnyOf("doc_id", tuple(f"cli-{i}" for i in range(5))),))
     )
     assert count == 5
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (.ci/run installs it)")
+def test_search_page_in_headless_chromium(served: Served, tmp_path: Path) -> None:
+    """The page's own JavaScript runs in a real browser: it calls /v1/search and renders hits."""
+    query = "real-time strategy game of ancient warfare"
+    url = f"{served.url}/?{urllib.parse.urlencode({'q': query, 'top_n': 5, 'instruction': INSTRUCTION})}"
+    result = subprocess.run(
+        [
+            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--dump-dom", url,
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    dom = result.stdout
+    assert 'data-state="done"' in dom, (dom[-2000:], result.stderr[-2000:])
+    expected = post(served, "/v1/search", {"query": query, "top_n": 5, "instruction": INSTRUCTION}).json()
+    assert dom.count('<li class="hit">') == 5
+    assert f"5 results from {expected['collection']}" in dom
+    for hit in expected["hits"]:
+        assert f"rerank {hit['rerank_score']:.4f} · recall {hit['recall_score']:.4f}" in dom
+    for stage in ("embed", "recall", "rerank", "total"):
+        assert f'<span class="timing">{stage} ' in dom

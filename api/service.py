@@ -174,7 +174,7 @@ class Service:
 
     def _rerank_batch(self, items: Sequence[RerankItem]) -> list[list[float]]:
         assert self.reranker is not None
-        return [self.reranker.score(i.query, list(i.documents), i.instruction) for i in items]
+        return self.reranker.score_many([(i.query, list(i.documents), i.instruction) for i in items])
 
     async def embed_query(self, text: str, instruction: str | None) -> np.ndarray:
         assert self.embed_batcher is not None

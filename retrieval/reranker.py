@@ -15,6 +15,8 @@ from retrieval.errors import InputError
 from retrieval.model_source import ModelSource, resolve_model
 from retrieval.settings import Settings
 
+RerankRequest = tuple[str, Sequence[str], str | None]
+
 
 @dataclass(frozen=True)
 class RankedDocument:
@@ -37,6 +39,10 @@ class Reranker(Protocol):
         """Relevance of each document to the query, in input order."""
         ...
 
+    def score_many(self, requests: Sequence[RerankRequest]) -> list[list[float]]:
+        """`score` for several (query, documents, instruction) requests, in order."""
+        ...
+
     def rerank(
         self, query: str, documents: Sequence[str], instruction: str | None = None, top_n: int | None = None
     ) -> list[RankedDocument]:
@@ -45,10 +51,14 @@ class Reranker(Protocol):
 
 
 class RerankMixin:
-    """`rerank` in terms of `score`, shared by every implementation."""
+    """`rerank` and `score_many` in terms of `score`, shared by every implementation."""
 
     def score(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[float]:
         raise NotImplementedError
+
+    def score_many(self, requests: Sequence[RerankRequest]) -> list[list[float]]:
+        """Several (query, documents, instruction) calls; implementations may batch across them."""
+        return [self.score(q, docs, instruction) for q, docs, instruction in requests]
 
     def rerank(
         self, query: str, documents: Sequence[str], instruction: str | None = None, top_n: int | None = None

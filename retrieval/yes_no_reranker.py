@@ -12,6 +12,11 @@ Three things make it faster than the recipe without changing a score beyond floa
 * Documents are sorted by length and grouped under a padded-token budget.
 * z_yes - z_no is one dot product of the last hidden state with (W_yes - W_no); no
   vocabulary-sized logits are computed for any position.
+
+`score_many` serves several rerank calls (different queries, as gathered by the service's
+micro-batcher) in shared forward passes: each query's prefix cache is computed once, the
+caches are left-padded to one width and masked, and documents of all queries are batched
+together with their own position ids, so results equal one `score` call per query.
 """
 
 from collections.abc import Sequence
@@ -40,7 +45,7 @@ from retrieval.prompts import (
     reranker_document_part,
     reranker_query_part,
 )
-from retrieval.reranker import RerankMixin
+from retrieval.reranker import RerankMixin, RerankRequest
 from retrieval.settings import RerankerSettings
 
 
@@ -158,6 +163,70 @@ class YesNoReranker(RerankMixin):
         if not prompt.documents:
             return []
         return self._score(prompt)
+
+    def score_many(self, requests: Sequence[RerankRequest]) -> list[list[float]]:
+        """`[score(q, docs, instruction) for ...]`, with the documents of all requests batched together."""
+        prompts = [self.prompt_tokens(q, docs, instruction) for q, docs, instruction in requests]
+        live = [k for k, p in enumerate(prompts) if p.documents]
+        out: list[list[float]] = [[] for _ in prompts]
+        if len(live) == 1:
+            out[live[0]] = self._score(prompts[live[0]])
+        elif live:
+            for k, scores in zip(live, self._score_across([prompts[k] for k in live]), strict=True):
+                out[k] = scores
+        return out
+
+    @torch.inference_mode()
+    def _score_across(self, prompts: Sequence[PromptTokens]) -> list[list[float]]:
+        device = self.model.device
+        widths = [len(p.shared) for p in prompts]
+        width = max(widths)
+        keys: list[torch.Tensor] = []
+        values: list[torch.Tensor] = []
+        for q, prompt in enumerate(prompts):  # each prefix exactly as in `_score`, then left-padded
+            cache = self._decoder(
+                input_ids=torch.tensor([prompt.shared], dtype=torch.long, device=device), use_cache=True
+            ).past_key_values
+            for layer, (k, v, *_) in enumerate(cache):
+                if q == 0:
+                    keys.append(k.new_zeros((len(prompts), *k.shape[1:2], width, k.shape[-1])))
+                    values.append(v.new_zeros((len(prompts), *v.shape[1:2], width, v.shape[-1])))
+                keys[layer][q, :, width - widths[q] :] = k[0]
+                values[layer][q, :, width - widths[q] :] = v[0]
+        rows = [(q, doc + p.suffix) for q, p in enumerate(prompts) for doc in p.documents]
+        scores = [0.0] * len(rows)
+        for batch in token_budget_batches([len(t) for _, t in rows], self.batch_tokens):
+            owner = torch.tensor([rows[i][0] for i in batch], device=device)
+            tails = [rows[i][1] for i in batch]
+            ids = right_pad(tails, self._pad_id, device)
+            span = torch.arange(ids.shape[1], device=device)
+            lengths = torch.tensor([len(t) for t in tails], device=device)
+            prefix_len = torch.tensor(widths, device=device)[owner]
+            mask = torch.cat(
+                [
+                    torch.arange(width, device=device)[None, :] >= (width - prefix_len)[:, None],
+                    span[None, :] < lengths[:, None],
+                ],
+                dim=1,
+            ).long()
+            cache = DynamicCache([(k[owner], v[owner]) for k, v in zip(keys, values, strict=True)])
+            hidden = self._decoder(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=prefix_len[:, None] + span[None, :],
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state
+            last = hidden[torch.arange(len(tails), device=device), lengths - 1]
+            z = last.float() @ self._direction.to(device) + self._offset
+            for i, s in zip(batch, torch.sigmoid(z).tolist(), strict=True):
+                scores[i] = s
+        out: list[list[float]] = []
+        start = 0
+        for prompt in prompts:
+            out.append(scores[start : start + len(prompt.documents)])
+            start += len(prompt.documents)
+        return out
 
     @torch.inference_mode()
     def _score(self, prompt: PromptTokens) -> list[float]:

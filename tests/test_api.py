@@ -299,6 +299,24 @@ def test_concurrent_requests_share_batches(served: Served) -> None:
     singles = sum(b.get() for b in histogram._buckets[:1]) - before[1]
     assert items >= 32 and singles < 32  # some batches carried more than one request
 
+    reranks = served.service.metrics.batch_items.labels("reranker")
+    before_items = reranks._sum.get()
+    before_batches = sum(b.get() for b in reranks._buckets)
+    documents = ["a chess engine", "an image viewer", "a text editor"]
+    expected = served.service.reranker.score("query 3", documents)
+
+    def rerank(i: int) -> list[float]:
+        results = post(served, "/v2/rerank", {"query": f"query {i}", "documents": documents}).json()[
+            "results"
+        ]
+        return [r["relevance_score"] for r in sorted(results, key=lambda r: r["index"])]
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(rerank, range(32)))
+    assert answers[3] == pytest.approx(expected, abs=1e-6)  # batched with other queries, same scores
+    batches = sum(b.get() for b in reranks._buckets) - before_batches
+    assert reranks._sum.get() - before_items == 32 and batches < 32
+
 
 def test_keys_for_reads_and_overload(tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path) -> None:
     strict = sample_settings(tmp_path, tiny_models, model_cache, 20)

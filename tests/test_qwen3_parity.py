@@ -132,6 +132,32 @@ def test_reranker_scores_equal_recipe(
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("batch_tokens", [64, 1 << 20])
+def test_score_many_across_queries_equals_recipe(
+    reranker: YesNoReranker, reference_reranker: tuple, batch_tokens: int
+) -> None:
+    """Requests with different queries, instructions and prefix lengths batched together."""
+    model, tok = reference_reranker
+    requests = [
+        (QUERY, mixed_texts(5, seed=1), None),
+        ("a much longer query about viewing and editing photographs on the desktop", mixed_texts(9, seed=2),
+         "Given a package synopsis, find its description"),
+        ("empty", [], None),
+        ("q", mixed_texts(1, seed=3), "短い指示"),
+    ]  # fmt: skip
+    reranker.batch_tokens = batch_tokens
+    try:
+        many = reranker.score_many(requests)
+    finally:
+        reranker.batch_tokens = 16384
+    assert [len(m) for m in many] == [5, 9, 0, 1]
+    for (query, docs, instruction), scores in zip(requests, many, strict=True):
+        if docs:
+            task = instruction or reranker.instruction
+            ref = recipe_rerank(model, tok, [(query, d) for d in docs], task)
+            np.testing.assert_allclose(scores, ref, atol=1e-5, rtol=0)
+
+
 def test_reranker_truncates_only_the_document(reference_reranker: tuple, tiny_models: TinyModelPaths) -> None:
     model, tok = reference_reranker
     short = YesNoReranker(model, tok, model_id="tiny", max_length=128, instruction=DEFAULT_TASK)

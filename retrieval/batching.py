@@ -7,24 +7,37 @@ if TYPE_CHECKING:
     import torch
 
 
-def token_budget_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Indices grouped into batches whose padded size (rows x longest) stays within `budget`.
+# Padding is computed like real tokens and thrown away, on every device. Measured on a 2-core
+# CPU with SmolLM2-135M: 16 documents of 37-207 tokens in one padded batch ran at the same
+# tokens/s as unpadded rows, so the 48% padding doubled the time. A batch is closed when
+# the next (shorter) row would push its padding above this fraction.
+MAX_PADDING = 0.1
 
-    Inputs are taken longest first, so each batch holds similar lengths and little padding;
-    the first (largest) batches also surface an out-of-memory early. An input longer than
-    the budget on its own still gets a batch of one.
+
+def token_budget_batches(
+    lengths: Sequence[int], budget: int, max_padding: float = MAX_PADDING
+) -> list[list[int]]:
+    """Indices grouped into batches whose padded size (rows x longest) stays within `budget`
+    and whose padding stays within `max_padding` of it.
+
+    Inputs are taken longest first, so each batch holds similar lengths; the first (largest)
+    batches also surface an out-of-memory early. An input longer than the budget on its own
+    still gets a batch of one.
     """
     if budget < 1:
         raise ValueError("budget must be positive")
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
     batches: list[list[int]] = []
     current: list[int] = []
+    real = 0
     for i in order:
-        width = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1) * width > budget:
-            batches.append(current)
-            current = []
+        if current:
+            padded = (len(current) + 1) * lengths[current[0]]
+            if padded > budget or padded - (real + lengths[i]) > max_padding * padded:
+                batches.append(current)
+                current, real = [], 0
         current.append(i)
+        real += lengths[i]
     if current:
         batches.append(current)
     return batches

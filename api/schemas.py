@@ -63,28 +63,26 @@ class SearchResponse(BaseModel):
     timings_ms: dict[str, float]
 
 
-class CohereRerankRequest(BaseModel):
-    """Cohere v2 `POST /v2/rerank` (unknown fields such as `model` are accepted and ignored)."""
+class RerankRequest(BaseModel):
+    """What the rerank dialects share (unknown fields are accepted and ignored)."""
 
     model: str | None = None
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
     documents: list[str | dict[str, Any]] = Field(min_length=1, max_length=MAX_DOCUMENTS)
     top_n: int | None = Field(None, ge=1)
-    max_tokens_per_doc: int | None = Field(None, ge=1, le=32768)
+    max_tokens_per_doc: int | None = Field(None, ge=1, le=32768, description="Qwen3 tokens kept per document")
     return_documents: bool = False
     instruction: str | None = Field(None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
 
 
-class JinaRerankRequest(BaseModel):
-    """Jina / vLLM `POST /v1/rerank`."""
+class CohereRerankRequest(RerankRequest):
+    """Cohere v2 `POST /v2/rerank`."""
 
-    model: str | None = None
-    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
-    documents: list[str | dict[str, Any]] = Field(min_length=1, max_length=MAX_DOCUMENTS)
-    top_n: int | None = Field(None, ge=1)
+
+class JinaRerankRequest(RerankRequest):
+    """Jina / vLLM `POST /v1/rerank` (returns documents unless told not to)."""
+
     return_documents: bool = True
-    max_tokens_per_doc: int | None = Field(None, ge=1, le=32768)
-    instruction: str | None = Field(None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
 
 
 class EmbeddingsRequest(BaseModel):

@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -425,3 +426,62 @@ def test_search_page_in_headless_chromium(served: Served, tmp_path: Path) -> Non
         assert f"rerank {hit['rerank_score']:.4f} · recall {hit['recall_score']:.4f}" in dom
     for stage in ("embed", "recall", "rerank", "total"):
         assert f'<span class="timing">{stage} ' in dom
+
+
+def test_serve_starts_empty_becomes_ready_and_drains_on_sigterm(
+    tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
+) -> None:
+    """`twostage serve` as users run it: not ready without a collection, ready after ingesting
+    through the API, and on SIGTERM an in-flight request still gets its answer."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "TWOSTAGE_DATA_DIR": str(tmp_path / "data"),
+        "TWOSTAGE_CACHE_DIR": str(model_cache),
+        "TWOSTAGE_DEVICE": "cpu",
+        "TWOSTAGE_EMBEDDER__MODEL": "pypi:all-MiniLM-L6-v2",
+        "TWOSTAGE_RERANKER__MODEL": str(tiny_models.reranker),
+        "TWOSTAGE_API__API_KEYS": '["k"]',
+        "TWOSTAGE_API__PORT": str(port),
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, "serve did not come up"
+            try:
+                if httpx.get(url + "/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        not_ready = httpx.get(url + "/readyz")
+        assert not_ready.status_code == 503 and "does not exist yet" in not_ready.json()["detail"]
+        assert httpx.post(url + "/v1/search", json={"query": "x"}).status_code == 404
+
+        key = {"Authorization": "Bearer k"}
+        docs = [{"id": f"d{i}", "text": f"Document {i} about a terminal program."} for i in range(3)]
+        job = httpx.post(url + "/v1/documents", json={"documents": docs}, headers=key).json()
+        served = Served(url, None, None)  # type: ignore[arg-type]
+        assert wait_for_job(served, job["job_id"], key)["status"] == "succeeded"
+        assert httpx.get(url + "/readyz").status_code == 200
+
+        long_docs = ["word " * 400] * 64  # enough reranking to still be running when SIGTERM lands
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(
+                httpx.post, url + "/v2/rerank", json={"query": "q", "documents": long_docs}, timeout=120
+            )
+            time.sleep(0.5)
+            server.send_signal(signal.SIGTERM)
+            answer = in_flight.result()
+        assert answer.status_code == 200 and len(answer.json()["results"]) == 64
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()

@@ -12,7 +12,7 @@ import numpy as np
 from fastapi import APIRouter
 
 from api.deps import ReadAccess, ServiceDep
-from api.schemas import CohereRerankRequest, EmbeddingsRequest, JinaRerankRequest
+from api.schemas import CohereRerankRequest, EmbeddingsRequest, JinaRerankRequest, RerankRequest
 from api.service import Service
 from retrieval.errors import InputError
 
@@ -29,33 +29,27 @@ def _texts(documents: list[str | dict[str, Any]]) -> list[str]:
     return texts
 
 
-async def _rerank(
-    service: Service,
-    query: str,
-    documents: list[str],
-    instruction: str | None,
-    top_n: int | None,
-    max_tokens: int | None,
-) -> tuple[list[tuple[int, float]], int]:
-    """(index, score) best first, cut to top_n; and the Qwen3 tokens of query + documents."""
-    if max_tokens is not None:
-        documents = [service.tokens.decode(service.tokens.encode(d)[:max_tokens]) for d in documents]
-    scores = await service.score(query, documents, instruction)
-    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:top_n]
-    used = service.tokens.count(query) * len(documents) + sum(service.tokens.count(d) for d in documents)
-    return [(i, scores[i]) for i in order], used
+async def _rerank(service: Service, body: RerankRequest) -> tuple[list[dict[str, Any]], int]:
+    """Results best first (cut to top_n, with documents if asked) and the Qwen3 tokens scored."""
+    documents = _texts(body.documents)
+    if body.max_tokens_per_doc is not None:
+        documents = [
+            service.tokens.decode(service.tokens.encode(d)[: body.max_tokens_per_doc]) for d in documents
+        ]
+    scores = await service.score(body.query, documents, body.instruction)
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: body.top_n]
+    results: list[dict[str, Any]] = [{"index": i, "relevance_score": scores[i]} for i in order]
+    if body.return_documents:
+        originals = _texts(body.documents)
+        for r in results:
+            r["document"] = {"text": originals[r["index"]]}
+    used = service.tokens.count(body.query) * len(documents) + sum(service.tokens.count(d) for d in documents)
+    return results, used
 
 
 @router.post("/v2/rerank", dependencies=[ReadAccess])
 async def cohere_rerank(body: CohereRerankRequest, service: ServiceDep) -> dict[str, Any]:
-    docs = _texts(body.documents)
-    ranked, _ = await _rerank(
-        service, body.query, docs, body.instruction, body.top_n, body.max_tokens_per_doc
-    )
-    results: list[dict[str, Any]] = [{"index": i, "relevance_score": s} for i, s in ranked]
-    if body.return_documents:
-        for r in results:
-            r["document"] = {"text": docs[r["index"]]}
+    results, _ = await _rerank(service, body)
     return {
         "id": str(uuid.uuid4()),
         "results": results,
@@ -65,15 +59,8 @@ async def cohere_rerank(body: CohereRerankRequest, service: ServiceDep) -> dict[
 
 @router.post("/v1/rerank", dependencies=[ReadAccess])
 async def jina_rerank(body: JinaRerankRequest, service: ServiceDep) -> dict[str, Any]:
-    docs = _texts(body.documents)
-    ranked, used = await _rerank(
-        service, body.query, docs, body.instruction, body.top_n, body.max_tokens_per_doc
-    )
+    results, used = await _rerank(service, body)
     assert service.reranker is not None
-    results: list[dict[str, Any]] = [{"index": i, "relevance_score": s} for i, s in ranked]
-    if body.return_documents:
-        for r in results:
-            r["document"] = {"text": docs[r["index"]]}
     return {
         "id": str(uuid.uuid4()),
         "model": body.model or service.reranker.model_id,

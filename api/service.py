@@ -6,6 +6,7 @@ replaced in one assignment, so every request uses one consistent pair from start
 """
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,7 @@ class Service:
         self.embedder: Embedder | None = None
         self.reranker: Reranker | None = None
         self._deployments: dict[str, Deployment] = {}
+        self._checked: dict[str, float] = {}  # when each alias was last resolved (monotonic)
         self.embed_batcher: MicroBatcher[EmbedItem, np.ndarray] | None = None
         self.rerank_batcher: MicroBatcher[RerankItem, list[float]] | None = None
         self.load_error: str | None = None
@@ -131,11 +133,20 @@ class Service:
         """The live version of `collection` with the models to use on it.
 
         Refuses (HTTP 409) a version built by an embedder other than the loaded one, since
-        its vectors and our query vectors would not be comparable.
+        its vectors and our query vectors would not be comparable. The alias is looked up
+        again at most every `api.alias_refresh_s`, so a switch is followed within that time
+        without a store round trip on every request.
         """
         assert self.store is not None and self.embedder is not None
-        manifest = active_manifest(self.store, collection)
         cached = self._deployments.get(collection)
+        now = time.monotonic()
+        if (
+            cached is not None
+            and now - self._checked.get(collection, 0.0) < self.settings.api.alias_refresh_s
+        ):
+            return cached
+        manifest = active_manifest(self.store, collection)
+        self._checked[collection] = now
         if cached is not None and cached.manifest.collection == manifest.collection:
             return cached
         if manifest.embedder != self.embedder.model_id or manifest.dim != self.embedder.dim:

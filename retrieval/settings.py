@@ -110,6 +110,7 @@ class ApiSettings(BaseModel):
     )
     max_pending: int = Field(256, ge=1, description="queued model calls per model before 503 + Retry-After")
     shutdown_timeout_s: int = Field(30, ge=1, description="grace period for in-flight requests on shutdown")
+    alias_refresh_s: float = Field(1.0, ge=0, description="how often a collection alias is re-resolved")
 
 
 class Settings(BaseSettings):

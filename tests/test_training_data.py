@@ -1,0 +1,82 @@
+"""Training data formats, bad lines with file:line, query-level splits and general-domain mixing."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from retrieval.errors import InputError
+from training.data import Graded, Pair, load_examples, mix_general, split_by_query
+
+
+def write(path: Path, lines: list[object]) -> Path:
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def test_all_formats_and_bad_lines(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "train.jsonl",
+        [
+            {"query": "q1", "positive": "p1"},
+            {"query": "q2", "positive": "p2", "negatives": ["n1", "n2"], "instruction": "Find packages"},
+            {"query": "q3", "document": "d3", "label": 5},
+            {"query": "q4", "document": "d4", "label": 0.25},
+            {
+                "messages": [{"role": "user", "content": "swift q"}],
+                "positive_messages": [[{"role": "user", "content": "swift p"}]],
+                "negative_messages": [[{"role": "user", "content": "swift n"}]],
+            },
+            {
+                "system": "s",
+                "input": "<Instruct>: inst\n<Query>: rq\n<Document>: rd\nline 2",
+                "output": "yes",
+            },
+            "{broken",
+            {"query": "q", "positive": ""},
+            {"query": "q", "document": "d", "label": 7},
+            {"input": "no tags", "output": "yes"},
+            ["not", "an", "object"],
+        ],
+    )
+    report = load_examples(path)
+    assert report.examples == [
+        Pair("q1", "p1"),
+        Pair("q2", "p2", ("n1", "n2"), "Find packages"),
+        Graded("q3", "d3", 1.0),
+        Graded("q4", "d4", 0.25),
+        Pair("swift q", "swift p", ("swift n",)),
+        Graded("rq", "rd\nline 2", 1.0, "inst"),
+    ]
+    bad = [str(b) for b in report.bad]
+    assert bad[0].startswith(f"{path}:7: invalid JSON")
+    assert bad[1] == f"{path}:8: missing 'positive' (a non-empty string)"
+    assert bad[2] == f"{path}:9: 'label' 7 is outside [0, 1] and 1-5"
+    assert bad[3].startswith(f"{path}:10: ms-swift reranker 'input' must be")
+    assert bad[4] == f"{path}:11: a line must be a JSON object"
+    with pytest.raises(InputError, match=":7: invalid JSON"):
+        load_examples(path, strict=True)
+    with pytest.raises(InputError, match="no usable examples"):
+        load_examples(write(tmp_path / "bad.jsonl", ["{x"]))
+    with pytest.raises(InputError, match="does not exist"):
+        load_examples(tmp_path / "missing.jsonl")
+
+
+def test_split_is_by_query_deterministic_and_stable() -> None:
+    examples = [Pair(f"q{i % 50}", f"p{i}") for i in range(500)]
+    train, dev = split_by_query(examples, 0.2)
+    assert {e.query for e in train}.isdisjoint({e.query for e in dev})
+    assert 0.1 < len(dev) / len(examples) < 0.3
+    assert split_by_query(list(reversed(examples)), 0.2)[1] == list(reversed(dev))
+    assert split_by_query(examples, 0.2, seed=1)[1] != dev
+
+
+def test_general_domain_mixing_ratio() -> None:
+    domain = [Pair(f"d{i}", "p") for i in range(70)]
+    general = [Pair(f"g{i}", "p") for i in range(1000)]
+    mixed = mix_general(domain, general)
+    assert sum(e.query.startswith("g") for e in mixed) == 30 and set(domain) <= set(mixed)
+    assert mix_general(domain, general, ratio=(1, 1), seed=3) != mix_general(
+        domain, general, ratio=(1, 1), seed=4
+    )
+    assert mix_general(domain, []) == domain

@@ -80,3 +80,24 @@ def test_general_domain_mixing_ratio() -> None:
         domain, general, ratio=(1, 1), seed=4
     )
     assert mix_general(domain, []) == domain
+
+
+def test_sentence_transformer_view_embeds_like_the_inference_embedder(tiny_settings, tiny_models) -> None:
+    """Training sees the same vectors inference computes (prompt, padding, pooling, norm)."""
+    import numpy as np
+
+    from retrieval.embedder import load_embedder
+    from training.st_model import load_st_embedder
+
+    inference = load_embedder(tiny_settings)
+    st = load_st_embedder(tiny_models.embedder, tiny_settings)
+    queries = ["short", "a considerably longer query about Debian packages and chess engines"]
+    docs = ["doc one", "document two is longer than the first one by a fair bit", "三"]
+    np.testing.assert_allclose(
+        st.encode(queries, prompt_name="query", convert_to_numpy=True),
+        inference.embed_queries(queries),
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        st.encode(docs, convert_to_numpy=True), inference.embed_documents(docs), atol=1e-5
+    )

@@ -128,6 +128,58 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mine(args: argparse.Namespace) -> int:
+    """Mine hard negatives for training pairs against a corpus file or a collection's chunks."""
+    from retrieval.collections import active_manifest, open_store
+    from retrieval.documents import Document
+    from retrieval.embedder import detect_embedder_family
+    from retrieval.model_source import model_identity, resolve_model
+    from retrieval.readers import CorpusReader
+    from retrieval.settings import Settings
+    from training.data import Pair, load_examples
+    from training.mining import MiningSettings, mine, provenance, write_mined
+    from training.st_model import load_st_embedder, query_prompt
+
+    settings = Settings()
+    loaded = load_examples(Path(args.pairs))
+    for bad in loaded.bad:
+        print(f"twostage: skipped {bad}", file=sys.stderr)
+    pairs = [e for e in loaded.examples if isinstance(e, Pair)]
+    if args.corpus:
+        reader = CorpusReader(args.corpus, settings.ingest.max_document_chars)
+        corpus = [r.text for r in reader if isinstance(r, Document)]
+    else:
+        store = open_store(settings)
+        try:
+            collection = active_manifest(store, args.collection or settings.collection).collection
+            corpus = [str(r.payload["text"]) for r in store.scroll(collection, None, ["text"])]
+        finally:
+            store.close()
+    source = resolve_model(
+        settings.embedder.model, cache_dir=settings.cache_dir, revision=settings.embedder.revision
+    )
+    model = load_st_embedder(source.path, settings)
+    model_id = model_identity(source, settings.cache_dir)
+    last_token = detect_embedder_family(source) == "last-token"
+    mining = MiningSettings(
+        num_negatives=args.negatives, range_min=args.range_min, range_max=args.range_max,
+        relative_margin=args.relative_margin, max_score=args.max_score,
+    )  # fmt: skip
+    mined = mine(
+        pairs, corpus, model, mining,
+        query_prompt=query_prompt(settings.embedder.instruction) if last_token else None,
+        cache_dir=settings.cache_dir, model_id=model_id,
+    )  # fmt: skip
+    out = Path(args.out)
+    write_mined(
+        mined, out,
+        provenance(mining, embedder=model_id, pairs=args.pairs, corpus=args.corpus or args.collection,
+                   corpus_size=len(corpus), pairs_in=len(pairs), pairs_out=len(mined)),
+    )  # fmt: skip
+    print(f"{len(mined)} of {len(pairs)} pairs with {args.negatives} negatives each -> {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="twostage", description="Two-stage retrieval for RAG chatbots.")
@@ -167,6 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--json", action="store_true", help="print the report as JSON")
     ingest.add_argument("--quiet", action="store_true", help="no progress output")
     ingest.set_defaults(handler=_ingest)
+
+    mine = commands.add_parser("mine", help="mine hard negatives for training pairs (sentence-transformers)")
+    mine.add_argument("--pairs", required=True, help="JSONL of {query, positive} (or ms-swift) records")
+    where = mine.add_mutually_exclusive_group()
+    where.add_argument("--corpus", help="corpus to mine from (JSONL or directory, as for ingest)")
+    where.add_argument("--collection", help="mine from a collection's stored chunks (default: the live one)")
+    mine.add_argument("--out", required=True, help="output JSONL; the settings go to OUT.settings.json")
+    mine.add_argument("--negatives", type=_positive_int, default=3, help="negatives per query")
+    mine.add_argument("--range-min", type=int, default=3, help="skip this many top-ranked candidates")
+    mine.add_argument(
+        "--range-max", type=_positive_int, default=50, help="consider candidates up to this rank"
+    )
+    mine.add_argument(
+        "--relative-margin", type=float, default=0.05, help="negative < positive x (1 - margin)"
+    )
+    mine.add_argument("--max-score", type=float, help="negatives must score below this")
+    mine.set_defaults(handler=_mine)
 
     serve = commands.add_parser("serve", help="serve /v1/search and the compatible endpoints (uvicorn)")
     serve.add_argument("--host", help="default TWOSTAGE_API__HOST (127.0.0.1)")

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import DATA, run_info
 from retrieval.chunker import Chunker
 from retrieval.collections import open_store
+from retrieval.devices import resolve_device
 from retrieval.documents import Document
 from retrieval.embedder import load_embedder
 from retrieval.ingest import ingest_corpus
@@ -81,7 +82,7 @@ def main() -> None:
         "pipeline_vs_embed_only": round(embed_only / elapsed, 3),
         "embed_busy_s": round(report.embed_s, 2),
         "peak_rss_mb": round(peak_rss_mb, 1),
-        **run_info(str(settings.device)),
+        **run_info(str(resolve_device(settings.device))),
     }
     print(json.dumps(result))
 

@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--large", type=int, default=100_000, help="size of the noisy-copies set")
     parser.add_argument("--sigma", type=float, default=0.01, help="noise per dimension of the copies")
-    parser.add_argument("--ef", type=int, nargs="*", default=[64, 128, 256], help="tuned hnsw_ef values")
+    parser.add_argument("--ef", type=int, nargs="*", default=[64, 128, 256, 512], help="tuned hnsw_ef values")
     parser.add_argument("--local-max", type=int, default=100_000, help="skip local mode above this size")
     args = parser.parse_args()
 

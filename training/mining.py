@@ -1,0 +1,109 @@
+"""Hard-negative mining with sentence-transformers' `mine_hard_negatives`.
+
+For each (query, positive), candidates are the corpus passages the current embedder ranks
+highest. Guards against false negatives (unlabelled passages that are in fact relevant):
+the top `range_min` ranks are skipped, and a candidate must score below the positive by a
+relative margin (`score < positive_score * (1 - relative_margin)`) and, optionally, below
+`max_score`. The corpus is a list of texts: a corpus file's documents, or the chunk texts
+stored in a collection for corpora that only live in the index. The embedding cache is
+per model identity, so a retrained model never reuses stale vectors.
+"""
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+
+from retrieval.errors import InputError
+from training.data import Pair
+
+
+@dataclass(frozen=True)
+class MiningSettings:
+    num_negatives: int = 3
+    range_min: int = 3
+    range_max: int = 50
+    relative_margin: float = 0.05
+    max_score: float | None = None
+    batch_size: int = 64
+
+
+def mine(
+    pairs: Sequence[Pair],
+    corpus: Sequence[str],
+    model: Any,
+    settings: MiningSettings,
+    *,
+    query_prompt: str | None = None,
+    cache_dir: Path | None = None,
+    model_id: str = "",
+) -> list[Pair]:
+    """`pairs` with `settings.num_negatives` mined negatives each (queries with too few are dropped).
+
+    `model` is a SentenceTransformer (see `training.st_model`); `query_prompt` is the text
+    put before queries (the Qwen3 instruction prompt), documents get none.
+    """
+    from sentence_transformers.util import mine_hard_negatives
+
+    if not pairs:
+        raise InputError("no pairs to mine negatives for")
+    if settings.range_max <= settings.range_min:
+        raise InputError("range_max must be larger than range_min")
+    full_corpus = list(dict.fromkeys([*corpus, *(p.positive for p in pairs)]))
+    dataset = Dataset.from_dict({"query": [p.query for p in pairs], "positive": [p.positive for p in pairs]})
+    mined = mine_hard_negatives(
+        dataset,
+        model,
+        anchor_column_name="query",
+        positive_column_name="positive",
+        corpus=full_corpus,
+        range_min=settings.range_min,
+        range_max=settings.range_max,
+        max_score=settings.max_score,
+        relative_margin=settings.relative_margin,
+        num_negatives=settings.num_negatives,
+        sampling_strategy="top",
+        query_prompt=query_prompt,
+        output_format="n-tuple",
+        batch_size=settings.batch_size,
+        verbose=False,
+        cache_folder=str(embedding_cache(cache_dir, model_id)) if cache_dir else None,
+    )
+    instruction = {p.query: p.instruction for p in pairs}
+    negative_columns = [c for c in mined.column_names if c.startswith("negative")]
+    return [
+        Pair(
+            row["query"],
+            row["positive"],
+            tuple(row[c] for c in negative_columns),
+            instruction.get(row["query"]),
+        )
+        for row in mined
+    ]
+
+
+def embedding_cache(cache_dir: Path, model_id: str) -> Path:
+    """One embedding cache folder per model identity (name@content-hash)."""
+    if not model_id:
+        raise InputError("an embedding cache needs the model identity")
+    safe = "".join(c if c.isalnum() or c in "-_.@" else "_" for c in model_id)
+    return cache_dir / "mining-embeddings" / safe
+
+
+def write_mined(pairs: Sequence[Pair], out: Path, provenance: dict[str, Any]) -> None:
+    """The mined dataset (JSONL, the pairs format) and, next to it, the settings that produced it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as handle:
+        for p in pairs:
+            record = {"query": p.query, "positive": p.positive, "negatives": list(p.negatives)}
+            if p.instruction:
+                record["instruction"] = p.instruction
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    out.with_suffix(".settings.json").write_text(json.dumps(provenance, indent=2, ensure_ascii=False))
+
+
+def provenance(settings: MiningSettings, **context: Any) -> dict[str, Any]:
+    return {"mining": asdict(settings), **context}

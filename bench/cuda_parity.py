@@ -49,6 +49,13 @@ def main() -> None:
         )
         reranker, embedder = load_reranker(settings), load_embedder(settings)
         scores = np.array(reranker.score(query, docs))
+        other_query = "a much longer second query about packaging Python libraries for Debian"
+        many = reranker.score_many(
+            [(query, docs, None), (other_query, docs[:9], "Find the package"), ("q", [], None)]
+        )
+        other_ref = recipe_rerank(
+            ref_model, ref_tok, [(other_query, d) for d in docs[:9]], "Find the package"
+        )
         vecs = embedder.embed_queries(docs)
         model = reranker.model  # type: ignore[attr-defined]
         out[dtype] = {
@@ -57,6 +64,12 @@ def main() -> None:
             "rerank_max_abs_diff_vs_cpu_fp32_recipe": float(np.abs(scores - ref_scores).max()),
             "rerank_max_abs_diff_vs_cuda_fp32_recipe": float(np.abs(scores - np.array(cuda_ref)).max()),
             "rerank_same_order": bool((np.argsort(-scores) == np.argsort(-ref_scores)).all()),
+            "score_many_max_abs_diff_vs_fp32_recipe": float(
+                max(
+                    np.abs(np.array(many[0]) - ref_scores).max(),
+                    np.abs(np.array(many[1]) - np.array(other_ref)).max(),
+                )
+            ),
             "embed_max_abs_diff_vs_cpu_fp32_recipe": float(np.abs(vecs - ref_vecs).max()),
         }
     print(json.dumps({**out, **run_info("cuda" if torch.cuda.is_available() else "cpu")}))

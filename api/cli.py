@@ -180,6 +180,63 @@ def _mine(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_embedder(args: argparse.Namespace) -> int:
+    """Fine-tune the configured embedder on pairs (LoRA by default) and write the merged model."""
+    import json
+
+    from retrieval.devices import resolve_device
+    from retrieval.embedder import detect_embedder_family
+    from retrieval.model_source import resolve_model
+    from retrieval.settings import Settings
+    from training.data import Pair, load_examples, mix_general, split_by_query
+    from training.embedder_training import EmbedderTrainSettings, train_embedder
+    from training.st_model import load_st_embedder
+
+    settings = Settings()
+    train_set = load_examples(Path(args.train))
+    for bad in train_set.bad:
+        print(f"twostage: skipped {bad}", file=sys.stderr)
+    pairs = [e for e in train_set.examples if isinstance(e, Pair)]
+    if args.dev:
+        dev = [e for e in load_examples(Path(args.dev)).examples if isinstance(e, Pair)]
+    else:
+        pairs, dev = split_by_query(pairs, args.dev_fraction)  # type: ignore[assignment]
+    if args.general:
+        general = [e for e in load_examples(Path(args.general)).examples if isinstance(e, Pair)]
+        domain_part, general_part = (int(x) for x in args.general_ratio.split(":"))
+        pairs = mix_general(pairs, general, (domain_part, general_part))  # type: ignore[assignment]
+    if not pairs or not dev:
+        raise InputError(f"need training and dev pairs (have {len(pairs)} and {len(dev)})")
+    source = resolve_model(
+        settings.embedder.model, cache_dir=settings.cache_dir, revision=settings.embedder.revision
+    )
+    model = load_st_embedder(source.path, settings, device=str(resolve_device(settings.device)))
+    last_token = detect_embedder_family(source) == "last-token"
+    options = EmbedderTrainSettings(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, lora=not args.full,
+        lora_rank=args.lora_rank, matryoshka_dims=args.matryoshka or [], eval_steps=args.eval_steps,
+        early_stopping_patience=args.patience, gradient_checkpointing=args.gradient_checkpointing,
+    )  # fmt: skip
+    out = Path(args.out)
+    report = train_embedder(
+        model,
+        pairs,
+        dev,
+        out,
+        options,
+        app=settings,
+        task=settings.embedder.instruction if last_token else None,
+    )
+    report.update({"base_model": settings.embedder.model, "train_pairs": len(pairs), "dev_pairs": len(dev)})
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    metric = report["primary_metric"]
+    print(
+        f"{metric}: base {report['base'][metric]:.4f} -> best {report['best'][metric]:.4f} "
+        f"(merged, reloaded: {report['merged'][metric]:.4f}); model: {report['model_dir']}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="twostage", description="Two-stage retrieval for RAG chatbots.")
@@ -236,6 +293,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mine.add_argument("--max-score", type=float, help="negatives must score below this")
     mine.set_defaults(handler=_mine)
+
+    train = commands.add_parser("train", help="fine-tune the embedder (reranker: next)")
+    train_commands = train.add_subparsers(dest="train_command", required=True, metavar="MODEL")
+    embedder = train_commands.add_parser(
+        "embedder", help="LoRA (or full) fine-tuning with MNRL + mined negatives"
+    )
+    embedder.add_argument("--train", required=True, help="JSONL pairs/triplets (e.g. from twostage mine)")
+    embedder.add_argument("--dev", help="held-out pairs (default: a query-level split of --train)")
+    embedder.add_argument("--dev-fraction", type=float, default=0.1)
+    embedder.add_argument("--general", help="general-domain pairs mixed in to limit forgetting")
+    embedder.add_argument("--general-ratio", default="7:3", help="domain:general")
+    embedder.add_argument("--out", required=True, help="run directory (checkpoints, merged model, report)")
+    embedder.add_argument("--epochs", type=float, default=1.0)
+    embedder.add_argument("--batch-size", type=_positive_int, default=32)
+    embedder.add_argument("--lr", type=float, default=1e-4)
+    embedder.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    embedder.add_argument("--lora-rank", type=_positive_int, default=16)
+    embedder.add_argument("--matryoshka", type=int, nargs="*", help="MatryoshkaLoss over these dims")
+    embedder.add_argument("--eval-steps", type=_positive_int, default=50)
+    embedder.add_argument("--patience", type=_positive_int, default=3, help="early stopping, in evaluations")
+    embedder.add_argument("--gradient-checkpointing", action="store_true")
+    embedder.set_defaults(handler=_train_embedder)
 
     serve = commands.add_parser("serve", help="serve /v1/search and the compatible endpoints (uvicorn)")
     serve.add_argument("--host", help="default TWOSTAGE_API__HOST (127.0.0.1)")

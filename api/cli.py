@@ -196,7 +196,10 @@ def _train_embedder(args: argparse.Namespace) -> int:
     train_set = load_examples(Path(args.train))
     for bad in train_set.bad:
         print(f"twostage: skipped {bad}", file=sys.stderr)
-    pairs = [e for e in train_set.examples if isinstance(e, Pair)]
+    all_pairs = [e for e in train_set.examples if isinstance(e, Pair)]
+    pairs = list(dict.fromkeys(all_pairs))
+    if len(pairs) < len(all_pairs):
+        print(f"twostage: dropped {len(all_pairs) - len(pairs)} duplicate pairs", file=sys.stderr)
     if args.dev:
         dev = [e for e in load_examples(Path(args.dev)).examples if isinstance(e, Pair)]
     else:

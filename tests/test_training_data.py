@@ -101,3 +101,35 @@ def test_sentence_transformer_view_embeds_like_the_inference_embedder(tiny_setti
     np.testing.assert_allclose(
         st.encode(docs, convert_to_numpy=True), inference.embed_documents(docs), atol=1e-5
     )
+
+
+def test_training_refuses_tiny_datasets_before_starting(tmp_path: Path, tiny_models, model_cache) -> None:
+    import os
+    import subprocess
+    import sys
+
+    train = write(tmp_path / "t.jsonl", [{"query": f"q{i}", "positive": f"p{i}"} for i in range(5)])
+    env = {**os.environ, "TWOSTAGE_EMBEDDER__MODEL": str(tiny_models.embedder), "TWOSTAGE_CACHE_DIR": str(model_cache),
+           "TWOSTAGE_DEVICE": "cpu"}  # fmt: skip
+    command = [sys.executable, "-m", "api.cli", "train", "embedder", "--train", str(train), "--dev", str(train),
+               "--out", str(tmp_path / "run"), "--batch-size", "32"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "twostage: error: 5 training pairs is fewer than one batch of 32" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_beir_folder_with_flat_qrels(tmp_path: Path) -> None:
+    from training.evaluation import load_beir
+
+    write(
+        tmp_path / "corpus.jsonl", [{"_id": "d1", "title": "T", "text": "one"}, {"_id": "d2", "text": "two"}]
+    )
+    write(tmp_path / "queries.jsonl", [{"_id": "q1", "text": "first"}, {"_id": "q9", "text": "unjudged"}])
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\n")
+    data = load_beir(tmp_path)
+    assert (
+        data.queries == {"q1": "first"} and data.qrels == {"q1": {"d2": 1}} and data.corpus["d1"] == "T\none"
+    )
+    with pytest.raises(InputError, match=r"neither qrels\.tsv"):
+        load_beir(tmp_path / "missing")

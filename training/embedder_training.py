@@ -107,6 +107,13 @@ def train_embedder(
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
     from transformers import EarlyStoppingCallback
 
+    if len(train) < settings.batch_size:
+        raise InputError(
+            f"{len(train)} training pairs is fewer than one batch of {settings.batch_size}: "
+            "add pairs or lower --batch-size (in-batch negatives need a full batch)"
+        )
+    if not dev:
+        raise InputError("no dev pairs to evaluate on")
     prompt = query_prompt(task) if task is not None else None
     evaluator = ir_evaluator(dev, prompt)
     before = evaluator(model)

@@ -44,14 +44,19 @@ def from_pairs(dev: Sequence[Pair], distractors: Sequence[str] = ()) -> EvalSet:
 
 
 def load_beir(folder: Path, split: str = "test") -> EvalSet:
-    """A BEIR-style folder: corpus.jsonl, queries.jsonl, qrels/{split}.tsv."""
+    """A BEIR-style folder: corpus.jsonl, queries.jsonl, and qrels.tsv or qrels/{split}.tsv."""
 
     def rows(name: str) -> list[dict[str, Any]]:
         with (folder / name).open(encoding="utf-8") as handle:
             return [json.loads(line) for line in handle if line.strip()]
 
     qrels: dict[str, dict[str, int]] = {}
-    with (folder / "qrels" / f"{split}.tsv").open(encoding="utf-8") as handle:
+    qrels_file = (
+        folder / "qrels.tsv" if (folder / "qrels.tsv").exists() else folder / "qrels" / f"{split}.tsv"
+    )
+    if not qrels_file.exists():
+        raise InputError(f"{folder} has neither qrels.tsv nor qrels/{split}.tsv")
+    with qrels_file.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             parts = line.rstrip("\n").split("\t")
             if line_no == 1 and not parts[-1].lstrip("-").isdigit():

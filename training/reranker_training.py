@@ -144,7 +144,12 @@ def train_reranker(
     reranker = YesNoReranker(
         model, tokenizer, model_id="training", max_length=max_length, instruction=instruction
     )
-    train_rows, dev_rows = judgements(train), judgements(dev)
+    train_rows, dev_rows = list(dict.fromkeys(judgements(train))), list(dict.fromkeys(judgements(dev)))
+    if len(train_rows) < settings.batch_size or not dev_rows:
+        raise InputError(
+            f"{len(train_rows)} training and {len(dev_rows)} dev judgements: need at least one batch "
+            f"({settings.batch_size}) to train and one to evaluate"
+        )
     positives = sum(r.label for r in train_rows)
     if not positives or positives == len(train_rows):
         raise InputError(

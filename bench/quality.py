@@ -1,0 +1,139 @@
+"""Retrieval quality on debian-ir with models really trained here: base vs fine-tuned.
+
+Systems, all evaluated on dev queries with the corpus as distractors (see the data README):
+  base-dense            all-MiniLM-L6-v2 as shipped
+  finetuned-dense       MiniLM fine-tuned on train pairs with mined hard negatives (MNRL)
+  finetuned-two-stage   that embedder's top-K reranked by SmolLM2-135M-Instruct fine-tuned
+                        with the Qwen3 yes/no objective (LoRA)
+SmolLM2 is the reranker because it is the one real causal LM with single-token yes/no
+installable here, so the Qwen3-Reranker method runs on it unchanged.
+Everything is subsampled to fit the 2-core CPU (sizes are flags and appear in the JSON).
+Last line: one JSON object with, per system, ndcg@10, mrr@10, recall@10, recall@100, wall_s.
+
+    python bench/quality.py                         # defaults sized for ~2 h on 2 cores
+    python bench/quality.py --train-pairs 64 --rerank-pairs 16 --dev 20 --distractors 500   # smoke
+"""
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import DATA, read_jsonl, run_info
+from retrieval.embedder import load_embedder
+from retrieval.model_source import resolve_model
+from retrieval.reranker import load_reranker
+from retrieval.settings import Settings
+from training.data import Pair
+from training.embedder_training import EmbedderTrainSettings, train_embedder
+from training.evaluation import evaluate, from_pairs
+from training.mining import MiningSettings, mine
+from training.reranker_training import RerankerTrainSettings, train_reranker
+from training.st_model import load_st_embedder
+
+EMBEDDER = "pypi:all-MiniLM-L6-v2"
+RERANKER = "pypi:SmolLM2-135M-Instruct"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-pairs", type=int, default=1920, help="embedder training pairs")
+    parser.add_argument(
+        "--rerank-pairs", type=int, default=400, help="reranker training pairs (x 2 judgements)"
+    )
+    parser.add_argument("--dev", type=int, default=200, help="dev queries evaluated")
+    parser.add_argument(
+        "--distractors", type=int, default=20000, help="corpus documents added as distractors"
+    )
+    parser.add_argument("--top-k", type=int, default=20, help="dense candidates the reranker sees")
+    parser.add_argument("--cache-dir", default=".twostage/cache")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    rng = random.Random(args.seed)
+    train_rows = read_jsonl(DATA / "train.jsonl")
+    rng.shuffle(train_rows)
+    dev_rows = read_jsonl(DATA / "dev.jsonl")[: args.dev]
+    distractors = [r["text"] for r in read_jsonl(DATA / "corpus.jsonl", args.distractors)]
+    data = from_pairs([Pair(r["query"], r["positive"]) for r in dev_rows], distractors)
+    cache = Path(args.cache_dir)
+    settings = Settings(
+        embedder={"model": EMBEDDER}, reranker={"model": RERANKER, "max_length": 1024}, cache_dir=cache
+    )
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+
+    def timed(name: str, fn: Any) -> None:
+        t = time.perf_counter()
+        metrics = fn()
+        results[name] = {
+            "ndcg@10": round(metrics["nDCG@10"], 4), "mrr@10": round(metrics["RR@10"], 4),
+            "recall@10": round(metrics["R@10"], 4), "recall@100": round(metrics["R@100"], 4),
+            "wall_s": round(time.perf_counter() - t, 1),
+        }  # fmt: skip
+        print(json.dumps({name: results[name]}), file=sys.stderr)
+
+    timed("base-dense", lambda: evaluate(data, load_embedder(settings), None)["dense"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp)
+        t = time.perf_counter()
+        pairs = [Pair(r["query"], r["positive"]) for r in train_rows[: args.train_pairs]]
+        held = [
+            Pair(r["query"], r["positive"]) for r in train_rows[-100:]
+        ]  # trainer's own dev, not the bench's
+        st = load_st_embedder(resolve_model(EMBEDDER, cache_dir=cache).path, settings)
+        corpus = [r["positive"] for r in train_rows[: args.train_pairs + args.rerank_pairs]]
+        mined = mine(pairs, corpus, st, MiningSettings(num_negatives=1, range_min=1))
+        embed_report = train_embedder(
+            st, mined, held, run / "emb",
+            EmbedderTrainSettings(epochs=1, batch_size=32, learning_rate=2e-5, lora=False, eval_steps=20),
+            app=settings, task=None,
+        )  # fmt: skip
+        train_embed_s = time.perf_counter() - t
+        tuned = settings.model_copy(deep=True)
+        tuned.embedder.model = embed_report["model_dir"]
+        timed("finetuned-dense", lambda: evaluate(data, load_embedder(tuned), None)["dense"])
+
+        t = time.perf_counter()
+        rr_pairs = [
+            Pair(r["query"], r["positive"])
+            for r in train_rows[args.train_pairs : args.train_pairs + args.rerank_pairs]
+        ]
+        rr_mined = mine(rr_pairs, corpus, st, MiningSettings(num_negatives=1, range_min=1))
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = resolve_model(RERANKER, cache_dir=cache).path
+        rr_report = train_reranker(
+            AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source),
+            list(rr_mined), list(mine(held[:40], corpus, st, MiningSettings(num_negatives=1, range_min=1))),
+            run / "rr", RerankerTrainSettings(epochs=1, batch_size=8, learning_rate=2e-4, eval_steps=25),
+            instruction=settings.reranker.instruction, max_length=512,
+        )  # fmt: skip
+        train_rerank_s = time.perf_counter() - t
+        tuned.reranker.model = rr_report["model_dir"]
+        timed(
+            "finetuned-two-stage",
+            lambda: evaluate(data, load_embedder(tuned), load_reranker(tuned), top_k=args.top_k)["two-stage"],
+        )
+
+    base_ndcg = results["base-dense"]["ndcg@10"]
+    print(json.dumps({
+        "bench": "quality", "embedder": EMBEDDER, "reranker": RERANKER, "results": results,
+        "finetuned_dense_vs_base_relative": round(results["finetuned-dense"]["ndcg@10"] / base_ndcg - 1, 4),
+        "sizes": {"train_pairs": len(mined), "rerank_pairs": len(rr_mined), "dev_queries": len(data.queries),
+                  "corpus": len(data.corpus), "top_k": args.top_k},
+        "train_s": {"embedder": round(train_embed_s, 1), "reranker": round(train_rerank_s, 1)},
+        "reranker_dev_loss": {"base": rr_report["base_dev_loss"], "best": rr_report["best_dev_loss"]},
+        "wall_s": round(time.perf_counter() - started, 1), **run_info("cpu"),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

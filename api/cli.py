@@ -9,8 +9,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from retrieval.errors import InputError, TwostageError
+
+if TYPE_CHECKING:
+    from training.data import Example
 
 
 def _positive_int(value: str) -> int:
@@ -128,6 +132,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _examples(path: str) -> "list[Example]":
+    """Training examples of a JSONL file; unusable lines are reported (file:line) and skipped."""
+    from training.data import load_examples
+
+    loaded = load_examples(Path(path))
+    for bad in loaded.bad:
+        print(f"twostage: skipped {bad}", file=sys.stderr)
+    return loaded.examples
+
+
 def _mine(args: argparse.Namespace) -> int:
     """Mine hard negatives for training pairs against a corpus file or a collection's chunks."""
     from retrieval.collections import active_manifest, open_store
@@ -136,15 +150,12 @@ def _mine(args: argparse.Namespace) -> int:
     from retrieval.model_source import model_identity, resolve_model
     from retrieval.readers import CorpusReader
     from retrieval.settings import Settings
-    from training.data import Pair, load_examples
+    from training.data import Pair
     from training.mining import MiningSettings, mine, provenance, write_mined
     from training.st_model import load_st_embedder, query_prompt
 
     settings = Settings()
-    loaded = load_examples(Path(args.pairs))
-    for bad in loaded.bad:
-        print(f"twostage: skipped {bad}", file=sys.stderr)
-    pairs = [e for e in loaded.examples if isinstance(e, Pair)]
+    pairs = [e for e in _examples(args.pairs) if isinstance(e, Pair)]
     if args.corpus:
         reader = CorpusReader(args.corpus, settings.ingest.max_document_chars)
         corpus = [r.text for r in reader if isinstance(r, Document)]
@@ -188,24 +199,21 @@ def _train_embedder(args: argparse.Namespace) -> int:
     from retrieval.embedder import detect_embedder_family
     from retrieval.model_source import resolve_model
     from retrieval.settings import Settings
-    from training.data import Pair, load_examples, mix_general, split_by_query
+    from training.data import Pair, mix_general, split_by_query
     from training.embedder_training import EmbedderTrainSettings, train_embedder
     from training.st_model import load_st_embedder
 
     settings = Settings()
-    train_set = load_examples(Path(args.train))
-    for bad in train_set.bad:
-        print(f"twostage: skipped {bad}", file=sys.stderr)
-    all_pairs = [e for e in train_set.examples if isinstance(e, Pair)]
+    all_pairs = [e for e in _examples(args.train) if isinstance(e, Pair)]
     pairs = list(dict.fromkeys(all_pairs))
     if len(pairs) < len(all_pairs):
         print(f"twostage: dropped {len(all_pairs) - len(pairs)} duplicate pairs", file=sys.stderr)
     if args.dev:
-        dev = [e for e in load_examples(Path(args.dev)).examples if isinstance(e, Pair)]
+        dev = [e for e in _examples(args.dev) if isinstance(e, Pair)]
     else:
         pairs, dev = split_by_query(pairs, args.dev_fraction)  # type: ignore[assignment]
     if args.general:
-        general = [e for e in load_examples(Path(args.general)).examples if isinstance(e, Pair)]
+        general = [e for e in _examples(args.general) if isinstance(e, Pair)]
         domain_part, general_part = (int(x) for x in args.general_ratio.split(":"))
         pairs = mix_general(pairs, general, (domain_part, general_part))  # type: ignore[assignment]
     if not pairs or not dev:
@@ -249,17 +257,15 @@ def _train_reranker(args: argparse.Namespace) -> int:
     from retrieval.devices import resolve_device
     from retrieval.model_source import resolve_model
     from retrieval.settings import Settings
-    from training.data import load_examples, split_by_query
+    from training.data import split_by_query
     from training.reranker_training import RerankerTrainSettings, train_reranker
 
     settings = Settings()
-    loaded = load_examples(Path(args.train))
-    for bad in loaded.bad:
-        print(f"twostage: skipped {bad}", file=sys.stderr)
+    examples = _examples(args.train)
     if args.dev:
-        train, dev = loaded.examples, load_examples(Path(args.dev)).examples
+        train, dev = examples, _examples(args.dev)
     else:
-        train, dev = split_by_query(loaded.examples, args.dev_fraction)
+        train, dev = split_by_query(examples, args.dev_fraction)
     if not train or not dev:
         raise InputError(f"need training and dev examples (have {len(train)} and {len(dev)})")
     cfg = settings.reranker
@@ -291,14 +297,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     from retrieval.readers import CorpusReader
     from retrieval.reranker import load_reranker
     from retrieval.settings import Settings
-    from training.data import Pair, load_examples
+    from training.data import Pair
     from training.evaluation import evaluate, from_pairs, load_beir, table, write_report
 
     settings = Settings()
     if args.beir:
         data = load_beir(Path(args.beir), args.split)
     else:
-        pairs = [e for e in load_examples(Path(args.pairs)).examples if isinstance(e, Pair)]
+        pairs = [e for e in _examples(args.pairs) if isinstance(e, Pair)]
         distractors: list[str] = []
         if args.distractors:
             reader = CorpusReader(args.distractors, settings.ingest.max_document_chars)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer
 
@@ -22,6 +21,7 @@ from retrieval.errors import InputError
 from retrieval.settings import Settings
 from training.data import Pair
 from training.lora import merge_lora
+from training.runs import run_arguments
 from training.st_model import load_st_embedder, query_prompt
 
 # Qwen3's linear projections; other architectures use peft's "all-linear".
@@ -137,29 +137,14 @@ def train_embedder(
         loss = MultipleNegativesRankingLoss(model)
     if settings.matryoshka_dims:
         loss = MatryoshkaLoss(model, loss, matryoshka_dims=settings.matryoshka_dims)
-    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
-        warmup_steps=0.1,  # a fraction of the steps (transformers v5)
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         prompts={"anchor": prompt} if prompt else None,
-        eval_strategy="steps",
-        eval_steps=settings.eval_steps,
-        save_strategy="steps",
-        save_steps=settings.eval_steps,
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model=metric,
-        greater_is_better=True,
-        logging_steps=max(1, settings.eval_steps // 5),
-        bf16=bf16,
         gradient_checkpointing=settings.gradient_checkpointing,
-        report_to="none",
-        seed=settings.seed,
-        use_cpu=not torch.cuda.is_available(),
+        **run_arguments(out_dir, settings.eval_steps, metric, greater_is_better=True, seed=settings.seed),
     )
     trainer = SentenceTransformerTrainer(
         model=model,

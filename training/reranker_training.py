@@ -22,6 +22,7 @@ from retrieval.errors import InputError
 from retrieval.yes_no_reranker import YesNoReranker
 from training.data import Example, Graded, Pair
 from training.embedder_training import QWEN3_LINEAR
+from training.runs import run_arguments
 
 
 @dataclass
@@ -158,26 +159,14 @@ def train_reranker(
     pos_weight = (len(train_rows) - positives) / positives
     trainable = prepare(model, settings)
     args = TrainingArguments(
-        output_dir=str(out_dir / "checkpoints"),
         num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
-        warmup_steps=0.1,  # a fraction of the steps (transformers v5)
-        eval_strategy="steps",
-        eval_steps=settings.eval_steps,
-        save_strategy="steps",
-        save_steps=settings.eval_steps,
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_steps=max(1, settings.eval_steps // 5),
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        report_to="none",
         remove_unused_columns=False,
-        seed=settings.seed,
-        use_cpu=not torch.cuda.is_available(),
+        **run_arguments(
+            out_dir, settings.eval_steps, "eval_loss", greater_is_better=False, seed=settings.seed
+        ),
     )
     trainer = YesNoTrainer(
         model=trainable,

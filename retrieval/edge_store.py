@@ -267,10 +267,6 @@ class EdgeStore:
             shard.optimize()
             shard.flush()
 
-    def flush(self, collection: str) -> None:
-        with self._mutex:
-            self._shard(collection).flush()
-
     def _close_one(self, collection: str) -> None:
         entry = self._shards.pop(collection, None)
         if entry is not None:

@@ -17,7 +17,7 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,7 +196,3 @@ def mix_general(
     mixed = list(domain) + rng.sample(list(general), min(want, len(general)))
     rng.shuffle(mixed)
     return mixed
-
-
-def iter_pairs(examples: Sequence[Example]) -> Iterator[Pair]:
-    return (e for e in examples if isinstance(e, Pair))

@@ -31,19 +31,19 @@ def _texts(documents: list[str | dict[str, Any]]) -> list[str]:
 
 async def _rerank(service: Service, body: RerankRequest) -> tuple[list[dict[str, Any]], int]:
     """Results best first (cut to top_n, with documents if asked) and the Qwen3 tokens scored."""
-    documents = _texts(body.documents)
+    originals = _texts(body.documents)
+    ids = service.tokens.encode_batch(originals)  # tokenised once: for clipping and for usage
+    documents = originals
     if body.max_tokens_per_doc is not None:
-        documents = [
-            service.tokens.decode(service.tokens.encode(d)[: body.max_tokens_per_doc]) for d in documents
-        ]
+        ids = [d[: body.max_tokens_per_doc] for d in ids]
+        documents = [service.tokens.decode(d) for d in ids]
     scores = await service.score(body.query, documents, body.instruction)
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: body.top_n]
     results: list[dict[str, Any]] = [{"index": i, "relevance_score": scores[i]} for i in order]
     if body.return_documents:
-        originals = _texts(body.documents)
         for r in results:
             r["document"] = {"text": originals[r["index"]]}
-    used = service.tokens.count(body.query) * len(documents) + sum(service.tokens.count(d) for d in documents)
+    used = service.tokens.count(body.query) * len(documents) + sum(len(d) for d in ids)
     return results, used
 
 

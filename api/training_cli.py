@@ -1,0 +1,301 @@
+"""`twostage mine`, `twostage train embedder|reranker` and `twostage evaluate`.
+
+Kept apart from `api/cli.py` (serving and ingestion) so each file reads as one job; the
+handlers build what they need themselves, like every command.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retrieval.errors import InputError
+
+if TYPE_CHECKING:
+    from training.data import Example
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _examples(path: str) -> "list[Example]":
+    """Training examples of a JSONL file; unusable lines are reported (file:line) and skipped."""
+    from training.data import load_examples
+
+    loaded = load_examples(Path(path))
+    for bad in loaded.bad:
+        print(f"twostage: skipped {bad}", file=sys.stderr)
+    return loaded.examples
+
+
+def _mine(args: argparse.Namespace) -> int:
+    """Mine hard negatives for training pairs against a corpus file or a collection's chunks."""
+    from retrieval.collections import active_manifest, open_store
+    from retrieval.documents import Document
+    from retrieval.embedder import detect_embedder_family
+    from retrieval.model_source import model_identity, resolve_model
+    from retrieval.readers import CorpusReader
+    from retrieval.settings import Settings
+    from training.data import Pair
+    from training.mining import MiningSettings, mine, provenance, write_mined
+    from training.st_model import load_st_embedder, query_prompt
+
+    settings = Settings()
+    pairs = [e for e in _examples(args.pairs) if isinstance(e, Pair)]
+    if args.corpus:
+        reader = CorpusReader(args.corpus, settings.ingest.max_document_chars)
+        corpus = [r.text for r in reader if isinstance(r, Document)]
+    else:
+        store = open_store(settings)
+        try:
+            collection = active_manifest(store, args.collection or settings.collection).collection
+            corpus = [str(r.payload["text"]) for r in store.scroll(collection, None, ["text"])]
+        finally:
+            store.close()
+    source = resolve_model(
+        settings.embedder.model, cache_dir=settings.cache_dir, revision=settings.embedder.revision
+    )
+    model = load_st_embedder(source.path, settings)
+    model_id = model_identity(source, settings.cache_dir)
+    last_token = detect_embedder_family(source) == "last-token"
+    mining = MiningSettings(
+        num_negatives=args.negatives, range_min=args.range_min, range_max=args.range_max,
+        relative_margin=args.relative_margin, max_score=args.max_score,
+    )  # fmt: skip
+    mined = mine(
+        pairs, corpus, model, mining,
+        query_prompt=query_prompt(settings.embedder.instruction) if last_token else None,
+        cache_dir=settings.cache_dir, model_id=model_id,
+    )  # fmt: skip
+    out = Path(args.out)
+    write_mined(
+        mined, out,
+        provenance(mining, embedder=model_id, pairs=args.pairs, corpus=args.corpus or args.collection,
+                   corpus_size=len(corpus), pairs_in=len(pairs), pairs_out=len(mined)),
+    )  # fmt: skip
+    print(f"{len(mined)} of {len(pairs)} pairs with {args.negatives} negatives each -> {out}")
+    return 0
+
+
+def _train_embedder(args: argparse.Namespace) -> int:
+    """Fine-tune the configured embedder on pairs (LoRA by default) and write the merged model."""
+    import json
+
+    from retrieval.devices import resolve_device
+    from retrieval.embedder import detect_embedder_family
+    from retrieval.model_source import resolve_model
+    from retrieval.settings import Settings
+    from training.data import Pair, mix_general, split_by_query
+    from training.embedder_training import EmbedderTrainSettings, train_embedder
+    from training.st_model import load_st_embedder
+
+    settings = Settings()
+    all_pairs = [e for e in _examples(args.train) if isinstance(e, Pair)]
+    pairs = list(dict.fromkeys(all_pairs))
+    if len(pairs) < len(all_pairs):
+        print(f"twostage: dropped {len(all_pairs) - len(pairs)} duplicate pairs", file=sys.stderr)
+    if args.dev:
+        dev = [e for e in _examples(args.dev) if isinstance(e, Pair)]
+    else:
+        pairs, dev = split_by_query(pairs, args.dev_fraction)  # type: ignore[assignment]
+    if args.general:
+        general = [e for e in _examples(args.general) if isinstance(e, Pair)]
+        domain_part, general_part = (int(x) for x in args.general_ratio.split(":"))
+        pairs = mix_general(pairs, general, (domain_part, general_part))  # type: ignore[assignment]
+    if not pairs or not dev:
+        raise InputError(f"need training and dev pairs (have {len(pairs)} and {len(dev)})")
+    source = resolve_model(
+        settings.embedder.model, cache_dir=settings.cache_dir, revision=settings.embedder.revision
+    )
+    model = load_st_embedder(source.path, settings, device=str(resolve_device(settings.device)))
+    last_token = detect_embedder_family(source) == "last-token"
+    options = EmbedderTrainSettings(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, lora=not args.full,
+        lora_rank=args.lora_rank, matryoshka_dims=args.matryoshka or [], eval_steps=args.eval_steps,
+        early_stopping_patience=args.patience, gradient_checkpointing=args.gradient_checkpointing,
+    )  # fmt: skip
+    out = Path(args.out)
+    report = train_embedder(
+        model,
+        pairs,
+        dev,
+        out,
+        options,
+        app=settings,
+        task=settings.embedder.instruction if last_token else None,
+    )
+    report.update({"base_model": settings.embedder.model, "train_pairs": len(pairs), "dev_pairs": len(dev)})
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    metric = report["primary_metric"]
+    print(
+        f"{metric}: base {report['base'][metric]:.4f} -> best {report['best'][metric]:.4f} "
+        f"(merged, reloaded: {report['merged'][metric]:.4f}); model: {report['model_dir']}"
+    )
+    return 0
+
+
+def _train_reranker(args: argparse.Namespace) -> int:
+    """Fine-tune the configured yes/no reranker with the Qwen3 objective and write the merged model."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from retrieval.devices import resolve_device
+    from retrieval.model_source import resolve_model
+    from retrieval.settings import Settings
+    from training.data import split_by_query
+    from training.reranker_training import RerankerTrainSettings, train_reranker
+
+    settings = Settings()
+    examples = _examples(args.train)
+    if args.dev:
+        train, dev = examples, _examples(args.dev)
+    else:
+        train, dev = split_by_query(examples, args.dev_fraction)
+    if not train or not dev:
+        raise InputError(f"need training and dev examples (have {len(train)} and {len(dev)})")
+    cfg = settings.reranker
+    source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
+    model = AutoModelForCausalLM.from_pretrained(source.path).to(resolve_device(settings.device))  # type: ignore[arg-type]
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    options = RerankerTrainSettings(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, mode=args.mode,
+        last_layers=args.last_layers, lora_rank=args.lora_rank, eval_steps=args.eval_steps,
+        early_stopping_patience=args.patience,
+    )  # fmt: skip
+    out = Path(args.out)
+    report = train_reranker(
+        model, tokenizer, train, dev, out, options, instruction=cfg.instruction, max_length=args.max_length
+    )
+    report["base_model"] = cfg.model
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(
+        f"dev loss: base {report['base_dev_loss']:.4f} -> best {report['best_dev_loss']:.4f}; "
+        f"model: {report['model_dir']}"
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """Dense and two-stage metrics for the configured models and an optional candidate pair."""
+    from retrieval.documents import Document
+    from retrieval.embedder import load_embedder
+    from retrieval.readers import CorpusReader
+    from retrieval.reranker import load_reranker
+    from retrieval.settings import Settings
+    from training.data import Pair
+    from training.evaluation import evaluate, from_pairs, load_beir, table, write_report
+
+    settings = Settings()
+    if args.beir:
+        data = load_beir(Path(args.beir), args.split)
+    else:
+        pairs = [e for e in _examples(args.pairs) if isinstance(e, Pair)]
+        distractors: list[str] = []
+        if args.distractors:
+            reader = CorpusReader(args.distractors, settings.ingest.max_document_chars)
+            distractors = [r.text for r in reader if isinstance(r, Document)][: args.max_distractors]
+        data = from_pairs(pairs, distractors)
+    systems = {"base": settings}
+    if args.candidate_embedder or args.candidate_reranker:
+        candidate = settings.model_copy(deep=True)
+        candidate.embedder.model = args.candidate_embedder or settings.embedder.model
+        candidate.reranker.model = args.candidate_reranker or settings.reranker.model
+        systems["candidate"] = candidate
+    results = {}
+    for name, system in systems.items():
+        results[name] = evaluate(
+            data, load_embedder(system), None if args.dense_only else load_reranker(system), top_k=args.top_k
+        )
+    models = {n: {"embedder": s.embedder.model, "reranker": s.reranker.model} for n, s in systems.items()}
+    context = {
+        "systems": models,
+        "queries": len(data.queries),
+        "corpus": len(data.corpus),
+        "top_k": args.top_k,
+    }
+    chart = write_report(results, Path(args.out), context)
+    print(table(results))
+    print(f"report: {Path(args.out) / 'report.json'}, chart: {chart}")
+    return 0
+
+
+def add_training_commands(commands: Any) -> None:
+    """Register mine / train / evaluate on the CLI's subcommand set."""
+    mine = commands.add_parser("mine", help="mine hard negatives for training pairs (sentence-transformers)")
+    mine.add_argument("--pairs", required=True, help="JSONL of {query, positive} (or ms-swift) records")
+    where = mine.add_mutually_exclusive_group()
+    where.add_argument("--corpus", help="corpus to mine from (JSONL or directory, as for ingest)")
+    where.add_argument("--collection", help="mine from a collection's stored chunks (default: the live one)")
+    mine.add_argument("--out", required=True, help="output JSONL; the settings go to OUT.settings.json")
+    mine.add_argument("--negatives", type=positive_int, default=3, help="negatives per query")
+    mine.add_argument("--range-min", type=int, default=3, help="skip this many top-ranked candidates")
+    mine.add_argument(
+        "--range-max", type=positive_int, default=50, help="consider candidates up to this rank"
+    )
+    mine.add_argument(
+        "--relative-margin", type=float, default=0.05, help="negative < positive x (1 - margin)"
+    )
+    mine.add_argument("--max-score", type=float, help="negatives must score below this")
+    mine.set_defaults(handler=_mine)
+
+    train = commands.add_parser("train", help="fine-tune the embedder or the reranker")
+    train_commands = train.add_subparsers(dest="train_command", required=True, metavar="MODEL")
+    embedder = train_commands.add_parser(
+        "embedder", help="LoRA (or full) fine-tuning with MNRL + mined negatives"
+    )
+    embedder.add_argument("--train", required=True, help="JSONL pairs/triplets (e.g. from twostage mine)")
+    embedder.add_argument("--dev", help="held-out pairs (default: a query-level split of --train)")
+    embedder.add_argument("--dev-fraction", type=float, default=0.1)
+    embedder.add_argument("--general", help="general-domain pairs mixed in to limit forgetting")
+    embedder.add_argument("--general-ratio", default="7:3", help="domain:general")
+    embedder.add_argument("--out", required=True, help="run directory (checkpoints, merged model, report)")
+    embedder.add_argument("--epochs", type=float, default=1.0)
+    embedder.add_argument("--batch-size", type=positive_int, default=32)
+    embedder.add_argument("--lr", type=float, default=1e-4)
+    embedder.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    embedder.add_argument("--lora-rank", type=positive_int, default=16)
+    embedder.add_argument("--matryoshka", type=int, nargs="*", help="MatryoshkaLoss over these dims")
+    embedder.add_argument("--eval-steps", type=positive_int, default=50)
+    embedder.add_argument("--patience", type=positive_int, default=3, help="early stopping, in evaluations")
+    embedder.add_argument("--gradient-checkpointing", action="store_true")
+    embedder.set_defaults(handler=_train_embedder)
+    reranker = train_commands.add_parser(
+        "reranker", help="Qwen3 objective: BCE on z_yes - z_no, LoRA by default"
+    )
+    reranker.add_argument("--train", required=True, help="JSONL pairs with negatives, or graded judgements")
+    reranker.add_argument("--dev", help="held-out examples (default: a query-level split of --train)")
+    reranker.add_argument("--dev-fraction", type=float, default=0.1)
+    reranker.add_argument("--out", required=True, help="run directory (checkpoints, merged model, report)")
+    reranker.add_argument("--mode", choices=["lora", "full", "last-layers"], default="lora")
+    reranker.add_argument("--last-layers", type=positive_int, default=2, help="with --mode last-layers")
+    reranker.add_argument("--epochs", type=float, default=1.0)
+    reranker.add_argument("--batch-size", type=positive_int, default=16)
+    reranker.add_argument("--lr", type=float, default=1e-4)
+    reranker.add_argument("--lora-rank", type=positive_int, default=16)
+    reranker.add_argument("--eval-steps", type=positive_int, default=50)
+    reranker.add_argument("--patience", type=positive_int, default=3)
+    reranker.add_argument("--max-length", type=positive_int, default=1024, help="prompt tokens in training")
+    reranker.set_defaults(handler=_train_reranker)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="NDCG@10, MRR@10, Recall@10/100, MAP: dense and two-stage"
+    )
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", help="dev pairs (JSONL): queries scored against their own positives")
+    source.add_argument("--beir", help="a BEIR-style folder (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv)")
+    evaluate.add_argument("--split", default="test", help="qrels split for --beir")
+    evaluate.add_argument("--distractors", help="corpus whose documents are added as distractors (--pairs)")
+    evaluate.add_argument("--max-distractors", type=positive_int, default=20000)
+    evaluate.add_argument("--candidate-embedder", help="model to compare with the configured embedder")
+    evaluate.add_argument("--candidate-reranker", help="model to compare with the configured reranker")
+    evaluate.add_argument(
+        "--top-k", type=positive_int, default=100, help="dense candidates the reranker sees"
+    )
+    evaluate.add_argument("--dense-only", action="store_true", help="skip the reranker")
+    evaluate.add_argument("--out", required=True, help="directory for report.json and report.png")
+    evaluate.set_defaults(handler=_evaluate)

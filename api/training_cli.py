@@ -165,7 +165,7 @@ def _train_reranker(args: argparse.Namespace) -> int:
     options = RerankerTrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, mode=args.mode,
         last_layers=args.last_layers, lora_rank=args.lora_rank, eval_steps=args.eval_steps,
-        early_stopping_patience=args.patience,
+        early_stopping_patience=args.patience, loss=args.loss, group_negatives=args.group_negatives,
     )  # fmt: skip
     out = Path(args.out)
     report = train_reranker(
@@ -273,6 +273,13 @@ def add_training_commands(commands: Any) -> None:
     reranker.add_argument("--out", required=True, help="run directory (checkpoints, merged model, report)")
     reranker.add_argument("--mode", choices=["lora", "full", "last-layers"], default="lora")
     reranker.add_argument("--last-layers", type=positive_int, default=2, help="with --mode last-layers")
+    reranker.add_argument(
+        "--loss", choices=["bce", "listwise"], default="bce",
+        help="bce: pointwise on z (Qwen3); listwise: softmax over a positive and its negatives",
+    )  # fmt: skip
+    reranker.add_argument(
+        "--group-negatives", type=positive_int, default=3, help="with --loss listwise: negatives per group"
+    )
     reranker.add_argument("--epochs", type=float, default=1.0)
     reranker.add_argument("--batch-size", type=positive_int, default=16)
     reranker.add_argument("--lr", type=float, default=1e-4)

@@ -4,14 +4,16 @@ Systems, all evaluated on dev queries with the corpus as distractors (see the da
   base-dense            all-MiniLM-L6-v2 as shipped
   finetuned-dense       MiniLM fine-tuned on train pairs with mined hard negatives (MNRL)
   finetuned-two-stage   that embedder's top-K reranked by SmolLM2-135M-Instruct fine-tuned
-                        with the Qwen3 yes/no objective (LoRA)
+                        on the Qwen3 yes/no logit (LoRA, listwise loss over one positive and
+                        negatives mined by the fine-tuned embedder, i.e. the mistakes it makes)
 SmolLM2 is the reranker because it is the one real causal LM with single-token yes/no
 installable here, so the Qwen3-Reranker method runs on it unchanged.
 Everything is subsampled to fit the 2-core CPU (sizes are flags and appear in the JSON).
 Last line: one JSON object with, per system, ndcg@10, mrr@10, recall@10, recall@100, wall_s.
 
     python bench/quality.py                         # defaults sized for ~2 h on 2 cores
-    python bench/quality.py --train-pairs 64 --rerank-pairs 16 --dev 20 --distractors 500   # smoke
+    python bench/quality.py --train-pairs 64 --rerank-pairs 16 --dev 20 --distractors 500 \
+        --embed-batch 16 --rerank-batch 4   # smoke
 """
 
 import argparse
@@ -43,15 +45,18 @@ RERANKER = "pypi:SmolLM2-135M-Instruct"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-pairs", type=int, default=1920, help="embedder training pairs")
-    parser.add_argument(
-        "--rerank-pairs", type=int, default=400, help="reranker training pairs (x 2 judgements)"
-    )
-    parser.add_argument("--dev", type=int, default=200, help="dev queries evaluated")
+    parser.add_argument("--train-pairs", type=int, default=4000, help="embedder training pairs")
+    parser.add_argument("--embed-batch", type=int, default=64, help="MNRL batch (in-batch negatives)")
+    parser.add_argument("--embed-lr", type=float, default=5e-5)
+    parser.add_argument("--rerank-pairs", type=int, default=360, help="reranker training groups")
+    parser.add_argument("--rerank-negatives", type=int, default=3, help="negatives per reranker group")
+    parser.add_argument("--rerank-batch", type=int, default=8, help="groups per step")
+    parser.add_argument("--rerank-lr", type=float, default=2e-4)
+    parser.add_argument("--dev", type=int, default=300, help="dev queries evaluated")
     parser.add_argument(
         "--distractors", type=int, default=20000, help="corpus documents added as distractors"
     )
-    parser.add_argument("--top-k", type=int, default=20, help="dense candidates the reranker sees")
+    parser.add_argument("--top-k", type=int, default=10, help="dense candidates the reranker sees")
     parser.add_argument("--cache-dir", default=".twostage/cache")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -64,7 +69,7 @@ def main() -> None:
     data = from_pairs([Pair(r["query"], r["positive"]) for r in dev_rows], distractors)
     cache = Path(args.cache_dir)
     settings = Settings(
-        embedder={"model": EMBEDDER}, reranker={"model": RERANKER, "max_length": 1024}, cache_dir=cache
+        embedder={"model": EMBEDDER}, reranker={"model": RERANKER, "max_length": 256}, cache_dir=cache
     )
     results: dict[str, Any] = {}
     started = time.perf_counter()
@@ -91,11 +96,10 @@ def main() -> None:
         st = load_st_embedder(resolve_model(EMBEDDER, cache_dir=cache).path, settings)
         corpus = [r["positive"] for r in train_rows[: args.train_pairs + args.rerank_pairs]]
         mined = mine(pairs, corpus, st, MiningSettings(num_negatives=1, range_min=1))
-        embed_report = train_embedder(
-            st, mined, held, run / "emb",
-            EmbedderTrainSettings(epochs=1, batch_size=32, learning_rate=2e-5, lora=False, eval_steps=20),
-            app=settings, task=None,
-        )  # fmt: skip
+        embed_options = EmbedderTrainSettings(
+            epochs=1, batch_size=args.embed_batch, learning_rate=args.embed_lr, lora=False, eval_steps=20
+        )
+        embed_report = train_embedder(st, mined, held, run / "emb", embed_options, app=settings, task=None)
         train_embed_s = time.perf_counter() - t
         tuned = settings.model_copy(deep=True)
         tuned.embedder.model = embed_report["model_dir"]
@@ -106,15 +110,20 @@ def main() -> None:
             Pair(r["query"], r["positive"])
             for r in train_rows[args.train_pairs : args.train_pairs + args.rerank_pairs]
         ]
-        rr_mined = mine(rr_pairs, corpus, st, MiningSettings(num_negatives=1, range_min=1))
+        tuned_st = load_st_embedder(Path(embed_report["model_dir"]), settings)
+        rr_mining = MiningSettings(num_negatives=args.rerank_negatives, range_min=0, range_max=20)
+        rr_mined = mine(rr_pairs, corpus, tuned_st, rr_mining)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source = resolve_model(RERANKER, cache_dir=cache).path
+        rr_options = RerankerTrainSettings(
+            epochs=1, batch_size=args.rerank_batch, learning_rate=args.rerank_lr, eval_steps=15,
+            loss="listwise", group_negatives=args.rerank_negatives,
+        )  # fmt: skip
         rr_report = train_reranker(
             AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source),
-            list(rr_mined), list(mine(held[:40], corpus, st, MiningSettings(num_negatives=1, range_min=1))),
-            run / "rr", RerankerTrainSettings(epochs=1, batch_size=8, learning_rate=2e-4, eval_steps=25),
-            instruction=settings.reranker.instruction, max_length=512,
+            list(rr_mined), list(mine(held[:32], corpus, tuned_st, rr_mining)), run / "rr", rr_options,
+            instruction=settings.reranker.instruction, max_length=settings.reranker.max_length,
         )  # fmt: skip
         train_rerank_s = time.perf_counter() - t
         tuned.reranker.model = rr_report["model_dir"]
@@ -130,7 +139,9 @@ def main() -> None:
         "sizes": {"train_pairs": len(mined), "rerank_pairs": len(rr_mined), "dev_queries": len(data.queries),
                   "corpus": len(data.corpus), "top_k": args.top_k},
         "train_s": {"embedder": round(train_embed_s, 1), "reranker": round(train_rerank_s, 1)},
-        "reranker_dev_loss": {"base": rr_report["base_dev_loss"], "best": rr_report["best_dev_loss"]},
+        "reranker_dev_loss": {"base": rr_report["base_dev_loss"], "best": rr_report["best_dev_loss"],
+                              "loss": "listwise", "group": 1 + args.rerank_negatives},
+        "settings": {k: v for k, v in vars(args).items() if k != "cache_dir"},
         "wall_s": round(time.perf_counter() - started, 1), **run_info("cpu"),
     }))  # fmt: skip
 

@@ -55,3 +55,42 @@ def test_training_changes_what_inference_serves(
     # The served model is the trained one: its scores give the dev loss the trainer reported.
     assert abs(dev_loss(out / "model") - report["best_dev_loss"]) < 1e-4
     assert abs(dev_loss(tiny_models.reranker) - report["base_dev_loss"]) < 1e-4
+
+
+def test_listwise_loss_is_what_inference_ranks_by(
+    tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
+) -> None:
+    """Listwise training lowers the softmax loss over (positive, negatives) of groups it has seen
+    (a random tiny model can only memorise), and the served model's scores reproduce the reported
+    loss: mean -log softmax(logit(score))[positive]."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.data import Pair
+    from training.reranker_training import RerankerTrainSettings, train_reranker
+
+    with (DATA / "train.jsonl").open() as handle:
+        rows = [json.loads(next(handle)) for _ in range(40)]
+    pairs = [Pair(r["query"], r["positive"], tuple(rows[(i + k) % 40]["positive"] for k in (3, 11, 17)))
+             for i, r in enumerate(rows)]  # fmt: skip
+    pairs.append(Pair("a query with one negative", "doc", ("other",)))  # too few negatives: left out
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models.reranker))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_models.reranker))
+    options = RerankerTrainSettings(
+        epochs=4, batch_size=4, learning_rate=5e-3, eval_steps=8, loss="listwise", group_negatives=2
+    )
+    report = train_reranker(model, tokenizer, pairs[:32], pairs[:8] + pairs[40:], tmp_path / "run", options,
+                            instruction=Settings().reranker.instruction, max_length=512)  # fmt: skip
+    assert report["train_items"] == 32 and report["dev_items"] == 8
+    assert report["best_dev_loss"] < report["base_dev_loss"]
+
+    reranker = load_reranker(
+        Settings(
+            reranker={"model": report["model_dir"], "max_length": 512}, cache_dir=model_cache, device="cpu"
+        )
+    )
+    losses = []
+    for pair in pairs[:8]:
+        scores = reranker.score(pair.query, [pair.positive, *pair.negatives[:2]])
+        z = [math.log(s / (1 - s)) for s in scores]
+        losses.append(math.log(sum(math.exp(v) for v in z)) - z[0])
+    assert abs(sum(losses) / len(losses) - report["best_dev_loss"]) < 1e-4

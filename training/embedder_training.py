@@ -21,7 +21,7 @@ from retrieval.errors import InputError
 from retrieval.settings import Settings
 from training.data import Pair
 from training.lora import merge_lora
-from training.runs import run_arguments
+from training.runs import last_checkpoint, run_arguments
 from training.st_model import load_st_embedder, query_prompt
 
 # Qwen3's linear projections; other architectures use peft's "all-linear".
@@ -154,10 +154,7 @@ def train_embedder(
         evaluator=evaluator,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience)],
     )
-    checkpoints = sorted(
-        (out_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-    )
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
     best = evaluator(model)
     if settings.lora:
         merge_lora(model[0].auto_model)

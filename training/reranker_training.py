@@ -4,7 +4,9 @@ The model sees exactly the inference prompt (`YesNoReranker.prompt_tokens`: temp
 instruction, truncation of the document only) and is trained with binary cross-entropy on
 z = logit(yes) - logit(no) at the last position, the quantity inference turns into
 sigmoid(z). `pos_weight` = negatives per positive balances the classes; graded labels are
-soft targets. Only the last position's logits are computed (`logits_to_keep=1`). Training
+soft targets. Optionally (`loss="listwise"`) a softmax cross-entropy over z of one positive and
+n mined negatives per query, which trains the ranking directly. Only the last position's logits
+are computed (`logits_to_keep=1`). Training
 runs in transformers' Trainer (evaluation every N steps, early stopping on dev loss, best
 checkpoint, resume); LoRA is merged into a standalone model that `load_reranker` serves.
 """
@@ -22,7 +24,7 @@ from retrieval.errors import InputError
 from retrieval.yes_no_reranker import YesNoReranker
 from training.data import Example, Graded, Pair
 from training.embedder_training import QWEN3_LINEAR
-from training.runs import run_arguments
+from training.runs import last_checkpoint, run_arguments
 
 
 @dataclass
@@ -31,6 +33,8 @@ class RerankerTrainSettings:
     batch_size: int = 16
     learning_rate: float = 1e-4
     mode: str = "lora"  # lora | full | last-layers
+    loss: str = "bce"  # bce | listwise
+    group_negatives: int = 3  # listwise: negatives per positive in a group
     last_layers: int = 2
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -67,17 +71,46 @@ class _Prompts(TorchDataset[dict[str, Any]]):
         return self.items[i]
 
 
+def groups(examples: list[Example], negatives: int) -> list[Pair]:
+    """Listwise groups: each pair with at least `negatives` negatives, cut to exactly that many."""
+    return [
+        Pair(e.query, e.positive, e.negatives[:negatives], e.instruction)
+        for e in dict.fromkeys(examples)
+        if isinstance(e, Pair) and len(e.negatives) >= negatives
+    ]
+
+
+class _Groups(TorchDataset[dict[str, Any]]):
+    """Prompt ids of a positive followed by its negatives; the target is always index 0."""
+
+    def __init__(self, rows: list[Pair], reranker: YesNoReranker) -> None:
+        self.items = []
+        for row in rows:
+            prompt = reranker.prompt_tokens(row.query, [row.positive, *row.negatives], row.instruction)
+            ids = [prompt.full(i) for i in range(1 + len(row.negatives))]
+            self.items.append({"input_ids": ids, "labels": 0})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
 class _Collate:
+    """Left-pads a batch; listwise groups are flattened row-major and `group` says their size."""
+
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids, mask = left_pad([b["input_ids"] for b in batch], self.pad_id, torch.device("cpu"))
-        return {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "labels": torch.tensor([b["labels"] for b in batch]),
-        }
+        listwise = isinstance(batch[0]["input_ids"][0], list)
+        rows = [ids for b in batch for ids in b["input_ids"]] if listwise else [b["input_ids"] for b in batch]
+        ids, mask = left_pad(rows, self.pad_id, torch.device("cpu"))
+        out = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([b["labels"] for b in batch])}
+        if listwise:
+            out["group"] = torch.tensor(len(batch[0]["input_ids"]))
+        return out
 
 
 class YesNoTrainer(Trainer):
@@ -95,13 +128,48 @@ class YesNoTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        labels = inputs.pop("labels").float()
+        labels = inputs.pop("labels")
+        group = inputs.pop("group", None)
         logits = model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
         z = logits[:, self.yes_id] - logits[:, self.no_id]
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            z, labels, pos_weight=self.pos_weight.to(z.device)
-        )
+        if group is not None:  # listwise: softmax over each group, the positive is first
+            loss = torch.nn.functional.cross_entropy(z.view(-1, int(group)), labels.to(z.device))
+        else:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                z, labels.float(), pos_weight=self.pos_weight.to(z.device)
+            )
         return (loss, {"z": z}) if return_outputs else loss
+
+
+def _datasets(
+    train: list[Example], dev: list[Example], reranker: YesNoReranker, settings: RerankerTrainSettings
+) -> tuple[TorchDataset[dict[str, Any]], TorchDataset[dict[str, Any]], float]:
+    """Train/dev datasets for the chosen loss and BCE's pos_weight; refuses what cannot train."""
+    if settings.loss == "listwise":
+        n = settings.group_negatives
+        train_groups, dev_groups = groups(train, n), groups(dev, n)
+        if len(train_groups) < settings.batch_size or not dev_groups:
+            raise InputError(
+                f"{len(train_groups)} training and {len(dev_groups)} dev pairs have {n} or more "
+                f"negatives: listwise training needs at least one batch ({settings.batch_size}) "
+                f"and one dev group (mine more negatives, or lower group_negatives)"
+            )
+        return _Groups(train_groups, reranker), _Groups(dev_groups, reranker), 1.0
+    if settings.loss != "bce":
+        raise InputError(f"unknown reranker loss {settings.loss!r}: use bce or listwise")
+    train_rows, dev_rows = list(dict.fromkeys(judgements(train))), list(dict.fromkeys(judgements(dev)))
+    if len(train_rows) < settings.batch_size or not dev_rows:
+        raise InputError(
+            f"{len(train_rows)} training and {len(dev_rows)} dev judgements: need at least one batch "
+            f"({settings.batch_size}) to train and one to evaluate"
+        )
+    positives = sum(r.label for r in train_rows)
+    if not positives or positives == len(train_rows):
+        raise InputError(
+            "reranker training needs both relevant and irrelevant examples (mine negatives first)"
+        )
+    pos_weight = (len(train_rows) - positives) / positives
+    return _Prompts(train_rows, reranker), _Prompts(dev_rows, reranker), pos_weight
 
 
 def prepare(model: PreTrainedModel, settings: RerankerTrainSettings) -> Any:
@@ -145,18 +213,7 @@ def train_reranker(
     reranker = YesNoReranker(
         model, tokenizer, model_id="training", max_length=max_length, instruction=instruction
     )
-    train_rows, dev_rows = list(dict.fromkeys(judgements(train))), list(dict.fromkeys(judgements(dev)))
-    if len(train_rows) < settings.batch_size or not dev_rows:
-        raise InputError(
-            f"{len(train_rows)} training and {len(dev_rows)} dev judgements: need at least one batch "
-            f"({settings.batch_size}) to train and one to evaluate"
-        )
-    positives = sum(r.label for r in train_rows)
-    if not positives or positives == len(train_rows):
-        raise InputError(
-            "reranker training needs both relevant and irrelevant examples (mine negatives first)"
-        )
-    pos_weight = (len(train_rows) - positives) / positives
+    train_set, dev_set, pos_weight = _datasets(train, dev, reranker, settings)
     trainable = prepare(model, settings)
     args = TrainingArguments(
         num_train_epochs=settings.epochs,
@@ -171,8 +228,8 @@ def train_reranker(
     trainer = YesNoTrainer(
         model=trainable,
         args=args,
-        train_dataset=_Prompts(train_rows, reranker),
-        eval_dataset=_Prompts(dev_rows, reranker),
+        train_dataset=train_set,
+        eval_dataset=dev_set,
         data_collator=_Collate(reranker._pad_id),
         callbacks=[EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience)],
         yes_id=reranker.yes_id,
@@ -180,10 +237,7 @@ def train_reranker(
         pos_weight=pos_weight,
     )
     base_loss = trainer.evaluate()["eval_loss"]
-    checkpoints = sorted(
-        (out_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-    )
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
     best_loss = trainer.evaluate()["eval_loss"]
     merged = trainable.merge_and_unload() if settings.mode == "lora" else trainable
     model_dir = out_dir / "model"
@@ -193,8 +247,9 @@ def train_reranker(
         "base_dev_loss": base_loss,
         "best_dev_loss": best_loss,
         "pos_weight": pos_weight,
-        "train_judgements": len(train_rows),
-        "dev_judgements": len(dev_rows),
+        "loss": settings.loss,
+        "train_items": len(train_set),
+        "dev_items": len(dev_set),
         "steps": trainer.state.global_step,
         "model_dir": str(model_dir),
     }

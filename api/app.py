@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.micro_batcher import Overloaded
-from api.routes import compat, documents, ops, search
+from api.routes import compat, documents, ops, retrain, search
 from api.service import Service
 from retrieval.errors import InputError, ModelLoadError, TwostageError
 from retrieval.settings import Settings
@@ -69,6 +69,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     app.include_router(search.router)
     app.include_router(compat.router)
     app.include_router(documents.router)
+    app.include_router(retrain.router)
     app.include_router(ops.router)
 
     @app.get("/", include_in_schema=False)

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from api.retrain_cli import add_retrain_commands
 from api.training_cli import add_training_commands, positive_int
 from retrieval.errors import InputError, TwostageError
 
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.set_defaults(handler=_ingest)
 
     add_training_commands(commands)
+    add_retrain_commands(commands)
 
     serve = commands.add_parser("serve", help="serve /v1/search and the compatible endpoints (uvicorn)")
     serve.add_argument("--host", help="default TWOSTAGE_API__HOST (127.0.0.1)")

@@ -8,7 +8,7 @@ documents under a size cap, and each batch's background job is polled to the end
 import json
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -101,3 +101,41 @@ def _wait(client: httpx.Client, job_id: str) -> dict[str, Any]:
             raise TwostageError(f"ingestion job {job_id} failed: {job['error']}")
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
+
+
+def retrain_via_server(
+    url: str, options: Any, collection: str, api_key: str | None, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """Send the pairs to `POST /v1/retrain`, relay the job's progress lines, return its report."""
+    from training.retrain import load_pairs
+
+    def rows(path: Any) -> list[dict[str, Any]]:
+        return [
+            {"query": p.query, "positive": p.positive, "negatives": list(p.negatives)}
+            for p in load_pairs(path, say)
+        ]
+
+    body = {
+        "collection": collection, "pairs": rows(options.pairs),
+        "dev": rows(options.dev) if options.dev else None, "from_base": options.from_base,
+        "skip_embedder": options.skip_embedder, "skip_reranker": options.skip_reranker,
+        "promote": options.promote, "dry_run": options.dry_run,
+    }  # fmt: skip
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120) as client:
+        job = _call(client, "POST", "/v1/retrain", body)
+        for rejected in job.get("rejected", []):
+            say(f"skipped {rejected}")
+        shown = 0
+        while True:
+            state = _call(client, "GET", f"/v1/jobs/{job['job_id']}")
+            log: list[str] = state.get("log", [])
+            for line in log[shown:]:
+                say(line)
+            shown = len(log)
+            if state["status"] == "succeeded":
+                report: dict[str, Any] = state["report"]
+                return report
+            if state["status"] == "failed":
+                raise TwostageError(f"retrain job {job['job_id']} failed: {state['error']}")
+            time.sleep(1.0)

@@ -1,15 +1,16 @@
-"""Background ingestion jobs for the API (embedded mode: the server owns the store).
+"""Background jobs for the API (embedded mode: the server owns the store): ingestion, retrain.
 
 One worker thread runs jobs in submission order, so ingestion never races itself on a
-collection; deletions take the same lock. Jobs are kept in memory (the newest
-`keep` of them) for `GET /v1/jobs/{id}`; an interrupted job is simply submitted again,
-since ingestion is idempotent.
+collection, nor a retrain's reindex; deletions take the same lock. Jobs are kept in memory
+(the newest `keep` of them) for `GET /v1/jobs/{id}`; an interrupted job is simply submitted
+again, since ingestion is idempotent and a retrain cleans up after a crashed one.
 """
 
 import queue
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,7 +18,7 @@ from api.micro_batcher import Overloaded
 from retrieval.chunker import Chunker
 from retrieval.documents import BadRecord, Document
 from retrieval.ingest import ingest_corpus
-from retrieval.store import AnyOf, Filter, now_iso
+from retrieval.store import AnyOf, CollectionNotFound, Filter, now_iso
 
 if TYPE_CHECKING:
     from api.service import Service
@@ -28,34 +29,48 @@ class Job:
     id: str
     collection: str
     documents: int
+    kind: Literal["ingest", "retrain"] = "ingest"
     status: Literal["queued", "running", "succeeded", "failed"] = "queued"
     created_at: str = field(default_factory=now_iso)
     finished_at: str | None = None
     report: dict[str, Any] | None = None
     error: str | None = None
+    log: list[str] = field(default_factory=list)  # progress lines (a retrain's; the newest 200)
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
 
+    def say(self, line: str) -> None:
+        self.log = [*self.log[-199:], line]
+
 
 class JobRunner:
-    """Runs ingestion jobs one at a time in a worker thread."""
+    """Runs jobs one at a time in a worker thread."""
 
     def __init__(self, service: "Service", keep: int = 1000, max_queued: int = 64) -> None:
         self.service = service
         self.keep = keep
         self.lock = threading.Lock()  # held while a job writes; deletions take it too
         self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._queue: queue.Queue[tuple[Job, list[Document | BadRecord]] | None] = queue.Queue(max_queued)
-        self._worker = threading.Thread(target=self._loop, name="ingest-jobs", daemon=True)
+        self._queue: queue.Queue[tuple[Job, Callable[[Job], dict[str, Any]]] | None] = queue.Queue(max_queued)
+        self._worker = threading.Thread(target=self._loop, name="jobs", daemon=True)
         self._worker.start()
 
     def submit(self, collection: str, records: list[Document | BadRecord]) -> Job:
         job = Job(uuid.uuid4().hex, collection, sum(isinstance(r, Document) for r in records))
+        return self._enqueue(job, lambda _: asdict(self._ingest(collection, records)))
+
+    def submit_work(
+        self, collection: str, kind: Literal["retrain"], work: Callable[[Job], dict[str, Any]]
+    ) -> Job:
+        """Any other job (a retrain): `work(job)` returns the report and may `job.say` progress."""
+        return self._enqueue(Job(uuid.uuid4().hex, collection, 0, kind=kind), work)
+
+    def _enqueue(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> Job:
         try:
-            self._queue.put_nowait((job, records))
+            self._queue.put_nowait((job, work))
         except queue.Full:
-            raise Overloaded("ingestion", retry_after_s=5) from None
+            raise Overloaded("jobs", retry_after_s=5) from None
         self._jobs[job.id] = job
         while len(self._jobs) > self.keep:
             self._jobs.popitem(last=False)
@@ -88,12 +103,12 @@ class JobRunner:
 
     def _loop(self) -> None:
         while (entry := self._queue.get()) is not None:
-            job, records = entry
+            job, work = entry
             job.status = "running"
             try:
                 with self.lock:
-                    report = self._ingest(job.collection, records)
-                job.report, job.status = asdict(report), "succeeded"
+                    report = work(job)
+                job.report, job.status = report, "succeeded"
             except Exception as exc:  # reported on the job, never crashes the worker
                 job.error, job.status = str(exc), "failed"
             job.finished_at = now_iso()
@@ -101,10 +116,14 @@ class JobRunner:
     def _ingest(self, collection: str, records: list[Document | BadRecord]) -> Any:
         service = self.service
         assert service.store is not None and service.embedder is not None
+        try:  # the deployed embedder of an existing collection (it changes after a retrain)
+            embedder = service.deployment(collection).embedder
+        except CollectionNotFound:
+            embedder = service.embedder
         return ingest_corpus(
             records,
             store=service.store,
-            embedder=service.embedder,
+            embedder=embedder,
             chunker=Chunker(service.tokens, service.settings.chunker),
             settings=service.settings,
             collection=collection,

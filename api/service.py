@@ -3,9 +3,16 @@
 Built in the app's lifespan from the settings and reached by routes through `deps.py`.
 The current `Deployment` (collection version + its embedder + reranker) is one attribute
 replaced in one assignment, so every request uses one consistent pair from start to end.
+
+After a retrain the registry's pointer (`retrieval.registry`) names a new deployment. The
+service loads and warms its models in a background thread while the old deployment keeps
+answering, then swaps collection, embedder and reranker together. Model calls carry the
+model they are for, so a batch never mixes a request of the old pair with the new one.
 """
 
 import asyncio
+import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,11 +26,15 @@ from api.micro_batcher import MicroBatcher
 from retrieval.collections import active_manifest, open_store
 from retrieval.embedder import Embedder, load_embedder
 from retrieval.errors import TwostageError
+from retrieval.registry import DeploymentRecord, Registry
 from retrieval.reranker import Reranker, load_reranker
 from retrieval.search import Deployment
 from retrieval.settings import Settings
 from retrieval.store import StoreError, VectorStore
 from retrieval.tokens import Qwen3Tokens
+
+log = logging.getLogger("twostage.api")
+_RETRY_FAILED_LOAD_S = 30.0
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -33,6 +44,7 @@ class EmbedItem:
     text: str
     instruction: str | None  # None: embed as a document (no instruction)
     as_query: bool
+    embedder: Embedder
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,17 @@ class RerankItem:
     query: str
     documents: tuple[str, ...]
     instruction: str | None
+    reranker: Reranker
+
+
+def load_pair(settings: Settings, embedder: str, reranker: str) -> tuple[Embedder, Reranker]:
+    """Load and warm an (embedder, reranker) pair, so its first request is not a cold one."""
+    chosen = settings.model_copy(deep=True)
+    chosen.embedder.model, chosen.reranker.model = embedder, reranker
+    loaded_embedder, loaded_reranker = load_embedder(chosen), load_reranker(chosen)
+    loaded_embedder.embed_queries(["warm up"], None)
+    loaded_reranker.score("warm up", ["warm up"], None)
+    return loaded_embedder, loaded_reranker
 
 
 class Metrics:
@@ -86,14 +109,25 @@ class Service:
         self.rerank_batcher: MicroBatcher[RerankItem, list[float]] | None = None
         self.load_error: str | None = None
         self.jobs: JobRunner | None = None
+        self._records: dict[str, int] = {}  # registry deployment id behind each cached deployment
+        self._pairs: dict[int, tuple[Embedder, Reranker]] = {}  # loaded models per deployment id
+        self._loading: dict[int, float] = {}  # deployment id -> when its load started (or failed)
+        self._load_lock = threading.Lock()
+        self._configured: tuple[str, str] | None = None  # the configured pair, when it was loaded
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         """Load models and open the store (blocking; run in a thread from the lifespan)."""
         self.store = open_store(self.settings)
-        self.embedder = load_embedder(self.settings)
-        self.reranker = load_reranker(self.settings)
+        record = Registry(self.settings).current()
+        if record is not None:  # a retrained deployment: its models, not the configured ones
+            self.embedder, self.reranker = load_pair(self.settings, record.embedder, record.reranker)
+            self._pairs[record.id] = (self.embedder, self.reranker)
+        else:
+            self.embedder = load_embedder(self.settings)
+            self.reranker = load_reranker(self.settings)
+            self._configured = (self.settings.embedder.model, self.settings.reranker.model)
         wait = self.settings.api.batch_wait_ms / 1000
         pending = self.settings.api.max_pending
         self.embed_batcher = MicroBatcher(
@@ -145,8 +179,11 @@ class Service:
             and now - self._checked.get(collection, 0.0) < self.settings.api.alias_refresh_s
         ):
             return cached
-        manifest = active_manifest(self.store, collection)
+        record = Registry(self.settings, collection).current()
         self._checked[collection] = now
+        if record is not None:
+            return self._registered(collection, record, cached)
+        manifest = active_manifest(self.store, collection)
         if cached is not None and cached.manifest.collection == manifest.collection:
             return cached
         if manifest.embedder != self.embedder.model_id or manifest.dim != self.embedder.dim:
@@ -160,6 +197,53 @@ class Service:
             self.load_error = None
         return deployment
 
+    def _registered(self, collection: str, record: DeploymentRecord, cached: Deployment | None) -> Deployment:
+        """The registry's deployment once its models are loaded and warm; until then the old one."""
+        assert self.store is not None
+        if cached is not None and self._records.get(collection) == record.id:
+            return cached
+        pair = self._pairs.get(record.id)
+        if pair is None and self._configured == (record.embedder, record.reranker):
+            assert self.embedder is not None and self.reranker is not None
+            pair = self._pairs[record.id] = (self.embedder, self.reranker)  # first retrain's record
+        if pair is None:
+            if cached is not None:
+                self._load_in_background(record)
+                return cached
+            pair = self._pairs[record.id] = load_pair(self.settings, record.embedder, record.reranker)
+        embedder, reranker = pair
+        manifest = self.store.read_manifest(record.collection)
+        if manifest.embedder != embedder.model_id:
+            raise StoreError(
+                f"deployment d{record.id}: collection {manifest.collection} was built with "
+                f"{manifest.embedder}, but its embedder {record.embedder} is {embedder.model_id}"
+            )
+        deployment = Deployment(manifest, embedder, reranker)
+        self._deployments[collection], self._records[collection] = deployment, record.id
+        if collection == self.settings.collection:
+            self.embedder, self.reranker, self.load_error = embedder, reranker, None
+            in_use = set(self._records.values())
+            self._pairs = {k: v for k, v in self._pairs.items() if k in in_use}
+        log.info("serving deployment d%s of %s: %s", record.id, collection, record.collection)
+        return deployment
+
+    def _load_in_background(self, record: DeploymentRecord) -> None:
+        """Start loading a deployment's models once (a failed load is retried after a while)."""
+        with self._load_lock:
+            started = self._loading.get(record.id)
+            if started is not None and time.monotonic() - started < _RETRY_FAILED_LOAD_S:
+                return
+            self._loading[record.id] = time.monotonic()
+
+        def load() -> None:
+            try:
+                self._pairs[record.id] = load_pair(self.settings, record.embedder, record.reranker)
+                self._loading.pop(record.id, None)
+            except Exception:  # the old deployment keeps serving; the log says why
+                log.exception("loading deployment d%s failed; still serving the previous one", record.id)
+
+        threading.Thread(target=load, name=f"load-d{record.id}", daemon=True).start()
+
     @property
     def ready(self) -> bool:
         return self.store is not None and self.embedder is not None and self.reranker is not None
@@ -167,39 +251,55 @@ class Service:
     # -- batched model calls ---------------------------------------------------------------
 
     def _embed_batch(self, items: Sequence[EmbedItem]) -> list[np.ndarray]:
-        """Group by (kind, instruction): one embedder call per group, results in input order."""
-        assert self.embedder is not None
+        """Group by (model, kind, instruction): one call per group, results in input order."""
         out: list[np.ndarray | None] = [None] * len(items)
-        groups: dict[tuple[bool, str | None], list[int]] = {}
+        groups: dict[tuple[int, bool, str | None], list[int]] = {}
         for i, item in enumerate(items):
-            groups.setdefault((item.as_query, item.instruction), []).append(i)
-        for (as_query, instruction), indices in groups.items():
+            groups.setdefault((id(item.embedder), item.as_query, item.instruction), []).append(i)
+        for (_, as_query, instruction), indices in groups.items():
             texts = [items[i].text for i in indices]
+            embedder = items[indices[0]].embedder
             if as_query:
-                vectors = self.embedder.embed_queries(texts, instruction)
+                vectors = embedder.embed_queries(texts, instruction)
             else:
-                vectors = self.embedder.embed_documents(texts)
+                vectors = embedder.embed_documents(texts)
             for i, vector in zip(indices, vectors, strict=True):
                 out[i] = vector
         return [v for v in out if v is not None]
 
     def _rerank_batch(self, items: Sequence[RerankItem]) -> list[list[float]]:
-        assert self.reranker is not None
-        return self.reranker.score_many([(i.query, list(i.documents), i.instruction) for i in items])
+        """One `score_many` per reranker (two only while a switch is in flight), in input order."""
+        out: list[list[float]] = [[] for _ in items]
+        groups: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(id(item.reranker), []).append(i)
+        for indices in groups.values():
+            reranker = items[indices[0]].reranker
+            requests = [(items[i].query, list(items[i].documents), items[i].instruction) for i in indices]
+            for i, scores in zip(indices, reranker.score_many(requests), strict=True):
+                out[i] = scores
+        return out
 
-    async def embed_query(self, text: str, instruction: str | None) -> np.ndarray:
-        assert self.embed_batcher is not None
-        return await self.embed_batcher.submit(EmbedItem(text, instruction, as_query=True))
+    async def embed_query(
+        self, text: str, instruction: str | None, embedder: Embedder | None = None
+    ) -> np.ndarray:
+        assert self.embed_batcher is not None and self.embedder is not None
+        return await self.embed_batcher.submit(EmbedItem(text, instruction, True, embedder or self.embedder))
 
     async def embed_texts(
         self, texts: Sequence[str], instruction: str | None, as_query: bool
     ) -> list[np.ndarray]:
-        assert self.embed_batcher is not None
-        batcher = self.embed_batcher
+        assert self.embed_batcher is not None and self.embedder is not None
+        batcher, embedder = self.embed_batcher, self.embedder
         return list(
-            await asyncio.gather(*(batcher.submit(EmbedItem(t, instruction, as_query)) for t in texts))
+            await asyncio.gather(
+                *(batcher.submit(EmbedItem(t, instruction, as_query, embedder)) for t in texts)
+            )
         )
 
-    async def score(self, query: str, documents: Sequence[str], instruction: str | None) -> list[float]:
-        assert self.rerank_batcher is not None
-        return await self.rerank_batcher.submit(RerankItem(query, tuple(documents), instruction))
+    async def score(
+        self, query: str, documents: Sequence[str], instruction: str | None, reranker: Reranker | None = None
+    ) -> list[float]:
+        assert self.rerank_batcher is not None and self.reranker is not None
+        item = RerankItem(query, tuple(documents), instruction, reranker or self.reranker)
+        return await self.rerank_batcher.submit(item)

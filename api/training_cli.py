@@ -41,7 +41,7 @@ def _mine(args: argparse.Namespace) -> int:
     from retrieval.readers import CorpusReader
     from retrieval.settings import Settings
     from training.data import Pair
-    from training.mining import MiningSettings, mine, provenance, write_mined
+    from training.mining import MiningSettings, mine, provenance, with_negatives, write_mined
     from training.st_model import load_st_embedder, query_prompt
 
     settings = Settings()
@@ -71,13 +71,18 @@ def _mine(args: argparse.Namespace) -> int:
         query_prompt=query_prompt(settings.embedder.instruction) if last_token else None,
         cache_dir=settings.cache_dir, model_id=model_id,
     )  # fmt: skip
+    filled = 0
+    if args.keep_all:
+        mined, filled = with_negatives(pairs, mined, corpus, args.negatives)
     out = Path(args.out)
     write_mined(
         mined, out,
         provenance(mining, embedder=model_id, pairs=args.pairs, corpus=args.corpus or args.collection,
-                   corpus_size=len(corpus), pairs_in=len(pairs), pairs_out=len(mined)),
+                   corpus_size=len(corpus), pairs_in=len(pairs), pairs_out=len(mined),
+                   random_negatives=filled),
     )  # fmt: skip
-    print(f"{len(mined)} of {len(pairs)} pairs with {args.negatives} negatives each -> {out}")
+    print(f"{len(mined)} of {len(pairs)} pairs with {args.negatives} negatives each "
+          f"({filled} filled with random passages) -> {out}")  # fmt: skip
     return 0
 
 
@@ -139,13 +144,14 @@ def _train_embedder(args: argparse.Namespace) -> int:
 
 
 def _train_reranker(args: argparse.Namespace) -> int:
-    """Fine-tune the configured yes/no reranker with the Qwen3 objective and write the merged model."""
+    """Fine-tune the configured reranker (yes/no LM or seq-cls cross-encoder); write the model."""
     import json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from retrieval.devices import resolve_device
     from retrieval.model_source import resolve_model
+    from retrieval.reranker import detect_reranker_family
     from retrieval.settings import Settings
     from training.data import split_by_query
     from training.reranker_training import RerankerTrainSettings, train_reranker
@@ -160,17 +166,34 @@ def _train_reranker(args: argparse.Namespace) -> int:
         raise InputError(f"need training and dev examples (have {len(train)} and {len(dev)})")
     cfg = settings.reranker
     source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
-    model = AutoModelForCausalLM.from_pretrained(source.path).to(resolve_device(settings.device))  # type: ignore[arg-type]
-    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    cross_encoder = detect_reranker_family(source) == "cross-encoder"
     options = RerankerTrainSettings(
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, mode=args.mode,
-        last_layers=args.last_layers, lora_rank=args.lora_rank, eval_steps=args.eval_steps,
-        early_stopping_patience=args.patience, loss=args.loss, group_negatives=args.group_negatives,
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        mode="full" if cross_encoder else args.mode, last_layers=args.last_layers, lora_rank=args.lora_rank,
+        eval_steps=args.eval_steps, early_stopping_patience=args.patience, loss=args.loss,
+        group_negatives=args.group_negatives,
     )  # fmt: skip
     out = Path(args.out)
-    report = train_reranker(
-        model, tokenizer, train, dev, out, options, instruction=cfg.instruction, max_length=args.max_length
-    )
+    device = resolve_device(settings.device)
+    if cross_encoder:  # a sequence-classification model: sentence-transformers' CrossEncoderTrainer
+        from training.cross_encoder_training import train_cross_encoder
+
+        report = train_cross_encoder(
+            source.path, train, dev, out, options, max_length=args.max_length, device=str(device)
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.path).to(device)  # type: ignore[arg-type]
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        report = train_reranker(
+            model,
+            tokenizer,
+            train,
+            dev,
+            out,
+            options,
+            instruction=cfg.instruction,
+            max_length=args.max_length,
+        )
     report["base_model"] = cfg.model
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(
@@ -241,6 +264,10 @@ def add_training_commands(commands: Any) -> None:
         "--relative-margin", type=float, default=0.05, help="negative < positive x (1 - margin)"
     )
     mine.add_argument("--max-score", type=float, help="negatives must score below this")
+    mine.add_argument(
+        "--keep-all", action="store_true",
+        help="pairs without enough hard negatives past the guards get random passages (else dropped)",
+    )  # fmt: skip
     mine.set_defaults(handler=_mine)
 
     train = commands.add_parser("train", help="fine-tune the embedder or the reranker")
@@ -265,7 +292,8 @@ def add_training_commands(commands: Any) -> None:
     embedder.add_argument("--gradient-checkpointing", action="store_true")
     embedder.set_defaults(handler=_train_embedder)
     reranker = train_commands.add_parser(
-        "reranker", help="Qwen3 objective: BCE on z_yes - z_no, LoRA by default"
+        "reranker",
+        help="yes/no LMs: Qwen3 objective (BCE on z_yes - z_no, LoRA); seq-cls: CrossEncoderTrainer",
     )
     reranker.add_argument("--train", required=True, help="JSONL pairs with negatives, or graded judgements")
     reranker.add_argument("--dev", help="held-out examples (default: a query-level split of --train)")

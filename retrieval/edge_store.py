@@ -13,9 +13,7 @@ owner dies, even by `kill -9`, so there are no stale locks to clean up, and a se
 gets a clear error naming the owner's pid instead of a damaged index.
 """
 
-import fcntl
 import json
-import os
 import shutil
 import threading
 from collections.abc import Iterator, Sequence
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 import qdrant_edge as qe
 
+from retrieval.locks import PidLock, write_json_atomic
 from retrieval.settings import StoreSettings
 from retrieval.store import (
     AnyOf,
@@ -38,7 +37,6 @@ from retrieval.store import (
     Point,
     Record,
     StoreError,
-    StoreLockedError,
     check_collection_name,
     now_iso,
     parse_versioned_name,
@@ -53,49 +51,12 @@ _SCHEMA: dict[FieldType, qe.PayloadSchemaType] = {
 _SCROLL_PAGE = 1024
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, ensure_ascii=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-class ShardLock:
-    """An exclusive, non-blocking flock on `path`, with the owner's pid written inside."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreLockedError(
-                f"index {self.path.parent} is in use by pid {owner}; stop the server or ingest "
-                "through it (twostage ingest --server URL)"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+def _shard_lock(path: Path) -> PidLock:
+    return PidLock(
+        path,
+        f"index {path.parent} is in use by pid {{pid}}; stop the server or ingest through it "
+        "(twostage ingest --server URL)",
+    )
 
 
 class EdgeStore:
@@ -104,7 +65,7 @@ class EdgeStore:
     def __init__(self, data_dir: Path, settings: StoreSettings | None = None) -> None:
         self.root = Path(data_dir) / "collections"
         self.settings = settings or StoreSettings()
-        self._shards: dict[str, tuple[qe.EdgeShard, ShardLock]] = {}
+        self._shards: dict[str, tuple[qe.EdgeShard, PidLock]] = {}
         self._mutex = threading.RLock()  # one shard call at a time from this process's threads
 
     # -- collections and aliases ---------------------------------------------------------
@@ -119,7 +80,7 @@ class EdgeStore:
         if (path / "manifest.json").exists():
             raise StoreError(f"collection {manifest.collection} already exists")
         path.mkdir(parents=True, exist_ok=True)
-        lock = ShardLock(path / "lock")
+        lock = _shard_lock(path / "lock")
         lock.acquire()
         try:
             if (path / "shard").exists():  # a create that died before writing its manifest
@@ -149,7 +110,7 @@ class EdgeStore:
             self._close_one(collection)
             if not path.exists():
                 return
-            lock = ShardLock(path / "lock")
+            lock = _shard_lock(path / "lock")
             lock.acquire()  # refuse to delete what another process has open
             try:
                 shutil.rmtree(path)
@@ -194,7 +155,7 @@ class EdgeStore:
                 path = self._dir(collection)
                 if not (path / "manifest.json").exists():
                     raise CollectionNotFound(f"collection {collection} does not exist")
-                lock = ShardLock(path / "lock")
+                lock = _shard_lock(path / "lock")
                 lock.acquire()
                 try:
                     shard = qe.EdgeShard.load(str(path / "shard"))

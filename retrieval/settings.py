@@ -113,6 +113,30 @@ class ApiSettings(BaseModel):
     alias_refresh_s: float = Field(1.0, ge=0, description="how often a collection alias is re-resolved")
 
 
+class RetrainSettings(BaseModel):
+    """`twostage retrain`: how candidates are trained and what it takes to promote one."""
+
+    primary_metric: str = Field("two-stage/nDCG@10", description="MODE/METRIC the gate compares")
+    min_gain: float = Field(0.005, ge=0, description="primary must beat the deployed pair by this much")
+    tolerance: float = Field(0.02, ge=0, description="how far a secondary metric may drop")
+    secondary_metrics: list[str] = Field(
+        default_factory=lambda: ["dense/nDCG@10", "two-stage/R@10", "two-stage/RR@10"]
+    )
+    dev_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share of --pairs without --dev")
+    negatives: int = Field(3, ge=1, description="mined hard negatives per pair")
+    top_k: int = Field(20, ge=1, description="dense candidates the reranker sees in evaluation")
+    max_distractors: int = Field(20000, ge=0, description="indexed chunks added to the evaluation corpus")
+    embedder_epochs: float = Field(1.0, gt=0)
+    embedder_batch_size: int = Field(32, ge=2)
+    embedder_lr: float = Field(1e-4, gt=0)
+    reranker_epochs: float = Field(1.0, gt=0)
+    reranker_batch_size: int = Field(16, ge=1)
+    reranker_lr: float = Field(1e-4, gt=0)
+    lora: bool = Field(True, description="LoRA (merged after training); False: full fine-tuning")
+    eval_steps: int = Field(50, ge=1)
+    reranker_max_length: int = Field(1024, ge=64, description="prompt tokens in reranker training")
+
+
 class Settings(BaseSettings):
     """The root of the settings tree."""
 
@@ -131,3 +155,4 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)

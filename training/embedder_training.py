@@ -21,7 +21,7 @@ from retrieval.errors import InputError
 from retrieval.settings import Settings
 from training.data import Pair
 from training.lora import merge_lora
-from training.runs import last_checkpoint, run_arguments
+from training.runs import check_memory, last_checkpoint, run_arguments
 from training.st_model import load_st_embedder, query_prompt
 
 # Qwen3's linear projections; other architectures use peft's "all-linear".
@@ -131,6 +131,13 @@ def train_embedder(
                 target_modules=targets,
             )
         )
+    texts_per_pair = 2 + min(len(p.negatives) for p in train)
+    rows = (settings.cached_loss_mini_batch or settings.batch_size) * texts_per_pair
+    backbone_model: Any = model[0].auto_model
+    longest = sorted({t for p in train for t in (p.query, p.positive, *p.negatives)}, key=len)[-32:]
+    tokens = max(len(ids) for ids in model.tokenizer(longest)["input_ids"])  # batches pad to their longest
+    check_memory(backbone_model, rows, min(tokens + 64, int(model.max_seq_length or 512)),
+                 gradient_checkpointing=settings.gradient_checkpointing)  # fmt: skip
     if settings.cached_loss_mini_batch:
         loss: Any = CachedMultipleNegativesRankingLoss(model, mini_batch_size=settings.cached_loss_mini_batch)
     else:
@@ -154,7 +161,8 @@ def train_embedder(
         evaluator=evaluator,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience)],
     )
-    trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
+    resumed_from = last_checkpoint(out_dir)
+    trainer.train(resume_from_checkpoint=resumed_from)
     best = evaluator(model)
     if settings.lora:
         merge_lora(model[0].auto_model)
@@ -168,4 +176,5 @@ def train_embedder(
         "primary_metric": evaluator.primary_metric,
         "model_dir": str(merged_dir),
         "steps": trainer.state.global_step,
+        "resumed_from": resumed_from,
     }

@@ -18,6 +18,8 @@ import numpy as np
 from retrieval.embedder import Embedder
 from retrieval.errors import InputError
 from retrieval.reranker import Reranker
+from retrieval.search import Deployment, two_stage_search
+from retrieval.store import VectorStore
 from training.data import Pair
 
 METRICS = ("nDCG@10", "RR@10", "R@10", "R@100", "AP")
@@ -76,8 +78,6 @@ def evaluate(
     instruction: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """{"dense": metrics, "two-stage": metrics} for one (embedder, reranker) pair."""
-    import ir_measures
-
     if not data.queries:
         raise InputError("the evaluation set has no queries")
     doc_ids = list(data.corpus)
@@ -95,14 +95,38 @@ def evaluate(
                 texts = [data.corpus[doc_ids[i]] for i in top]
                 rerank_scores = reranker.score(data.queries[qid], texts, instruction)
                 reranked[qid] = {doc_ids[i]: float(s) for i, s in zip(top, rerank_scores, strict=True)}
-    measures = [ir_measures.parse_measure(m) for m in METRICS]
-    out = {"dense": _named(ir_measures.calc_aggregate(measures, data.qrels, dense))}
+    out = {"dense": score_run(data.qrels, dense)}
     if reranker is not None:
-        out["two-stage"] = _named(ir_measures.calc_aggregate(measures, data.qrels, reranked))
+        out["two-stage"] = score_run(data.qrels, reranked)
     return out
 
 
-def _named(values: dict[Any, float]) -> dict[str, float]:
+def evaluate_index(
+    dev: Sequence[Pair], deployment: Deployment, store: VectorStore, *, top_k: int, instruction: str | None
+) -> dict[str, dict[str, float]]:
+    """The same metrics end to end through the index: `two_stage_search` as `/v1/search` runs it.
+
+    A hit is relevant when its chunk text is the query's positive passage.
+    """
+    if not dev:
+        raise InputError("no dev pairs to evaluate with")
+    qrels = {f"q{i}": {p.positive: 1} for i, p in enumerate(dev)}
+    runs: dict[str, dict[str, dict[str, float]]] = {"dense": {}, "two-stage": {}}
+    for i, pair in enumerate(dev):
+        result = two_stage_search(
+            deployment, store, pair.query, instruction=instruction, top_k=top_k, top_n=top_k
+        )
+        runs["dense"][f"q{i}"] = {h.text: h.recall_score for h in result.hits}
+        runs["two-stage"][f"q{i}"] = {h.text: float(h.rerank_score or 0.0) for h in result.hits}
+    return {mode: score_run(qrels, run) for mode, run in runs.items()}
+
+
+def score_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
+    """METRICS of a run (query -> {doc: score}) against qrels, via ir_measures."""
+    import ir_measures
+
+    measures = [ir_measures.parse_measure(m) for m in METRICS]
+    values = ir_measures.calc_aggregate(measures, qrels, run)
     return {str(k): float(v) for k, v in sorted(values.items(), key=lambda kv: METRICS.index(str(kv[0])))}
 
 

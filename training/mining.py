@@ -10,6 +10,7 @@ per model identity, so a retrained model never reuses stale vectors.
 """
 
 import json
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,6 +84,31 @@ def mine(
         )
         for row in mined
     ]
+
+
+def with_negatives(
+    pairs: list[Pair], mined: list[Pair], chunks: list[str], n: int, seed: int = 0
+) -> tuple[list[Pair], int]:
+    """Every pair with `n` negatives: its mined ones, else random chunks (never its positive).
+
+    Mining drops a pair whose candidates all fail the false-negative guard, which happens a lot
+    while the deployed embedder is weak; dropping them would shrink training exactly when it
+    is needed most. Returns the pairs and how many got random negatives.
+    """
+    rng = random.Random(seed)
+    found = {(p.query, p.positive): p for p in mined}
+    out, filled = [], 0
+    for pair in pairs:
+        hit = found.get((pair.query, pair.positive))
+        if hit is not None:
+            out.append(hit)
+            continue
+        pool = [
+            c for c in rng.sample(chunks, min(len(chunks), 4 * n + 4)) if c.strip() != pair.positive.strip()
+        ]
+        out.append(Pair(pair.query, pair.positive, tuple(pool[:n]), pair.instruction))
+        filled += 1
+    return out, filled
 
 
 def embedding_cache(cache_dir: Path, model_id: str) -> Path:

@@ -24,7 +24,7 @@ from retrieval.errors import InputError
 from retrieval.yes_no_reranker import YesNoReranker
 from training.data import Example, Graded, Pair
 from training.embedder_training import QWEN3_LINEAR
-from training.runs import last_checkpoint, run_arguments
+from training.runs import check_memory, last_checkpoint, run_arguments
 
 
 @dataclass
@@ -59,7 +59,7 @@ class _Prompts(TorchDataset[dict[str, Any]]):
     """Token ids of the exact inference prompt for each judgement, and its target."""
 
     def __init__(self, rows: list[Graded], reranker: YesNoReranker) -> None:
-        self.items = []
+        self.items: list[dict[str, Any]] = []
         for row in rows:
             prompt = reranker.prompt_tokens(row.query, [row.document], row.instruction)
             self.items.append({"input_ids": prompt.full(0), "labels": row.label})
@@ -84,7 +84,7 @@ class _Groups(TorchDataset[dict[str, Any]]):
     """Prompt ids of a positive followed by its negatives; the target is always index 0."""
 
     def __init__(self, rows: list[Pair], reranker: YesNoReranker) -> None:
-        self.items = []
+        self.items: list[dict[str, Any]] = []
         for row in rows:
             prompt = reranker.prompt_tokens(row.query, [row.positive, *row.negatives], row.instruction)
             ids = [prompt.full(i) for i in range(1 + len(row.negatives))]
@@ -143,7 +143,7 @@ class YesNoTrainer(Trainer):
 
 def _datasets(
     train: list[Example], dev: list[Example], reranker: YesNoReranker, settings: RerankerTrainSettings
-) -> tuple[TorchDataset[dict[str, Any]], TorchDataset[dict[str, Any]], float]:
+) -> tuple[_Prompts | _Groups, _Prompts | _Groups, float]:
     """Train/dev datasets for the chosen loss and BCE's pos_weight; refuses what cannot train."""
     if settings.loss == "listwise":
         n = settings.group_negatives
@@ -170,6 +170,11 @@ def _datasets(
         )
     pos_weight = (len(train_rows) - positives) / positives
     return _Prompts(train_rows, reranker), _Prompts(dev_rows, reranker), pos_weight
+
+
+def _rows(ids: list[Any]) -> list[list[int]]:
+    """The token rows of a dataset item: one prompt, or a listwise group of them."""
+    return ids if ids and isinstance(ids[0], list) else [ids]
 
 
 def prepare(model: PreTrainedModel, settings: RerankerTrainSettings) -> Any:
@@ -215,6 +220,9 @@ def train_reranker(
     )
     train_set, dev_set, pos_weight = _datasets(train, dev, reranker, settings)
     trainable = prepare(model, settings)
+    longest = max(len(ids) for item in train_set.items for ids in _rows(item["input_ids"]))
+    rows = settings.batch_size * (1 + settings.group_negatives if settings.loss == "listwise" else 1)
+    check_memory(trainable, rows, longest)
     args = TrainingArguments(
         num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size,
@@ -237,7 +245,8 @@ def train_reranker(
         pos_weight=pos_weight,
     )
     base_loss = trainer.evaluate()["eval_loss"]
-    trainer.train(resume_from_checkpoint=last_checkpoint(out_dir))
+    resumed_from = last_checkpoint(out_dir)
+    trainer.train(resume_from_checkpoint=resumed_from)
     best_loss = trainer.evaluate()["eval_loss"]
     merged = trainable.merge_and_unload() if settings.mode == "lora" else trainable
     model_dir = out_dir / "model"
@@ -251,5 +260,6 @@ def train_reranker(
         "train_items": len(train_set),
         "dev_items": len(dev_set),
         "steps": trainer.state.global_step,
+        "resumed_from": resumed_from,
         "model_dir": str(model_dir),
     }

@@ -3,6 +3,7 @@
 import asyncio
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict
+from functools import partial
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Response
@@ -44,8 +45,8 @@ async def search(body: SearchRequest, service: ServiceDep, response: Response) -
         flt=flt,
         rerank=body.rerank,
         group_by_doc=body.group_by_doc,
-        embed_query=_blocking(loop, service.embed_query),
-        score_documents=_blocking(loop, service.score),
+        embed_query=_blocking(loop, partial(service.embed_query, embedder=deployment.embedder)),
+        score_documents=_blocking(loop, partial(service.score, reranker=deployment.reranker)),
     )
     for stage, ms in result.timings_ms.items():
         service.metrics.stage.labels(stage).observe(ms / 1000)

@@ -1,0 +1,138 @@
+"""`twostage retrain`, `twostage versions` and `twostage rollback`.
+
+The commands open the store themselves (embedded: the shard lock refuses while a server holds
+it, naming its pid; retrain through the server with `--server URL` then).
+"""
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    """Mine, fine-tune, evaluate deployed vs candidate, and promote only a better pair."""
+    from retrieval.collections import open_store
+    from retrieval.settings import Settings
+    from training.retrain import RetrainOptions, retrain
+
+    settings = Settings()
+    if args.collection:
+        settings.collection = args.collection
+    options = RetrainOptions(
+        pairs=Path(args.pairs), dev=Path(args.dev) if args.dev else None, from_base=args.from_base,
+        skip_embedder=args.skip_embedder, skip_reranker=args.skip_reranker, promote=not args.no_promote,
+        dry_run=args.dry_run,
+    )  # fmt: skip
+    if args.server:
+        from api.client import retrain_via_server
+
+        result = retrain_via_server(args.server, options, settings.collection, args.api_key, _say)
+    else:
+        store = open_store(settings)
+        try:  # trainers print their logs on stdout; keep stdout for the result
+            with contextlib.redirect_stdout(sys.stderr):
+                result = retrain(settings, store, options, say=_say)
+        finally:
+            store.close()
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    return 0 if result.get("decision") != "failed" else 1
+
+
+def _versions(args: argparse.Namespace) -> int:
+    """List the deployments of a collection with their metrics; the current one is marked."""
+    from retrieval.settings import Settings
+    from training.retrain import deployments_table
+
+    settings = Settings()
+    if args.collection:
+        settings.collection = args.collection
+    rows = deployments_table(settings)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"{settings.collection}: no deployments recorded yet (run `twostage retrain`)")
+        return 0
+    header = f"{'':2}{'id':<5}{'collection':<22}{'parent':<8}{'nDCG@10 dense':>14}{'two-stage':>11}"
+    print(header + "  created / models")
+    for row in rows:
+        metrics: dict[str, Any] = row["metrics"]
+        dense, staged = (_metric(metrics, mode) for mode in ("dense", "two-stage"))
+        print(
+            f"{'*' if row['current'] else '':2}{'d' + str(row['id']):<5}{row['collection']:<22}"
+            f"{('d' + str(row['parent'])) if row['parent'] else '-':<8}{dense:>14}{staged:>11}"
+            f"  {row['created_at']}  {row['embedder']} | {row['reranker']}"
+        )
+    return 0
+
+
+def _metric(metrics: dict[str, Any], mode: str) -> str:
+    value = metrics.get(mode, {}).get("nDCG@10")
+    return f"{value:.4f}" if value is not None else "-"
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    """Switch the alias and the reranker back to a previous deployment (default: the parent)."""
+    from retrieval.collections import open_store
+    from retrieval.settings import Settings
+    from training.retrain import rollback
+
+    settings = Settings()
+    if args.collection:
+        settings.collection = args.collection
+    target = None
+    if args.version is not None:
+        target = int(args.version.lstrip("dD")) if args.version.lstrip("dD").isdigit() else -1
+        if target < 1:
+            from retrieval.errors import InputError
+
+            raise InputError(f"version must look like d3 or 3, got {args.version!r}")
+    store = open_store(settings)
+    try:
+        rollback(settings, store, target, say=print)
+    finally:
+        store.close()
+    return 0
+
+
+def add_retrain_commands(commands: Any) -> None:
+    """Register retrain / versions / rollback on the CLI's subcommand set."""
+    retrain = commands.add_parser(
+        "retrain", help="mine, fine-tune both models, evaluate, promote only a better pair (reindex + switch)"
+    )
+    retrain.add_argument(
+        "--pairs", required=True, help="JSONL {query, positive} pairs about indexed documents"
+    )
+    retrain.add_argument("--dev", help="held-out pairs (default: a query-level split of --pairs)")
+    retrain.add_argument("--collection", help="default TWOSTAGE_COLLECTION")
+    retrain.add_argument("--from-base", action="store_true", help="start from the configured base models")
+    retrain.add_argument(
+        "--skip-embedder", action="store_true", help="retrain the reranker only (no reindex)"
+    )
+    retrain.add_argument("--skip-reranker", action="store_true", help="retrain the embedder only")
+    retrain.add_argument("--no-promote", action="store_true", help="stop after the evaluation report")
+    retrain.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    retrain.add_argument("--server", help="run the retrain inside a running service at this URL")
+    retrain.add_argument("--api-key", help="bearer key for --server (default: $TWOSTAGE_API_KEY)")
+    retrain.add_argument("--json", action="store_true", help="print the run manifest as JSON")
+    retrain.set_defaults(handler=_retrain)
+
+    versions = commands.add_parser("versions", help="list deployments (collection, models, metrics)")
+    versions.add_argument("--collection", help="default TWOSTAGE_COLLECTION")
+    versions.add_argument("--json", action="store_true")
+    versions.set_defaults(handler=_versions)
+
+    rollback = commands.add_parser(
+        "rollback", help="switch back to a previous deployment (default: the parent)"
+    )
+    rollback.add_argument("version", nargs="?", help="deployment id, e.g. d1")
+    rollback.add_argument("--collection", help="default TWOSTAGE_COLLECTION")
+    rollback.set_defaults(handler=_rollback)

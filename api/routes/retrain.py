@@ -1,0 +1,82 @@
+"""`POST /v1/retrain`: the retrain cycle run inside the service, which owns the embedded store.
+
+The pairs travel in the request (validated here, bad lines listed) and are written to the
+registry's uploads folder, then the cycle runs as a background job on the same worker as
+ingestion; the service follows the promoted deployment when the job switches the pointer.
+"""
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, Field
+
+from api.deps import ServiceDep, WriteAccess
+from api.jobs import Job
+from retrieval.registry import Registry
+from retrieval.store import check_collection_name
+from training.data import Pair, parse_example
+
+router = APIRouter(tags=["retrain"], dependencies=[WriteAccess])
+
+
+class RetrainRequest(BaseModel):
+    collection: str | None = None
+    pairs: list[dict[str, Any]] = Field(min_length=1, description="{query, positive} records")
+    dev: list[dict[str, Any]] | None = Field(None, description="held-out pairs (default: split of pairs)")
+    from_base: bool = False
+    skip_embedder: bool = False
+    skip_reranker: bool = False
+    promote: bool = True
+    dry_run: bool = False
+
+
+def _write_pairs(rows: list[dict[str, Any]], path: Path, field: str) -> list[str]:
+    """Keep the rows that parse as pairs; return 'field[i]: reason' for the others."""
+    kept, rejected = [], []
+    for i, row in enumerate(rows):
+        try:
+            example = parse_example(row)
+        except ValueError as exc:
+            rejected.append(f"{field}[{i}]: {exc}")
+            continue
+        if not isinstance(example, Pair):
+            rejected.append(f"{field}[{i}]: not a {{query, positive}} pair")
+            continue
+        kept.append(json.dumps(row, ensure_ascii=False))
+    if not kept:
+        raise HTTPException(400, f"no usable {field}: {'; '.join(rejected[:5])}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    return rejected
+
+
+@router.post("/v1/retrain", status_code=202)
+async def start_retrain(body: RetrainRequest, service: ServiceDep) -> dict[str, Any]:
+    """Queue a retrain of `collection`; poll `GET /v1/jobs/{id}` (its log shows the steps)."""
+    from training.retrain import RetrainOptions, retrain
+
+    name = check_collection_name(body.collection or service.settings.collection)
+    settings = service.settings.model_copy(deep=True)
+    settings.collection = name
+    uploads = Registry(settings).root / "uploads"
+    token = uuid.uuid4().hex
+    rejected = _write_pairs(body.pairs, uploads / f"{token}.pairs.jsonl", "pairs")
+    dev_path = uploads / f"{token}.dev.jsonl" if body.dev else None
+    if body.dev and dev_path is not None:
+        rejected += _write_pairs(body.dev, dev_path, "dev")
+    options = RetrainOptions(
+        pairs=uploads / f"{token}.pairs.jsonl", dev=dev_path, from_base=body.from_base,
+        skip_embedder=body.skip_embedder, skip_reranker=body.skip_reranker, promote=body.promote,
+        dry_run=body.dry_run,
+    )  # fmt: skip
+    assert service.jobs is not None and service.store is not None
+    store = service.store
+
+    def work(job: Job) -> dict[str, Any]:
+        return retrain(settings, store, options, say=job.say)
+
+    job = service.jobs.submit_work(name, "retrain", work)
+    return {"job_id": job.id, "status": job.status, "rejected": rejected}

@@ -1,0 +1,345 @@
+"""`twostage retrain` on the tiny Qwen3 models: promote and switch under load, refuse a worse
+candidate, roll back, survive a kill during reindex.
+
+Tiny random models cannot generalise, so the dev queries here are the training queries with a
+trailing " ." (not deduplicated as overlap, close enough that what a model memorised carries
+over). That makes a trained candidate measurably better, which is what these tests need: they
+are about the promotion, the switch and the failure paths, not about model quality.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from retrieval.collections import open_store
+from retrieval.embedder import load_embedder
+from retrieval.registry import Registry
+from retrieval.reranker import load_reranker
+from retrieval.search import Deployment, two_stage_search
+from retrieval.settings import Settings
+from retrieval.tiny_models import TinyModelPaths
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
+TRAINING = {  # enough steps for the tiny models to memorise the pairs
+    "TWOSTAGE_RETRAIN__EMBEDDER_EPOCHS": "6", "TWOSTAGE_RETRAIN__RERANKER_EPOCHS": "6",
+    "TWOSTAGE_RETRAIN__EMBEDDER_LR": "2e-3", "TWOSTAGE_RETRAIN__RERANKER_LR": "2e-3",
+    "TWOSTAGE_RETRAIN__EMBEDDER_BATCH_SIZE": "16", "TWOSTAGE_RETRAIN__RERANKER_BATCH_SIZE": "16",
+    "TWOSTAGE_RETRAIN__EVAL_STEPS": "10", "TWOSTAGE_RETRAIN__LORA": "false",
+}  # fmt: skip
+
+
+def _rows(name: str, n: int) -> list[dict[str, Any]]:
+    with (DATA / name).open() as handle:
+        return [json.loads(next(handle)) for _ in range(n)]
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def deployed(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModelPaths, model_cache: Path
+) -> Path:
+    """A data dir with 240 train positives + 2,000 corpus documents ingested by the tiny embedder,
+    and the pairs files next to it."""
+    root = tmp_path_factory.mktemp("retrain")
+    pairs = _rows("train.jsonl", 240)
+    corpus = [{"id": r["package"], "text": r["positive"]} for r in pairs]
+    corpus += [{"id": r["_id"], "text": r["text"]} for r in _rows("corpus.jsonl", 2000)]
+    _write(root / "corpus.jsonl", corpus)
+    _write(root / "train.jsonl", [{"query": r["query"], "positive": r["positive"]} for r in pairs[:120]])
+    _write(root / "dev.jsonl", [{"query": r["query"] + " .", "positive": r["positive"]} for r in pairs[:40]])
+    shifted = [
+        {"query": r["query"], "positive": pairs[(i + 1) % 120]["positive"]} for i, r in enumerate(pairs[:120])
+    ]
+    _write(root / "mislabelled.jsonl", shifted)
+    result = _twostage(
+        ["ingest", str(root / "corpus.jsonl"), "--quiet"], _env(root / "data", tiny_models, model_cache)
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root
+
+
+def _env(data_dir: Path, tiny_models: TinyModelPaths, model_cache: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ, **TRAINING, **extra,
+        "TWOSTAGE_DATA_DIR": str(data_dir), "TWOSTAGE_CACHE_DIR": str(model_cache), "TWOSTAGE_DEVICE": "cpu",
+        "TWOSTAGE_EMBEDDER__MODEL": str(tiny_models.embedder), "TWOSTAGE_RERANKER__MODEL": str(tiny_models.reranker),
+    }  # fmt: skip
+
+
+def _twostage(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _copy(deployed: Path, tmp_path: Path) -> Path:
+    shutil.copytree(deployed / "data", tmp_path / "data")
+    return tmp_path / "data"
+
+
+def _settings(data_dir: Path, tiny_models: TinyModelPaths, model_cache: Path) -> Settings:
+    return Settings(
+        data_dir=data_dir, cache_dir=model_cache, device="cpu",
+        embedder={"model": str(tiny_models.embedder)}, reranker={"model": str(tiny_models.reranker)},
+    )  # fmt: skip
+
+
+def _search(settings: Settings, queries: list[str]) -> tuple[str, list[list[tuple[str, float]]]]:
+    """What the deployment the registry (or, before any retrain, the configuration) names returns."""
+    record = Registry(settings).current()
+    system = settings.model_copy(deep=True)
+    if record is not None:
+        system.embedder.model, system.reranker.model = record.embedder, record.reranker
+    store = open_store(system)
+    try:
+        collection = store.resolve_alias(system.collection)
+        assert collection is not None and (record is None or record.collection == collection)
+        deployment = Deployment(store.read_manifest(collection), load_embedder(system), load_reranker(system))
+        results = [
+            two_stage_search(deployment, store, q, instruction=None, top_k=10, top_n=5) for q in queries
+        ]
+        return collection, [
+            [(h.doc_id, round(float(h.rerank_score or 0), 6)) for h in r.hits] for r in results
+        ]
+    finally:
+        store.close()
+
+
+def test_promote_refuse_a_regression_and_roll_back(
+    deployed: Path, tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
+) -> None:
+    data_dir = _copy(deployed, tmp_path)
+    settings = _settings(data_dir, tiny_models, model_cache)
+    queries = [json.loads(line)["query"] for line in (deployed / "dev.jsonl").read_text().splitlines()[:5]]
+    before = _search(settings, queries)
+    env = _env(data_dir, tiny_models, model_cache)
+    dry = _twostage(["retrain", "--pairs", str(deployed / "train.jsonl"), "--dry-run"], env)
+    assert dry.returncode == 0 and "plan:" in dry.stderr and "reindex" in dry.stderr
+    assert not (data_dir / "registry" / "docs" / "runs").exists()  # a dry run changes nothing
+
+    result = _twostage(["retrain", "--pairs", str(deployed / "train.jsonl"), "--dev", str(deployed / "dev.jsonl"),
+                        "--json"], env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads(result.stdout)
+    assert run["decision"] == "promoted", run.get("gate")
+    assert set(run["steps"]) >= {
+        "mine",
+        "train_embedder",
+        "train_reranker",
+        "evaluate",
+        "reindex",
+        "verify",
+        "switch",
+    }
+    assert all(step["status"] == "done" and step["seconds"] >= 0 for step in run["steps"].values())
+    assert run["inputs"]["pairs"]["sha256"] and run["metrics"]["candidate"]["two-stage"]["nDCG@10"] > 0
+    after = _search(settings, queries)
+    assert after[0] == "docs__v2" and after != before
+
+    listing = _twostage(["versions", "--json"], env)
+    rows = json.loads(listing.stdout)
+    assert [(r["id"], r["current"], r["parent"]) for r in rows] == [(1, False, None), (2, True, 1)]
+
+    # A forced regression: pairs exported with every positive shifted by one row train a
+    # candidate (from the deployed d2) that learned wrong answers. It is evaluated, reported and
+    # refused; nothing the service uses moves.
+    refused = _twostage(["retrain", "--pairs", str(deployed / "mislabelled.jsonl"), "--dev",
+                         str(deployed / "dev.jsonl"), "--json"], env)  # fmt: skip
+    assert refused.returncode == 0, refused.stderr[-3000:]
+    run = json.loads(refused.stdout)
+    assert run["decision"] == "kept" and not run["gate"]["promote"], run["gate"]
+    assert (
+        run["metrics"]["candidate"]["two-stage"]["nDCG@10"]
+        < run["metrics"]["deployed"]["two-stage"]["nDCG@10"]
+    )
+    run_dir = data_dir / "registry" / "docs" / "runs" / run["run"]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert set(report["results"]) == {"deployed", "candidate"} and (run_dir / "report.png").stat().st_size > 0
+    assert "deployment d2 kept" in refused.stderr and "two-stage/nDCG@10" in refused.stderr
+    assert _search(settings, queries) == after
+    assert sorted(p.name for p in (data_dir / "collections").iterdir() if p.is_dir()) == [
+        "docs__v1",
+        "docs__v2",
+    ]
+    assert [r.id for r in Registry(settings).records()] == [1, 2]
+
+    back = _twostage(["rollback"], env)
+    assert back.returncode == 0 and "d2 -> d1" in back.stdout
+    assert _search(settings, queries) == before
+    again = _twostage(["rollback"], env)
+    assert again.returncode == 2 and "no previous deployment" in again.stderr
+    assert _twostage(["rollback", "d2"], env).returncode == 0
+    assert _search(settings, queries) == after
+
+    # A reranker-only retrain needs no reindex: same collection, new reranker.
+    only = _twostage(["retrain", "--pairs", str(deployed / "train.jsonl"), "--dev", str(deployed / "dev.jsonl"),
+                      "--skip-embedder", "--no-promote", "--json"], env)  # fmt: skip
+    assert only.returncode == 0, only.stderr[-2000:]
+    run = json.loads(only.stdout)
+    assert (
+        "train_embedder" not in run["steps"] and "reindex" not in run["steps"] and run["decision"] == "kept"
+    )
+
+
+def test_kill_during_reindex_keeps_the_old_deployment_and_a_rerun_completes(
+    deployed: Path, tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
+) -> None:
+    data_dir = _copy(deployed, tmp_path)
+    settings = _settings(data_dir, tiny_models, model_cache)
+    queries = ["a lightweight text editor", "network monitoring tool"]
+    before = _search(settings, queries)
+    env = _env(data_dir, tiny_models, model_cache)
+    args = ["retrain", "--pairs", str(deployed / "train.jsonl"), "--dev", str(deployed / "dev.jsonl")]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", *args],
+        env=env,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        if line.startswith("reindex: "):  # the first batch of the new version is written
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    registry = Registry(settings)
+    assert registry.pending() is not None and registry.current() is not None
+    assert registry.current().id == 1  # type: ignore[union-attr]
+    assert _search(settings, queries) == before  # the old pair still serves
+
+    rerun = _twostage([*args, "--json"], env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout)["decision"] == "promoted"
+    assert "left unfinished by run" in rerun.stderr and registry.pending() is None
+    store = open_store(settings)
+    try:
+        assert store.resolve_alias("docs") == "docs__v2"
+        assert store.count("docs__v2") == store.count("docs__v1")
+        assert store.read_manifest("docs__v2").status == "ready"
+    finally:
+        store.close()
+
+
+def test_bad_input_leaves_the_deployment_serving(
+    deployed: Path, tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
+) -> None:
+    data_dir = _copy(deployed, tmp_path)
+    env = _env(data_dir, tiny_models, model_cache)
+    stranger = _write(tmp_path / "stranger.jsonl", [{"query": "q", "positive": "a passage nobody indexed"}])
+    cases = {
+        str(tmp_path / "missing.jsonl"): "does not exist",
+        str(_write(tmp_path / "empty.jsonl", [])): "no usable",
+        str(stranger): "none of the 1 pairs' positives is stored",
+    }
+    for pairs, message in cases.items():
+        result = _twostage(["retrain", "--pairs", pairs], env)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-1500:]
+        assert "Traceback" not in result.stderr
+    both = _twostage(
+        ["retrain", "--pairs", str(deployed / "train.jsonl"), "--skip-embedder", "--skip-reranker"], env
+    )
+    assert both.returncode == 2 and "nothing to retrain" in both.stderr
+    overlap = _twostage(["retrain", "--pairs", str(deployed / "train.jsonl"), "--dev", str(deployed / "train.jsonl"),
+                         "--dry-run"], env)  # fmt: skip
+    assert overlap.returncode == 2 and "share a query with the dev set" in overlap.stderr
+
+    settings = _settings(data_dir, tiny_models, model_cache)
+    with Registry(settings).lock():  # another retrain holds the lock
+        busy = _twostage(["retrain", "--pairs", str(deployed / "train.jsonl")], env)
+    assert busy.returncode == 2 and f"already running (pid {os.getpid()})" in busy.stderr
+    assert not Registry(settings).exists  # nothing was recorded by any of these
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_full_cycle_through_the_server_under_load(
+    deployed: Path, tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
+) -> None:
+    """A client hammers /v1/search during a retrain run inside the server: no request fails, and
+    every answer comes from one consistent (collection, embedder) pair, old or new."""
+    data_dir = _copy(deployed, tmp_path)
+    port = _free_port()
+    env = _env(
+        data_dir, tiny_models, model_cache, TWOSTAGE_API__API_KEYS='["secret"]', TWOSTAGE_API__PORT=str(port)
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    url = f"http://127.0.0.1:{port}"
+    seen: list[tuple[str, str]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            while not stop.is_set():
+                try:
+                    r = client.post(
+                        "/v1/search", json={"query": "a lightweight text editor", "top_k": 10, "top_n": 3}
+                    )
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                    continue
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code} {r.text[:200]}")
+                else:
+                    body = r.json()
+                    seen.append((body["collection"], body["embedder"]))
+
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("server did not become ready")
+        threads = [threading.Thread(target=hammer) for _ in range(2)]
+        for t in threads:
+            t.start()
+        result = _twostage(["retrain", "--server", url, "--api-key", "secret", "--pairs", str(deployed / "train.jsonl"),
+                            "--dev", str(deployed / "dev.jsonl"), "--json"], env)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(result.stdout)["decision"] == "promoted"
+        assert "switch ..." in result.stderr  # the job's progress reached the client
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (seen and seen[-1][0] == "docs__v2"):
+            time.sleep(0.2)
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        stop.set()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    assert not failures, failures[:5]
+    pairs = set(seen)
+    assert {c for c, _ in pairs} == {"docs__v1", "docs__v2"}, pairs
+    assert len(pairs) == 2  # one embedder per collection version, never mixed
+    first_new = next(i for i, (c, _) in enumerate(seen) if c == "docs__v2")
+    assert all(c == "docs__v2" for c, _ in seen[first_new:])  # no flapping back after the switch

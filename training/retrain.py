@@ -1,0 +1,540 @@
+"""`twostage retrain`: mine, fine-tune both models, evaluate, and promote only a better pair.
+
+The cycle, each step timed in the run's manifest (`registry/NAME/runs/RUN/manifest.json`):
+
+  mine       hard negatives for the pairs against the live index's chunks, with the deployed
+             embedder (the mistakes it makes now)
+  train      the embedder and/or the reranker, starting from the deployed models (or the
+             configured base models with `from_base`), LoRA merged into standalone models
+  evaluate   deployed vs candidate on held-out pairs, dense and two-stage (report.json/.png)
+  gate       promote only if the primary metric gains at least `min_gain` and no secondary
+             metric drops by more than `tolerance`
+  reindex    a new collection version embedded by the candidate, from the stored chunk text
+             (the original files are not needed); skipped when the embedder did not change
+  verify     the same metrics end to end through the new index, as `/v1/search` runs them
+  switch     the registry pointer (collection + embedder + reranker in one rename), then the
+             store's alias; the old version and models stay for `twostage rollback`
+
+Nothing the API serves changes before `switch`: any failure or crash earlier leaves the
+deployed pair serving. A version left half-built by a crash is recorded in `pending.json`
+and removed by the next run.
+"""
+
+import hashlib
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from retrieval.collections import active_manifest, create_version
+from retrieval.embedder import Embedder, detect_embedder_family, load_embedder
+from retrieval.errors import InputError
+from retrieval.locks import write_json_atomic
+from retrieval.model_source import resolve_model
+from retrieval.registry import DeploymentRecord, Registry
+from retrieval.reranker import load_reranker
+from retrieval.search import Deployment
+from retrieval.settings import Settings
+from retrieval.store import Point, StoreError, VectorStore, now_iso
+from training.data import Pair, load_examples, split_by_query
+
+Say = Callable[[str], None]
+_REINDEX_BATCH = 256
+
+
+@dataclass
+class RetrainOptions:
+    pairs: Path
+    dev: Path | None = None
+    from_base: bool = False
+    skip_embedder: bool = False
+    skip_reranker: bool = False
+    promote: bool = True
+    dry_run: bool = False
+
+
+class RunManifest:
+    """The run's record, rewritten atomically after every step so a crash leaves it readable."""
+
+    def __init__(self, run_dir: Path, data: dict[str, Any]) -> None:
+        self.path = run_dir / "manifest.json"
+        self.data = {"steps": {}, **data}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
+
+    @contextmanager
+    def step(self, name: str, say: Say) -> Iterator[dict[str, Any]]:
+        say(f"{name} ...")
+        entry: dict[str, Any] = {"started_at": now_iso(), "status": "running"}
+        self.data["steps"][name] = entry
+        self.save()
+        started = time.perf_counter()
+        try:
+            yield entry
+        except BaseException as exc:
+            entry.update(status="failed", error=str(exc) or type(exc).__name__)
+            raise
+        else:
+            entry["status"] = "done"
+        finally:
+            entry["seconds"] = round(time.perf_counter() - started, 2)
+            self.save()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def current_deployment(registry: Registry, store: VectorStore, settings: Settings) -> DeploymentRecord:
+    """The deployed pair; before the first retrain, the alias plus the configured models
+    (recorded then as deployment 1, so there is something to roll back to)."""
+    record = registry.current()
+    if record is not None:
+        return record
+    manifest = active_manifest(store, registry.name)
+    record = DeploymentRecord(
+        id=registry.next_id(),
+        collection=manifest.collection,
+        embedder=settings.embedder.model,
+        embedder_id=manifest.embedder,
+        reranker=settings.reranker.model,
+    )
+    registry.add(record)
+    registry.point_to(record)
+    return record
+
+
+def clean_pending(registry: Registry, store: VectorStore, say: Say) -> None:
+    """Remove the collection version a crashed run left half-built (never a deployed one)."""
+    pending = registry.pending()
+    if pending is None:
+        return
+    deployed = {r.collection for r in registry.records()}
+    collection = pending["collection"]
+    if collection not in deployed and collection in store.list_collections():
+        say(f"removing {collection}, left unfinished by run {pending.get('run')}")
+        store.delete_collection(collection)
+    registry.set_pending(None)
+
+
+def load_pairs(path: Path, say: Say) -> list[Pair]:
+    loaded = load_examples(path)
+    for bad in loaded.bad:
+        say(f"skipped {bad}")
+    pairs = list(dict.fromkeys(e for e in loaded.examples if isinstance(e, Pair)))
+    if not pairs:
+        raise InputError(f"{path} has no usable {{query, positive}} pairs")
+    return pairs
+
+
+def in_index(pairs: list[Pair], chunks: list[str], collection: str, say: Say) -> list[Pair]:
+    """Pairs whose positive passage is stored in the index (as a chunk, or a document's first one)."""
+    known = {c.strip()[:200] for c in chunks}
+    kept = [p for p in pairs if p.positive.strip()[:200] in known]
+    if not kept:
+        raise InputError(
+            f"none of the {len(pairs)} pairs' positives is stored in {collection}: retrain learns "
+            "from queries about indexed documents (ingest them first, or check the pairs file)"
+        )
+    if len(kept) < len(pairs):
+        say(f"warning: {len(pairs) - len(kept)} of {len(pairs)} pairs have a positive that is not in "
+            f"{collection}; they are left out")  # fmt: skip
+    return kept
+
+
+def split_dev(
+    pairs: list[Pair], dev_path: Path | None, fraction: float, say: Say
+) -> tuple[list[Pair], list[Pair]]:
+    """Train/dev pairs; a dev query that also appears in training is dropped from training."""
+    if dev_path is None:
+        train_part, dev_part = split_by_query(pairs, fraction)
+        return [p for p in train_part if isinstance(p, Pair)], [p for p in dev_part if isinstance(p, Pair)]
+    dev = load_pairs(dev_path, say)
+    dev_queries = {p.query for p in dev}
+    train = [p for p in pairs if p.query not in dev_queries]
+    if len(train) < len(pairs):
+        say(f"warning: {len(pairs) - len(train)} training pairs share a query with the dev set; "
+            "they are left out of training")  # fmt: skip
+    return train, dev
+
+
+def gate(
+    deployed: dict[str, dict[str, float]], candidate: dict[str, dict[str, float]], settings: Settings
+) -> tuple[bool, list[str]]:
+    """Promote only if the primary metric gains enough and no secondary one regresses too far."""
+    cfg = settings.retrain
+
+    def value(metrics: dict[str, dict[str, float]], name: str) -> float:
+        mode, metric = name.split("/", 1)
+        return metrics[mode][metric]
+
+    reasons = []
+    base, new = value(deployed, cfg.primary_metric), value(candidate, cfg.primary_metric)
+    promote = new - base >= cfg.min_gain and new > base
+    reasons.append(
+        f"{cfg.primary_metric} {base:.4f} -> {new:.4f} ({new - base:+.4f}; needs >= +{cfg.min_gain:.4f})"
+    )
+    for name in cfg.secondary_metrics:
+        base_value, new_value = value(deployed, name), value(candidate, name)
+        if new_value < base_value - cfg.tolerance:
+            promote = False
+            reasons.append(
+                f"{name} regressed {base_value:.4f} -> {new_value:.4f} (tolerance {cfg.tolerance})"
+            )
+    return promote, reasons
+
+
+def _system(settings: Settings, embedder: str, reranker: str) -> Settings:
+    chosen = settings.model_copy(deep=True)
+    chosen.embedder.model, chosen.reranker.model = embedder, reranker
+    return chosen
+
+
+def _train_embedder(settings: Settings, base: str, train: list[Pair], dev: list[Pair], out: Path) -> Path:
+    from retrieval.devices import resolve_device
+    from training.embedder_training import EmbedderTrainSettings, train_embedder
+    from training.st_model import load_st_embedder
+
+    cfg = settings.retrain
+    system = _system(settings, base, settings.reranker.model)
+    source = resolve_model(base, cache_dir=settings.cache_dir)
+    model = load_st_embedder(source.path, system, device=str(resolve_device(settings.device)))
+    last_token = detect_embedder_family(source) == "last-token"
+    options = EmbedderTrainSettings(
+        epochs=cfg.embedder_epochs, batch_size=cfg.embedder_batch_size, learning_rate=cfg.embedder_lr,
+        lora=cfg.lora, eval_steps=cfg.eval_steps,
+    )  # fmt: skip
+    report = train_embedder(
+        model,
+        train,
+        dev,
+        out,
+        options,
+        app=system,
+        task=settings.embedder.instruction if last_token else None,
+    )
+    return Path(report["model_dir"])
+
+
+def _train_reranker(settings: Settings, base: str, train: list[Pair], dev: list[Pair], out: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from retrieval.devices import resolve_device
+    from training.reranker_training import RerankerTrainSettings, train_reranker
+
+    cfg = settings.retrain
+    source = resolve_model(base, cache_dir=settings.cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(source.path)).to(resolve_device(settings.device))  # type: ignore[arg-type]
+    tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+    options = RerankerTrainSettings(
+        epochs=cfg.reranker_epochs, batch_size=cfg.reranker_batch_size, learning_rate=cfg.reranker_lr,
+        mode="lora" if cfg.lora else "full", eval_steps=cfg.eval_steps,
+    )  # fmt: skip
+    report = train_reranker(
+        model, tokenizer, list(train), list(dev), out, options,
+        instruction=settings.reranker.instruction, max_length=cfg.reranker_max_length,
+    )  # fmt: skip
+    return Path(report["model_dir"])
+
+
+def copy_model(source: Path, target: Path) -> None:
+    """Copy a trained model into the registry; a failed copy (disk full) leaves nothing behind."""
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        shutil.copytree(source, partial)
+        partial.rename(target)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise StoreError(f"could not store the model in {target.parent}: {exc}") from exc
+
+
+def reindex(store: VectorStore, source: str, target: str, embedder: Embedder, say: Say) -> int:
+    """Every chunk of `source` re-embedded into `target`: same ids and payloads, new vectors."""
+    total = store.count(source)
+    done = 0
+    batch: list[Any] = []
+
+    def flush() -> None:
+        nonlocal done
+        vectors = embedder.embed_documents([str(r.payload.get("text", "")) for r in batch])
+        store.upsert(target, [Point(r.id, v, r.payload) for r, v in zip(batch, vectors, strict=True)])
+        done += len(batch)
+        say(f"reindex: {done}/{total} chunks")
+        batch.clear()
+
+    for record in store.scroll(source):
+        batch.append(record)
+        if len(batch) >= _REINDEX_BATCH:
+            flush()
+    if batch:
+        flush()
+    store.optimize(target)
+    return done
+
+
+def retrain(
+    settings: Settings, store: VectorStore, options: RetrainOptions, say: Say = print
+) -> dict[str, Any]:
+    """Run the whole cycle (see the module doc); returns the run manifest's data."""
+    registry = Registry(settings)
+    with registry.lock():
+        return _retrain_locked(settings, store, options, registry, say)
+
+
+def _retrain_locked(
+    settings: Settings, store: VectorStore, options: RetrainOptions, registry: Registry, say: Say
+) -> dict[str, Any]:
+    cfg = settings.retrain
+    if not options.pairs.exists():
+        raise InputError(f"pairs file {str(options.pairs)!r} does not exist")
+    if options.skip_embedder and options.skip_reranker:
+        raise InputError("--skip-embedder and --skip-reranker together leave nothing to retrain")
+    pairs = load_pairs(options.pairs, say)
+    if not options.dry_run:
+        clean_pending(registry, store, say)
+    deployed = current_deployment(registry, store, settings) if not options.dry_run else registry.current()
+    live = deployed.collection if deployed else active_manifest(store, registry.name).collection
+    chunks = [str(r.payload.get("text", "")) for r in store.scroll(live, fields=["text"])]
+    pairs = in_index(pairs, chunks, live, say)
+    train, dev = split_dev(pairs, options.dev, cfg.dev_fraction, say)
+    if not train or not dev:
+        raise InputError(f"need training and dev pairs (have {len(train)} and {len(dev)}); add pairs")
+    embedder_base = settings.embedder.model if options.from_base or not deployed else deployed.embedder
+    reranker_base = settings.reranker.model if options.from_base or not deployed else deployed.reranker
+    plan = [
+        f"collection {registry.name}: live version {live} ({len(chunks)} chunks), deployment "
+        + (f"d{deployed.id}" if deployed else "(first retrain: recorded as the first deployment)"),
+        f"pairs: {len(train)} train / {len(dev)} dev (from {options.pairs})",
+        f"mine {cfg.negatives} hard negatives per pair from the live chunks",
+        "train embedder from " + ("(skipped)" if options.skip_embedder else embedder_base),
+        "train reranker from " + ("(skipped)" if options.skip_reranker else reranker_base),
+        f"evaluate deployed vs candidate (dense, two-stage top-{cfg.top_k}); gate: {cfg.primary_metric} "
+        f"+{cfg.min_gain}, secondaries within {cfg.tolerance}",
+        "no promotion (--no-promote)" if not options.promote else (
+            "reindex into a new version, verify, switch the alias" if not options.skip_embedder
+            else "no reindex (same embedder), switch the reranker"),
+    ]  # fmt: skip
+    if options.dry_run:
+        say("plan:\n  " + "\n  ".join(plan))
+        return {"plan": plan, "dry_run": True}
+    assert deployed is not None
+
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    run_dir = registry.runs_dir() / run_id
+    inputs = {"pairs": {"path": str(options.pairs), "sha256": file_sha256(options.pairs)}}
+    if options.dev:
+        inputs["dev"] = {"path": str(options.dev), "sha256": file_sha256(options.dev)}
+    manifest = RunManifest(run_dir, {
+        "run": run_id, "started_at": now_iso(), "collection": registry.name, "deployed": deployed.id,
+        "inputs": inputs, "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},  # noqa: E501
+        "settings": settings.retrain.model_dump(), "sizes": {"train": len(train), "dev": len(dev), "chunks": len(chunks)},  # noqa: E501
+        "machine": {"platform": platform.platform()}, "plan": plan,
+    })  # fmt: skip
+    try:
+        return _cycle(settings, store, options, registry, deployed, manifest, run_dir, chunks, train, dev,
+                      embedder_base, reranker_base, say)  # fmt: skip
+    except BaseException as exc:
+        manifest.data.update(decision="failed", error=str(exc) or type(exc).__name__, finished_at=now_iso())
+        manifest.save()
+        say(f"retrain failed, deployment d{deployed.id} still serving: {manifest.data['error']}")
+        try:  # drop what this run half-built; if the store is unreachable, the next run does it
+            clean_pending(registry, store, say)
+            if not any(r.run == run_id for r in registry.records()):
+                shutil.rmtree(registry.models_dir(registry.next_id()), ignore_errors=True)
+        except Exception as cleanup:  # the original error is the one to report
+            say(f"cleanup postponed to the next run: {cleanup}")
+        raise
+    finally:
+        for part in ("embedder", "reranker"):  # checkpoints are only for resuming a crashed run
+            shutil.rmtree(run_dir / part / "checkpoints", ignore_errors=True)
+
+
+def _cycle(
+    settings: Settings,
+    store: VectorStore,
+    options: RetrainOptions,
+    registry: Registry,
+    deployed: DeploymentRecord,
+    manifest: RunManifest,
+    run_dir: Path,
+    chunks: list[str],
+    train: list[Pair],
+    dev: list[Pair],
+    embedder_base: str,
+    reranker_base: str,
+    say: Say,
+) -> dict[str, Any]:
+    from training.evaluation import evaluate, evaluate_index, from_pairs, table, write_report
+    from training.mining import MiningSettings, mine, with_negatives
+    from training.st_model import load_st_embedder, query_prompt
+
+    cfg = settings.retrain
+    with manifest.step("mine", say) as step:
+        deployed_system = _system(settings, deployed.embedder, deployed.reranker)
+        source = resolve_model(deployed.embedder, cache_dir=settings.cache_dir)
+        st = load_st_embedder(source.path, deployed_system)
+        mining = MiningSettings(num_negatives=cfg.negatives)
+        last_token = detect_embedder_family(source) == "last-token"
+        prompt = query_prompt(settings.embedder.instruction) if last_token else None
+        mined, mined_dev = (
+            mine(part, chunks, st, mining, query_prompt=prompt, cache_dir=settings.cache_dir,
+                 model_id=deployed.embedder_id)
+            for part in (train, dev)
+        )  # fmt: skip
+        mined, filled = with_negatives(train, mined, chunks, cfg.negatives)
+        mined_dev, filled_dev = with_negatives(dev, mined_dev, chunks, cfg.negatives)
+        step.update(train=len(mined), dev=len(mined_dev), random_negatives=filled + filled_dev)
+        if filled + filled_dev:
+            say(f"{filled + filled_dev} pairs had too few hard negatives past the false-negative guard; "
+                "they got random indexed chunks instead")  # fmt: skip
+        del st
+
+    candidate_embedder, candidate_reranker = deployed.embedder, deployed.reranker
+    if not options.skip_embedder:
+        with manifest.step("train_embedder", say):
+            candidate_embedder = str(
+                _train_embedder(settings, embedder_base, mined, dev, run_dir / "embedder")
+            )
+    if not options.skip_reranker:
+        with manifest.step("train_reranker", say):
+            candidate_reranker = str(
+                _train_reranker(settings, reranker_base, mined, mined_dev, run_dir / "reranker")
+            )
+
+    with manifest.step("evaluate", say):
+        data = from_pairs(dev, chunks[: cfg.max_distractors])
+        results = {}
+        for name, (emb, rr) in {
+            "deployed": (deployed.embedder, deployed.reranker),
+            "candidate": (candidate_embedder, candidate_reranker),
+        }.items():
+            system = _system(settings, emb, rr)
+            results[name] = evaluate(data, load_embedder(system), load_reranker(system), top_k=cfg.top_k)
+        write_report(results, run_dir, {"run": run_id_of(manifest), "queries": len(data.queries),
+                                        "corpus": len(data.corpus), "top_k": cfg.top_k})  # fmt: skip
+        say(table(results))
+    promote, reasons = gate(results["deployed"], results["candidate"], settings)
+    manifest.data.update(metrics=results, gate={"promote": promote, "reasons": reasons})
+    manifest.save()
+    if not promote or not options.promote:
+        why = "the candidate is not better enough" if not promote else "--no-promote"
+        return _finish(manifest, "kept", f"deployment d{deployed.id} kept: {why}", reasons, say)
+
+    new_id = registry.next_id()
+    models = registry.models_dir(new_id)
+    shutil.rmtree(models, ignore_errors=True)  # left by a run that crashed before recording d{new_id}
+    models.mkdir(parents=True)
+    record = deployed.model_copy(update={
+        "id": new_id, "parent": deployed.id, "run": run_id_of(manifest), "metrics": results["candidate"],
+        "created_at": now_iso(),
+    })  # fmt: skip
+    with manifest.step("store_models", say):
+        if candidate_embedder != deployed.embedder:
+            copy_model(Path(candidate_embedder), models / "embedder")
+            record.embedder = str((models / "embedder").resolve())
+        if candidate_reranker != deployed.reranker:
+            copy_model(Path(candidate_reranker), models / "reranker")
+            record.reranker = str((models / "reranker").resolve())
+    system = _system(settings, record.embedder, record.reranker)
+    new_embedder, new_reranker = load_embedder(system), load_reranker(system)
+    if record.embedder != deployed.embedder:
+        with manifest.step("reindex", say) as step:
+            version = create_version(
+                store,
+                registry.name,
+                new_embedder,
+                system,
+                store.read_manifest(deployed.collection).payload_indexes,
+            )
+            registry.set_pending(version.collection, run_id_of(manifest))
+            step["chunks"] = reindex(store, deployed.collection, version.collection, new_embedder, say)
+            old = store.read_manifest(deployed.collection)
+            update = {
+                "status": "ready",
+                "documents": old.documents,
+                "chunks": step["chunks"],
+                "updated_at": now_iso(),
+            }
+            version = version.model_copy(update=update)
+            store.write_manifest(version)
+        record.collection, record.embedder_id = version.collection, new_embedder.model_id
+    with manifest.step("verify", say) as step:
+        deployment = Deployment(store.read_manifest(record.collection), new_embedder, new_reranker)
+        live = evaluate_index(dev, deployment, store, top_k=cfg.top_k, instruction=None)
+        step["end_to_end"] = live
+        primary_mode, primary = cfg.primary_metric.split("/", 1)
+        expected = results["candidate"][primary_mode][primary]
+        if live[primary_mode][primary] < expected - max(cfg.tolerance, 0.05):
+            raise StoreError(
+                f"the new index gives {cfg.primary_metric} {live[primary_mode][primary]:.4f}, far below "
+                f"the evaluation's {expected:.4f}; not switching (the version stays for inspection)"
+            )
+    with manifest.step("switch", say):
+        registry.add(record)
+        registry.point_to(record)
+        store.set_alias(registry.name, record.collection)
+        registry.set_pending(None)
+    manifest.data["deployment"] = record.model_dump(mode="json")
+    return _finish(manifest, "promoted", f"promoted: deployment d{record.id} ({record.collection}) "
+                   f"replaces d{deployed.id}", reasons, say)  # fmt: skip
+
+
+def run_id_of(manifest: RunManifest) -> str:
+    return str(manifest.data["run"])
+
+
+def _finish(
+    manifest: RunManifest, decision: str, summary: str, reasons: list[str], say: Say
+) -> dict[str, Any]:
+    manifest.data.update(decision=decision, summary=summary, finished_at=now_iso())
+    manifest.save()
+    say(summary + "\n  " + "\n  ".join(reasons) + f"\n  run: {manifest.path.parent}")
+    return manifest.data
+
+
+def rollback(
+    settings: Settings, store: VectorStore, to: int | None = None, say: Say = print
+) -> DeploymentRecord:
+    """Point the registry and the alias back at deployment `to` (default: the current one's parent)."""
+    registry = Registry(settings)
+    with registry.lock():
+        current = registry.current()
+        if current is None:
+            raise InputError(f"{registry.name!r} has no registered deployments (nothing was retrained yet)")
+        if to is None:
+            if current.parent is None:
+                raise InputError(f"deployment d{current.id} has no previous deployment to roll back to")
+            to = current.parent
+        target = registry.get(to)
+        if target.collection not in store.list_collections():
+            raise StoreError(f"deployment d{target.id}'s collection {target.collection} no longer exists")
+        registry.point_to(target)
+        store.set_alias(registry.name, target.collection)
+        say(f"rolled back {registry.name}: d{current.id} -> d{target.id} ({target.collection}, "
+            f"embedder {target.embedder}, reranker {target.reranker})")  # fmt: skip
+        return target
+
+
+def deployments_table(settings: Settings) -> list[dict[str, Any]]:
+    """`twostage versions`: every deployment with its metrics, marked when current."""
+    registry = Registry(settings)
+    current = registry.current()
+    rows = []
+    for record in registry.records():
+        row = record.model_dump(mode="json")
+        row["current"] = current is not None and record.id == current.id
+        rows.append(row)
+    return rows

@@ -283,9 +283,8 @@ def test_full_cycle_through_the_server_under_load(
     env = _env(
         data_dir, tiny_models, model_cache, TWOSTAGE_API__API_KEYS='["secret"]', TWOSTAGE_API__PORT=str(port)
     )
-    server = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    log = (tmp_path / "server.log").open("w")  # a file, not a pipe: a full pipe would stall the server
+    server = subprocess.Popen([sys.executable, "-m", "api.cli", "serve"], env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     seen: list[tuple[str, str]] = []
     failures: list[str] = []
@@ -337,6 +336,7 @@ def test_full_cycle_through_the_server_under_load(
         stop.set()
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
+        log.close()
     assert not failures, failures[:5]
     pairs = set(seen)
     assert {c for c, _ in pairs} == {"docs__v1", "docs__v2"}, pairs

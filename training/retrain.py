@@ -303,9 +303,7 @@ def _retrain_locked(
     if options.skip_embedder and options.skip_reranker:
         raise InputError("--skip-embedder and --skip-reranker together leave nothing to retrain")
     pairs = load_pairs(options.pairs, say)
-    if not options.dry_run:
-        clean_pending(registry, store, say)
-    deployed = current_deployment(registry, store, settings) if not options.dry_run else registry.current()
+    deployed = registry.current()  # None before the first retrain: recorded once the inputs are valid
     live = deployed.collection if deployed else active_manifest(store, registry.name).collection
     chunks = [str(r.payload.get("text", "")) for r in store.scroll(live, fields=["text"])]
     pairs = in_index(pairs, chunks, live, say)
@@ -330,7 +328,8 @@ def _retrain_locked(
     if options.dry_run:
         say("plan:\n  " + "\n  ".join(plan))
         return {"plan": plan, "dry_run": True}
-    assert deployed is not None
+    clean_pending(registry, store, say)
+    deployed = current_deployment(registry, store, settings)
 
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     run_dir = registry.runs_dir() / run_id

@@ -113,7 +113,8 @@ class Service:
         self._pairs: dict[int, tuple[Embedder, Reranker]] = {}  # loaded models per deployment id
         self._loading: dict[int, float] = {}  # deployment id -> when its load started (or failed)
         self._load_lock = threading.Lock()
-        self._configured: tuple[str, str] | None = None  # the configured pair, when it was loaded
+        # the configured (model names, loaded pair) until the first switch away from it
+        self._configured: tuple[tuple[str, str], tuple[Embedder, Reranker]] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -127,7 +128,8 @@ class Service:
         else:
             self.embedder = load_embedder(self.settings)
             self.reranker = load_reranker(self.settings)
-            self._configured = (self.settings.embedder.model, self.settings.reranker.model)
+            configured = (self.settings.embedder.model, self.settings.reranker.model)
+            self._configured = (configured, (self.embedder, self.reranker))
         wait = self.settings.api.batch_wait_ms / 1000
         pending = self.settings.api.max_pending
         self.embed_batcher = MicroBatcher(
@@ -203,9 +205,12 @@ class Service:
         if cached is not None and self._records.get(collection) == record.id:
             return cached
         pair = self._pairs.get(record.id)
-        if pair is None and self._configured == (record.embedder, record.reranker):
-            assert self.embedder is not None and self.reranker is not None
-            pair = self._pairs[record.id] = (self.embedder, self.reranker)  # first retrain's record
+        if (
+            pair is None
+            and self._configured is not None
+            and self._configured[0] == (record.embedder, record.reranker)
+        ):
+            pair = self._pairs[record.id] = self._configured[1]  # the first retrain's record of what runs
         if pair is None:
             if cached is not None:
                 self._load_in_background(record)
@@ -224,6 +229,8 @@ class Service:
             self.embedder, self.reranker, self.load_error = embedder, reranker, None
             in_use = set(self._records.values())
             self._pairs = {k: v for k, v in self._pairs.items() if k in in_use}
+            if self._configured is not None and self._configured[1] != pair:
+                self._configured = None  # its memory goes with it; a rollback loads it again
         log.info("serving deployment d%s of %s: %s", record.id, collection, record.collection)
         return deployment
 

@@ -54,8 +54,8 @@ _SCROLL_PAGE = 1024
 def _shard_lock(path: Path) -> PidLock:
     return PidLock(
         path,
-        f"index {path.parent} is in use by pid {{pid}}; stop the server or ingest through it "
-        "(twostage ingest --server URL)",
+        f"index {path.parent} is in use by pid {{pid}}; stop the server or work through it "
+        "(twostage ingest|retrain --server URL)",
     )
 
 

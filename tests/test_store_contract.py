@@ -204,7 +204,7 @@ def test_edge_shard_is_owned_by_one_process(tmp_path: Path, corpus_vectors) -> N
     result = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True, check=True)
     import os
 
-    assert f"is in use by pid {os.getpid()}; stop the server or ingest through it" in result.stdout
+    assert f"is in use by pid {os.getpid()}; stop the server or work through it" in result.stdout
     with pytest.raises(StoreLockedError):  # a second store in the same process is refused too
         EdgeStore(tmp_path).count("docs__v1")
     store.upsert("docs__v1", points(rows[:1], vectors[:1], tag="still-writable"))

@@ -470,16 +470,20 @@ def _cycle(
             version = version.model_copy(update=update)
             store.write_manifest(version)
         record.collection, record.embedder_id = version.collection, new_embedder.model_id
-    with manifest.step("verify", say) as step:
-        deployment = Deployment(store.read_manifest(record.collection), new_embedder, new_reranker)
-        live = evaluate_index(dev, deployment, store, top_k=cfg.top_k, instruction=None)
-        step["end_to_end"] = live
-        primary_mode, primary = cfg.primary_metric.split("/", 1)
-        expected = results["candidate"][primary_mode][primary]
-        if live[primary_mode][primary] < expected - max(cfg.tolerance, 0.05):
+    with manifest.step("verify", say) as step:  # through the indexes, as /v1/search will answer
+        old_system = _system(settings, deployed.embedder, deployed.reranker)
+        old_pair = Deployment(store.read_manifest(deployed.collection), load_embedder(old_system),
+                              load_reranker(old_system))  # fmt: skip
+        new_pair = Deployment(store.read_manifest(record.collection), new_embedder, new_reranker)
+        before, after = (
+            evaluate_index(dev, d, store, top_k=cfg.top_k, instruction=None) for d in (old_pair, new_pair)
+        )
+        step["end_to_end"] = {"deployed": before, "candidate": after}
+        mode, metric = cfg.primary_metric.split("/", 1)
+        if after[mode][metric] < before[mode][metric] - cfg.tolerance:
             raise StoreError(
-                f"the new index gives {cfg.primary_metric} {live[primary_mode][primary]:.4f}, far below "
-                f"the evaluation's {expected:.4f}; not switching (the version stays for inspection)"
+                f"through the new index {cfg.primary_metric} is {after[mode][metric]:.4f}, below the "
+                f"deployed index's {before[mode][metric]:.4f}; not switching"
             )
     with manifest.step("switch", say):
         registry.add(record)

@@ -53,12 +53,12 @@ def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
 def deployed(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModelPaths, model_cache: Path
 ) -> Path:
-    """A data dir with 240 train positives + 2,000 corpus documents ingested by the tiny embedder,
+    """A data dir with 240 train positives + 1,000 corpus documents ingested by the tiny embedder,
     and the pairs files next to it."""
     root = tmp_path_factory.mktemp("retrain")
     pairs = _rows("train.jsonl", 240)
     corpus = [{"id": r["package"], "text": r["positive"]} for r in pairs]
-    corpus += [{"id": r["_id"], "text": r["text"]} for r in _rows("corpus.jsonl", 2000)]
+    corpus += [{"id": r["_id"], "text": r["text"]} for r in _rows("corpus.jsonl", 1000)]
     _write(root / "corpus.jsonl", corpus)
     _write(root / "train.jsonl", [{"query": r["query"], "positive": r["positive"]} for r in pairs[:120]])
     _write(root / "dev.jsonl", [{"query": r["query"] + " .", "positive": r["positive"]} for r in pairs[:40]])

@@ -12,7 +12,7 @@ from typing import Any
 
 from retrieval.errors import InputError
 from training.data import Example
-from training.reranker_training import RerankerTrainSettings, judgements
+from training.reranker_training import RerankerTrainSettings, bce_judgements
 from training.runs import last_checkpoint, run_arguments
 
 
@@ -39,17 +39,7 @@ def train_cross_encoder(
 
     if settings.loss != "bce" or settings.mode != "full":
         raise InputError("cross-encoder rerankers train with --loss bce and --mode full")
-    train_rows, dev_rows = list(dict.fromkeys(judgements(train))), list(dict.fromkeys(judgements(dev)))
-    if len(train_rows) < settings.batch_size or not dev_rows:
-        raise InputError(
-            f"{len(train_rows)} training and {len(dev_rows)} dev judgements: need at least one batch "
-            f"({settings.batch_size}) to train and one to evaluate"
-        )
-    positives = sum(r.label for r in train_rows)
-    if not positives or positives == len(train_rows):
-        raise InputError(
-            "reranker training needs both relevant and irrelevant examples (mine negatives first)"
-        )
+    train_rows, dev_rows, pos_weight = bce_judgements(train, dev, settings.batch_size)
 
     def dataset(rows: list[Any]) -> Dataset:
         return Dataset.from_dict({
@@ -61,7 +51,6 @@ def train_cross_encoder(
     model = CrossEncoder(
         str(model_path), num_labels=1, max_length=max_length, device=device, local_files_only=True
     )
-    pos_weight = (len(train_rows) - positives) / positives
     loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(pos_weight))
     args = CrossEncoderTrainingArguments(
         num_train_epochs=settings.epochs,

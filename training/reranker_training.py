@@ -157,19 +157,27 @@ def _datasets(
         return _Groups(train_groups, reranker), _Groups(dev_groups, reranker), 1.0
     if settings.loss != "bce":
         raise InputError(f"unknown reranker loss {settings.loss!r}: use bce or listwise")
+    train_rows, dev_rows, pos_weight = bce_judgements(train, dev, settings.batch_size)
+    return _Prompts(train_rows, reranker), _Prompts(dev_rows, reranker), pos_weight
+
+
+def bce_judgements(
+    train: list[Example], dev: list[Example], batch_size: int
+) -> tuple[list[Graded], list[Graded], float]:
+    """Deduplicated judgements for pointwise BCE and its pos_weight (negatives per positive);
+    refuses sets that cannot train: less than a batch, no dev, or only one class."""
     train_rows, dev_rows = list(dict.fromkeys(judgements(train))), list(dict.fromkeys(judgements(dev)))
-    if len(train_rows) < settings.batch_size or not dev_rows:
+    if len(train_rows) < batch_size or not dev_rows:
         raise InputError(
             f"{len(train_rows)} training and {len(dev_rows)} dev judgements: need at least one batch "
-            f"({settings.batch_size}) to train and one to evaluate"
+            f"({batch_size}) to train and one to evaluate"
         )
     positives = sum(r.label for r in train_rows)
     if not positives or positives == len(train_rows):
         raise InputError(
             "reranker training needs both relevant and irrelevant examples (mine negatives first)"
         )
-    pos_weight = (len(train_rows) - positives) / positives
-    return _Prompts(train_rows, reranker), _Prompts(dev_rows, reranker), pos_weight
+    return train_rows, dev_rows, (len(train_rows) - positives) / positives
 
 
 def _rows(ids: list[Any]) -> list[list[int]]:

@@ -110,8 +110,9 @@ class Service:
         self.load_error: str | None = None
         self.jobs: JobRunner | None = None
         self._records: dict[str, int] = {}  # registry deployment id behind each cached deployment
-        self._pairs: dict[int, tuple[Embedder, Reranker]] = {}  # loaded models per deployment id
-        self._loading: dict[int, float] = {}  # deployment id -> when its load started (or failed)
+        # loaded models per (collection, deployment id): ids are only unique within a collection
+        self._pairs: dict[tuple[str, int], tuple[Embedder, Reranker]] = {}
+        self._loading: dict[tuple[str, int], float] = {}  # when a deployment's load started (or failed)
         self._load_lock = threading.Lock()
         # the configured (model names, loaded pair) until the first switch away from it
         self._configured: tuple[tuple[str, str], tuple[Embedder, Reranker]] | None = None
@@ -124,7 +125,7 @@ class Service:
         record = Registry(self.settings).current()
         if record is not None:  # a retrained deployment: its models, not the configured ones
             self.embedder, self.reranker = load_pair(self.settings, record.embedder, record.reranker)
-            self._pairs[record.id] = (self.embedder, self.reranker)
+            self._pairs[(self.settings.collection, record.id)] = (self.embedder, self.reranker)
         else:
             self.embedder = load_embedder(self.settings)
             self.reranker = load_reranker(self.settings)
@@ -204,18 +205,19 @@ class Service:
         assert self.store is not None
         if cached is not None and self._records.get(collection) == record.id:
             return cached
-        pair = self._pairs.get(record.id)
+        key = (collection, record.id)
+        pair = self._pairs.get(key)
         if (
             pair is None
             and self._configured is not None
             and self._configured[0] == (record.embedder, record.reranker)
         ):
-            pair = self._pairs[record.id] = self._configured[1]  # the first retrain's record of what runs
+            pair = self._pairs[key] = self._configured[1]  # the first retrain's record of what runs
         if pair is None:
             if cached is not None:
-                self._load_in_background(record)
+                self._load_in_background(key, record)
                 return cached
-            pair = self._pairs[record.id] = load_pair(self.settings, record.embedder, record.reranker)
+            pair = self._pairs[key] = load_pair(self.settings, record.embedder, record.reranker)
         embedder, reranker = pair
         manifest = self.store.read_manifest(record.collection)
         if manifest.embedder != embedder.model_id:
@@ -227,25 +229,25 @@ class Service:
         self._deployments[collection], self._records[collection] = deployment, record.id
         if collection == self.settings.collection:
             self.embedder, self.reranker, self.load_error = embedder, reranker, None
-            in_use = set(self._records.values())
+            in_use = set(self._records.items())
             self._pairs = {k: v for k, v in self._pairs.items() if k in in_use}
             if self._configured is not None and self._configured[1] != pair:
                 self._configured = None  # its memory goes with it; a rollback loads it again
         log.info("serving deployment d%s of %s: %s", record.id, collection, record.collection)
         return deployment
 
-    def _load_in_background(self, record: DeploymentRecord) -> None:
+    def _load_in_background(self, key: tuple[str, int], record: DeploymentRecord) -> None:
         """Start loading a deployment's models once (a failed load is retried after a while)."""
         with self._load_lock:
-            started = self._loading.get(record.id)
+            started = self._loading.get(key)
             if started is not None and time.monotonic() - started < _RETRY_FAILED_LOAD_S:
                 return
-            self._loading[record.id] = time.monotonic()
+            self._loading[key] = time.monotonic()
 
         def load() -> None:
             try:
-                self._pairs[record.id] = load_pair(self.settings, record.embedder, record.reranker)
-                self._loading.pop(record.id, None)
+                self._pairs[key] = load_pair(self.settings, record.embedder, record.reranker)
+                self._loading.pop(key, None)
             except Exception:  # the old deployment keeps serving; the log says why
                 log.exception("loading deployment d%s failed; still serving the previous one", record.id)
 

@@ -147,14 +147,12 @@ def _train_reranker(args: argparse.Namespace) -> int:
     """Fine-tune the configured reranker (yes/no LM or seq-cls cross-encoder); write the model."""
     import json
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from retrieval.devices import resolve_device
     from retrieval.model_source import resolve_model
-    from retrieval.reranker import detect_reranker_family
+    from retrieval.reranker import reranker_family
     from retrieval.settings import Settings
     from training.data import split_by_query
-    from training.reranker_training import RerankerTrainSettings, train_reranker
+    from training.reranker_training import RerankerTrainSettings, fine_tune_reranker
 
     settings = Settings()
     examples = _examples(args.train)
@@ -166,34 +164,17 @@ def _train_reranker(args: argparse.Namespace) -> int:
         raise InputError(f"need training and dev examples (have {len(train)} and {len(dev)})")
     cfg = settings.reranker
     source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
-    cross_encoder = detect_reranker_family(source) == "cross-encoder"
     options = RerankerTrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-        mode="full" if cross_encoder else args.mode, last_layers=args.last_layers, lora_rank=args.lora_rank,
+        mode=args.mode, last_layers=args.last_layers, lora_rank=args.lora_rank,
         eval_steps=args.eval_steps, early_stopping_patience=args.patience, loss=args.loss,
         group_negatives=args.group_negatives,
     )  # fmt: skip
     out = Path(args.out)
-    device = resolve_device(settings.device)
-    if cross_encoder:  # a sequence-classification model: sentence-transformers' CrossEncoderTrainer
-        from training.cross_encoder_training import train_cross_encoder
-
-        report = train_cross_encoder(
-            source.path, train, dev, out, options, max_length=args.max_length, device=str(device)
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source.path).to(device)  # type: ignore[arg-type]
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
-        report = train_reranker(
-            model,
-            tokenizer,
-            train,
-            dev,
-            out,
-            options,
-            instruction=cfg.instruction,
-            max_length=args.max_length,
-        )
+    report = fine_tune_reranker(
+        source.path, reranker_family(source, cfg.family), train, dev, out, options,
+        instruction=cfg.instruction, max_length=args.max_length, device=str(resolve_device(settings.device)),
+    )  # fmt: skip
     report["base_model"] = cfg.model
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(

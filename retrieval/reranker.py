@@ -77,14 +77,18 @@ def detect_reranker_family(source: ModelSource) -> str:
     return "yes-no" if any(a.endswith("ForCausalLM") for a in architectures) else "cross-encoder"
 
 
+def reranker_family(source: ModelSource, configured: str = "auto") -> str:
+    """The family a reranker is served and trained as: `configured` unless it is `auto`."""
+    return detect_reranker_family(source) if configured == "auto" else configured
+
+
 def load_reranker(settings: Settings) -> Reranker:
     """Resolve, load and warm the configured reranker (the only place that picks the family)."""
     cfg = settings.reranker
     source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    family = detect_reranker_family(source) if cfg.family == "auto" else cfg.family
-    if family == "yes-no":
+    if reranker_family(source, cfg.family) == "yes-no":
         from retrieval.yes_no_reranker import YesNoReranker
 
         return YesNoReranker.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)

@@ -31,11 +31,11 @@ from retrieval.settings import Settings
 from retrieval.tiny_models import TinyModelPaths
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
-TRAINING = {  # enough steps for the tiny models to memorise the pairs
-    "TWOSTAGE_RETRAIN__EMBEDDER_EPOCHS": "6", "TWOSTAGE_RETRAIN__RERANKER_EPOCHS": "6",
+TRAINING = {  # enough steps for the tiny models to memorise the pairs, and no more (CI time)
+    "TWOSTAGE_RETRAIN__EMBEDDER_EPOCHS": "4", "TWOSTAGE_RETRAIN__RERANKER_EPOCHS": "4",
     "TWOSTAGE_RETRAIN__EMBEDDER_LR": "2e-3", "TWOSTAGE_RETRAIN__RERANKER_LR": "2e-3",
     "TWOSTAGE_RETRAIN__EMBEDDER_BATCH_SIZE": "16", "TWOSTAGE_RETRAIN__RERANKER_BATCH_SIZE": "16",
-    "TWOSTAGE_RETRAIN__EVAL_STEPS": "10", "TWOSTAGE_RETRAIN__LORA": "false",
+    "TWOSTAGE_RETRAIN__NEGATIVES": "1", "TWOSTAGE_RETRAIN__EVAL_STEPS": "20", "TWOSTAGE_RETRAIN__LORA": "false",
 }  # fmt: skip
 
 

@@ -229,22 +229,20 @@ def _train_embedder(settings: Settings, base: str, train: list[Pair], dev: list[
 
 
 def _train_reranker(settings: Settings, base: str, train: list[Pair], dev: list[Pair], out: Path) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from retrieval.devices import resolve_device
-    from training.reranker_training import RerankerTrainSettings, train_reranker
+    from retrieval.reranker import reranker_family
+    from training.reranker_training import RerankerTrainSettings, fine_tune_reranker
 
     cfg = settings.retrain
     source = resolve_model(base, cache_dir=settings.cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(source.path)).to(resolve_device(settings.device))  # type: ignore[arg-type]
-    tokenizer = AutoTokenizer.from_pretrained(str(source.path))
     options = RerankerTrainSettings(
         epochs=cfg.reranker_epochs, batch_size=cfg.reranker_batch_size, learning_rate=cfg.reranker_lr,
         mode="lora" if cfg.lora else "full", eval_steps=cfg.eval_steps,
     )  # fmt: skip
-    report = train_reranker(
-        model, tokenizer, list(train), list(dev), out, options,
+    report = fine_tune_reranker(
+        source.path, reranker_family(source, settings.reranker.family), list(train), list(dev), out, options,
         instruction=settings.reranker.instruction, max_length=cfg.reranker_max_length,
+        device=str(resolve_device(settings.device)),
     )  # fmt: skip
     return Path(report["model_dir"])
 

@@ -193,6 +193,12 @@ def gate(
             reasons.append(
                 f"{name} regressed {base_value:.4f} -> {new_value:.4f} (tolerance {cfg.tolerance})"
             )
+    dense, reranked = candidate["dense"]["nDCG@10"], candidate["two-stage"]["nDCG@10"]
+    if reranked < dense:  # not a reason to refuse, but the user should know the reranker costs quality
+        reasons.append(
+            f"note: the candidate's reranker ranks worse than its embedder alone "
+            f"(nDCG@10 dense {dense:.4f}, two-stage {reranked:.4f}); it needs more or better training pairs"
+        )
     return promote, reasons
 
 

@@ -25,7 +25,7 @@ from api.routes import compat, documents, ops, retrain, search
 from api.service import Service
 from retrieval.errors import InputError, ModelLoadError, TwostageError
 from retrieval.settings import Settings
-from retrieval.store import CollectionNotFound, StoreError, StoreLockedError
+from retrieval.store import CollectionNotFound, StoreError, StoreLockedError, StoreUnavailable
 
 STATIC = Path(__file__).resolve().parent / "static"
 access_log = logging.getLogger("twostage.access")
@@ -88,7 +88,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def twostage_error(request: Request, exc: TwostageError) -> JSONResponse:
         if isinstance(exc, InputError):
             return _error(400, str(exc))
-        if isinstance(exc, StoreLockedError | ModelLoadError):
+        if isinstance(exc, StoreLockedError | StoreUnavailable | ModelLoadError):
             return _error(503, str(exc))
         if isinstance(exc, CollectionNotFound):
             return _error(404, str(exc))

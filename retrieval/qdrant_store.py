@@ -6,11 +6,15 @@ side store), and aliases are Qdrant's native aliases, switched in one `update_co
 call (delete + create applied atomically by the server).
 """
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
+import grpc
+import httpx
 import numpy as np
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from retrieval.settings import StoreSettings
 from retrieval.store import (
@@ -25,6 +29,7 @@ from retrieval.store import (
     Point,
     Record,
     StoreError,
+    StoreUnavailable,
     check_collection_name,
     now_iso,
 )
@@ -37,6 +42,48 @@ _SCHEMA: dict[FieldType, models.PayloadSchemaType] = {
 }
 _MANIFEST_KEY = "twostage_manifest"
 _SCROLL_PAGE = 1024
+
+
+_UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def _translated(where: str, name: str, error: Exception) -> StoreError:
+    """A qdrant-client, gRPC or HTTP failure as one line for the user: unreachable or refused."""
+    if isinstance(error, grpc.RpcError):
+        code, details = error.code(), error.details()
+        kind = StoreUnavailable if code in _UNREACHABLE else StoreError
+        return kind(f"Qdrant at {where} failed ({name}): {code.name}: {details}")
+    if isinstance(error, UnexpectedResponse):
+        body = error.content.decode(errors="replace")[:300]
+        return StoreError(f"Qdrant at {where} refused {name}: HTTP {error.status_code} {body}")
+    return StoreUnavailable(f"Qdrant at {where} is unreachable ({name}): {error}")
+
+
+class _Guarded:
+    """qdrant-client whose transport and server errors come out as `StoreError`s.
+
+    Without this a server that is down or restarting surfaces as a gRPC/httpx traceback (a
+    stack trace in the CLI, a 500 in the API); `StoreUnavailable` is a one-line exit in the
+    CLI and a 503 in the API, and a run that meets it fails before it changes anything.
+    """
+
+    def __init__(self, client: QdrantClient, where: str) -> None:
+        self._client, self._where = client, where
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except (grpc.RpcError, ResponseHandlingException, UnexpectedResponse, httpx.TransportError,
+                    ConnectionError, TimeoutError) as error:  # fmt: skip
+                raise _translated(self._where, name, error) from error
+
+        return cast(Callable[..., Any], call)
 
 
 class QdrantStore:
@@ -52,6 +99,7 @@ class QdrantStore:
                 grpc_port=settings.grpc_port,
                 timeout=settings.timeout_s,
             )
+            self.client = cast(QdrantClient, _Guarded(self.client, settings.url))
         elif settings.location == ":memory:":
             self.client = QdrantClient(location=":memory:")
         elif settings.location:

@@ -37,6 +37,10 @@ class StoreError(TwostageError):
     """The store refused an operation; the message says what to do instead."""
 
 
+class StoreUnavailable(StoreError):
+    """The store could not be reached (server down, network, timeout); retrying later may work."""
+
+
 class StoreLockedError(StoreError):
     """Another process owns an embedded shard."""
 

@@ -37,7 +37,7 @@ from retrieval.collections import open_store
 from retrieval.documents import Document
 from retrieval.embedder import load_embedder
 from retrieval.ingest import ingest_corpus
-from retrieval.settings import Settings
+from retrieval.settings import Settings, StoreSettings
 from retrieval.store import AnyOf, Filter
 from retrieval.tiny_models import TinyModelPaths
 from retrieval.tokens import Qwen3Tokens
@@ -495,3 +495,14 @@ def test_serve_starts_empty_becomes_ready_and_drains_on_sigterm(
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_an_unreachable_qdrant_server_answers_503_not_500(tiny_settings: Settings) -> None:
+    """The server starts (models load), and a search while Qdrant is down is a 503 naming it."""
+    settings = tiny_settings.model_copy(deep=True)
+    port = free_port()  # nothing listens there
+    settings.store = StoreSettings(kind="qdrant", url=f"http://127.0.0.1:{port}", grpc_port=port, timeout_s=2)
+    for served in serve(settings):
+        response = post(served, "/v1/search", {"query": "a real-time strategy game"})
+        assert response.status_code == 503, response.text
+        assert f"Qdrant at http://127.0.0.1:{port}" in response.json()["detail"]

@@ -343,3 +343,50 @@ def test_full_cycle_through_the_server_under_load(
     assert len(pairs) == 2  # one embedder per collection version, never mixed
     first_new = next(i for i, (c, _) in enumerate(seen) if c == "docs__v2")
     assert all(c == "docs__v2" for c, _ in seen[first_new:])  # no flapping back after the switch
+
+
+def test_an_unreachable_qdrant_fails_the_run_in_one_line(
+    deployed: Path, tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    data_dir = tmp_path / "data"
+    env = _env(
+        data_dir, tiny_models, model_cache, TWOSTAGE_STORE__KIND="qdrant",
+        TWOSTAGE_STORE__URL=f"http://127.0.0.1:{port}", TWOSTAGE_STORE__GRPC_PORT=str(port),
+        TWOSTAGE_STORE__TIMEOUT_S="2",
+    )  # fmt: skip
+    result = _twostage(["retrain", "--pairs", str(deployed / "train.jsonl")], env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"Qdrant at http://127.0.0.1:{port}" in result.stderr.strip().splitlines()[-1]
+    assert not (data_dir / "registry" / "docs" / "deployments").exists()  # nothing recorded
+
+
+def test_a_disk_full_while_storing_a_model_leaves_no_partial_copy(tmp_path: Path) -> None:
+    """The write fails for real (a file size limit makes write(2) fail as a full disk does)."""
+    source = tmp_path / "trained"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(os.urandom(3_000_000))
+    models = tmp_path / "models" / "d2"
+    models.mkdir(parents=True)
+    code = """
+import resource, signal, sys
+from pathlib import Path
+from retrieval.store import StoreError
+from training.retrain import copy_model
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+try:
+    copy_model(Path(sys.argv[1]), Path(sys.argv[2]))
+except StoreError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(source), str(models / "embedder")], capture_output=True, text=True
+    )
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stdout.startswith(f"could not store the model in {models}")
+    assert list(models.iterdir()) == []  # neither the model nor its hidden .partial copy

@@ -212,3 +212,34 @@ def test_edge_shard_is_owned_by_one_process(tmp_path: Path, corpus_vectors) -> N
     reopened = EdgeStore(tmp_path)
     assert reopened.count("docs__v1", Filter(must=(Equals("tag", "still-writable"),))) == 1
     reopened.close()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("prefer_grpc", [True, False])
+def test_an_unreachable_server_is_one_clear_error(prefer_grpc: bool) -> None:
+    """A Qdrant server that is down: StoreUnavailable naming the server, not a gRPC/httpx trace."""
+    from retrieval.store import StoreUnavailable
+
+    port = _closed_port()
+    store = QdrantStore(StoreSettings(
+        kind="qdrant", url=f"http://127.0.0.1:{port}", grpc_port=port, prefer_grpc=prefer_grpc, timeout_s=2,
+    ))  # fmt: skip
+    try:
+        for call in (
+            lambda: store.resolve_alias("docs"),
+            store.list_collections,
+            lambda: store.count("docs"),
+        ):
+            with pytest.raises(
+                StoreUnavailable, match=rf"Qdrant at http://127\.0\.0\.1:{port} (failed|is unreachable)"
+            ):
+                call()
+    finally:
+        store.close()

@@ -64,7 +64,8 @@ class _Guarded:
 
     Without this a server that is down or restarting surfaces as a gRPC/httpx traceback (a
     stack trace in the CLI, a 500 in the API); `StoreUnavailable` is a one-line exit in the
-    CLI and a 503 in the API, and a run that meets it fails before it changes anything.
+    CLI and a 503 in the API. A retrain that meets it fails with the deployed pair untouched
+    (switching is its last step) and the next run removes the version it half-built.
     """
 
     def __init__(self, client: QdrantClient, where: str) -> None:

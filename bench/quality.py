@@ -19,7 +19,7 @@ The fine-tuned embedder's corpus vectors are computed once and shared by its two
 Everything is subsampled to fit the 2-core CPU (sizes are flags and appear in the JSON).
 Last line: one JSON object with, per system, ndcg@10, mrr@10, recall@10, recall@100, wall_s.
 
-    python bench/quality.py                         # defaults sized for ~2 h on 2 cores
+    python bench/quality.py                         # the measured defaults: 73 min on 2 cores
     python bench/quality.py --train-pairs 64 --rerank-pairs 16 --dev 20 --distractors 500 \
         --embed-batch 16 --rerank-batch 4   # smoke
 """

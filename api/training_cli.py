@@ -66,10 +66,17 @@ def _mine(args: argparse.Namespace) -> int:
         num_negatives=args.negatives, range_min=args.range_min, range_max=args.range_max,
         relative_margin=args.relative_margin, max_score=args.max_score,
     )  # fmt: skip
+    rescorer, reranker_id = None, None
+    if args.rescore:
+        from retrieval.reranker import load_reranker
+        from training.mining import RerankerScorer
+
+        reranker = load_reranker(settings)
+        rescorer, reranker_id = RerankerScorer(reranker, settings.reranker.instruction), reranker.model_id
     mined = mine(
         pairs, corpus, model, mining,
         query_prompt=query_prompt(settings.embedder.instruction) if last_token else None,
-        cache_dir=settings.cache_dir, model_id=model_id,
+        cache_dir=settings.cache_dir, model_id=model_id, rescorer=rescorer,
     )  # fmt: skip
     filled = 0
     if args.keep_all:
@@ -77,7 +84,8 @@ def _mine(args: argparse.Namespace) -> int:
     out = Path(args.out)
     write_mined(
         mined, out,
-        provenance(mining, embedder=model_id, pairs=args.pairs, corpus=args.corpus or args.collection,
+        provenance(mining, embedder=model_id, rescored_by=reranker_id, pairs=args.pairs,
+                   corpus=args.corpus or args.collection,
                    corpus_size=len(corpus), pairs_in=len(pairs), pairs_out=len(mined),
                    random_negatives=filled),
     )  # fmt: skip
@@ -245,6 +253,10 @@ def add_training_commands(commands: Any) -> None:
         "--relative-margin", type=float, default=0.05, help="negative < positive x (1 - margin)"
     )
     mine.add_argument("--max-score", type=float, help="negatives must score below this")
+    mine.add_argument(
+        "--rescore", action="store_true",
+        help="rescore candidates with the configured reranker; margin and max score then apply to its scores",
+    )  # fmt: skip
     mine.add_argument(
         "--keep-all", action="store_true",
         help="pairs without enough hard negatives past the guards get random passages (else dropped)",

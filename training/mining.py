@@ -4,7 +4,10 @@ For each (query, positive), candidates are the corpus passages the current embed
 highest. Guards against false negatives (unlabelled passages that are in fact relevant):
 the top `range_min` ranks are skipped, and a candidate must score below the positive by a
 relative margin (`score < positive_score * (1 - relative_margin)`) and, optionally, below
-`max_score`. The corpus is a list of texts: a corpus file's documents, or the chunk texts
+`max_score`. Optionally a reranker rescores the candidates first (`rescorer`, see
+`RerankerScorer`): the margin and `max_score` then apply to its scores, so a passage the
+cross-encoder reads as relevant is not used as a negative even where the embedder ranked it
+below the positive. The corpus is a list of texts: a corpus file's documents, or the chunk texts
 stored in a collection for corpora that only live in the index. The embedding cache is
 per model identity, so a retrained model never reuses stale vectors.
 """
@@ -19,6 +22,7 @@ from typing import Any
 from datasets import Dataset
 
 from retrieval.errors import InputError
+from retrieval.reranker import Reranker
 from training.data import Pair
 
 
@@ -41,6 +45,7 @@ def mine(
     query_prompt: str | None = None,
     cache_dir: Path | None = None,
     model_id: str = "",
+    rescorer: "RerankerScorer | None" = None,
 ) -> list[Pair]:
     """`pairs` with `settings.num_negatives` mined negatives each (queries with too few are dropped).
 
@@ -61,6 +66,7 @@ def mine(
         anchor_column_name="query",
         positive_column_name="positive",
         corpus=full_corpus,
+        cross_encoder=rescorer,  # type: ignore[arg-type]  # duck-types the one method the miner calls
         range_min=settings.range_min,
         range_max=settings.range_max,
         max_score=settings.max_score,
@@ -84,6 +90,35 @@ def mine(
         )
         for row in mined
     ]
+
+
+class RerankerScorer:
+    """One of our rerankers behind `CrossEncoder.predict`, the one method `mine_hard_negatives`
+    calls when it rescores candidates.
+
+    Scoring goes through the serving code, so a Qwen3 yes/no reranker judges with its exact
+    inference prompt and instruction (sentence-transformers' `CrossEncoder` cannot load it), and a
+    fine-tuned cross-encoder scores exactly as it will at search time. The miner passes all
+    candidates of one query together; they go to `score_many` as one request per query.
+    """
+
+    def __init__(self, reranker: Reranker, instruction: str | None = None) -> None:
+        self.reranker = reranker
+        self.instruction = instruction
+
+    def predict(self, sentences: Sequence[tuple[str, str]], convert_to_tensor: bool = False, **_: Any) -> Any:
+        import torch
+
+        positions: dict[str, list[int]] = {}
+        for i, (query, _document) in enumerate(sentences):
+            positions.setdefault(query, []).append(i)
+        requests = [(q, [sentences[i][1] for i in where], self.instruction) for q, where in positions.items()]
+        scores = [0.0] * len(sentences)
+        for where, scored in zip(positions.values(), self.reranker.score_many(requests), strict=True):
+            for i, score in zip(where, scored, strict=True):
+                scores[i] = score
+        tensor = torch.tensor(scores, dtype=torch.float32)
+        return tensor if convert_to_tensor else tensor.numpy()
 
 
 def with_negatives(

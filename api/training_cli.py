@@ -250,7 +250,7 @@ def add_training_commands(commands: Any) -> None:
         "--range-max", type=positive_int, default=50, help="consider candidates up to this rank"
     )
     mine.add_argument(
-        "--relative-margin", type=float, default=0.05, help="negative < positive x (1 - margin)"
+        "--relative-margin", type=float, default=0.05, help="negative <= positive - |positive| x margin"
     )
     mine.add_argument("--max-score", type=float, help="negatives must score below this")
     mine.add_argument(

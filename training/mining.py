@@ -3,7 +3,7 @@
 For each (query, positive), candidates are the corpus passages the current embedder ranks
 highest. Guards against false negatives (unlabelled passages that are in fact relevant):
 the top `range_min` ranks are skipped, and a candidate must score below the positive by a
-relative margin (`score < positive_score * (1 - relative_margin)`) and, optionally, below
+relative margin (`score <= positive - |positive| * relative_margin`) and, optionally, below
 `max_score`. Optionally a reranker rescores the candidates first (`rescorer`, see
 `RerankerScorer`): the margin and `max_score` then apply to its scores, so a passage the
 cross-encoder reads as relevant is not used as a negative even where the embedder ranked it

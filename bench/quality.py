@@ -153,10 +153,10 @@ def main() -> None:
         rr_mining = MiningSettings(num_negatives=args.rerank_negatives, range_min=0, range_max=20)
         rr_mined = mine(rr_pairs, corpus, tuned_st, rr_mining)
         cross_encoder = args.reranker == "cross-encoder"
+        reranker_name = RERANKERS[args.reranker]
+        source = resolve_model(reranker_name, cache_dir=cache).path
         if cross_encoder and args.rerank_init == "embedder":
-            source = Path(embed_report["model_dir"])
-        else:
-            source = resolve_model(RERANKERS[args.reranker], cache_dir=cache).path
+            source, reranker_name = Path(embed_report["model_dir"]), f"{EMBEDDER}, fine-tuned as embedder"
         rr_train: list[Example] = list(rr_mined)
         rr_dev: list[Example] = list(mine(held[:32], corpus, tuned_st, rr_mining))
         rr_options = RerankerTrainSettings(
@@ -169,8 +169,6 @@ def main() -> None:
             instruction=settings.reranker.instruction, max_length=settings.reranker.max_length, device="cpu",
         )  # fmt: skip
         train_rerank_s = time.perf_counter() - t
-        from_embedder = source == Path(embed_report["model_dir"])
-        reranker_name = f"{EMBEDDER}, fine-tuned as embedder" if from_embedder else RERANKERS[args.reranker]
         tuned.reranker.model = rr_report["model_dir"]
         timed(
             "finetuned-two-stage",

@@ -20,12 +20,20 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.micro_batcher import Overloaded
-from api.routes import compat, documents, ops, retrain, search
-from api.service import Service
-from retrieval.errors import InputError, ModelLoadError, TwostageError
-from retrieval.settings import Settings
-from retrieval.store import CollectionNotFound, StoreError, StoreLockedError, StoreUnavailable
+from twostage.api.micro_batcher import Overloaded
+from twostage.api.routes import compat, documents, ops, retrain, search
+from twostage.api.service import Service
+from twostage.retrieval.errors import (
+    InputError,
+    ModelError,
+    ModelLoadError,
+    ModelLoading,
+    ModelOverloaded,
+    TooLarge,
+    TwostageError,
+)
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.store import CollectionNotFound, StoreError, StoreLockedError, StoreUnavailable
 
 STATIC = Path(__file__).resolve().parent / "static"
 access_log = logging.getLogger("twostage.access")
@@ -86,8 +94,14 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> J
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TwostageError)
     async def twostage_error(request: Request, exc: TwostageError) -> JSONResponse:
+        if isinstance(exc, TooLarge):
+            return _error(413, str(exc))
         if isinstance(exc, InputError):
             return _error(400, str(exc))
+        if isinstance(exc, ModelOverloaded | ModelLoading):
+            return _error(503, str(exc), headers={"Retry-After": "5"})
+        if isinstance(exc, ModelError):
+            return _error(500, str(exc))
         if isinstance(exc, StoreLockedError | StoreUnavailable | ModelLoadError):
             return _error(503, str(exc))
         if isinstance(exc, CollectionNotFound):

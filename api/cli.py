@@ -9,14 +9,22 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from api.retrain_cli import add_retrain_commands
-from api.training_cli import add_training_commands, positive_int
-from retrieval.errors import InputError, TwostageError
+from twostage.api.retrain_cli import add_retrain_commands
+from twostage.api.search_cli import add_search_command
+from twostage.api.training_cli import add_training_commands, positive_int
+from twostage.retrieval.errors import InputError, TwostageError
+from twostage.retrieval.progress import lines_when_not_a_tty
+
+if TYPE_CHECKING:
+    from twostage.retrieval.ingest import IngestReport
+    from twostage.retrieval.readers import CorpusReader
+    from twostage.retrieval.settings import Settings
 
 
 def _models_tiny(args: argparse.Namespace) -> int:
-    from retrieval.tiny_models import write_tiny_models
+    from twostage.retrieval.tiny_models import write_tiny_models
 
     paths = write_tiny_models(Path(args.out), seed=args.seed)
     print(f"embedder: {paths.embedder}")
@@ -26,9 +34,9 @@ def _models_tiny(args: argparse.Namespace) -> int:
 
 def _models_check(args: argparse.Namespace) -> int:
     """Load the configured embedder and reranker, run one input through each, say what loaded."""
-    from retrieval.embedder import load_embedder
-    from retrieval.reranker import load_reranker
-    from retrieval.settings import Settings
+    from twostage.retrieval.embedder import load_embedder
+    from twostage.retrieval.reranker import load_reranker
+    from twostage.retrieval.settings import Settings
 
     settings = Settings()
     embedder = load_embedder(settings)
@@ -45,14 +53,9 @@ def _ingest(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from retrieval.chunker import Chunker
-    from retrieval.collections import open_store
-    from retrieval.embedder import load_embedder
-    from retrieval.ingest import Progress, ingest_corpus
-    from retrieval.readers import CorpusReader
-    from retrieval.settings import Settings
-    from retrieval.store import check_collection_name
-    from retrieval.tokens import Qwen3Tokens
+    from twostage.retrieval.readers import CorpusReader
+    from twostage.retrieval.settings import Settings
+    from twostage.retrieval.store import check_collection_name
 
     settings = Settings()
     collection = check_collection_name(args.collection or settings.collection)
@@ -61,7 +64,7 @@ def _ingest(args: argparse.Namespace) -> int:
         settings.embedder.batch_tokens = batch_tokens
     reader = CorpusReader(args.path, settings.ingest.max_document_chars)  # fails fast on a missing path
     if args.server:
-        from api.client import ingest_via_server
+        from twostage.api.client import ingest_via_server
 
         if args.sync or args.new_version:
             raise InputError("--sync and --new-version run where the store is: not with --server")
@@ -70,56 +73,62 @@ def _ingest(args: argparse.Namespace) -> int:
         )
         print(json.dumps(totals) if args.json else ", ".join(f"{k}={v}" for k, v in totals.items()))
         return 0
-    embedder = load_embedder(settings)
+    report = ingest_local(
+        settings, reader, collection, sync=args.sync, strict=args.strict, new_version=args.new_version,
+        quiet=args.quiet,
+    )  # fmt: skip
+    print(json.dumps(asdict(report)) if args.json else report.summary())
+    return 0
+
+
+def ingest_local(
+    settings: "Settings",
+    reader: "CorpusReader",
+    collection: str,
+    *,
+    sync: bool = False,
+    strict: bool = False,
+    new_version: bool = False,
+    quiet: bool = False,
+) -> "IngestReport":
+    """Ingest into this process's own store: open it first (a store held by a server is refused
+    at once, naming its pid), then load the embedder and run the pipeline with progress."""
+    from twostage.retrieval.chunker import Chunker
+    from twostage.retrieval.collections import open_store
+    from twostage.retrieval.embedder import load_embedder
+    from twostage.retrieval.ingest import Progress, ingest_corpus
+    from twostage.retrieval.tokens import Qwen3Tokens
+
     store = open_store(settings)
     try:
-        report = ingest_corpus(
+        store.list_collections()  # an unreachable server fails here, before the model loads
+        embedder = load_embedder(settings)
+        return ingest_corpus(
             reader,
             store=store,
             embedder=embedder,
             chunker=Chunker(Qwen3Tokens(), settings.chunker),
             settings=settings,
             collection=collection,
-            sync=args.sync,
-            strict=args.strict,
-            new_version=args.new_version,
-            progress=Progress(
-                reader.bytes_total, settings.ingest.progress_interval_s, enabled=not args.quiet
-            ),
+            sync=sync,
+            strict=strict,
+            new_version=new_version,
+            progress=Progress(reader.bytes_total, settings.ingest.progress_interval_s, enabled=not quiet),
             bytes_read=lambda: reader.bytes_read,
         )
     finally:
         store.close()
-    print(json.dumps(asdict(report)) if args.json else report.summary())
-    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    """Load the models and the store, then serve the API with uvicorn until SIGINT/SIGTERM."""
-    import logging
-
-    import uvicorn
-
-    from api.app import create_app
-    from api.service import Service
-    from retrieval.settings import Settings
+    """Bind the port, load the models and the store, then serve the API until SIGINT/SIGTERM."""
+    from twostage.api.serving import bind, serve
+    from twostage.retrieval.settings import Settings
 
     settings = Settings()
-    host = args.host or settings.api.host
-    port = args.port or settings.api.port
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    service = Service(settings)
-    service.start()  # model and store errors surface here as one line, before binding the port
-    if service.load_error:
-        print(f"twostage: warning: {service.load_error}", file=sys.stderr)
-    print(f"twostage: serving {settings.collection} on http://{host}:{port} (docs at /docs)", file=sys.stderr)
-    uvicorn.run(
-        create_app(settings, service),
-        host=host,
-        port=port,
-        access_log=False,
-        timeout_graceful_shutdown=settings.api.shutdown_timeout_s,
-    )
+    settings.api.host = args.host or settings.api.host
+    settings.api.port = args.port or settings.api.port
+    serve(settings, bind(settings.api.host, settings.api.port))
     return 0
 
 
@@ -163,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--quiet", action="store_true", help="no progress output")
     ingest.set_defaults(handler=_ingest)
 
+    add_search_command(commands)
     add_training_commands(commands)
     add_retrain_commands(commands)
 
@@ -170,7 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="default TWOSTAGE_API__HOST (127.0.0.1)")
     serve.add_argument("--port", type=positive_int, help="default TWOSTAGE_API__PORT (8000)")
     serve.set_defaults(handler=_serve)
+
+    quick = commands.add_parser(
+        "quickstart",
+        help="choose models (offline fallbacks), ingest PATH or the Debian sample, and serve",
+    )
+    quick.add_argument("path", nargs="?", help="corpus to ingest (default: the Debian sample in the package)")
+    quick.add_argument("--host", help="default TWOSTAGE_API__HOST (127.0.0.1)")
+    quick.add_argument("--port", type=positive_int, help="default TWOSTAGE_API__PORT (8000)")
+    quick.add_argument("--quiet", action="store_true", help="no ingest progress output")
+    quick.set_defaults(handler=_quickstart)
     return parser
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from twostage.api.quickstart import quickstart
+
+    return quickstart(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -178,6 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
+        from twostage.retrieval.settings import Settings
+
+        lines_when_not_a_tty(Settings().ingest.progress_interval_s)
         return handler(args)
     except TwostageError as exc:
         print(f"twostage: error: {exc}", file=sys.stderr)
@@ -185,6 +214,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("twostage: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a library's error (transformers, peft, torch...): one line, not a traceback
+        where = _save_traceback(args.command)
+        print(f"twostage: error: {args.command} failed: {type(exc).__name__}: {_first_line(exc)}"
+              f" (traceback in {where})", file=sys.stderr)  # fmt: skip
+        return 2
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "no message"
+
+
+def _save_traceback(command: str) -> str:
+    """Write the current exception's traceback to a file for a bug report; return its path."""
+    import tempfile
+    import traceback
+
+    with tempfile.NamedTemporaryFile(
+        "w", prefix=f"twostage-{command}-", suffix=".traceback", delete=False
+    ) as handle:
+        traceback.print_exc(file=handle)
+        return handle.name
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 
-from retrieval.documents import BadRecord, Document
-from retrieval.errors import InputError, TwostageError
+from twostage.retrieval.documents import BadRecord, Document
+from twostage.retrieval.errors import InputError, TwostageError
 
 _SUMMED = ("documents", "new", "updated", "unchanged", "chunks_embedded", "bad_records")
 
@@ -54,7 +54,9 @@ def ingest_via_server(
     sent = 0
     with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120) as client:
         for batch in _batches(records, batch_docs, max_bytes):
-            job = _call(client, "POST", "/v1/documents", {"collection": collection, "documents": batch})
+            job = request_json(
+                client, "POST", "/v1/documents", {"collection": collection, "documents": batch}
+            )
             for rejected in job.get("rejected", []):
                 print(f"twostage: skipped {rejected}", file=sys.stderr)
             totals["bad_records"] += len(job.get("rejected", []))
@@ -75,7 +77,7 @@ def ingest_via_server(
     return totals
 
 
-def _call(client: httpx.Client, method: str, path: str, body: Any = None) -> dict[str, Any]:
+def request_json(client: httpx.Client, method: str, path: str, body: Any = None) -> dict[str, Any]:
     try:
         response = client.request(method, path, json=body)
     except httpx.HTTPError as exc:
@@ -93,7 +95,7 @@ def _call(client: httpx.Client, method: str, path: str, body: Any = None) -> dic
 def _wait(client: httpx.Client, job_id: str) -> dict[str, Any]:
     delay = 0.05
     while True:
-        job = _call(client, "GET", f"/v1/jobs/{job_id}")
+        job = request_json(client, "GET", f"/v1/jobs/{job_id}")
         if job["status"] == "succeeded":
             report: dict[str, Any] = job["report"]
             return report
@@ -107,7 +109,7 @@ def retrain_via_server(
     url: str, options: Any, collection: str, api_key: str | None, say: Callable[[str], None]
 ) -> dict[str, Any]:
     """Send the pairs to `POST /v1/retrain`, relay the job's progress lines, return its report."""
-    from training.retrain import load_pairs
+    from twostage.training.retrain import load_pairs
 
     def rows(path: Any) -> list[dict[str, Any]]:
         return [
@@ -123,12 +125,12 @@ def retrain_via_server(
     }  # fmt: skip
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120) as client:
-        job = _call(client, "POST", "/v1/retrain", body)
+        job = request_json(client, "POST", "/v1/retrain", body)
         for rejected in job.get("rejected", []):
             say(f"skipped {rejected}")
         shown = 0
         while True:
-            state = _call(client, "GET", f"/v1/jobs/{job['job_id']}")
+            state = request_json(client, "GET", f"/v1/jobs/{job['job_id']}")
             log: list[str] = state.get("log", [])
             for line in log[shown:]:
                 say(line)

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
-from api.service import Service
+from twostage.api.service import Service
 
 
 def get_service(request: Request) -> Service:

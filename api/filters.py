@@ -2,8 +2,8 @@
 
 from typing import Any
 
-from retrieval.errors import InputError
-from retrieval.store import AnyOf, Condition, Equals, FieldType, Filter, Range
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.store import AnyOf, Condition, Equals, FieldType, Filter, Range
 
 _RANGE_OPS = {"gte", "gt", "lte", "lt"}
 

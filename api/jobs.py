@@ -14,14 +14,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from api.micro_batcher import Overloaded
-from retrieval.chunker import Chunker
-from retrieval.documents import BadRecord, Document
-from retrieval.ingest import ingest_corpus
-from retrieval.store import AnyOf, CollectionNotFound, Filter, now_iso
+from twostage.api.micro_batcher import Overloaded
+from twostage.retrieval.chunker import Chunker
+from twostage.retrieval.documents import BadRecord, Document
+from twostage.retrieval.ingest import ingest_corpus
+from twostage.retrieval.store import AnyOf, CollectionNotFound, Filter, now_iso
 
 if TYPE_CHECKING:
-    from api.service import Service
+    from twostage.api.service import Service
 
 
 @dataclass
@@ -70,7 +70,7 @@ class JobRunner:
         try:
             self._queue.put_nowait((job, work))
         except queue.Full:
-            raise Overloaded("jobs", retry_after_s=5) from None
+            raise Overloaded("jobs", 5, self._queue.qsize(), self._queue.maxsize) from None
         self._jobs[job.id] = job
         while len(self._jobs) > self.keep:
             self._jobs.popitem(last=False)

@@ -4,8 +4,13 @@ Requests submit work items from the event loop; one worker thread per model take
 first waiting item, then keeps gathering items until their summed cost reaches the token
 budget or `max_wait_s` has passed since the first one, and runs them as one batch. A lone
 request therefore waits at most `max_wait_s`; under load, batches fill up and throughput
-grows with concurrency. When more than `max_pending` items wait, `submit` raises
-`Overloaded` at once (the API answers 503 with Retry-After) instead of queueing without bound.
+grows with concurrency.
+
+Admission is per request, as in TEI and infinity: a request's items (its texts, its
+documents) are admitted or refused together, once, against a bound counted in items
+(`max_pending`: admitted and not yet answered). A request that would pass it raises
+`Overloaded` at once (the API answers 503 with Retry-After) instead of queueing without
+bound; an idle batcher admits any request, so one large request is never refused alone.
 """
 
 import asyncio
@@ -14,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
@@ -23,8 +29,11 @@ Result = TypeVar("Result")
 class Overloaded(Exception):
     """The queue is full; retry after `retry_after_s` seconds."""
 
-    def __init__(self, name: str, retry_after_s: int) -> None:
-        super().__init__(f"{name} queue is full; retry in {retry_after_s}s")
+    def __init__(self, name: str, retry_after_s: int, waiting: int, limit: int) -> None:
+        super().__init__(
+            f"{name} is busy: {waiting} items queued, at most {limit} (api.max_pending); "
+            f"retry in {retry_after_s}s"
+        )
         self.retry_after_s = retry_after_s
 
 
@@ -57,6 +66,8 @@ class MicroBatcher(Generic[Item, Result]):
         self.max_wait_s = max_wait_s
         self.max_pending = max_pending
         self.on_batch = on_batch
+        self._admitted = 0  # items admitted and not yet answered
+        self._admission = threading.Lock()
         self._queue: queue.Queue[_Pending[Item] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._worker.start()
@@ -66,13 +77,43 @@ class MicroBatcher(Generic[Item, Result]):
         """Items waiting (not yet taken by the worker)."""
         return self._queue.qsize()
 
-    async def submit(self, item: Item) -> Result:
-        if self._queue.qsize() >= self.max_pending:
-            raise Overloaded(self.name, retry_after_s=1)
+    @property
+    def admitted(self) -> int:
+        """Items admitted and not yet answered (what `max_pending` bounds)."""
+        return self._admitted
+
+    async def submit(self, item: Item, weight: int = 1) -> Result:
+        """Run one work item that counts as `weight` items (a rerank of N documents: N)."""
+        self._admit(weight)
+        return (await self._enqueue([(item, weight)]))[0]
+
+    async def submit_many(self, items: Sequence[Item]) -> list[Result]:
+        """Run a request's items, admitted (or refused) together."""
+        self._admit(len(items))
+        return await self._enqueue([(item, 1) for item in items])
+
+    def _admit(self, weight: int) -> None:
+        with self._admission:
+            if self._admitted and self._admitted + weight > self.max_pending:
+                raise Overloaded(self.name, retry_after_s=1, waiting=self._admitted, limit=self.max_pending)
+            self._admitted += weight
+
+    def _release(self, weight: int) -> None:
+        with self._admission:
+            self._admitted -= weight
+
+    def _release_done(self, weight: int, _: "asyncio.Future[Any]") -> None:
+        self._release(weight)
+
+    async def _enqueue(self, items: list[tuple[Item, int]]) -> list[Result]:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Result] = loop.create_future()
-        self._queue.put(_Pending(item, max(1, self.cost(item)), future, loop))
-        return await future
+        futures: list[asyncio.Future[Result]] = []
+        for item, weight in items:
+            future: asyncio.Future[Result] = loop.create_future()
+            future.add_done_callback(partial(self._release_done, weight))
+            self._queue.put(_Pending(item, max(1, self.cost(item)), future, loop))
+            futures.append(future)
+        return list(await asyncio.gather(*futures))
 
     def close(self) -> None:
         """Finish what is queued, then stop the worker."""

@@ -18,9 +18,9 @@ def _say(line: str) -> None:
 
 def _retrain(args: argparse.Namespace) -> int:
     """Mine, fine-tune, evaluate deployed vs candidate, and promote only a better pair."""
-    from retrieval.collections import open_store
-    from retrieval.settings import Settings
-    from training.retrain import RetrainOptions, retrain
+    from twostage.retrieval.collections import open_store
+    from twostage.retrieval.settings import Settings
+    from twostage.training.retrain import RetrainOptions, retrain
 
     settings = Settings()
     if args.collection:
@@ -31,7 +31,7 @@ def _retrain(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
     )  # fmt: skip
     if args.server:
-        from api.client import retrain_via_server
+        from twostage.api.client import retrain_via_server
 
         result = retrain_via_server(args.server, options, settings.collection, args.api_key, _say)
     else:
@@ -48,8 +48,8 @@ def _retrain(args: argparse.Namespace) -> int:
 
 def _versions(args: argparse.Namespace) -> int:
     """List the deployments of a collection with their metrics; the current one is marked."""
-    from retrieval.settings import Settings
-    from training.retrain import deployments_table
+    from twostage.retrieval.settings import Settings
+    from twostage.training.retrain import deployments_table
 
     settings = Settings()
     if args.collection:
@@ -81,9 +81,9 @@ def _metric(metrics: dict[str, Any], mode: str) -> str:
 
 def _rollback(args: argparse.Namespace) -> int:
     """Switch the alias and the reranker back to a previous deployment (default: the parent)."""
-    from retrieval.collections import open_store
-    from retrieval.settings import Settings
-    from training.retrain import rollback
+    from twostage.retrieval.collections import open_store
+    from twostage.retrieval.settings import Settings
+    from twostage.training.retrain import rollback
 
     settings = Settings()
     if args.collection:
@@ -92,7 +92,7 @@ def _rollback(args: argparse.Namespace) -> int:
     if args.version is not None:
         target = int(args.version.lstrip("dD")) if args.version.lstrip("dD").isdigit() else -1
         if target < 1:
-            from retrieval.errors import InputError
+            from twostage.retrieval.errors import InputError
 
             raise InputError(f"version must look like d3 or 3, got {args.version!r}")
     store = open_store(settings)

@@ -12,7 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_QUERY_CHARS = 32_768
 MAX_INSTRUCTION_CHARS = 16_384
-MAX_DOCUMENTS = 1000
 MAX_DOCUMENT_CHARS = 1_000_000
 
 Scalar = str | int | bool
@@ -29,7 +28,9 @@ class SearchRequest(_Strict):
     top_k: int = Field(50, ge=1, le=1000, description="chunks recalled by ANN")
     top_n: int = Field(10, ge=1, le=1000, description="hits returned")
     filter: dict[str, FilterValue] | None = None
-    rerank: bool = True
+    rerank: bool | None = Field(
+        None, description="rerank the recalled chunks (default: the service's setting)"
+    )
     collection: str | None = Field(None, description="alias to search; default the service's collection")
     group_by_doc: bool = Field(False, description="keep each document's best chunk only")
 
@@ -59,7 +60,9 @@ class SearchResponse(BaseModel):
     hits: list[HitOut]
     collection: str = Field(description="the collection version that answered (NAME__vN)")
     embedder: str
-    reranker: str | None
+    reranker: str | None = Field(description="the reranker that ordered the hits (null: not reranked)")
+    stages: list[str] = Field(description="the stages that ran, in order")
+    notes: list[str] = Field(description="why a stage did not run, and how to turn it on")
     timings_ms: dict[str, float]
 
 
@@ -68,7 +71,9 @@ class RerankRequest(BaseModel):
 
     model: str | None = None
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
-    documents: list[str | dict[str, Any]] = Field(min_length=1, max_length=MAX_DOCUMENTS)
+    documents: list[str | dict[str, Any]] = Field(
+        min_length=1, description="at most api.max_client_batch (2,048) documents; more get 413"
+    )
     top_n: int | None = Field(None, ge=1)
     max_tokens_per_doc: int | None = Field(None, ge=1, le=32768, description="Qwen3 tokens kept per document")
     return_documents: bool = False

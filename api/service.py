@@ -10,30 +10,31 @@ answering, then swaps collection, embedder and reranker together. Model calls ca
 model they are for, so a batch never mixes a request of the old pair with the new one.
 """
 
-import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from api.jobs import JobRunner
-from api.micro_batcher import MicroBatcher
-from retrieval.collections import active_manifest, open_store
-from retrieval.embedder import Embedder, load_embedder
-from retrieval.errors import TwostageError
-from retrieval.registry import DeploymentRecord, Registry
-from retrieval.reranker import Reranker, load_reranker
-from retrieval.search import Deployment
-from retrieval.settings import Settings
-from retrieval.store import StoreError, VectorStore
-from retrieval.tokens import Qwen3Tokens
+from twostage.api.jobs import JobRunner
+from twostage.api.micro_batcher import MicroBatcher
+from twostage.retrieval.collections import active_manifest, open_store
+from twostage.retrieval.embedder import Embedder, load_embedder
+from twostage.retrieval.errors import ModelError, ModelLoading, ModelOverloaded, TwostageError
+from twostage.retrieval.registry import DeploymentRecord, Registry
+from twostage.retrieval.reranker import Reranker, load_reranker
+from twostage.retrieval.search import Deployment
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.store import CollectionNotFound, StoreError, VectorStore
+from twostage.retrieval.tokens import Qwen3Tokens
 
 log = logging.getLogger("twostage.api")
+T = TypeVar("T", bound=Iterable[Any])
 _RETRY_FAILED_LOAD_S = 30.0
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -85,6 +86,12 @@ class Metrics:
             "twostage_batch_items", "items per model batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=self.registry,
         )  # fmt: skip
+        self.model_errors = Counter(
+            "twostage_model_errors_total",
+            "model calls that failed",
+            ["model", "kind"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "twostage_queue_depth", "queued model calls", ["model"], registry=self.registry
         )
@@ -104,7 +111,6 @@ class Service:
         self.embedder: Embedder | None = None
         self.reranker: Reranker | None = None
         self._deployments: dict[str, Deployment] = {}
-        self._checked: dict[str, float] = {}  # when each alias was last resolved (monotonic)
         self.embed_batcher: MicroBatcher[EmbedItem, np.ndarray] | None = None
         self.rerank_batcher: MicroBatcher[RerankItem, list[float]] | None = None
         self.load_error: str | None = None
@@ -114,6 +120,10 @@ class Service:
         self._pairs: dict[tuple[str, int], tuple[Embedder, Reranker]] = {}
         self._loading: dict[tuple[str, int], float] = {}  # when a deployment's load started (or failed)
         self._load_lock = threading.Lock()
+        # deployments, records and loaded pairs change together, under this lock (requests only read)
+        self._state_lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._refresher = threading.Thread(target=self._refresh, name="deployments", daemon=True)
         # the configured (model names, loaded pair) until the first switch away from it
         self._configured: tuple[tuple[str, str], tuple[Embedder, Reranker]] | None = None
 
@@ -150,8 +160,12 @@ class Service:
             self.deployment(self.settings.collection)
         except TwostageError as exc:  # serve anyway: /readyz says why, ingestion can create it
             self.load_error = str(exc)
+        self._refresher.start()
 
     def close(self) -> None:
+        self._stopping.set()
+        if self._refresher.is_alive():
+            self._refresher.join(timeout=30)
         if self.jobs is not None:
             self.jobs.close(timeout_s=self.settings.api.shutdown_timeout_s)
         for batcher in (self.embed_batcher, self.rerank_batcher):
@@ -169,21 +183,24 @@ class Service:
     def deployment(self, collection: str) -> Deployment:
         """The live version of `collection` with the models to use on it.
 
-        Refuses (HTTP 409) a version built by an embedder other than the loaded one, since
-        its vectors and our query vectors would not be comparable. The alias is looked up
-        again at most every `api.alias_refresh_s`, so a switch is followed within that time
-        without a store round trip on every request.
+        Answered from memory: a background refresher re-resolves every collection in use
+        each `api.alias_refresh_s`, so requests never wait on the registry or the store to
+        follow a switch. Only the first request for a collection resolves it, in the
+        request's worker thread (never on the event loop). Refuses (HTTP 409) a version
+        built by an embedder other than the loaded one, since its vectors and our query
+        vectors would not be comparable.
         """
+        cached = self._deployments.get(collection)
+        if cached is not None:
+            return cached
+        with self._state_lock:
+            return self._deployments.get(collection) or self._resolve(collection)
+
+    def _resolve(self, collection: str) -> Deployment:
+        """Look the deployment up in the registry and the store (with `_state_lock` held)."""
         assert self.store is not None and self.embedder is not None
         cached = self._deployments.get(collection)
-        now = time.monotonic()
-        if (
-            cached is not None
-            and now - self._checked.get(collection, 0.0) < self.settings.api.alias_refresh_s
-        ):
-            return cached
         record = Registry(self.settings, collection).current()
-        self._checked[collection] = now
         if record is not None:
             return self._registered(collection, record, cached)
         manifest = active_manifest(self.store, collection)
@@ -200,6 +217,18 @@ class Service:
             self.load_error = None
         return deployment
 
+    def _refresh(self) -> None:
+        """Follow switches (retrain, rollback, `ingest --new-version`) for every collection in use."""
+        while not self._stopping.wait(self.settings.api.alias_refresh_s or 0.05):
+            for collection in list(self._deployments):
+                try:
+                    with self._state_lock:
+                        self._resolve(collection)
+                except CollectionNotFound:
+                    self._deployments.pop(collection, None)  # deleted: the next request says so
+                except Exception:  # the store may be unreachable for a while: keep serving what we have
+                    log.warning("could not refresh the deployment of %s", collection, exc_info=True)
+
     def _registered(self, collection: str, record: DeploymentRecord, cached: Deployment | None) -> Deployment:
         """The registry's deployment once its models are loaded and warm; until then the old one."""
         assert self.store is not None
@@ -213,11 +242,11 @@ class Service:
             and self._configured[0] == (record.embedder, record.reranker)
         ):
             pair = self._pairs[key] = self._configured[1]  # the first retrain's record of what runs
-        if pair is None:
+        if pair is None:  # never loaded in a request: in the background, the old pair answering meanwhile
+            self._load_in_background(key, record)
             if cached is not None:
-                self._load_in_background(key, record)
                 return cached
-            pair = self._pairs[key] = load_pair(self.settings, record.embedder, record.reranker)
+            raise ModelLoading(f"the models of deployment d{record.id} of {collection!r} are loading")
         embedder, reranker = pair
         manifest = self.store.read_manifest(record.collection)
         if manifest.embedder != embedder.model_id:
@@ -246,8 +275,10 @@ class Service:
 
         def load() -> None:
             try:
-                self._pairs[key] = load_pair(self.settings, record.embedder, record.reranker)
-                self._loading.pop(key, None)
+                pair = load_pair(self.settings, record.embedder, record.reranker)
+                with self._state_lock:  # the refresher (or the next request) swaps it in
+                    self._pairs[key] = pair
+                    self._loading.pop(key, None)
             except Exception:  # the old deployment keeps serving; the log says why
                 log.exception("loading deployment d%s failed; still serving the previous one", record.id)
 
@@ -268,10 +299,12 @@ class Service:
         for (_, as_query, instruction), indices in groups.items():
             texts = [items[i].text for i in indices]
             embedder = items[indices[0]].embedder
-            if as_query:
-                vectors = embedder.embed_queries(texts, instruction)
-            else:
-                vectors = embedder.embed_documents(texts)
+            call = (
+                partial(embedder.embed_queries, texts, instruction)
+                if as_query
+                else partial(embedder.embed_documents, texts)
+            )
+            vectors = self._run_model("embedder", embedder.model_id, call)
             for i, vector in zip(indices, vectors, strict=True):
                 out[i] = vector
         return [v for v in out if v is not None]
@@ -285,9 +318,43 @@ class Service:
         for indices in groups.values():
             reranker = items[indices[0]].reranker
             requests = [(items[i].query, list(items[i].documents), items[i].instruction) for i in indices]
-            for i, scores in zip(indices, reranker.score_many(requests), strict=True):
+            answers = self._run_model("reranker", reranker.model_id, partial(reranker.score_many, requests))
+            for i, scores in zip(indices, answers, strict=True):
                 out[i] = scores
         return out
+
+    def _run_model(self, role: str, model_id: str, call: Callable[[], T]) -> T:
+        """A batch's model call; what goes wrong reaches its requests as a message and a metric.
+
+        Out of device memory is `ModelOverloaded` (503 + Retry-After: the batch may fit later,
+        and the batcher retries its items one by one first); any other failure, or NaN or
+        infinite output, is `ModelError` (500 with the model named; the traceback is logged).
+        """
+        import torch
+
+        try:
+            result = call()
+        except TwostageError:
+            raise  # the caller's input (too long, empty): a 4xx with its own message
+        except torch.OutOfMemoryError as exc:
+            self.metrics.model_errors.labels(role, "out_of_memory").inc()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise ModelOverloaded(
+                f"{role} {model_id} ran out of device memory on this batch; retry shortly "
+                f"(or lower TWOSTAGE_{role.upper()}__BATCH_TOKENS)"
+            ) from exc
+        except Exception as exc:
+            self.metrics.model_errors.labels(role, "error").inc()
+            log.exception("%s %s failed on a batch", role, model_id)
+            raise ModelError(f"{role} {model_id} failed: {type(exc).__name__}: {exc}"[:500]) from exc
+        if not all(np.all(np.isfinite(np.asarray(row, dtype=np.float64))) for row in result):
+            self.metrics.model_errors.labels(role, "non_finite").inc()
+            raise ModelError(
+                f"{role} {model_id} returned NaN or infinite values: the model or its weights are broken "
+                "(or its dtype overflows); check it with twostage models check"
+            )
+        return result
 
     async def embed_query(
         self, text: str, instruction: str | None, embedder: Embedder | None = None
@@ -298,17 +365,14 @@ class Service:
     async def embed_texts(
         self, texts: Sequence[str], instruction: str | None, as_query: bool
     ) -> list[np.ndarray]:
+        """A request's texts, admitted together (each still batched with other requests')."""
         assert self.embed_batcher is not None and self.embedder is not None
-        batcher, embedder = self.embed_batcher, self.embedder
-        return list(
-            await asyncio.gather(
-                *(batcher.submit(EmbedItem(t, instruction, as_query, embedder)) for t in texts)
-            )
-        )
+        items = [EmbedItem(t, instruction, as_query, self.embedder) for t in texts]
+        return await self.embed_batcher.submit_many(items)
 
     async def score(
         self, query: str, documents: Sequence[str], instruction: str | None, reranker: Reranker | None = None
     ) -> list[float]:
         assert self.rerank_batcher is not None and self.reranker is not None
         item = RerankItem(query, tuple(documents), instruction, reranker or self.reranker)
-        return await self.rerank_batcher.submit(item)
+        return await self.rerank_batcher.submit(item, weight=len(documents))

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retrieval.errors import InputError
+from twostage.retrieval.errors import InputError
 
 if TYPE_CHECKING:
-    from training.data import Example
+    from twostage.training.data import Example
 
 
 def positive_int(value: str) -> int:
@@ -24,7 +24,7 @@ def positive_int(value: str) -> int:
 
 def _examples(path: str) -> "list[Example]":
     """Training examples of a JSONL file; unusable lines are reported (file:line) and skipped."""
-    from training.data import load_examples
+    from twostage.training.data import load_examples
 
     loaded = load_examples(Path(path))
     for bad in loaded.bad:
@@ -34,15 +34,15 @@ def _examples(path: str) -> "list[Example]":
 
 def _mine(args: argparse.Namespace) -> int:
     """Mine hard negatives for training pairs against a corpus file or a collection's chunks."""
-    from retrieval.collections import active_manifest, open_store
-    from retrieval.documents import Document
-    from retrieval.embedder import detect_embedder_family
-    from retrieval.model_source import model_identity, resolve_model
-    from retrieval.readers import CorpusReader
-    from retrieval.settings import Settings
-    from training.data import Pair
-    from training.mining import MiningSettings, mine, provenance, with_negatives, write_mined
-    from training.st_model import load_st_embedder, query_prompt
+    from twostage.retrieval.collections import active_manifest, open_store
+    from twostage.retrieval.documents import Document
+    from twostage.retrieval.embedder import detect_embedder_family
+    from twostage.retrieval.model_source import model_identity, resolve_model
+    from twostage.retrieval.readers import CorpusReader
+    from twostage.retrieval.settings import Settings
+    from twostage.training.data import Pair
+    from twostage.training.mining import MiningSettings, mine, provenance, with_negatives, write_mined
+    from twostage.training.st_model import load_st_embedder, query_prompt
 
     settings = Settings()
     pairs = [e for e in _examples(args.pairs) if isinstance(e, Pair)]
@@ -68,8 +68,8 @@ def _mine(args: argparse.Namespace) -> int:
     )  # fmt: skip
     rescorer, reranker_id = None, None
     if args.rescore:
-        from retrieval.reranker import load_reranker
-        from training.mining import RerankerScorer
+        from twostage.retrieval.reranker import load_reranker
+        from twostage.training.mining import RerankerScorer
 
         reranker = load_reranker(settings)
         rescorer, reranker_id = RerankerScorer(reranker, settings.reranker.instruction), reranker.model_id
@@ -98,13 +98,13 @@ def _train_embedder(args: argparse.Namespace) -> int:
     """Fine-tune the configured embedder on pairs (LoRA by default) and write the merged model."""
     import json
 
-    from retrieval.devices import resolve_device
-    from retrieval.embedder import detect_embedder_family
-    from retrieval.model_source import resolve_model
-    from retrieval.settings import Settings
-    from training.data import Pair, mix_general, split_by_query
-    from training.embedder_training import EmbedderTrainSettings, train_embedder
-    from training.st_model import load_st_embedder
+    from twostage.retrieval.devices import resolve_device
+    from twostage.retrieval.embedder import detect_embedder_family
+    from twostage.retrieval.model_source import resolve_model
+    from twostage.retrieval.settings import Settings
+    from twostage.training.data import Pair, mix_general, split_by_query
+    from twostage.training.embedder_training import EmbedderTrainSettings, train_embedder
+    from twostage.training.st_model import load_st_embedder
 
     settings = Settings()
     all_pairs = [e for e in _examples(args.train) if isinstance(e, Pair)]
@@ -155,12 +155,12 @@ def _train_reranker(args: argparse.Namespace) -> int:
     """Fine-tune the configured reranker (yes/no LM or seq-cls cross-encoder); write the model."""
     import json
 
-    from retrieval.devices import resolve_device
-    from retrieval.model_source import resolve_model
-    from retrieval.reranker import reranker_family
-    from retrieval.settings import Settings
-    from training.data import split_by_query
-    from training.reranker_training import RerankerTrainSettings, fine_tune_reranker
+    from twostage.retrieval.devices import resolve_device
+    from twostage.retrieval.model_source import resolve_model
+    from twostage.retrieval.reranker import reranker_family
+    from twostage.retrieval.settings import Settings
+    from twostage.training.data import split_by_query
+    from twostage.training.reranker_training import RerankerTrainSettings, fine_tune_reranker
 
     settings = Settings()
     examples = _examples(args.train)
@@ -194,13 +194,13 @@ def _train_reranker(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     """Dense and two-stage metrics for the configured models and an optional candidate pair."""
-    from retrieval.documents import Document
-    from retrieval.embedder import load_embedder
-    from retrieval.readers import CorpusReader
-    from retrieval.reranker import load_reranker
-    from retrieval.settings import Settings
-    from training.data import Pair
-    from training.evaluation import evaluate, from_pairs, load_beir, table, write_report
+    from twostage.retrieval.documents import Document
+    from twostage.retrieval.embedder import load_embedder
+    from twostage.retrieval.readers import CorpusReader
+    from twostage.retrieval.reranker import load_reranker
+    from twostage.retrieval.settings import Settings
+    from twostage.training.data import Pair
+    from twostage.training.evaluation import evaluate, from_pairs, load_beir, table, write_report
 
     settings = Settings()
     if args.beir:

@@ -16,12 +16,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import run_info
-from retrieval.embedder import load_embedder
-from retrieval.prompts import DEFAULT_TASK, embedding_query
-from retrieval.reference import recipe_embed, recipe_rerank
-from retrieval.reranker import load_reranker
-from retrieval.settings import Settings
-from retrieval.tiny_models import write_tiny_models
+from twostage.retrieval.embedder import load_embedder
+from twostage.retrieval.prompts import DEFAULT_TASK, embedding_query
+from twostage.retrieval.reference import recipe_embed, recipe_rerank
+from twostage.retrieval.reranker import load_reranker
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.tiny_models import write_tiny_models
 
 
 def main() -> None:

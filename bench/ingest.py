@@ -20,15 +20,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DATA, run_info
-from retrieval.chunker import Chunker
-from retrieval.collections import open_store
-from retrieval.devices import resolve_device
-from retrieval.documents import Document
-from retrieval.embedder import load_embedder
-from retrieval.ingest import ingest_corpus
-from retrieval.readers import CorpusReader
-from retrieval.settings import Settings
-from retrieval.tokens import Qwen3Tokens
+from twostage.retrieval.chunker import Chunker
+from twostage.retrieval.collections import open_store
+from twostage.retrieval.devices import resolve_device
+from twostage.retrieval.documents import Document
+from twostage.retrieval.embedder import load_embedder
+from twostage.retrieval.ingest import ingest_corpus
+from twostage.retrieval.readers import CorpusReader
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.tokens import Qwen3Tokens
 
 
 def main() -> None:

@@ -36,16 +36,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DATA, read_jsonl, run_info
-from retrieval.embedder import load_embedder
-from retrieval.model_source import resolve_model
-from retrieval.reranker import load_reranker
-from retrieval.settings import Settings
-from training.data import Example, Pair
-from training.embedder_training import EmbedderTrainSettings, train_embedder
-from training.evaluation import evaluate, from_pairs
-from training.mining import MiningSettings, mine
-from training.reranker_training import RerankerTrainSettings, fine_tune_reranker
-from training.st_model import load_st_embedder
+from twostage.retrieval.embedder import load_embedder
+from twostage.retrieval.model_source import resolve_model
+from twostage.retrieval.reranker import load_reranker
+from twostage.retrieval.settings import Settings
+from twostage.training.data import Example, Pair
+from twostage.training.embedder_training import EmbedderTrainSettings, train_embedder
+from twostage.training.evaluation import evaluate, from_pairs
+from twostage.training.mining import MiningSettings, mine
+from twostage.training.reranker_training import RerankerTrainSettings, fine_tune_reranker
+from twostage.training.st_model import load_st_embedder
 
 EMBEDDER = "pypi:all-MiniLM-L6-v2"
 RERANKERS = {"yes-no": "pypi:SmolLM2-135M-Instruct", "cross-encoder": EMBEDDER}

@@ -22,14 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DATA, read_jsonl, run_info
-from retrieval.devices import resolve_device, resolve_dtype
-from retrieval.model_source import resolve_model
-from retrieval.prompts import DEFAULT_TASK
-from retrieval.reference import recipe_rerank
-from retrieval.settings import RerankerSettings
-from retrieval.tiny_models import RERANKER_CHAT_TEMPLATE, write_tiny_models
-from retrieval.tokens import Qwen3Tokens
-from retrieval.yes_no_reranker import YesNoReranker
+from twostage.retrieval.devices import resolve_device, resolve_dtype
+from twostage.retrieval.model_source import resolve_model
+from twostage.retrieval.prompts import DEFAULT_TASK
+from twostage.retrieval.reference import recipe_rerank
+from twostage.retrieval.settings import RerankerSettings
+from twostage.retrieval.tiny_models import RERANKER_CHAT_TEMPLATE, write_tiny_models
+from twostage.retrieval.tokens import Qwen3Tokens
+from twostage.retrieval.yes_no_reranker import YesNoReranker
 
 
 def build_calls(queries: int, docs_per_query: int, long_docs: int, seed: int) -> list[tuple[str, list[str]]]:

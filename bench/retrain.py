@@ -42,7 +42,7 @@ def _twostage(args: list[str], env: dict[str, str]) -> tuple[subprocess.Complete
     """Run the CLI, relaying its progress lines to stderr; (result, seconds)."""
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", *args], cwd=REPO, env=env,
+        [sys.executable, "-m", "twostage.api.cli", *args], cwd=REPO, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert proc.stderr is not None and proc.stdout is not None

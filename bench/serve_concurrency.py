@@ -26,10 +26,10 @@ import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from api.app import create_app
 from bench.common import DATA, read_jsonl, run_info
-from retrieval.settings import Settings
-from retrieval.tiny_models import write_tiny_models
+from twostage.api.app import create_app
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.tiny_models import write_tiny_models
 
 
 def main() -> None:

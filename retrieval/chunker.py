@@ -14,9 +14,9 @@ import itertools
 import re
 from collections.abc import Iterator
 
-from retrieval.documents import Chunk
-from retrieval.settings import ChunkerSettings
-from retrieval.tokens import Qwen3Tokens
+from twostage.retrieval.documents import Chunk
+from twostage.retrieval.settings import ChunkerSettings
+from twostage.retrieval.tokens import Qwen3Tokens
 
 # Boundaries, coarsest first; a cut is made at the start of each match, so the separating
 # whitespace begins the next piece (as Qwen's pre-tokenizer attaches a space to the next word).

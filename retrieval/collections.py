@@ -5,9 +5,9 @@ made, and the refusal to mix embedders. The alias switch itself is the store's a
 `set_alias`; previous versions are kept (for rollback) until deleted explicitly.
 """
 
-from retrieval.embedder import Embedder
-from retrieval.settings import ChunkerSettings, Settings
-from retrieval.store import (
+from twostage.retrieval.embedder import Embedder
+from twostage.retrieval.settings import ChunkerSettings, Settings
+from twostage.retrieval.store import (
     CORE_INDEXES,
     CollectionManifest,
     CollectionNotFound,
@@ -25,10 +25,10 @@ TOKENIZER = "qwen3-tiktoken"
 def open_store(settings: Settings) -> VectorStore:
     """The configured store (its shards open lazily, on first use)."""
     if settings.store.kind == "embedded":
-        from retrieval.edge_store import EdgeStore
+        from twostage.retrieval.edge_store import EdgeStore
 
         return EdgeStore(settings.data_dir, settings.store)
-    from retrieval.qdrant_store import QdrantStore
+    from twostage.retrieval.qdrant_store import QdrantStore
 
     return QdrantStore(settings.store)
 

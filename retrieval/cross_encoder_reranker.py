@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 from sentence_transformers import CrossEncoder
 
-from retrieval.errors import ModelLoadError
-from retrieval.model_source import ModelSource, model_identity
-from retrieval.prompts import require_text, require_texts
-from retrieval.reranker import RerankMixin
-from retrieval.settings import RerankerSettings
+from twostage.retrieval.errors import ModelLoadError
+from twostage.retrieval.model_source import ModelSource, model_identity
+from twostage.retrieval.prompts import require_text, require_texts
+from twostage.retrieval.reranker import RerankMixin
+from twostage.retrieval.settings import RerankerSettings
+from twostage.retrieval.tokens import split_markers_in_text
 
 
 class CrossEncoderReranker(RerankMixin):
@@ -54,6 +55,8 @@ class CrossEncoderReranker(RerankMixin):
         # A causal-LM CrossEncoder renders the prompt through its chat template (the instruction);
         # a classic sequence-classification model would only see it glued to the query.
         generative = getattr(model[0], "transformer_task", "") == "text-generation"
+        if not generative:  # a generative one renders its chat template as text: its markers must parse
+            split_markers_in_text(model.tokenizer, by_default=True)  # untrusted text is text
         return cls(
             model,
             model_id=model_identity(source, cache_dir),

@@ -2,7 +2,7 @@
 
 import torch
 
-from retrieval.errors import ModelLoadError
+from twostage.retrieval.errors import ModelLoadError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

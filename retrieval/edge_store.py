@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import qdrant_edge as qe
 
-from retrieval.locks import PidLock, write_json_atomic
-from retrieval.settings import StoreSettings
-from retrieval.store import (
+from twostage.retrieval.locks import PidLock, write_json_atomic
+from twostage.retrieval.settings import StoreSettings
+from twostage.retrieval.store import (
     AnyOf,
     CollectionManifest,
     CollectionNotFound,

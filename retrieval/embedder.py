@@ -10,9 +10,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from retrieval.devices import resolve_device, resolve_dtype
-from retrieval.model_source import ModelSource, resolve_model
-from retrieval.settings import Settings
+from twostage.retrieval.devices import resolve_device, resolve_dtype
+from twostage.retrieval.model_source import ModelSource, resolve_model
+from twostage.retrieval.settings import Settings
 
 
 @runtime_checkable
@@ -55,10 +55,10 @@ def load_embedder(settings: Settings) -> Embedder:
     dtype = resolve_dtype(settings.dtype, device)
     family = detect_embedder_family(source) if cfg.family == "auto" else cfg.family
     if family == "last-token":
-        from retrieval.last_token_embedder import LastTokenEmbedder
+        from twostage.retrieval.last_token_embedder import LastTokenEmbedder
 
         return LastTokenEmbedder.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
-    from retrieval.st_embedder import SentenceTransformerEmbedder
+    from twostage.retrieval.st_embedder import SentenceTransformerEmbedder
 
     return SentenceTransformerEmbedder.load(
         source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir

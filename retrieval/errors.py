@@ -13,5 +13,21 @@ class InputError(TwostageError, ValueError):
     """The caller passed something unusable (empty query, wrong type, too long for the model)."""
 
 
+class TooLarge(InputError):
+    """A request over a size limit (HTTP 413); the message names the limit."""
+
+
+class ModelError(TwostageError):
+    """A loaded model failed on a request, or returned unusable output (NaN, infinity)."""
+
+
+class ModelOverloaded(ModelError):
+    """The model's device ran out of memory; the request may succeed when retried (HTTP 503)."""
+
+
+class ModelLoading(TwostageError):
+    """The models a request needs are loading in the background (HTTP 503 + Retry-After)."""
+
+
 class ModelLoadError(TwostageError):
     """A model could not be found, downloaded or loaded; the message says how to fix it."""

@@ -21,13 +21,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from retrieval.chunker import Chunker
-from retrieval.collections import version_for_ingest
-from retrieval.documents import BadRecord, Chunk, Document, chunk_payload
-from retrieval.embedder import Embedder
-from retrieval.errors import InputError
-from retrieval.settings import IngestSettings, Settings
-from retrieval.store import AnyOf, CollectionManifest, Equals, Filter, Point, VectorStore
+from twostage.retrieval.chunker import Chunker
+from twostage.retrieval.collections import version_for_ingest
+from twostage.retrieval.documents import BadRecord, Chunk, Document, chunk_payload
+from twostage.retrieval.embedder import Embedder
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.settings import IngestSettings, Settings
+from twostage.retrieval.store import AnyOf, CollectionManifest, Equals, Filter, Point, VectorStore
 
 _DONE = object()
 _MAX_EXAMPLES = 20

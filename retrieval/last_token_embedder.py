@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from retrieval.batching import left_pad, token_budget_batches
-from retrieval.errors import InputError, ModelLoadError
-from retrieval.model_source import ModelSource, model_identity
-from retrieval.prompts import clip_for_tokens, embedding_query, require_text, require_texts
-from retrieval.settings import EmbedderSettings
+from twostage.retrieval.batching import left_pad, token_budget_batches
+from twostage.retrieval.errors import InputError, ModelLoadError
+from twostage.retrieval.model_source import ModelSource, model_identity
+from twostage.retrieval.prompts import clip_for_tokens, embedding_query, require_text, require_texts
+from twostage.retrieval.settings import EmbedderSettings
+from twostage.retrieval.tokens import split_markers_in_text
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -43,7 +44,7 @@ class LastTokenEmbedder:
         if not isinstance(eod, int) or eod == tokenizer.unk_token_id:
             raise ModelLoadError(f"{model_id}: tokenizer has no {END_OF_TEXT} token for last-token pooling")
         self.model = model
-        self.tokenizer = tokenizer
+        self.tokenizer = split_markers_in_text(tokenizer)  # queries and documents are text only
         self._model_id = model_id
         self._dim = dim or hidden
         self.max_length = max_length
@@ -100,9 +101,9 @@ class LastTokenEmbedder:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids exactly as the model card's tokenizer call gives them (truncated, eod last)."""
         clipped = [clip_for_tokens(t, self.max_length) for t in texts]
-        ids: list[list[int]] = self.tokenizer(clipped, truncation=True, max_length=self.max_length)[
-            "input_ids"
-        ]
+        ids: list[list[int]] = self.tokenizer(
+            clipped, truncation=True, max_length=self.max_length, split_special_tokens=True
+        )["input_ids"]
         if not self._tokenizer_appends_eod:
             ids = [[*row[: self.max_length - 1], self._eod_id] for row in ids]
         return ids

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from retrieval.store import StoreLockedError
+from twostage.retrieval.store import StoreLockedError
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

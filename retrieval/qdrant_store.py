@@ -16,8 +16,8 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from retrieval.settings import StoreSettings
-from retrieval.store import (
+from twostage.retrieval.settings import StoreSettings
+from twostage.retrieval.store import (
     AnyOf,
     CollectionManifest,
     CollectionNotFound,

@@ -1,10 +1,11 @@
-"""Corpus readers: JSONL files, stdin JSONL and directories of .txt/.md/.html files.
+"""Corpus readers: JSONL files (plain or .gz), stdin JSONL and directories of .txt/.md/.html files.
 
 Readers stream: they yield one `Document` (or one `BadRecord` with file:line and the reason)
 at a time, so a corpus larger than memory flows through. Text is NFC-normalised here, once,
 so chunk offsets and hashes refer to the text that is stored.
 """
 
+import gzip
 import json
 import sys
 import unicodedata
@@ -13,12 +14,21 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
-from retrieval.documents import BadRecord, Document
-from retrieval.errors import InputError
+from twostage.retrieval.documents import BadRecord, Document
+from twostage.retrieval.errors import InputError
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst"}
 HTML_SUFFIXES = {".html", ".htm"}
 Record = Document | BadRecord
+
+
+def _gzip_size(path: Path) -> int:
+    """Uncompressed size of a gzip file (its trailer, mod 2**32), for progress against bytes read."""
+    with path.open("rb") as handle:
+        if path.stat().st_size < 18 or handle.read(2) != b"\x1f\x8b":
+            raise InputError(f"corpus path {str(path)!r} ends in .gz but is not gzip-compressed")
+        handle.seek(-4, 2)
+        return int.from_bytes(handle.read(4), "little")
 
 
 class CorpusReader:
@@ -36,6 +46,8 @@ class CorpusReader:
                 raise InputError(f"corpus path {path!r} does not exist")
             if p.is_dir():
                 self.bytes_total = sum(f.stat().st_size for f in self._files(p))
+            elif p.suffix == ".gz":
+                self.bytes_total = _gzip_size(p)
             else:
                 self.bytes_total = p.stat().st_size
 
@@ -47,6 +59,9 @@ class CorpusReader:
         if p.is_dir():
             for file in self._files(p):
                 yield self._file_document(file, file.relative_to(p).as_posix())
+        elif p.suffix == ".gz":
+            with gzip.open(p, "rt", encoding="utf-8", errors="strict", newline="") as handle:
+                yield from self._jsonl(handle, str(p))
         else:
             with p.open(encoding="utf-8", errors="strict", newline="") as handle:
                 yield from self._jsonl(handle, str(p))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from retrieval.prompts import RERANKER_PREFIX, RERANKER_SUFFIX, reranker_body
+from twostage.retrieval.prompts import RERANKER_PREFIX, RERANKER_SUFFIX, reranker_body
 
 
 def last_token_pool(last_hidden_states: Tensor, attention_mask: Tensor) -> Tensor:

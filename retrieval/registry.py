@@ -21,9 +21,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from retrieval.locks import PidLock, write_json_atomic
-from retrieval.settings import Settings
-from retrieval.store import StoreError, now_iso
+from twostage.retrieval.locks import PidLock, write_json_atomic
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.store import StoreError, now_iso
 
 
 class DeploymentRecord(BaseModel):

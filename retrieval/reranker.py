@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from retrieval.devices import resolve_device, resolve_dtype
-from retrieval.errors import InputError
-from retrieval.model_source import ModelSource, resolve_model
-from retrieval.settings import Settings
+from twostage.retrieval.devices import resolve_device, resolve_dtype
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.model_source import ModelSource, resolve_model
+from twostage.retrieval.settings import Settings
 
 RerankRequest = tuple[str, Sequence[str], str | None]
 
@@ -89,9 +89,9 @@ def load_reranker(settings: Settings) -> Reranker:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     if reranker_family(source, cfg.family) == "yes-no":
-        from retrieval.yes_no_reranker import YesNoReranker
+        from twostage.retrieval.yes_no_reranker import YesNoReranker
 
         return YesNoReranker.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
-    from retrieval.cross_encoder_reranker import CrossEncoderReranker
+    from twostage.retrieval.cross_encoder_reranker import CrossEncoderReranker
 
     return CrossEncoderReranker.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.embedder import Embedder
-from retrieval.errors import InputError
-from retrieval.reranker import Reranker
-from retrieval.store import CollectionManifest, Filter, Hit, VectorStore
+from twostage.retrieval.embedder import Embedder
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.reranker import Reranker
+from twostage.retrieval.store import CollectionManifest, Filter, Hit, VectorStore
 
 EmbedQuery = Callable[[str, str | None], np.ndarray]
 ScoreDocuments = Callable[[str, Sequence[str], str | None], list[float]]
@@ -58,6 +58,8 @@ class SearchResult:
     embedder: str
     reranker: str | None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    stages: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def best_chunk_per_document(hits: list[Hit]) -> list[Hit]:
@@ -147,6 +149,17 @@ def two_stage_search(
         embedder=deployment.embedder.model_id,
         reranker=reranker.model_id if reranker is not None else None,
         timings_ms=timings,
+        stages=["embed", "recall", "rerank"] if reranker is not None else ["embed", "recall"],
+    )
+
+
+def rerank_off_note(requested: bool | None) -> str:
+    """Why the hits are in first-stage order, and how to get them reranked."""
+    if requested is False:
+        return "not reranked: the request said rerank=false"
+    return (
+        "not reranked: this service reranks only on request (TWOSTAGE_API__RERANK=false), because its "
+        "reranker is not trained to rank; send rerank=true to force it, or train one with twostage retrain"
     )
 
 

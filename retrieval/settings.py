@@ -4,13 +4,19 @@ Example: `TWOSTAGE_RERANKER__MODEL=/models/my-reranker TWOSTAGE_DEVICE=cpu twost
 Later packages (store, API, training) add their sections here rather than keeping their own.
 """
 
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
-from retrieval.prompts import DEFAULT_TASK
+from twostage.retrieval.prompts import DEFAULT_TASK
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"] | str
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -108,9 +114,28 @@ class ApiSettings(BaseModel):
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="longest a request waits for a batch to fill"
     )
-    max_pending: int = Field(256, ge=1, description="queued model calls per model before 503 + Retry-After")
+    max_client_batch: int = Field(
+        2048, ge=1, description="inputs or documents in one request; more get 413 (TEI and vLLM say 2048 too)"
+    )
+    max_pending: int = Field(
+        8192, ge=1, description="queued items (texts, documents) per model; a request that would pass "
+        "it gets 503 + Retry-After, all of its items together",
+    )  # fmt: skip
     shutdown_timeout_s: int = Field(30, ge=1, description="grace period for in-flight requests on shutdown")
     alias_refresh_s: float = Field(1.0, ge=0, description="how often a collection alias is re-resolved")
+    rerank: bool = Field(
+        True, description="rerank when a search request does not say (quickstart turns it off for a "
+        "reranker that is not trained to rank, such as the offline SmolLM2 fallback)",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _one_request_fits_the_queue(self) -> "ApiSettings":
+        if self.max_pending < self.max_client_batch:
+            raise ValueError(
+                f"api.max_pending ({self.max_pending}) must be at least api.max_client_batch "
+                f"({self.max_client_batch}), or the largest request could never be admitted"
+            )
+        return self
 
 
 class RetrainSettings(BaseModel):
@@ -156,3 +181,23 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, then `saved_settings_file()` (what quickstart chose)."""
+        saved = DotEnvSettingsSource(settings_cls, env_file=saved_settings_file())
+        return init_settings, env_settings, saved, file_secret_settings
+
+
+def saved_settings_file() -> Path:
+    """`DATA_DIR/settings.env`: choices `twostage quickstart` made (models it fell back to), in
+    the environment's own `TWOSTAGE_*` syntax, so every later command on that data directory
+    uses the models that built its index. Environment variables override it."""
+    return Path(os.environ.get("TWOSTAGE_DATA_DIR", ".twostage/data")) / "settings.env"

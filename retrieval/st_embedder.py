@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from retrieval.errors import InputError, ModelLoadError
-from retrieval.model_source import ModelSource, model_identity
-from retrieval.prompts import embedding_query, require_text, require_texts
-from retrieval.settings import EmbedderSettings
+from twostage.retrieval.errors import InputError, ModelLoadError
+from twostage.retrieval.model_source import ModelSource, model_identity
+from twostage.retrieval.prompts import embedding_query, require_text, require_texts
+from twostage.retrieval.settings import EmbedderSettings
+from twostage.retrieval.tokens import split_markers_in_text
 
 
 class SentenceTransformerEmbedder:
@@ -64,6 +65,7 @@ class SentenceTransformerEmbedder:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load embedder {source.name!r} from {source.path}: {exc}") from exc
         model.eval()
+        split_markers_in_text(model.tokenizer, by_default=True)  # untrusted text is text
         return cls(
             model,
             model_id=model_identity(source, cache_dir),

@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, Field
 
-from retrieval.errors import InputError, TwostageError
+from twostage.retrieval.errors import InputError, TwostageError
 
 FieldType = Literal["keyword", "integer", "float", "bool"]
 

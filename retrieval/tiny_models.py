@@ -19,8 +19,14 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
-from retrieval.prompts import DEFAULT_TASK, DOCUMENT_TAG, RERANKER_PREFIX, RERANKER_SUFFIX
-from retrieval.qwen_vocab import ADDED_TOKENS, FIRST_SPECIAL_ID, SPLIT_PATTERN, VOCAB_SIZE, load_ranks
+from twostage.retrieval.prompts import DEFAULT_TASK, DOCUMENT_TAG, RERANKER_PREFIX, RERANKER_SUFFIX
+from twostage.retrieval.qwen_vocab import (
+    ADDED_TOKENS,
+    FIRST_SPECIAL_ID,
+    SPLIT_PATTERN,
+    VOCAB_SIZE,
+    load_ranks,
+)
 
 # sha256 of Qwen3's published tokenizer.json; `qwen3_tokenizer_json()` must reproduce it.
 QWEN3_TOKENIZER_JSON_SHA256 = "aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4"

@@ -32,10 +32,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from retrieval.batching import right_pad, token_budget_batches
-from retrieval.errors import InputError, ModelLoadError
-from retrieval.model_source import ModelSource, model_identity
-from retrieval.prompts import (
+from twostage.retrieval.batching import right_pad, token_budget_batches
+from twostage.retrieval.errors import InputError, ModelLoadError
+from twostage.retrieval.model_source import ModelSource, model_identity
+from twostage.retrieval.prompts import (
     DOCUMENT_TAG,
     RERANKER_PREFIX,
     RERANKER_SUFFIX,
@@ -45,8 +45,9 @@ from retrieval.prompts import (
     reranker_document_part,
     reranker_query_part,
 )
-from retrieval.reranker import RerankMixin, RerankRequest
-from retrieval.settings import RerankerSettings
+from twostage.retrieval.reranker import RerankMixin, RerankRequest
+from twostage.retrieval.settings import RerankerSettings
+from twostage.retrieval.tokens import split_markers_in_text
 
 
 def single_token_id(tokenizer: PreTrainedTokenizerBase, word: str, model_name: str) -> int:
@@ -88,15 +89,17 @@ class YesNoReranker(RerankMixin):
         instruction: str,
     ) -> None:
         self.model = model
-        self.tokenizer = tokenizer
+        self.tokenizer = split_markers_in_text(tokenizer)  # query, instruction, document: text only
         self._model_id = model_id
         self.max_length = max_length
         self.batch_tokens = batch_tokens
         self.instruction = require_text(instruction, "instruction")
         self.yes_id = single_token_id(tokenizer, "yes", model_id)
         self.no_id = single_token_id(tokenizer, "no", model_id)
-        self._prefix_ids = tokenizer.encode(RERANKER_PREFIX, add_special_tokens=False)
-        self._suffix_ids = tokenizer.encode(RERANKER_SUFFIX, add_special_tokens=False)
+        # the template's own chat markers are the only control tokens of a prompt
+        template = {"add_special_tokens": False, "split_special_tokens": False}
+        self._prefix_ids = tokenizer.encode(RERANKER_PREFIX, **template)
+        self._suffix_ids = tokenizer.encode(RERANKER_SUFFIX, **template)
         self._tag_len = len(tokenizer.encode(DOCUMENT_TAG, add_special_tokens=False))
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.no_id
         head = model.get_output_embeddings()
@@ -145,7 +148,7 @@ class YesNoReranker(RerankMixin):
         docs = require_texts(documents, "documents", allow_empty_items=True)
         task = self.instruction if instruction is None else require_text(instruction, "instruction")
         shared = self._prefix_ids + self.tokenizer.encode(
-            reranker_query_part(task, query), add_special_tokens=False
+            reranker_query_part(task, query), add_special_tokens=False, split_special_tokens=True
         )
         room = self.max_length - len(shared) - len(self._suffix_ids)
         if room <= self._tag_len:
@@ -155,7 +158,11 @@ class YesNoReranker(RerankMixin):
                 f"for a document within the reranker's max_length of {self.max_length} tokens"
             )
         bodies = [reranker_document_part(clip_for_tokens(d, room)) for d in docs]
-        encoded = self.tokenizer(bodies, add_special_tokens=False)["input_ids"] if bodies else []
+        encoded = (
+            self.tokenizer(bodies, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            if bodies
+            else []
+        )
         return PromptTokens(shared, [ids[:room] for ids in encoded], self._suffix_ids)
 
     def score(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[float]:

@@ -8,9 +8,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from retrieval.embedder import Embedder, load_embedder
-from retrieval.settings import Settings
-from retrieval.tiny_models import TinyModelPaths, write_tiny_models
+from twostage.retrieval.embedder import Embedder, load_embedder
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.tiny_models import TinyModelPaths, write_tiny_models
 
 
 @pytest.fixture(scope="session")

@@ -30,17 +30,17 @@ import openai
 import pytest
 import uvicorn
 
-from api.app import create_app
-from api.service import Service
-from retrieval.chunker import Chunker
-from retrieval.collections import open_store
-from retrieval.documents import Document
-from retrieval.embedder import load_embedder
-from retrieval.ingest import ingest_corpus
-from retrieval.settings import Settings, StoreSettings
-from retrieval.store import AnyOf, Filter
-from retrieval.tiny_models import TinyModelPaths
-from retrieval.tokens import Qwen3Tokens
+from twostage.api.app import create_app
+from twostage.api.service import Service
+from twostage.retrieval.chunker import Chunker
+from twostage.retrieval.collections import open_store
+from twostage.retrieval.documents import Document
+from twostage.retrieval.embedder import load_embedder
+from twostage.retrieval.ingest import ingest_corpus
+from twostage.retrieval.settings import Settings, StoreSettings
+from twostage.retrieval.store import AnyOf, Filter
+from twostage.retrieval.tiny_models import TinyModelPaths
+from twostage.retrieval.tokens import Qwen3Tokens
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir" / "corpus.jsonl"
 INSTRUCTION = "Given a question about Debian, retrieve the package description that answers it"
@@ -96,8 +96,8 @@ def api_settings(
     return sample_settings(tmp_path_factory.mktemp("api-data"), tiny_models, model_cache, 150)
 
 
-def serve(settings: Settings) -> Iterator[Served]:
-    app = create_app(settings)
+def serve(settings: Settings, service: Service | None = None) -> Iterator[Served]:
+    app = create_app(settings, service)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -397,7 +397,7 @@ def test_documents_api_jobs_delete_and_cli_through_the_server(served: Served, tm
     )
     env = {**os.environ, "TWOSTAGE_API_KEY": "secret-key"}
     result = subprocess.run(
-        [sys.executable, "-m", "api.cli", "ingest", str(corpus), "--server", served.url, "--json"],
+        [sys.executable, "-m", "twostage.api.cli", "ingest", str(corpus), "--server", served.url, "--json"],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -454,7 +454,7 @@ def test_serve_starts_empty_becomes_ready_and_drains_on_sigterm(
         "TWOSTAGE_API__PORT": str(port),
     }
     server = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve"],
+        [sys.executable, "-m", "twostage.api.cli", "serve"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -506,3 +506,132 @@ def test_an_unreachable_qdrant_server_answers_503_not_500(tiny_settings: Setting
         response = post(served, "/v1/search", {"query": "a real-time strategy game"})
         assert response.status_code == 503, response.text
         assert f"Qdrant at http://127.0.0.1:{port}" in response.json()["detail"]
+
+
+def test_a_request_is_admitted_whole_and_one_over_the_client_batch_is_413(served: Served) -> None:
+    """1,000 inputs through the openai SDK on an idle server are one admitted request, not 1,000
+    queue entries; 2,049 inputs or documents are refused with the limit named."""
+    client = openai.OpenAI(api_key="unused", base_url=served.url + "/v1", timeout=300)
+    inputs = [f"package description number {i}" for i in range(1000)]
+    done = client.embeddings.create(model="any", input=inputs)
+    assert [d.index for d in done.data] == list(range(1000))
+    assert served.service.embed_batcher is not None and served.service.embed_batcher.admitted == 0
+    too_many = post(served, "/v1/embeddings", {"input": [f"t{i}" for i in range(2049)]})
+    assert too_many.status_code == 413, too_many.text
+    assert too_many.json()["detail"] == (
+        "at most 2048 inputs per request (api.max_client_batch), got 2049: split the request"
+    )
+    documents = post(served, "/v2/rerank", {"query": "q", "documents": ["d"] * 2049})
+    assert documents.status_code == 413 and "2048 documents per request" in documents.json()["detail"]
+
+
+def test_admission_takes_or_refuses_a_request_whole() -> None:
+    """The real batcher with a slow batch function: a request that does not fit is refused at once
+    with nothing queued; one that fits is admitted; the count returns to zero when answered."""
+    import asyncio
+
+    from twostage.api.micro_batcher import MicroBatcher, Overloaded
+
+    def slow(items: object) -> list[int]:
+        time.sleep(0.3)
+        return [1] * len(items)  # type: ignore[arg-type]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        "embedder", slow, lambda _: 1, budget=100, max_wait_s=0.01, max_pending=10
+    )
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(batcher.submit_many(list(range(8))))
+        await asyncio.sleep(0.05)
+        assert batcher.admitted == 8
+        with pytest.raises(Overloaded, match="8 items queued, at most 10"):
+            await batcher.submit_many(list(range(3)))
+        assert batcher.admitted == 8 and batcher.depth == 0  # nothing of the refused request queued
+        assert await batcher.submit_many([1, 2]) == [1, 1]
+        assert await first == [1] * 8
+        assert batcher.admitted == 0
+        assert await batcher.submit_many(list(range(50))) == [1] * 50  # an idle batcher takes any size
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        batcher.close()
+
+
+def test_model_faults_are_json_errors_with_a_metric(
+    tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN scores from a real model with broken weights are a 500 naming the model; device
+    out-of-memory (injected: there is no GPU here) is a 503 with Retry-After; both are counted."""
+    import torch
+
+    settings = sample_settings(tmp_path, tiny_models, model_cache, 10)
+    for served in serve(settings):
+        reranker = served.service.reranker
+        assert reranker is not None
+        norm = reranker.model.get_decoder().norm.weight  # type: ignore[attr-defined]
+        saved = norm.detach().clone()
+        with torch.no_grad():
+            norm.fill_(float("nan"))
+        broken = post(served, "/v2/rerank", {"query": "q", "documents": ["a", "b"]})
+        assert broken.status_code == 500, broken.text
+        assert (
+            "returned NaN or infinite values" in broken.json()["detail"] and reranker.model_id in broken.text
+        )
+        with torch.no_grad():
+            norm.copy_(saved)
+        assert post(served, "/v2/rerank", {"query": "q", "documents": ["a", "b"]}).status_code == 200
+
+        def out_of_memory(*_: object, **__: object) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        monkeypatch.setattr(reranker, "score_many", out_of_memory)
+        full = post(served, "/v1/search", {"query": "a terminal program", "rerank": True})
+        assert full.status_code == 503 and full.headers["retry-after"] == "5"
+        assert "ran out of device memory" in full.json()["detail"]
+        metrics = httpx.get(served.url + "/metrics").text
+        assert 'twostage_model_errors_total{kind="non_finite",model="reranker"} 1.0' in metrics
+        assert 'twostage_model_errors_total{kind="out_of_memory",model="reranker"}' in metrics
+
+
+class SlowStore:
+    """The real store, with every call held for `delay_s` (a Qdrant server under load)."""
+
+    def __init__(self, store: object, delay_s: float) -> None:
+        self.store, self.delay_s = store, delay_s
+
+    def __getattr__(self, name: str) -> object:
+        attribute = getattr(self.store, name)
+        if not callable(attribute):
+            return attribute
+
+        def slow(*args: object, **kwargs: object) -> object:
+            time.sleep(self.delay_s)
+            return attribute(*args, **kwargs)
+
+        return slow
+
+
+def test_the_event_loop_never_waits_on_a_slow_store(
+    tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
+) -> None:
+    """While searches and readiness checks wait on a store that takes 2 s a call (in worker
+    threads), /healthz keeps answering within 50 ms."""
+    settings = sample_settings(tmp_path, tiny_models, model_cache, 10)
+    service = Service(settings)
+    service.start()
+    service.store = SlowStore(service.store, 2.0)  # type: ignore[assignment]
+    for served in serve(settings, service):
+        with ThreadPoolExecutor(4) as pool:
+            slow = [
+                pool.submit(post, served, "/v1/search", {"query": "a terminal program"}),
+                pool.submit(httpx.get, served.url + "/readyz", timeout=60),
+                pool.submit(post, served, "/v1/search", {"query": "x", "collection": "other"}),
+            ]
+            time.sleep(0.3)  # all three are inside the store now
+            for _ in range(5):
+                started = time.perf_counter()
+                assert httpx.get(served.url + "/healthz").status_code == 200
+                assert time.perf_counter() - started < 0.05
+            answers = [f.result() for f in slow]
+        assert [a.status_code for a in answers] == [200, 200, 404], [a.text for a in answers]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.embedder import Embedder, load_embedder
-from retrieval.errors import InputError, ModelLoadError
-from retrieval.model_source import resolve_model
-from retrieval.reranker import Reranker, load_reranker
-from retrieval.settings import Settings
+from twostage.retrieval.embedder import Embedder, load_embedder
+from twostage.retrieval.errors import InputError, ModelLoadError
+from twostage.retrieval.model_source import resolve_model
+from twostage.retrieval.reranker import Reranker, load_reranker
+from twostage.retrieval.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_non_yes_no_model_is_refused(tiny_models, tmp_path: Path) -> None:
     """A causal LM whose 'yes' is not one token cannot be a yes/no reranker."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from retrieval.yes_no_reranker import YesNoReranker
+    from twostage.retrieval.yes_no_reranker import YesNoReranker
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models.reranker)
     broken = AutoTokenizer.from_pretrained(tiny_models.reranker)
@@ -102,7 +102,7 @@ def run_models_check(**settings: str) -> subprocess.CompletedProcess[str]:
     """`twostage models check` in a subprocess, with TWOSTAGE_* variables from `settings`."""
     env = {**os.environ, **{f"TWOSTAGE_{k.upper()}": v for k, v in settings.items()}}
     return subprocess.run(
-        [sys.executable, "-m", "api.cli", "models", "check"],
+        [sys.executable, "-m", "twostage.api.cli", "models", "check"],
         env=env,
         capture_output=True,
         text=True,

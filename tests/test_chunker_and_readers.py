@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.chunker import Chunker
-from retrieval.documents import BadRecord, Document, chunk_point_id
-from retrieval.errors import InputError
-from retrieval.readers import CorpusReader
-from retrieval.settings import ChunkerSettings
-from retrieval.tokens import Qwen3Tokens
+from twostage.retrieval.chunker import Chunker
+from twostage.retrieval.documents import BadRecord, Document, chunk_point_id
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.readers import CorpusReader
+from twostage.retrieval.settings import ChunkerSettings
+from twostage.retrieval.tokens import Qwen3Tokens
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir" / "corpus.jsonl"
 

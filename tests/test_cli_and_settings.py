@@ -1,19 +1,20 @@
 """The console script and the settings tree."""
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from retrieval.settings import Settings
-from retrieval.tiny_models import QWEN3_TOKENIZER_JSON_SHA256
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.tiny_models import QWEN3_TOKENIZER_JSON_SHA256
 
 
 def test_models_tiny_command_writes_loadable_models(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "api.cli", "models", "tiny", "--out", str(tmp_path / "m")],
+        [sys.executable, "-m", "twostage.api.cli", "models", "tiny", "--out", str(tmp_path / "m")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -29,7 +30,9 @@ def test_models_tiny_command_writes_loadable_models(tmp_path: Path) -> None:
 
 
 def test_cli_usage_error_exits_2() -> None:
-    done = subprocess.run([sys.executable, "-m", "api.cli", "models"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "twostage.api.cli", "models"], capture_output=True, text=True
+    )
     assert done.returncode == 2 and "usage:" in done.stderr
 
 
@@ -51,9 +54,99 @@ def test_nested_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_auto_device_and_dtype_on_this_machine() -> None:
     import torch
 
-    from retrieval.devices import resolve_device, resolve_dtype
+    from twostage.retrieval.devices import resolve_device, resolve_dtype
 
     device = resolve_device("auto")
     expected = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     assert resolve_dtype("auto", device) == expected
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_settings_saved_by_quickstart_apply_below_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TWOSTAGE_DATA_DIR", str(tmp_path))
+    (tmp_path / "settings.env").write_text(
+        "TWOSTAGE_EMBEDDER__MODEL=pypi:all-MiniLM-L6-v2\nTWOSTAGE_API__RERANK=false\n"
+    )
+    saved = Settings()
+    assert (saved.embedder.model, saved.api.rerank, saved.reranker.model) == (
+        "pypi:all-MiniLM-L6-v2", False, "Qwen/Qwen3-Reranker-0.6B",
+    )  # fmt: skip
+    monkeypatch.setenv("TWOSTAGE_EMBEDDER__MODEL", "/models/e")
+    assert Settings().embedder.model == "/models/e"
+
+
+def test_a_library_error_in_training_is_one_line_and_exit_2(tmp_path: Path, tiny_models) -> None:
+    """A model whose weights are corrupt fails inside transformers; the user sees one line."""
+    import os
+    import shutil
+
+    broken = tmp_path / "broken-embedder"
+    shutil.copytree(tiny_models.embedder, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(f'{{"query": "q{i}", "positive": "p{i}"}}\n' for i in range(40)))
+    env = {**os.environ, "TWOSTAGE_EMBEDDER__MODEL": str(broken), "TWOSTAGE_DEVICE": "cpu",
+           "TWOSTAGE_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "twostage.api.cli", "train", "embedder", "--train", str(pairs),
+         "--out", str(tmp_path / "run"), "--batch-size", "8"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    (error,) = [ln for ln in done.stderr.splitlines() if ln.startswith("twostage: error:")]
+    assert error.startswith("twostage: error: train failed: ") and "(traceback in " in error
+    saved = Path(error.rsplit("(traceback in ", 1)[1].rstrip(")"))
+    assert "Traceback" in saved.read_text()
+    saved.unlink()
+
+
+def test_installed_as_one_namespace(tmp_path: Path) -> None:
+    """Nothing named api, training or retrieval is installed; the code imports as twostage.*.
+    Probed from an empty directory, so the checkout (and its build metadata) is not on the path."""
+    probe = (
+        "import importlib.util as u, json; from importlib.metadata import distribution as d; t = d('twostage'); "
+        "print(json.dumps([t.read_text('top_level.txt').split(), sorted({str(f).split('/')[0] for f in t.files}), "
+        "[u.find_spec(n) is None for n in ('api', 'training', 'retrieval')]]))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    top_level, installed, missing = json.loads(done.stdout)
+    assert top_level == ["twostage"] and missing == [True, True, True]
+    assert not set(installed) & {"api", "training", "retrieval"}, installed
+    done = subprocess.run([sys.executable, "-m", "twostage.api.cli", "--help"], cwd=tmp_path,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0 and "quickstart" in done.stdout and "search" in done.stdout
+
+
+def test_the_lock_check_fails_when_pyproject_changes(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / ".ci").mkdir()
+    for name in ("pyproject.toml", "constraints.txt", ".ci/check_lock.py"):
+        (tmp_path / name).write_text((root / name).read_text())
+
+    def check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(tmp_path / ".ci" / "check_lock.py")],
+                              capture_output=True, text=True)  # fmt: skip
+
+    assert check().returncode == 0, check().stderr
+    pyproject = (tmp_path / "pyproject.toml").read_text()
+    (tmp_path / "pyproject.toml").write_text(pyproject.replace('"peft>=', '"requests>=2", "peft>='))
+    stale = check()
+    assert stale.returncode == 1 and "out of date with pyproject.toml: run .ci/lock" in stale.stderr
+    # a range the pinned version falls outside, with the hash brought up to date by hand
+    sys.path.insert(0, str(tmp_path / ".ci"))
+    try:
+        import check_lock
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "pyproject.toml").write_text(pyproject.replace('"peft>=0.15', '"peft>=99'))
+    lock = (tmp_path / "constraints.txt").read_text().splitlines()
+    header = "# pyproject-dependencies-sha256: "
+    lock = [header + check_lock.dependencies_hash(tmp_path / "pyproject.toml") if ln.startswith(header) else ln
+            for ln in lock]  # fmt: skip
+    (tmp_path / "constraints.txt").write_text("\n".join(lock) + "\n")
+    outside = check()
+    assert outside.returncode == 1 and "peft==" in outside.stderr and "outside >=99" in outside.stderr

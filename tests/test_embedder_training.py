@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.embedder import load_embedder
-from retrieval.settings import Settings
-from retrieval.tiny_models import TinyModelPaths
-from training.st_model import load_st_embedder
+from twostage.retrieval.embedder import load_embedder
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.tiny_models import TinyModelPaths
+from twostage.training.st_model import load_st_embedder
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
 
@@ -33,7 +33,7 @@ def test_lora_training_merges_into_a_model_inference_serves(
         "TWOSTAGE_CACHE_DIR": str(model_cache),
         "TWOSTAGE_DEVICE": "cpu",
     }
-    command = [sys.executable, "-m", "api.cli", "train", "embedder", "--train", str(train), "--out", str(out),
+    command = [sys.executable, "-m", "twostage.api.cli", "train", "embedder", "--train", str(train), "--out", str(out),
                "--epochs", "2", "--batch-size", "16", "--eval-steps", "4", "--lr", "0.005", "--dev-fraction", "0.2"]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

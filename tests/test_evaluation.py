@@ -6,12 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from retrieval.model_source import resolve_model
-from retrieval.settings import Settings
-from retrieval.tiny_models import TinyModelPaths
-from training.data import Pair
-from training.evaluation import from_pairs
-from training.st_model import load_st_embedder
+from twostage.retrieval.model_source import resolve_model
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.tiny_models import TinyModelPaths
+from twostage.training.data import Pair
+from twostage.training.evaluation import from_pairs
+from twostage.training.st_model import load_st_embedder
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
 
@@ -34,7 +34,7 @@ def test_evaluate_dense_and_two_stage_report_and_chart(
         "TWOSTAGE_DEVICE": "cpu",
     }
     out = tmp_path / "eval"
-    command = [sys.executable, "-m", "api.cli", "evaluate", "--pairs", str(dev), "--distractors", str(distractors),
+    command = [sys.executable, "-m", "twostage.api.cli", "evaluate", "--pairs", str(dev), "--distractors", str(distractors),
                "--candidate-reranker", str(tiny_models.reranker), "--top-k", "20", "--out", str(out)]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -46,6 +46,10 @@ def test_evaluate_dense_and_two_stage_report_and_chart(
     assert set(dense) == {"nDCG@10", "RR@10", "R@10", "R@100", "AP"} and dense["nDCG@10"] > 0.5
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "two-stage" in result.stdout and "nDCG@10" in result.stdout
+    # progress, as plain lines in a log (stderr is a pipe here): each bar's final state is one line
+    progress = [ln for ln in result.stderr.splitlines() if ln.startswith(("embed ", "rerank top 20"))]
+    assert any("100%" in ln for ln in progress if ln.startswith("embed ")), result.stderr[-2000:]
+    assert any("100%" in ln and "query" in ln for ln in progress if ln.startswith("rerank")), progress
 
     # ir_measures (pytrec_eval) agrees with sentence-transformers' evaluator on the dense run.
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator

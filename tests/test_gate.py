@@ -1,7 +1,7 @@
 """The promotion gate of `twostage retrain`: primary gain, secondary tolerance, the reranker note."""
 
-from retrieval.settings import Settings
-from training.retrain import gate
+from twostage.retrieval.settings import Settings
+from twostage.training.retrain import gate
 
 
 def _metrics(

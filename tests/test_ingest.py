@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.chunker import Chunker
-from retrieval.collections import active_manifest
-from retrieval.documents import BadRecord, Document, chunk_point_id
-from retrieval.edge_store import EdgeStore
-from retrieval.embedder import Embedder, load_embedder
-from retrieval.errors import InputError
-from retrieval.ingest import IngestReport, ingest_corpus
-from retrieval.qdrant_store import QdrantStore
-from retrieval.settings import Settings, StoreSettings
-from retrieval.store import Equals, Filter, StoreError, VectorStore
-from retrieval.tokens import Qwen3Tokens
+from twostage.retrieval.chunker import Chunker
+from twostage.retrieval.collections import active_manifest
+from twostage.retrieval.documents import BadRecord, Document, chunk_point_id
+from twostage.retrieval.edge_store import EdgeStore
+from twostage.retrieval.embedder import Embedder, load_embedder
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.ingest import IngestReport, ingest_corpus
+from twostage.retrieval.qdrant_store import QdrantStore
+from twostage.retrieval.settings import Settings, StoreSettings
+from twostage.retrieval.store import Equals, Filter, StoreError, VectorStore
+from twostage.retrieval.tokens import Qwen3Tokens
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir" / "corpus.jsonl"
 
@@ -213,7 +213,9 @@ def cli_env(settings: Settings, data_dir: Path) -> dict[str, str]:
 
 
 def twostage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "api.cli", *args], env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "twostage.api.cli", *args], env=env, capture_output=True, text=True
+    )
 
 
 def test_kill_9_mid_ingest_then_rerun_ends_with_exactly_the_right_points(
@@ -226,7 +228,10 @@ def test_kill_9_mid_ingest_then_rerun_ends_with_exactly_the_right_points(
     )
     env = cli_env(minilm_settings, tmp_path / "data")
     process = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "ingest", str(corpus)], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "twostage.api.cli", "ingest", str(corpus)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert process.stderr is not None
     deadline = time.monotonic() + 240

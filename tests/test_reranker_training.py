@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from retrieval.reranker import load_reranker
-from retrieval.settings import Settings
-from retrieval.tiny_models import TinyModelPaths
-from training.data import load_examples
-from training.reranker_training import judgements
+from twostage.retrieval.reranker import load_reranker
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.tiny_models import TinyModelPaths
+from twostage.training.data import load_examples
+from twostage.training.reranker_training import judgements
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
 
@@ -34,7 +34,7 @@ def test_training_changes_what_inference_serves(
         "TWOSTAGE_CACHE_DIR": str(model_cache),
         "TWOSTAGE_DEVICE": "cpu",
     }
-    command = [sys.executable, "-m", "api.cli", "train", "reranker", "--train", str(train), "--dev", str(dev),
+    command = [sys.executable, "-m", "twostage.api.cli", "train", "reranker", "--train", str(train), "--dev", str(dev),
                "--out", str(out), "--epochs", "3", "--batch-size", "8", "--eval-steps", "6", "--lr", "0.005",
                "--max-length", "512"]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -65,8 +65,8 @@ def test_listwise_loss_is_what_inference_ranks_by(
     loss: mean -log softmax(logit(score))[positive]."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.data import Pair
-    from training.reranker_training import RerankerTrainSettings, train_reranker
+    from twostage.training.data import Pair
+    from twostage.training.reranker_training import RerankerTrainSettings, train_reranker
 
     with (DATA / "train.jsonl").open() as handle:
         rows = [json.loads(next(handle)) for _ in range(40)]

@@ -22,13 +22,13 @@ from typing import Any
 import httpx
 import pytest
 
-from retrieval.collections import open_store
-from retrieval.embedder import load_embedder
-from retrieval.registry import Registry
-from retrieval.reranker import load_reranker
-from retrieval.search import Deployment, two_stage_search
-from retrieval.settings import Settings
-from retrieval.tiny_models import TinyModelPaths
+from twostage.retrieval.collections import open_store
+from twostage.retrieval.embedder import load_embedder
+from twostage.retrieval.registry import Registry
+from twostage.retrieval.reranker import load_reranker
+from twostage.retrieval.search import Deployment, two_stage_search
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.tiny_models import TinyModelPaths
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
 TRAINING = {  # enough steps for the tiny models to memorise the pairs, and no more (CI time)
@@ -83,7 +83,11 @@ def _env(data_dir: Path, tiny_models: TinyModelPaths, model_cache: Path, **extra
 
 def _twostage(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "api.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "twostage.api.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -206,7 +210,7 @@ def test_kill_during_reindex_keeps_the_old_deployment_and_a_rerun_completes(
     env = _env(data_dir, tiny_models, model_cache)
     args = ["retrain", "--pairs", str(deployed / "train.jsonl"), "--dev", str(deployed / "dev.jsonl")]
     process = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", *args],
+        [sys.executable, "-m", "twostage.api.cli", *args],
         env=env,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
@@ -284,7 +288,9 @@ def test_full_cycle_through_the_server_under_load(
         data_dir, tiny_models, model_cache, TWOSTAGE_API__API_KEYS='["secret"]', TWOSTAGE_API__PORT=str(port)
     )
     log = (tmp_path / "server.log").open("w")  # a file, not a pipe: a full pipe would stall the server
-    server = subprocess.Popen([sys.executable, "-m", "api.cli", "serve"], env=env, stdout=log, stderr=log)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "twostage.api.cli", "serve"], env=env, stdout=log, stderr=log
+    )
     url = f"http://127.0.0.1:{port}"
     seen: list[tuple[str, str]] = []
     failures: list[str] = []
@@ -372,8 +378,8 @@ def test_a_disk_full_while_storing_a_model_leaves_no_partial_copy(tmp_path: Path
     code = """
 import resource, signal, sys
 from pathlib import Path
-from retrieval.store import StoreError
-from training.retrain import copy_model
+from twostage.retrieval.store import StoreError
+from twostage.training.retrain import copy_model
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
 try:

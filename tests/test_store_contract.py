@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.documents import chunk_point_id
-from retrieval.edge_store import EdgeStore
-from retrieval.qdrant_store import QdrantStore
-from retrieval.settings import StoreSettings
-from retrieval.store import (
+from twostage.retrieval.documents import chunk_point_id
+from twostage.retrieval.edge_store import EdgeStore
+from twostage.retrieval.qdrant_store import QdrantStore
+from twostage.retrieval.settings import StoreSettings
+from twostage.retrieval.store import (
     AnyOf,
     CollectionManifest,
     Equals,
@@ -193,8 +193,8 @@ def test_edge_shard_is_owned_by_one_process(tmp_path: Path, corpus_vectors) -> N
     store.upsert("docs__v1", points(rows, vectors))
     other = textwrap.dedent(
         f"""
-        from retrieval.edge_store import EdgeStore
-        from retrieval.store import StoreLockedError
+        from twostage.retrieval.edge_store import EdgeStore
+        from twostage.retrieval.store import StoreLockedError
         try:
             EdgeStore({str(tmp_path)!r}).count("docs__v1")
         except StoreLockedError as exc:
@@ -225,7 +225,7 @@ def _closed_port() -> int:
 @pytest.mark.parametrize("prefer_grpc", [True, False])
 def test_an_unreachable_server_is_one_clear_error(prefer_grpc: bool) -> None:
     """A Qdrant server that is down: StoreUnavailable naming the server, not a gRPC/httpx trace."""
-    from retrieval.store import StoreUnavailable
+    from twostage.retrieval.store import StoreUnavailable
 
     port = _closed_port()
     store = QdrantStore(StoreSettings(

@@ -6,10 +6,10 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from retrieval.prompts import MAX_CHARS_PER_TOKEN
-from retrieval.qwen_vocab import load_ranks
-from retrieval.tiny_models import QWEN3_TOKENIZER_JSON_SHA256, TinyModelPaths
-from retrieval.tokens import Qwen3Tokens
+from twostage.retrieval.prompts import MAX_CHARS_PER_TOKEN
+from twostage.retrieval.qwen_vocab import load_ranks
+from twostage.retrieval.tiny_models import QWEN3_TOKENIZER_JSON_SHA256, TinyModelPaths
+from twostage.retrieval.tokens import Qwen3Tokens
 
 MIXED_TEXTS = [
     "Qdrant is a vector database & vector similarity search engine.",

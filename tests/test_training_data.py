@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.errors import InputError
-from training.data import Graded, Pair, load_examples, mix_general, split_by_query
+from twostage.retrieval.errors import InputError
+from twostage.training.data import Graded, Pair, load_examples, mix_general, split_by_query
 
 
 def write(path: Path, lines: list[object]) -> Path:
@@ -86,8 +86,8 @@ def test_sentence_transformer_view_embeds_like_the_inference_embedder(tiny_setti
     """Training sees the same vectors inference computes (prompt, padding, pooling, norm)."""
     import numpy as np
 
-    from retrieval.embedder import load_embedder
-    from training.st_model import load_st_embedder
+    from twostage.retrieval.embedder import load_embedder
+    from twostage.training.st_model import load_st_embedder
 
     inference = load_embedder(tiny_settings)
     st = load_st_embedder(tiny_models.embedder, tiny_settings)
@@ -111,7 +111,7 @@ def test_training_refuses_tiny_datasets_before_starting(tmp_path: Path, tiny_mod
     train = write(tmp_path / "t.jsonl", [{"query": f"q{i}", "positive": f"p{i}"} for i in range(5)])
     env = {**os.environ, "TWOSTAGE_EMBEDDER__MODEL": str(tiny_models.embedder), "TWOSTAGE_CACHE_DIR": str(model_cache),
            "TWOSTAGE_DEVICE": "cpu"}  # fmt: skip
-    command = [sys.executable, "-m", "api.cli", "train", "embedder", "--train", str(train), "--dev", str(train),
+    command = [sys.executable, "-m", "twostage.api.cli", "train", "embedder", "--train", str(train), "--dev", str(train),
                "--out", str(tmp_path / "run"), "--batch-size", "32"]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
@@ -120,7 +120,7 @@ def test_training_refuses_tiny_datasets_before_starting(tmp_path: Path, tiny_mod
 
 
 def test_beir_folder_with_flat_qrels(tmp_path: Path) -> None:
-    from training.evaluation import load_beir
+    from twostage.training.evaluation import load_beir
 
     write(
         tmp_path / "corpus.jsonl", [{"_id": "d1", "title": "T", "text": "one"}, {"_id": "d2", "text": "two"}]

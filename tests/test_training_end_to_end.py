@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from retrieval.errors import InputError
-from retrieval.model_source import resolve_model
-from retrieval.reranker import load_reranker
-from retrieval.settings import Settings
-from retrieval.tiny_models import TinyModelPaths
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.model_source import resolve_model
+from twostage.retrieval.reranker import load_reranker
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.tiny_models import TinyModelPaths
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
 
@@ -35,7 +35,11 @@ def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "api.cli", *args], env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "twostage.api.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -97,7 +101,7 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(
     args = ["train", "reranker", "--train", str(train), "--dev", str(dev), "--out", str(out), "--epochs", "4",
             "--batch-size", "4", "--eval-steps", "5", "--max-length", "256", "--patience", "100"]  # fmt: skip
     env = _env(tiny_models, model_cache)
-    process = subprocess.Popen([sys.executable, "-m", "api.cli", *args], env=env, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen([sys.executable, "-m", "twostage.api.cli", *args], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 300
     while not list(out.glob("checkpoints/checkpoint-*/trainer_state.json")) and time.monotonic() < deadline:
@@ -121,8 +125,8 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(
 def test_impossible_batch_is_refused_before_training(tmp_path: Path, tiny_models: TinyModelPaths) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.data import Pair
-    from training.reranker_training import RerankerTrainSettings, train_reranker
+    from twostage.training.data import Pair
+    from twostage.training.reranker_training import RerankerTrainSettings, train_reranker
 
     long_doc = " ".join(["package"] * 6000)
     pairs = [Pair(f"query {i}", long_doc + f" {i}", (long_doc + f" other {i}",)) for i in range(300)]

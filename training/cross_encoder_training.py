@@ -10,10 +10,11 @@ rerankers (Qwen3-Reranker) train in `training.reranker_training` instead.
 from pathlib import Path
 from typing import Any
 
-from retrieval.errors import InputError
-from training.data import Example
-from training.reranker_training import RerankerTrainSettings, bce_judgements
-from training.runs import last_checkpoint, run_arguments
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.tokens import split_markers_in_text
+from twostage.training.data import Example
+from twostage.training.reranker_training import RerankerTrainSettings, bce_judgements
+from twostage.training.runs import last_checkpoint, run_arguments
 
 
 def train_cross_encoder(
@@ -51,6 +52,7 @@ def train_cross_encoder(
     model = CrossEncoder(
         str(model_path), num_labels=1, max_length=max_length, device=device, local_files_only=True
     )
+    split_markers_in_text(model.tokenizer, by_default=True)  # trained on text exactly as it is served
     loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(pos_weight))
     args = CrossEncoderTrainingArguments(
         num_train_epochs=settings.epochs,

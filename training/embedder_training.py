@@ -17,15 +17,12 @@ from typing import Any
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer
 
-from retrieval.errors import InputError
-from retrieval.settings import Settings
-from training.data import Pair
-from training.lora import merge_lora
-from training.runs import check_memory, last_checkpoint, run_arguments
-from training.st_model import load_st_embedder, query_prompt
-
-# Qwen3's linear projections; other architectures use peft's "all-linear".
-QWEN3_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.settings import Settings
+from twostage.training.data import Pair
+from twostage.training.lora import add_lora, load_lora_weights, lora_targets, merge_lora
+from twostage.training.runs import check_memory, last_checkpoint, run_arguments
+from twostage.training.st_model import load_st_embedder, query_prompt
 
 
 @dataclass
@@ -98,7 +95,7 @@ def train_embedder(
     served model is the trained one.
     """
     from peft import LoraConfig, TaskType
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import (
         CachedMultipleNegativesRankingLoss,
         MatryoshkaLoss,
@@ -120,16 +117,15 @@ def train_embedder(
     metric = f"eval_{evaluator.primary_metric}"  # known once the evaluator has run
     if settings.lora:
         backbone: Any = model[0].auto_model
-        is_qwen = getattr(backbone.config, "model_type", "") in {"qwen3", "qwen2"}
-        targets = settings.target_modules or (QWEN3_LINEAR if is_qwen else "all-linear")
-        model.add_adapter(
+        model[0].model = add_lora(  # `auto_model` is a read-only view of `model` (sentence-transformers 6)
+            backbone,
             LoraConfig(
                 task_type=TaskType.FEATURE_EXTRACTION,
                 r=settings.lora_rank,
                 lora_alpha=settings.lora_alpha,
                 lora_dropout=settings.lora_dropout,
-                target_modules=targets,
-            )
+                target_modules=lora_targets(backbone, settings.target_modules),
+            ),
         )
     texts_per_pair = 2 + min(len(p.negatives) for p in train)
     rows = (settings.cached_loss_mini_batch or settings.batch_size) * texts_per_pair
@@ -153,7 +149,7 @@ def train_embedder(
         gradient_checkpointing=settings.gradient_checkpointing,
         **run_arguments(out_dir, settings.eval_steps, metric, greater_is_better=True, seed=settings.seed),
     )
-    trainer = SentenceTransformerTrainer(
+    trainer = _trainer_class(settings.lora)(
         model=model,
         args=args,
         train_dataset=pairs_dataset(train),
@@ -165,7 +161,7 @@ def train_embedder(
     trainer.train(resume_from_checkpoint=resumed_from)
     best = evaluator(model)
     if settings.lora:
-        merge_lora(model[0].auto_model)
+        model[0].model = merge_lora(model[0].auto_model)
     merged_dir = out_dir / "model"
     model.save(str(merged_dir))
     merged = evaluator(load_st_embedder(merged_dir, app, device=str(model.device)))
@@ -178,3 +174,25 @@ def train_embedder(
         "steps": trainer.state.global_step,
         "resumed_from": resumed_from,
     }
+
+
+def _trainer_class(lora: bool) -> Any:
+    """sentence-transformers' trainer; with LoRA, one that restores checkpoints through peft.
+
+    A LoRA checkpoint holds only the adapter (`PeftModel.save_pretrained`). The stock
+    `_load_from_checkpoint` (used to resume and to load the best checkpoint at the end)
+    rebuilds a whole model from it through transformers' adapter loading, which is exactly
+    the version-gated integration this module avoids; here the adapter weights are set on
+    the model being trained with peft's `set_peft_model_state_dict` instead.
+    """
+    from sentence_transformers import SentenceTransformerTrainer
+
+    if not lora:
+        return SentenceTransformerTrainer
+
+    class LoraTrainer(SentenceTransformerTrainer):
+        def _load_from_checkpoint(self, checkpoint_path: str, model: Any = None) -> None:
+            if not load_lora_weights(self.model[0].auto_model, Path(checkpoint_path)):
+                raise InputError(f"checkpoint {checkpoint_path} holds no LoRA adapter to resume from")
+
+    return LoraTrainer

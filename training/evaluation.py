@@ -15,14 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.embedder import Embedder
-from retrieval.errors import InputError
-from retrieval.reranker import Reranker
-from retrieval.search import Deployment, two_stage_search
-from retrieval.store import VectorStore
-from training.data import Pair
+from twostage.retrieval.embedder import Embedder
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.progress import progress
+from twostage.retrieval.reranker import Reranker
+from twostage.retrieval.search import Deployment, two_stage_search
+from twostage.retrieval.store import VectorStore
+from twostage.training.data import Pair
 
 METRICS = ("nDCG@10", "RR@10", "R@10", "R@100", "AP")
+EMBED_BLOCK = 512  # documents per progress step
 
 
 @dataclass
@@ -81,20 +83,28 @@ def evaluate(
     if not data.queries:
         raise InputError("the evaluation set has no queries")
     doc_ids = list(data.corpus)
-    doc_vectors = embedder.embed_documents([data.corpus[d] for d in doc_ids])
+    blocks = range(0, len(doc_ids), EMBED_BLOCK)
+    doc_vectors = np.concatenate(
+        [
+            embedder.embed_documents([data.corpus[d] for d in doc_ids[start : start + EMBED_BLOCK]])
+            for start in progress(blocks, desc=f"embed {len(doc_ids)} documents", unit="block")
+        ]
+    )
     query_ids = list(data.queries)
     query_vectors = embedder.embed_queries([data.queries[q] for q in query_ids], instruction)
     dense: dict[str, dict[str, float]] = {}
-    reranked: dict[str, dict[str, float]] = {}
+    tops: dict[str, np.ndarray] = {}
     for start in range(0, len(query_ids), 256):
         scores = query_vectors[start : start + 256] @ doc_vectors.T
         for row, qid in zip(scores, query_ids[start : start + 256], strict=True):
-            top = np.argsort(-row)[:top_k]
+            tops[qid] = top = np.argsort(-row)[:top_k]
             dense[qid] = {doc_ids[i]: float(row[i]) for i in top}
-            if reranker is not None:
-                texts = [data.corpus[doc_ids[i]] for i in top]
-                rerank_scores = reranker.score(data.queries[qid], texts, instruction)
-                reranked[qid] = {doc_ids[i]: float(s) for i, s in zip(top, rerank_scores, strict=True)}
+    reranked: dict[str, dict[str, float]] = {}
+    if reranker is not None:
+        for qid in progress(query_ids, desc=f"rerank top {top_k}", unit="query"):
+            texts = [data.corpus[doc_ids[i]] for i in tops[qid]]
+            rerank_scores = reranker.score(data.queries[qid], texts, instruction)
+            reranked[qid] = {doc_ids[i]: float(s) for i, s in zip(tops[qid], rerank_scores, strict=True)}
     out = {"dense": score_run(data.qrels, dense)}
     if reranker is not None:
         out["two-stage"] = score_run(data.qrels, reranked)

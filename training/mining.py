@@ -21,9 +21,9 @@ from typing import Any
 
 from datasets import Dataset
 
-from retrieval.errors import InputError
-from retrieval.reranker import Reranker
-from training.data import Pair
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.reranker import Reranker
+from twostage.training.data import Pair
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,12 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from retrieval.batching import left_pad
-from retrieval.errors import InputError
-from retrieval.yes_no_reranker import YesNoReranker
-from training.data import Example, Graded, Pair
-from training.embedder_training import QWEN3_LINEAR
-from training.runs import check_memory, last_checkpoint, run_arguments
+from twostage.retrieval.batching import left_pad
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.yes_no_reranker import YesNoReranker
+from twostage.training.data import Example, Graded, Pair
+from twostage.training.lora import add_lora, lora_targets, merge_lora
+from twostage.training.runs import check_memory, last_checkpoint, run_arguments
 
 
 @dataclass
@@ -188,14 +188,13 @@ def _rows(ids: list[Any]) -> list[list[int]]:
 def prepare(model: PreTrainedModel, settings: RerankerTrainSettings) -> Any:
     """LoRA adapters, full fine-tuning, or only the last N decoder layers trainable."""
     if settings.mode == "lora":
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import LoraConfig, TaskType
 
-        is_qwen = getattr(model.config, "model_type", "") in {"qwen3", "qwen2"}
         config = LoraConfig(
             task_type=TaskType.CAUSAL_LM, r=settings.lora_rank, lora_alpha=settings.lora_alpha,
-            target_modules=QWEN3_LINEAR if is_qwen else "all-linear",
+            target_modules=lora_targets(model),
         )  # fmt: skip
-        return get_peft_model(model, config)
+        return add_lora(model, config)
     if settings.mode == "last-layers":
         layers = model.get_decoder().layers
         for p in model.parameters():
@@ -256,7 +255,7 @@ def train_reranker(
     resumed_from = last_checkpoint(out_dir)
     trainer.train(resume_from_checkpoint=resumed_from)
     best_loss = trainer.evaluate()["eval_loss"]
-    merged = trainable.merge_and_unload() if settings.mode == "lora" else trainable
+    merged = merge_lora(trainable) if settings.mode == "lora" else trainable
     model_dir = out_dir / "model"
     merged.save_pretrained(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
@@ -293,7 +292,7 @@ def fine_tune_reranker(
     deployment of either family is retrained the way it is served.
     """
     if family == "cross-encoder":
-        from training.cross_encoder_training import train_cross_encoder
+        from twostage.training.cross_encoder_training import train_cross_encoder
 
         full = replace(settings, mode="full")
         return train_cross_encoder(source, train, dev, out_dir, full, max_length=max_length, device=device)

@@ -31,17 +31,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from retrieval.collections import active_manifest, create_version
-from retrieval.embedder import Embedder, detect_embedder_family, load_embedder
-from retrieval.errors import InputError
-from retrieval.locks import write_json_atomic
-from retrieval.model_source import resolve_model
-from retrieval.registry import DeploymentRecord, Registry
-from retrieval.reranker import load_reranker
-from retrieval.search import Deployment
-from retrieval.settings import Settings
-from retrieval.store import Point, StoreError, VectorStore, now_iso
-from training.data import Pair, load_examples, split_by_query
+from twostage.retrieval.collections import active_manifest, create_version
+from twostage.retrieval.embedder import Embedder, detect_embedder_family, load_embedder
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.locks import write_json_atomic
+from twostage.retrieval.model_source import resolve_model
+from twostage.retrieval.registry import DeploymentRecord, Registry
+from twostage.retrieval.reranker import load_reranker
+from twostage.retrieval.search import Deployment
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.store import Point, StoreError, VectorStore, now_iso
+from twostage.training.data import Pair, load_examples, split_by_query
 
 Say = Callable[[str], None]
 _REINDEX_BATCH = 256
@@ -209,9 +209,9 @@ def _system(settings: Settings, embedder: str, reranker: str) -> Settings:
 
 
 def _train_embedder(settings: Settings, base: str, train: list[Pair], dev: list[Pair], out: Path) -> Path:
-    from retrieval.devices import resolve_device
-    from training.embedder_training import EmbedderTrainSettings, train_embedder
-    from training.st_model import load_st_embedder
+    from twostage.retrieval.devices import resolve_device
+    from twostage.training.embedder_training import EmbedderTrainSettings, train_embedder
+    from twostage.training.st_model import load_st_embedder
 
     cfg = settings.retrain
     system = _system(settings, base, settings.reranker.model)
@@ -235,9 +235,9 @@ def _train_embedder(settings: Settings, base: str, train: list[Pair], dev: list[
 
 
 def _train_reranker(settings: Settings, base: str, train: list[Pair], dev: list[Pair], out: Path) -> Path:
-    from retrieval.devices import resolve_device
-    from retrieval.reranker import reranker_family
-    from training.reranker_training import RerankerTrainSettings, fine_tune_reranker
+    from twostage.retrieval.devices import resolve_device
+    from twostage.retrieval.reranker import reranker_family
+    from twostage.training.reranker_training import RerankerTrainSettings, fine_tune_reranker
 
     cfg = settings.retrain
     source = resolve_model(base, cache_dir=settings.cache_dir)
@@ -380,9 +380,9 @@ def _cycle(
     reranker_base: str,
     say: Say,
 ) -> dict[str, Any]:
-    from training.evaluation import evaluate, evaluate_index, from_pairs, table, write_report
-    from training.mining import MiningSettings, mine, with_negatives
-    from training.st_model import load_st_embedder, query_prompt
+    from twostage.training.evaluation import evaluate, evaluate_index, from_pairs, table, write_report
+    from twostage.training.mining import MiningSettings, mine, with_negatives
+    from twostage.training.st_model import load_st_embedder, query_prompt
 
     cfg = settings.retrain
     with manifest.step("mine", say) as step:

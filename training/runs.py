@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from retrieval.errors import InputError
+from twostage.retrieval.errors import InputError
 
 
 def run_arguments(

@@ -12,10 +12,11 @@ from pathlib import Path
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.models import Normalize, Pooling, Transformer
 
-from retrieval.embedder import detect_embedder_family
-from retrieval.model_source import ModelSource
-from retrieval.prompts import embedding_query
-from retrieval.settings import Settings
+from twostage.retrieval.embedder import detect_embedder_family
+from twostage.retrieval.model_source import ModelSource
+from twostage.retrieval.prompts import embedding_query
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.tokens import split_markers_in_text
 
 
 def query_prompt(task: str) -> str:
@@ -27,10 +28,9 @@ def load_st_embedder(path: Path, settings: Settings, device: str = "cpu") -> Sen
     """A SentenceTransformer for the embedding model in `path` (already resolved to a directory)."""
     task = settings.embedder.instruction
     last_token = detect_embedder_family(ModelSource(str(path), path)) == "last-token"
-    if (path / "modules.json").exists():
+    own_modules = (path / "modules.json").exists()
+    if own_modules:
         model = SentenceTransformer(str(path), device=device, local_files_only=True)
-        if not last_token:  # a model with its own prompts (or none): used as it is, as at inference
-            return model
     else:
         transformer = Transformer(
             str(path),
@@ -39,6 +39,9 @@ def load_st_embedder(path: Path, settings: Settings, device: str = "cpu") -> Sen
         )
         pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")
         model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device=device)
+    split_markers_in_text(model.tokenizer, by_default=True)  # as the serving embedders read text
+    if own_modules and not last_token:  # a model with its own prompts (or none): as at inference
+        return model
     model.prompts = {**model.prompts, "query": query_prompt(task), "document": ""}
     model.default_prompt_name = None
     return model

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter
 
-from api.deps import ReadAccess, ServiceDep
-from api.schemas import CohereRerankRequest, EmbeddingsRequest, JinaRerankRequest, RerankRequest
-from api.service import Service
-from retrieval.errors import InputError
+from twostage.api.deps import ReadAccess, ServiceDep
+from twostage.api.schemas import CohereRerankRequest, EmbeddingsRequest, JinaRerankRequest, RerankRequest
+from twostage.api.service import Service
+from twostage.retrieval.errors import InputError, TooLarge
 
 router = APIRouter(tags=["compatible"])
 
@@ -29,8 +29,18 @@ def _texts(documents: list[str | dict[str, Any]]) -> list[str]:
     return texts
 
 
+def check_batch(service: Service, count: int, what: str) -> None:
+    """413 for a request with more items than `api.max_client_batch`, naming the limit."""
+    limit = service.settings.api.max_client_batch
+    if count > limit:
+        raise TooLarge(
+            f"at most {limit} {what} per request (api.max_client_batch), got {count}: split the request"
+        )
+
+
 async def _rerank(service: Service, body: RerankRequest) -> tuple[list[dict[str, Any]], int]:
     """Results best first (cut to top_n, with documents if asked) and the Qwen3 tokens scored."""
+    check_batch(service, len(body.documents), "documents")
     originals = _texts(body.documents)
     ids = service.tokens.encode_batch(originals)  # tokenised once: for clipping and for usage
     documents = originals
@@ -74,8 +84,7 @@ async def openai_embeddings(body: EmbeddingsRequest, service: ServiceDep) -> dic
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or any(not t.strip() for t in texts):
         raise InputError("input must be a non-empty string or a non-empty list of non-empty strings")
-    if len(texts) > 2048:
-        raise InputError(f"at most 2048 inputs per request, got {len(texts)}")
+    check_batch(service, len(texts), "inputs")
     assert service.embedder is not None
     if body.dimensions is not None and body.dimensions > service.embedder.dim:
         raise InputError(f"dimensions must be at most {service.embedder.dim}, got {body.dimensions}")

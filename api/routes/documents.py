@@ -6,10 +6,10 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ServiceDep, WriteAccess
-from retrieval.documents import BadRecord, Document
-from retrieval.readers import make_document
-from retrieval.store import check_collection_name
+from twostage.api.deps import ServiceDep, WriteAccess
+from twostage.retrieval.documents import BadRecord, Document
+from twostage.retrieval.readers import make_document
+from twostage.retrieval.store import check_collection_name
 
 router = APIRouter(tags=["documents"], dependencies=[WriteAccess])
 

@@ -3,9 +3,10 @@
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import ServiceDep
-from retrieval.errors import TwostageError
+from twostage.api.deps import ServiceDep
+from twostage.retrieval.errors import TwostageError
 
 router = APIRouter(tags=["operations"])
 
@@ -21,13 +22,18 @@ async def readyz(service: ServiceDep) -> Response:
     """200 when the models are loaded and the collection is searchable; 503 with the reason otherwise."""
     if not service.ready:
         return JSONResponse({"status": "loading"}, status_code=503)
-    try:
+
+    def searchable() -> str:
         deployment = service.deployment(service.settings.collection)
         assert service.store is not None
         service.store.count(deployment.collection)
+        return deployment.collection
+
+    try:
+        collection = await run_in_threadpool(searchable)  # the store may be slow: not on the event loop
     except TwostageError as exc:
         return JSONResponse({"status": "unavailable", "detail": str(exc)}, status_code=503)
-    return JSONResponse({"status": "ready", "collection": deployment.collection})
+    return JSONResponse({"status": "ready", "collection": collection})
 
 
 @router.get("/metrics")

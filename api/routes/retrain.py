@@ -13,11 +13,11 @@ from typing import Any
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
-from api.deps import ServiceDep, WriteAccess
-from api.jobs import Job
-from retrieval.registry import Registry
-from retrieval.store import check_collection_name
-from training.data import Pair, parse_example
+from twostage.api.deps import ServiceDep, WriteAccess
+from twostage.api.jobs import Job
+from twostage.retrieval.registry import Registry
+from twostage.retrieval.store import check_collection_name
+from twostage.training.data import Pair, parse_example
 
 router = APIRouter(tags=["retrain"], dependencies=[WriteAccess])
 
@@ -56,7 +56,7 @@ def _write_pairs(rows: list[dict[str, Any]], path: Path, field: str) -> list[str
 @router.post("/v1/retrain", status_code=202)
 async def start_retrain(body: RetrainRequest, service: ServiceDep) -> dict[str, Any]:
     """Queue a retrain of `collection`; poll `GET /v1/jobs/{id}` (its log shows the steps)."""
-    from training.retrain import RetrainOptions, retrain
+    from twostage.training.retrain import RetrainOptions, retrain
 
     name = check_collection_name(body.collection or service.settings.collection)
     settings = service.settings.model_copy(deep=True)

@@ -9,10 +9,10 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ReadAccess, ServiceDep
-from api.filters import parse_filter
-from api.schemas import SearchRequest, SearchResponse
-from retrieval.search import two_stage_search
+from twostage.api.deps import ReadAccess, ServiceDep
+from twostage.api.filters import parse_filter
+from twostage.api.schemas import SearchRequest, SearchResponse
+from twostage.retrieval.search import rerank_off_note, two_stage_search
 
 router = APIRouter(tags=["search"])
 T = TypeVar("T")
@@ -30,10 +30,12 @@ def _blocking(loop: asyncio.AbstractEventLoop, fn: Callable[..., Coroutine[Any, 
 @router.post("/v1/search", response_model=SearchResponse, dependencies=[ReadAccess])
 async def search(body: SearchRequest, service: ServiceDep, response: Response) -> SearchResponse:
     """Embed the query (with the instruction), recall top_k chunks, rerank, return top_n."""
-    deployment = service.deployment(body.collection or service.settings.collection)
+    # off the event loop: the first request for a collection resolves it in the registry and the store
+    deployment = await run_in_threadpool(service.deployment, body.collection or service.settings.collection)
     flt = parse_filter(body.filter, deployment.manifest.payload_indexes)
     loop = asyncio.get_running_loop()
     assert service.store is not None
+    rerank = service.settings.api.rerank if body.rerank is None else body.rerank
     result = await run_in_threadpool(
         two_stage_search,
         deployment,
@@ -43,11 +45,13 @@ async def search(body: SearchRequest, service: ServiceDep, response: Response) -
         top_k=body.top_k,
         top_n=body.top_n,
         flt=flt,
-        rerank=body.rerank,
+        rerank=rerank,
         group_by_doc=body.group_by_doc,
         embed_query=_blocking(loop, partial(service.embed_query, embedder=deployment.embedder)),
         score_documents=_blocking(loop, partial(service.score, reranker=deployment.reranker)),
     )
+    if not rerank:
+        result.notes.append(rerank_off_note(body.rerank))
     for stage, ms in result.timings_ms.items():
         service.metrics.stage.labels(stage).observe(ms / 1000)
     response.headers["Server-Timing"] = ", ".join(f"{k};dur={v:.2f}" for k, v in result.timings_ms.items())

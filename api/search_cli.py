@@ -1,0 +1,156 @@
+"""`twostage search "QUERY"`: one search from the shell, through a server or on the store itself.
+
+Where it runs: `--server URL` when given; else the server that holds this data directory's
+store (`DATA/server.json`, written while one serves) or one answering on the configured
+host and port; else the embedded store directly, loading the deployment's models here. A
+store a server holds is searched through that server and never opened a second time.
+"""
+
+import argparse
+import json
+import os
+import shutil
+from typing import Any
+
+import httpx
+
+from twostage.api.training_cli import positive_int
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.settings import Settings
+
+MAX_TOP_K = 1000  # as the API's bound
+
+
+def _request(args: argparse.Namespace) -> dict[str, Any]:
+    """The `/v1/search` body the arguments describe (the same on both paths)."""
+    if not args.query.strip():
+        raise InputError("the query is empty")
+    if args.top_k > MAX_TOP_K or args.top_n > args.top_k:
+        raise InputError(f"need --top-n <= --top-k <= {MAX_TOP_K} (got {args.top_n} and {args.top_k})")
+    body: dict[str, Any] = {"query": args.query, "top_k": args.top_k, "top_n": args.top_n}
+    if args.instruction:
+        body["instruction"] = args.instruction
+    if args.no_rerank:
+        body["rerank"] = False
+    elif args.rerank:
+        body["rerank"] = True
+    if args.collection:
+        body["collection"] = args.collection
+    if args.filter:
+        try:
+            body["filter"] = json.loads(args.filter)
+        except ValueError as exc:
+            raise InputError(f"--filter is not JSON: {exc}") from None
+        if not isinstance(body["filter"], dict):
+            raise InputError('--filter must be a JSON object, e.g. {"section": "games"}')
+    return body
+
+
+def _answering(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=0.5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def find_server(settings: Settings) -> str | None:
+    """The server to search through when none is named, or None (search the store here)."""
+    from twostage.api.serving import public_url, running_server
+
+    holder = running_server(settings)
+    if holder is not None:
+        return holder  # it holds the store: never open it twice, even if it does not answer yet
+    configured = public_url(settings.api.host, settings.api.port)
+    return configured if _answering(configured) else None
+
+
+def _via_server(url: str, body: dict[str, Any], api_key: str | None) -> dict[str, Any]:
+    from twostage.api.client import request_json
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=300) as client:
+        return request_json(client, "POST", "/v1/search", body)
+
+
+def _embedded(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
+    """The search the service would run, on this process's own store and models."""
+    from dataclasses import asdict
+
+    from twostage.api.filters import parse_filter
+    from twostage.api.service import Service
+    from twostage.retrieval.collections import active_manifest, open_store
+    from twostage.retrieval.search import rerank_off_note, two_stage_search
+
+    collection = body.get("collection") or settings.collection
+    store = open_store(settings)
+    try:
+        active_manifest(store, collection)  # no index: say so before loading any model
+    finally:
+        store.close()
+    service = Service(settings)
+    try:
+        service.start()
+        deployment = service.deployment(collection)
+        assert service.store is not None
+        rerank = body.get("rerank", settings.api.rerank)
+        result = two_stage_search(
+            deployment, service.store, body["query"], instruction=body.get("instruction"),
+            top_k=body["top_k"], top_n=body["top_n"], rerank=rerank,
+            flt=parse_filter(body.get("filter"), deployment.manifest.payload_indexes),
+        )  # fmt: skip
+    finally:
+        service.close()
+    if not rerank:
+        result.notes.append(rerank_off_note(body.get("rerank")))
+    return asdict(result)
+
+
+def _table(result: dict[str, Any]) -> str:
+    """Rank, doc id, recall and rerank scores, the first line of text; then timings and notes."""
+    width = max(shutil.get_terminal_size((120, 20)).columns, 80)
+    lines = [f"{'rank':>4}  {'doc id':<28}  {'recall':>7}  {'rerank':>7}  text"]
+    for hit in result["hits"]:
+        rerank = "-" if hit["rerank_score"] is None else f"{hit['rerank_score']:.4f}"
+        first = (hit["text"].strip().splitlines() or [""])[0]
+        text = first[: width - 56] + ("…" if len(first) > width - 56 else "")
+        lines.append(
+            f"{hit['rank']:>4}  {hit['doc_id'][:28]:<28}  {hit['recall_score']:>7.4f}  {rerank:>7}  {text}"
+        )
+    if not result["hits"]:
+        lines.append("   (no hits)")
+    timings = ", ".join(f"{k} {v:.1f} ms" for k, v in result["timings_ms"].items())
+    stages = " → ".join(result.get("stages", []))
+    lines.append(f"{result['collection']} · {stages} · {timings}")
+    lines += [f"note: {n}" for n in result.get("notes", [])]
+    return "\n".join(lines)
+
+
+def search_command(args: argparse.Namespace) -> int:
+    settings = Settings()
+    body = _request(args)
+    url = args.server or find_server(settings)
+    if url:
+        result = _via_server(url, body, args.api_key or os.environ.get("TWOSTAGE_API_KEY"))
+    else:
+        result = _embedded(settings, body)
+    print(json.dumps(result, indent=2) if args.json else _table(result))
+    return 0
+
+
+def add_search_command(commands: Any) -> None:
+    search = commands.add_parser(
+        "search", help="search the index: through a running server, or the store here"
+    )
+    search.add_argument("query", help="the query text")
+    search.add_argument("--server", help="search through the service at this URL (default: see --help)")
+    search.add_argument("--api-key", help="bearer key for the server (default: $TWOSTAGE_API_KEY)")
+    search.add_argument("--collection", help="collection (alias) to search; default TWOSTAGE_COLLECTION")
+    search.add_argument("--top-k", type=positive_int, default=50, help="chunks recalled by ANN (50)")
+    search.add_argument("--top-n", type=positive_int, default=10, help="hits shown (10)")
+    search.add_argument("--instruction", help="task instruction for the query prompt and the reranker")
+    rerank = search.add_mutually_exclusive_group()
+    rerank.add_argument("--no-rerank", action="store_true", help="first stage only")
+    rerank.add_argument("--rerank", action="store_true", help="rerank even where the service would not")
+    search.add_argument("--filter", help='payload filter as JSON, e.g. \'{"source": {"any": ["a", "b"]}}\'')
+    search.add_argument("--json", action="store_true", help="print the response as JSON")
+    search.set_defaults(handler=search_command)

@@ -1,0 +1,215 @@
+"""`twostage quickstart` and `twostage search` as a new user runs them: offline (no hub), the
+default models unavailable, the Debian sample shipped in the package, real MiniLM and SmolLM2.
+
+One quickstart server runs for the module (ingesting the 3,000-document sample takes about
+a minute and a half on two cores); the last test stops it and checks what a second run and
+a search without a server do.
+"""
+
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+QUERY = "play chess against the computer"
+
+
+@dataclass
+class Quickstart:
+    url: str
+    port: int
+    env: dict[str, str]
+    process: subprocess.Popen[str]
+    out: Path  # what it printed (stdout)
+    log: Path  # its stderr: the server's announcement and request log
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env(data_dir: Path, model_cache: Path, port: int) -> dict[str, str]:
+    """A user's environment: nothing configured but where data lives (and no hub)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWOSTAGE_")}
+    return {
+        **env,
+        "HF_HUB_OFFLINE": "1",
+        "TWOSTAGE_DATA_DIR": str(data_dir),
+        "TWOSTAGE_CACHE_DIR": str(model_cache),
+        "TWOSTAGE_DEVICE": "cpu",
+        "TWOSTAGE_API__PORT": str(port),
+    }
+
+
+def _cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "twostage.api.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("twostage: error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Quickstart]:
+    home = tmp_path_factory.mktemp("quickstart")
+    port = _free_port()
+    env = _env(home / "data", model_cache, port)
+    out, log = home / "stdout.log", home / "stderr.log"
+    with out.open("w") as stdout, log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "twostage.api.cli", "quickstart"],
+            env=env, stdout=stdout, stderr=stderr, text=True, cwd=home,
+        )  # fmt: skip
+    run = Quickstart(f"http://127.0.0.1:{port}", port, env, process, out, log)
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "quickstart did not become ready"
+            try:
+                if httpx.get(run.url + "/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield run
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_quickstart_says_which_models_it_uses_and_why(quickstart: Quickstart) -> None:
+    lines = quickstart.out.read_text().splitlines()
+    assert lines[0] == (
+        "embedder: pypi:all-MiniLM-L6-v2 (Qwen/Qwen3-Embedding-0.6B: hub disabled (HF_HUB_OFFLINE), nothing cached)"
+    )
+    assert lines[1].startswith(
+        "reranker: pypi:SmolLM2-135M-Instruct (Qwen/Qwen3-Reranker-0.6B: hub disabled (HF_HUB_OFFLINE), "
+        "nothing cached); a chat model used zero-shot, not trained to rank"
+    )
+    saved = (Path(quickstart.env["TWOSTAGE_DATA_DIR"]) / "settings.env").read_text()
+    assert "TWOSTAGE_EMBEDDER__MODEL=pypi:all-MiniLM-L6-v2" in saved and "TWOSTAGE_API__RERANK=false" in saved
+    assert any("3000 documents read" in ln and "3000 new" in ln for ln in lines), lines
+    log = quickstart.log.read_text()
+    assert f"search page:  {quickstart.url}/" in log and f"curl -s {quickstart.url}/v1/search" in log
+    assert "twostage search 'play chess against the computer'" in log
+
+
+def test_quickstart_serves_meaningful_results_without_reranking(quickstart: Quickstart) -> None:
+    """The sample's labelled queries (Debian synopses) find their package: recall@10 on 60 of them."""
+    raw = gzip.decompress((files("twostage.api") / "samples" / "debian-sample-queries.jsonl.gz").read_bytes())
+    labelled = [json.loads(line) for line in raw.decode().splitlines()][:60]
+    found = 0
+    for row in labelled:
+        response = httpx.post(quickstart.url + "/v1/search", json={"query": row["query"]}, timeout=60)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["stages"] == ["embed", "recall"] and body["reranker"] is None
+        found += row["doc_id"] in [hit["doc_id"] for hit in body["hits"]]
+    assert found / len(labelled) >= 0.85, found
+
+    chess = httpx.post(quickstart.url + "/v1/search", json={"query": QUERY, "top_n": 3}).json()
+    assert "rerank=true" in chess["notes"][0]
+    forced = httpx.post(
+        quickstart.url + "/v1/search",
+        json={"query": QUERY, "top_k": 4, "top_n": 4, "rerank": True},
+        timeout=120,
+    ).json()
+    assert forced["stages"] == ["embed", "recall", "rerank"] and forced["reranker"].startswith("pypi:SmolLM2")
+    assert all(hit["rerank_score"] is not None for hit in forced["hits"]) and not forced["notes"]
+
+
+def test_search_cli_goes_through_the_running_server(quickstart: Quickstart) -> None:
+    result = _cli(quickstart.env, "search", QUERY, "--top-n", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["rank", "doc", "id", "recall", "rerank", "text"] and len(lines) >= 5
+    assert lines[1].split()[0] == "1" and "docs__v1 · embed → recall" in result.stdout
+    assert '"path": "/v1/search"' in quickstart.log.read_text()  # the server answered it
+
+    games = _cli(quickstart.env, "search", QUERY, "--json", "--filter", '{"metadata.section": "games"}')
+    assert games.returncode == 0, games.stderr
+    hits = json.loads(games.stdout)["hits"]
+    assert hits and all(hit["metadata"]["section"] == "games" for hit in hits)
+
+    _one_line_error(
+        _cli(quickstart.env, "search", QUERY, "--filter", '{"section": "games"}'),
+        "400", "cannot filter on 'section'",
+    )  # fmt: skip
+    _one_line_error(_cli(quickstart.env, "search", QUERY, "--filter", "{nope"), "--filter is not JSON")
+    _one_line_error(
+        _cli(quickstart.env, "search", QUERY, "--server", f"http://127.0.0.1:{_free_port()}"), "cannot reach"
+    )
+
+
+def test_quickstart_refuses_a_port_in_use_and_a_data_dir_another_process_holds(
+    quickstart: Quickstart,
+) -> None:
+    _one_line_error(_cli(quickstart.env, "quickstart"), f"port {quickstart.port} on 127.0.0.1 is in use")
+    other = {**quickstart.env, "TWOSTAGE_API__PORT": str(_free_port())}
+    _one_line_error(_cli(other, "quickstart"), f"is in use by pid {quickstart.process.pid}")
+
+
+def test_quickstart_bad_paths_and_models(tmp_path: Path, model_cache: Path) -> None:
+    env = _env(tmp_path / "data", model_cache, _free_port())
+    _one_line_error(_cli(env, "quickstart", str(tmp_path / "missing.jsonl")), "does not exist")
+    (tmp_path / "empty.jsonl").write_text("")
+    _one_line_error(_cli(env, "quickstart", str(tmp_path / "empty.jsonl")), "is empty")
+    (tmp_path / "junk.jsonl").write_text("not json\n")
+    _one_line_error(_cli(env, "quickstart", str(tmp_path / "junk.jsonl")), "no documents to ingest")
+    named = {**env, "TWOSTAGE_EMBEDDER__MODEL": "/models/Qwen3-Embedding-4B"}
+    _one_line_error(_cli(named, "quickstart"), "'/models/Qwen3-Embedding-4B' not found")
+    hub = {**env, "TWOSTAGE_RERANKER__MODEL": "acme/no-such-reranker"}
+    _one_line_error(_cli(hub, "quickstart"), "acme/no-such-reranker", "--local-dir DIR")
+    _one_line_error(_cli(env, "search", QUERY), "does not exist")  # nothing ingested: no index
+
+
+def test_second_run_skips_unchanged_documents_and_search_works_without_a_server(
+    quickstart: Quickstart,
+) -> None:
+    quickstart.process.send_signal(signal.SIGINT)
+    quickstart.process.wait(timeout=60)
+    alone = _cli(quickstart.env, "search", QUERY, "--top-n", "3", "--json")
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    through_store = json.loads(alone.stdout)
+    assert through_store["embedder"].startswith("pypi:all-MiniLM-L6-v2@") and len(through_store["hits"]) == 3
+
+    again = subprocess.Popen(
+        [sys.executable, "-m", "twostage.api.cli", "quickstart", "--quiet"],
+        env=quickstart.env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert again.stdout is not None
+        summary = next(ln for ln in again.stdout if "documents read" in ln)
+        assert "0 new, 0 updated, 3000 unchanged" in summary and "0 chunks embedded" in summary
+    finally:
+        again.send_signal(signal.SIGINT)
+        again.wait(timeout=60)

@@ -174,7 +174,13 @@ class Ingestor:
             raise self._errors[0]
         if sync:
             self._sync(manifest.collection, seen, report)
-        self.store.optimize(manifest.collection)
+        # Optimising holds the embedded engine (and the GIL) for seconds to minutes: searches wait.
+        # So only after bulk loads; a small job's points are found exactly until the next one.
+        first_fill = manifest.chunks == 0
+        manifest.unoptimized += report.chunks_embedded + report.deleted
+        if first_fill or manifest.unoptimized >= self.settings.optimize_after:
+            self.store.optimize(manifest.collection)
+            manifest.unoptimized = 0
         report.total_chunks = self.store.count(manifest.collection)
         report.total_documents = self.store.count(
             manifest.collection, Filter(must=(Equals("chunk_index", 0),))

@@ -100,6 +100,10 @@ class IngestSettings(BaseModel):
     queue_batches: int = Field(4, ge=1, le=64, description="batches in flight between the pipeline stages")
     max_document_chars: int = Field(5_000_000, ge=1000, description="larger documents are reported, skipped")
     progress_interval_s: float = Field(5.0, gt=0, description="seconds between progress lines (no tty)")
+    optimize_after: int = Field(
+        5000, ge=0, description="optimise (rebuild HNSW) once this many points were written since the last "
+        "time; smaller jobs stay in the appendable segment, searched exactly, so searches are not held up",
+    )  # fmt: skip
 
 
 class ApiSettings(BaseModel):

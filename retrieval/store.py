@@ -129,6 +129,7 @@ class CollectionManifest(BaseModel):
     payload_indexes: dict[str, FieldType] = Field(default_factory=lambda: dict(CORE_INDEXES))
     documents: int = 0
     chunks: int = 0
+    unoptimized: int = Field(0, description="points written since the index was last optimised")
     status: Literal["building", "ready"] = "building"
     created_at: str = Field(default_factory=lambda: now_iso())
     updated_at: str = Field(default_factory=lambda: now_iso())

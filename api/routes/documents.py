@@ -48,7 +48,7 @@ async def get_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
     assert service.jobs is not None
     job = service.jobs.get(job_id)
     if job is None:
-        raise HTTPException(404, f"no job {job_id!r} (jobs are kept in memory, newest 1000)")
+        raise HTTPException(404, f"no job {job_id!r} (the newest 1000 jobs are kept)")
     return job.public()
 
 

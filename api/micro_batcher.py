@@ -58,6 +58,7 @@ class MicroBatcher(Generic[Item, Result]):
         max_wait_s: float,
         max_pending: int,
         on_batch: Callable[[str, int, int], None] | None = None,
+        max_items: int | None = None,
     ) -> None:
         self.name = name
         self.run_batch = run_batch
@@ -66,6 +67,7 @@ class MicroBatcher(Generic[Item, Result]):
         self.max_wait_s = max_wait_s
         self.max_pending = max_pending
         self.on_batch = on_batch
+        self.max_items = max_items  # 1: no batching (each item alone), for comparison
         self._admitted = 0  # items admitted and not yet answered
         self._admission = threading.Lock()
         self._queue: queue.Queue[_Pending[Item] | None] = queue.Queue()
@@ -129,7 +131,7 @@ class MicroBatcher(Generic[Item, Result]):
                 return
             batch, total = [first], first.cost
             deadline = time.monotonic() + self.max_wait_s
-            while total < self.budget:
+            while total < self.budget and (self.max_items is None or len(batch) < self.max_items):
                 remaining = deadline - time.monotonic()
                 try:
                     nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()

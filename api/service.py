@@ -24,10 +24,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from twostage.api.jobs import JobRunner
 from twostage.api.micro_batcher import MicroBatcher
 from twostage.retrieval.collections import active_manifest, open_store
-from twostage.retrieval.embedder import Embedder, load_embedder
+from twostage.retrieval.embedder import Embedder
 from twostage.retrieval.errors import ModelError, ModelLoading, ModelOverloaded, TwostageError
+from twostage.retrieval.model_cache import ModelCache, pair_keys
 from twostage.retrieval.registry import DeploymentRecord, Registry
-from twostage.retrieval.reranker import Reranker, load_reranker
+from twostage.retrieval.reranker import Reranker
 from twostage.retrieval.search import Deployment
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.store import CollectionNotFound, StoreError, VectorStore
@@ -56,14 +57,12 @@ class RerankItem:
     reranker: Reranker
 
 
-def load_pair(settings: Settings, embedder: str, reranker: str) -> tuple[Embedder, Reranker]:
-    """Load and warm an (embedder, reranker) pair, so its first request is not a cold one."""
-    chosen = settings.model_copy(deep=True)
-    chosen.embedder.model, chosen.reranker.model = embedder, reranker
-    loaded_embedder, loaded_reranker = load_embedder(chosen), load_reranker(chosen)
-    loaded_embedder.embed_queries(["warm up"], None)
-    loaded_reranker.score("warm up", ["warm up"], None)
-    return loaded_embedder, loaded_reranker
+def load_pair(models: ModelCache, names: tuple[str, str]) -> tuple[Embedder, Reranker]:
+    """An (embedder, reranker) pair from the cache, warmed so its first request is not a cold one."""
+    embedder, reranker = models.pair(*names)
+    embedder.embed_queries(["warm up"], None)
+    reranker.score("warm up", ["warm up"], None)
+    return embedder, reranker
 
 
 class Metrics:
@@ -116,16 +115,16 @@ class Service:
         self.load_error: str | None = None
         self.jobs: JobRunner | None = None
         self._records: dict[str, int] = {}  # registry deployment id behind each cached deployment
-        # loaded models per (collection, deployment id): ids are only unique within a collection
-        self._pairs: dict[tuple[str, int], tuple[Embedder, Reranker]] = {}
+        # the one owner of loaded models, shared with an in-process retrain
+        self.models = ModelCache(settings)
+        # the (embedder, reranker) names of each (collection, deployment id) whose models are loaded
+        self._pairs: dict[tuple[str, int], tuple[str, str]] = {}
         self._loading: dict[tuple[str, int], float] = {}  # when a deployment's load started (or failed)
         self._load_lock = threading.Lock()
         # deployments, records and loaded pairs change together, under this lock (requests only read)
         self._state_lock = threading.RLock()
         self._stopping = threading.Event()
         self._refresher = threading.Thread(target=self._refresh, name="deployments", daemon=True)
-        # the configured (model names, loaded pair) until the first switch away from it
-        self._configured: tuple[tuple[str, str], tuple[Embedder, Reranker]] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -134,24 +133,22 @@ class Service:
         self.store = open_store(self.settings)
         record = Registry(self.settings).current()
         if record is not None:  # a retrained deployment: its models, not the configured ones
-            self.embedder, self.reranker = load_pair(self.settings, record.embedder, record.reranker)
-            self._pairs[(self.settings.collection, record.id)] = (self.embedder, self.reranker)
+            names = (record.embedder, record.reranker)
+            self._pairs[(self.settings.collection, record.id)] = names
         else:
-            self.embedder = load_embedder(self.settings)
-            self.reranker = load_reranker(self.settings)
-            configured = (self.settings.embedder.model, self.settings.reranker.model)
-            self._configured = (configured, (self.embedder, self.reranker))
+            names = (self.settings.embedder.model, self.settings.reranker.model)
+        self.embedder, self.reranker = load_pair(self.models, names)
         wait = self.settings.api.batch_wait_ms / 1000
         pending = self.settings.api.max_pending
         self.embed_batcher = MicroBatcher(
             "embedder", self._embed_batch, lambda item: self.tokens.count(item.text) + 16,
             budget=self.settings.embedder.batch_tokens, max_wait_s=wait, max_pending=pending,
-            on_batch=self.metrics.observe_batch,
+            on_batch=self.metrics.observe_batch, max_items=None if self.settings.api.micro_batching else 1,
         )  # fmt: skip
         self.rerank_batcher = MicroBatcher(
             "reranker", self._rerank_batch, lambda item: sum(len(d) for d in item.documents) // 4 + 64,
             budget=self.settings.reranker.batch_tokens, max_wait_s=wait, max_pending=pending,
-            on_batch=self.metrics.observe_batch,
+            on_batch=self.metrics.observe_batch, max_items=None if self.settings.api.micro_batching else 1,
         )  # fmt: skip
         self.jobs = JobRunner(self)
         self.metrics.queue_depth.labels("embedder").set_function(lambda: self._depth(self.embed_batcher))
@@ -234,20 +231,15 @@ class Service:
         assert self.store is not None
         if cached is not None and self._records.get(collection) == record.id:
             return cached
-        key = (collection, record.id)
-        pair = self._pairs.get(key)
-        if (
-            pair is None
-            and self._configured is not None
-            and self._configured[0] == (record.embedder, record.reranker)
-        ):
-            pair = self._pairs[key] = self._configured[1]  # the first retrain's record of what runs
-        if pair is None:  # never loaded in a request: in the background, the old pair answering meanwhile
+        key, names = (collection, record.id), (record.embedder, record.reranker)
+        if key not in self._pairs and not pair_keys([names]) <= self.models.loaded():
+            # never loaded in a request: in the background, the old pair answering meanwhile
             self._load_in_background(key, record)
             if cached is not None:
                 return cached
             raise ModelLoading(f"the models of deployment d{record.id} of {collection!r} are loading")
-        embedder, reranker = pair
+        self._pairs[key] = names
+        embedder, reranker = self.models.pair(*names)  # loaded: no wait
         manifest = self.store.read_manifest(record.collection)
         if manifest.embedder != embedder.model_id:
             raise StoreError(
@@ -260,8 +252,8 @@ class Service:
             self.embedder, self.reranker, self.load_error = embedder, reranker, None
             in_use = set(self._records.items())
             self._pairs = {k: v for k, v in self._pairs.items() if k in in_use}
-            if self._configured is not None and self._configured[1] != pair:
-                self._configured = None  # its memory goes with it; a rollback loads it again
+            # the old pair's memory goes with its last request; a rollback loads it again
+            self.models.keep_only(pair_keys(self._pairs.values()))
         log.info("serving deployment d%s of %s: %s", record.id, collection, record.collection)
         return deployment
 
@@ -275,9 +267,10 @@ class Service:
 
         def load() -> None:
             try:
-                pair = load_pair(self.settings, record.embedder, record.reranker)
+                names = (record.embedder, record.reranker)
+                load_pair(self.models, names)
                 with self._state_lock:  # the refresher (or the next request) swaps it in
-                    self._pairs[key] = pair
+                    self._pairs[key] = names
                     self._loading.pop(key, None)
             except Exception:  # the old deployment keeps serving; the log says why
                 log.exception("loading deployment d%s failed; still serving the previous one", record.id)

@@ -118,6 +118,10 @@ class ApiSettings(BaseModel):
     batch_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="longest a request waits for a batch to fill"
     )
+    micro_batching: bool = Field(
+        True, description="gather concurrent requests' items into shared forward passes (false: one "
+        "item per forward pass, for comparison)",
+    )  # fmt: skip
     max_client_batch: int = Field(
         2048, ge=1, description="inputs or documents in one request; more get 413 (TEI and vLLM say 2048 too)"
     )

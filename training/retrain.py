@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from twostage.retrieval.collections import active_manifest, create_version
-from twostage.retrieval.embedder import Embedder, detect_embedder_family, load_embedder
+from twostage.retrieval.embedder import Embedder, detect_embedder_family
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.locks import write_json_atomic
+from twostage.retrieval.model_cache import ModelCache, pair_keys
 from twostage.retrieval.model_source import resolve_model
 from twostage.retrieval.registry import DeploymentRecord, Registry
-from twostage.retrieval.reranker import load_reranker
 from twostage.retrieval.search import Deployment
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.store import Point, StoreError, VectorStore, now_iso
@@ -290,16 +290,29 @@ def reindex(store: VectorStore, source: str, target: str, embedder: Embedder, sa
 
 
 def retrain(
-    settings: Settings, store: VectorStore, options: RetrainOptions, say: Say = print
+    settings: Settings,
+    store: VectorStore,
+    options: RetrainOptions,
+    say: Say = print,
+    models: ModelCache | None = None,
 ) -> dict[str, Any]:
-    """Run the whole cycle (see the module doc); returns the run manifest's data."""
+    """Run the whole cycle (see the module doc); returns the run manifest's data.
+
+    `models` is the service's model cache when the retrain runs inside the server: the
+    deployed pair it evaluates and verifies is then the one already serving, not a copy.
+    """
     registry = Registry(settings)
     with registry.lock():
-        return _retrain_locked(settings, store, options, registry, say)
+        return _retrain_locked(settings, store, options, registry, say, models or ModelCache(settings))
 
 
 def _retrain_locked(
-    settings: Settings, store: VectorStore, options: RetrainOptions, registry: Registry, say: Say
+    settings: Settings,
+    store: VectorStore,
+    options: RetrainOptions,
+    registry: Registry,
+    say: Say,
+    models: ModelCache,
 ) -> dict[str, Any]:
     cfg = settings.retrain
     if not options.pairs.exists():
@@ -348,7 +361,7 @@ def _retrain_locked(
     })  # fmt: skip
     try:
         return _cycle(settings, store, options, registry, deployed, manifest, run_dir, chunks, train, dev,
-                      embedder_base, reranker_base, say)  # fmt: skip
+                      embedder_base, reranker_base, say, models)  # fmt: skip
     except BaseException as exc:
         manifest.data.update(decision="failed", error=str(exc) or type(exc).__name__, finished_at=now_iso())
         manifest.save()
@@ -379,6 +392,7 @@ def _cycle(
     embedder_base: str,
     reranker_base: str,
     say: Say,
+    models: ModelCache,
 ) -> dict[str, Any]:
     from twostage.training.evaluation import evaluate, evaluate_index, from_pairs, table, write_report
     from twostage.training.mining import MiningSettings, mine, with_negatives
@@ -424,8 +438,10 @@ def _cycle(
             "deployed": (deployed.embedder, deployed.reranker),
             "candidate": (candidate_embedder, candidate_reranker),
         }.items():
-            system = _system(settings, emb, rr)
-            results[name] = evaluate(data, load_embedder(system), load_reranker(system), top_k=cfg.top_k)
+            results[name] = evaluate(data, *models.pair(emb, rr), top_k=cfg.top_k)
+        # the run directory's copies are done with: promoted models are served from the registry's
+        deployed_keys = pair_keys([(deployed.embedder, deployed.reranker)])
+        models.release(*(pair_keys([(candidate_embedder, candidate_reranker)]) - deployed_keys))
         write_report(results, run_dir, {"run": run_id_of(manifest), "queries": len(data.queries),
                                         "corpus": len(data.corpus), "top_k": cfg.top_k})  # fmt: skip
         say(table(results))
@@ -437,22 +453,22 @@ def _cycle(
         return _finish(manifest, "kept", f"deployment d{deployed.id} kept: {why}", reasons, say)
 
     new_id = registry.next_id()
-    models = registry.models_dir(new_id)
-    shutil.rmtree(models, ignore_errors=True)  # left by a run that crashed before recording d{new_id}
-    models.mkdir(parents=True)
+    stored = registry.models_dir(new_id)
+    shutil.rmtree(stored, ignore_errors=True)  # left by a run that crashed before recording d{new_id}
+    stored.mkdir(parents=True)
     record = deployed.model_copy(update={
         "id": new_id, "parent": deployed.id, "run": run_id_of(manifest), "metrics": results["candidate"],
         "created_at": now_iso(),
     })  # fmt: skip
     with manifest.step("store_models", say):
         if candidate_embedder != deployed.embedder:
-            copy_model(Path(candidate_embedder), models / "embedder")
-            record.embedder = str((models / "embedder").resolve())
+            copy_model(Path(candidate_embedder), stored / "embedder")
+            record.embedder = str((stored / "embedder").resolve())
         if candidate_reranker != deployed.reranker:
-            copy_model(Path(candidate_reranker), models / "reranker")
-            record.reranker = str((models / "reranker").resolve())
+            copy_model(Path(candidate_reranker), stored / "reranker")
+            record.reranker = str((stored / "reranker").resolve())
     system = _system(settings, record.embedder, record.reranker)
-    new_embedder, new_reranker = load_embedder(system), load_reranker(system)
+    new_embedder, new_reranker = models.pair(record.embedder, record.reranker)  # what the service will load
     if record.embedder != deployed.embedder:
         with manifest.step("reindex", say) as step:
             version = create_version(
@@ -475,9 +491,9 @@ def _cycle(
             store.write_manifest(version)
         record.collection, record.embedder_id = version.collection, new_embedder.model_id
     with manifest.step("verify", say) as step:  # through the indexes, as /v1/search will answer
-        old_system = _system(settings, deployed.embedder, deployed.reranker)
-        old_pair = Deployment(store.read_manifest(deployed.collection), load_embedder(old_system),
-                              load_reranker(old_system))  # fmt: skip
+        old_pair = Deployment(
+            store.read_manifest(deployed.collection), *models.pair(deployed.embedder, deployed.reranker)
+        )
         new_pair = Deployment(store.read_manifest(record.collection), new_embedder, new_reranker)
         before, after = (
             evaluate_index(dev, d, store, top_k=cfg.top_k, instruction=None) for d in (old_pair, new_pair)

@@ -76,7 +76,7 @@ async def start_retrain(body: RetrainRequest, service: ServiceDep) -> dict[str, 
     store = service.store
 
     def work(job: Job) -> dict[str, Any]:
-        return retrain(settings, store, options, say=job.say)
+        return retrain(settings, store, options, say=job.say, models=service.models)
 
     job = service.jobs.submit_work(name, "retrain", work)
     return {"job_id": job.id, "status": job.status, "rejected": rejected}

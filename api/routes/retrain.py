@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from twostage.api.deps import ServiceDep, WriteAccess
 from twostage.api.jobs import Job
@@ -63,10 +64,10 @@ async def start_retrain(body: RetrainRequest, service: ServiceDep) -> dict[str, 
     settings.collection = name
     uploads = Registry(settings).root / "uploads"
     token = uuid.uuid4().hex
-    rejected = _write_pairs(body.pairs, uploads / f"{token}.pairs.jsonl", "pairs")
+    rejected = await run_in_threadpool(_write_pairs, body.pairs, uploads / f"{token}.pairs.jsonl", "pairs")
     dev_path = uploads / f"{token}.dev.jsonl" if body.dev else None
-    if body.dev and dev_path is not None:
-        rejected += _write_pairs(body.dev, dev_path, "dev")
+    if body.dev and dev_path is not None:  # the disk is written off the event loop
+        rejected += await run_in_threadpool(_write_pairs, body.dev, dev_path, "dev")
     options = RetrainOptions(
         pairs=uploads / f"{token}.pairs.jsonl", dev=dev_path, from_base=body.from_base,
         skip_embedder=body.skip_embedder, skip_reranker=body.skip_reranker, promote=body.promote,

@@ -10,6 +10,7 @@ level, rps, p50/p95/p99 latency and errors, and the mixed run's figures against 
 
     python bench/search_load.py                 # ~6 min on 2 cores
     python bench/search_load.py --docs 5000 --seconds 30 --rerank
+    python bench/search_load.py --reranker tiny --retrain 64 --levels 16   # + a reranker retrain and switch
 """
 
 import argparse
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +59,28 @@ def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes
     raise SystemExit("the server did not become ready")
 
 
-def drive(url: str, queries: list[str], clients: int, seconds: float, rerank: bool | None) -> dict[str, Any]:
-    """`clients` threads searching back to back for `seconds`; latency of each request."""
+def drive(
+    url: str,
+    queries: list[str],
+    clients: int,
+    seconds: float,
+    rerank: bool | None,
+    busy: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """`clients` threads searching back to back for `seconds` (and while `busy()` says so)."""
     latencies: list[float] = []
     errors = 0
     lock = threading.Lock()
     stop = time.monotonic() + seconds
+    if busy is not None:
+
+        def extend() -> None:
+            nonlocal stop
+            while time.monotonic() < stop - 1 and busy():
+                stop = max(stop, time.monotonic() + 2)
+                time.sleep(1)
+
+        threading.Thread(target=extend, daemon=True).start()
 
     def client(k: int) -> None:
         nonlocal errors
@@ -116,30 +134,40 @@ def main() -> None:
         "--rerank", action="store_true", help="force reranking (default: the service's default)"
     )
     parser.add_argument("--cache-dir", default=".twostage/cache")
-    parser.add_argument("--retrain", action="store_true", help="not built yet: a reranker retrain in the mix")
+    parser.add_argument(
+        "--retrain", type=int, default=0, metavar="PAIRS",
+        help="also run a reranker-only retrain of PAIRS train pairs (and its switch) in the mixed run",
+    )  # fmt: skip
     args = parser.parse_args()
-    if args.retrain:
-        raise SystemExit("--retrain is not built yet: the mixed run covers an ingest job only")
 
+    reranker = args.reranker
+    if reranker == "tiny":  # the tiny random Qwen3 reranker: a retrain in minutes on two cores
+        from twostage.retrieval.tiny_models import write_tiny_models
+
+        reranker = str(write_tiny_models(Path(args.cache_dir) / "bench-tiny").reranker)
     corpus = read_jsonl(DATA / "corpus.jsonl", args.docs + args.mixed_docs)
+    train = read_jsonl(DATA / "train.jsonl", args.retrain) if args.retrain else []
+    indexed = corpus[: args.docs] + [{"_id": r["package"], "text": r["positive"]} for r in train]
     queries = [r["query"] for r in read_jsonl(DATA / "dev.jsonl", 500)]
     rerank = True if args.rerank else None
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        (base / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus[: args.docs]))
+        (base / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in indexed))
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("TWOSTAGE_")},
             "TWOSTAGE_DATA_DIR": str(base / "data"),
             "TWOSTAGE_CACHE_DIR": str(Path(args.cache_dir).resolve()),
-            "TWOSTAGE_EMBEDDER__MODEL": args.embedder, "TWOSTAGE_RERANKER__MODEL": args.reranker,
-            "TWOSTAGE_API__RERANK": "false" if args.reranker == "pypi:SmolLM2-135M-Instruct" else "true",
+            "TWOSTAGE_EMBEDDER__MODEL": args.embedder, "TWOSTAGE_RERANKER__MODEL": reranker,
+            "TWOSTAGE_API__RERANK": "false" if reranker == "pypi:SmolLM2-135M-Instruct" else "true",
+            "TWOSTAGE_RETRAIN__NEGATIVES": "1", "TWOSTAGE_RETRAIN__RERANKER_BATCH_SIZE": "8",
+            "TWOSTAGE_RETRAIN__RERANKER_MAX_LENGTH": "256", "TWOSTAGE_RETRAIN__TOP_K": "10",
             "TWOSTAGE_API__API_KEYS": '["bench"]', "TWOSTAGE_API__PORT": str(free_port()),
             "HF_HUB_OFFLINE": "1",
         }  # fmt: skip
         started = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "twostage.api.cli", "ingest", str(base / "corpus.jsonl"), "--quiet"],
-            env=env, check=True,
+            env=env, check=True, stdout=sys.stderr,
         )  # fmt: skip
         ingest_s = round(time.perf_counter() - started, 1)
         results: dict[str, list[dict[str, Any]]] = {}
@@ -154,7 +182,7 @@ def main() -> None:
                     print(mode, json.dumps(results[mode][-1]), file=sys.stderr, flush=True)
                 if mode == "batched":
                     mixed = mixed_run(
-                        url, queries, corpus[args.docs :], max(args.levels), args.seconds, rerank
+                        url, queries, corpus[args.docs :], max(args.levels), args.seconds, rerank, train
                     )
                     print("mixed", json.dumps(mixed), file=sys.stderr, flush=True)
             finally:
@@ -165,7 +193,7 @@ def main() -> None:
     at_top = {mode: next(r for r in rows if r["clients"] == top) for mode, rows in results.items()}
     idle_p99 = at_top["batched"]["p99_ms"]
     print(json.dumps({
-        "bench": "search_load", "embedder": args.embedder, "reranker": args.reranker,
+        "bench": "search_load", "embedder": args.embedder, "reranker": reranker,
         "reranked": bool(args.rerank), "docs": args.docs, "ingest_s": ingest_s,
         "seconds_per_level": args.seconds,
         "results": results,
@@ -185,29 +213,52 @@ def mixed_run(
     clients: int,
     seconds: float,
     rerank: bool | None,
+    train: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """Searches at `clients` while an API ingest job writes `documents` (sent as they are needed)."""
+    """Searches at `clients` while an API ingest job writes `documents` and, with `train`
+    pairs, a reranker-only retrain runs and switches (searches go on until both jobs end)."""
     key = {"Authorization": "Bearer bench"}
     body = {
         "documents": [{"id": d["_id"], "text": d["text"], "title": d.get("title", "")} for d in documents]
     }
-    job = httpx.post(url + "/v1/documents", json=body, headers=key, timeout=120).json()
+    jobs = {"ingest": httpx.post(url + "/v1/documents", json=body, headers=key, timeout=120).json()["job_id"]}
+    if train:
+        pairs = [{"query": r["query"], "positive": r["positive"]} for r in train]
+        retrain = {"pairs": pairs, "skip_embedder": True}
+        jobs["retrain"] = httpx.post(url + "/v1/retrain", json=retrain, headers=key, timeout=120).json()[
+            "job_id"
+        ]
     began = time.perf_counter()
-    while httpx.get(f"{url}/v1/jobs/{job['job_id']}", headers=key).json()["status"] == "queued":
+    finished: dict[str, float] = {}
+
+    def state(name: str) -> dict[str, Any]:
+        job: dict[str, Any] = httpx.get(f"{url}/v1/jobs/{jobs[name]}", headers=key).json()
+        if job["status"] not in {"queued", "running"}:
+            finished.setdefault(name, round(time.perf_counter() - began, 1))
+        return job
+
+    while state("ingest")["status"] == "queued":
         time.sleep(0.05)
-    search = drive(url, queries, clients, seconds, rerank)
-    state = httpx.get(f"{url}/v1/jobs/{job['job_id']}", headers=key).json()
-    while state["status"] in {"queued", "running"}:
+    search = drive(url, queries, clients, seconds, rerank, busy=lambda: any(
+        state(name)["status"] in {"queued", "running"} for name in jobs))  # fmt: skip
+    states = {name: state(name) for name in jobs}
+    while any(s["status"] in {"queued", "running"} for s in states.values()):
         time.sleep(0.5)
-        state = httpx.get(f"{url}/v1/jobs/{job['job_id']}", headers=key).json()
-    return {
+        states = {name: state(name) for name in jobs}
+    out: dict[str, Any] = {
         "search": search,
         "ingest_job": {
-            "documents": len(documents), "status": state["status"],
-            "seconds": round(time.perf_counter() - began, 1),
-            "chunks_embedded": (state.get("report") or {}).get("chunks_embedded"),
+            "documents": len(documents), "status": states["ingest"]["status"], "seconds": finished["ingest"],
+            "chunks_embedded": (states["ingest"].get("report") or {}).get("chunks_embedded"),
         },
     }  # fmt: skip
+    if train:
+        report = states["retrain"].get("report") or {}
+        out["retrain_job"] = {
+            "pairs": len(train), "status": states["retrain"]["status"], "error": states["retrain"]["error"],
+            "decision": report.get("decision"), "finished_at_s": finished["retrain"],
+        }  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -76,8 +76,8 @@ def drive(
 
         def extend() -> None:
             nonlocal stop
-            while time.monotonic() < stop - 1 and busy():
-                stop = max(stop, time.monotonic() + 2)
+            while busy():
+                stop = max(stop, time.monotonic() + 3)
                 time.sleep(1)
 
         threading.Thread(target=extend, daemon=True).start()
@@ -140,11 +140,15 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
 
-    reranker = args.reranker
+    reranker, tiny_training = args.reranker, {}
     if reranker == "tiny":  # the tiny random Qwen3 reranker: a retrain in minutes on two cores
         from twostage.retrieval.tiny_models import write_tiny_models
 
         reranker = str(write_tiny_models(Path(args.cache_dir) / "bench-tiny").reranker)
+        tiny_training = {  # what the retrain tests use: a random tiny model learns only at this rate
+            "TWOSTAGE_RETRAIN__RERANKER_EPOCHS": "4", "TWOSTAGE_RETRAIN__RERANKER_LR": "2e-3",
+            "TWOSTAGE_RETRAIN__LORA": "false", "TWOSTAGE_RETRAIN__EVAL_STEPS": "20",
+        }  # fmt: skip
     corpus = read_jsonl(DATA / "corpus.jsonl", args.docs + args.mixed_docs)
     train = read_jsonl(DATA / "train.jsonl", args.retrain) if args.retrain else []
     indexed = corpus[: args.docs] + [{"_id": r["package"], "text": r["positive"]} for r in train]
@@ -162,7 +166,7 @@ def main() -> None:
             "TWOSTAGE_RETRAIN__NEGATIVES": "1", "TWOSTAGE_RETRAIN__RERANKER_BATCH_SIZE": "8",
             "TWOSTAGE_RETRAIN__RERANKER_MAX_LENGTH": "256", "TWOSTAGE_RETRAIN__TOP_K": "10",
             "TWOSTAGE_API__API_KEYS": '["bench"]', "TWOSTAGE_API__PORT": str(free_port()),
-            "HF_HUB_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1", **tiny_training,
         }  # fmt: skip
         started = time.perf_counter()
         subprocess.run(

@@ -4,13 +4,13 @@ reported failed with what to do, and submitting it again ends with exactly the r
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from helpers import free_port
 
 from twostage.retrieval.chunker import Chunker
 from twostage.retrieval.edge_store import EdgeStore
@@ -20,12 +20,6 @@ from twostage.retrieval.tokens import Qwen3Tokens
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir" / "corpus.jsonl"
 KEY = {"Authorization": "Bearer k"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -57,7 +51,7 @@ def test_a_job_killed_with_the_server_is_reported_and_resubmitting_it_loses_and_
     tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
 ) -> None:
     chunker = ChunkerSettings(tokens=128, overlap=16)
-    port = _free_port()
+    port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("TWOSTAGE_")},
         "TWOSTAGE_DATA_DIR": str(tmp_path / "data"), "TWOSTAGE_CACHE_DIR": str(model_cache),

@@ -10,7 +10,6 @@ import gzip
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port, run_cli
 
 pytestmark = pytest.mark.slow
 QUERY = "play chess against the computer"
@@ -36,12 +36,6 @@ class Quickstart:
     log: Path  # its stderr: the server's announcement and request log
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env(data_dir: Path, model_cache: Path, port: int) -> dict[str, str]:
     """A user's environment: nothing configured but where data lives (and no hub)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TWOSTAGE_")}
@@ -55,16 +49,6 @@ def _env(data_dir: Path, model_cache: Path, port: int) -> dict[str, str]:
     }
 
 
-def _cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "twostage.api.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 def _one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [ln for ln in result.stderr.splitlines() if ln.startswith("twostage: error:")]
@@ -76,7 +60,7 @@ def _one_line_error(result: subprocess.CompletedProcess[str], *needles: str) -> 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Quickstart]:
     home = tmp_path_factory.mktemp("quickstart")
-    port = _free_port()
+    port = free_port()
     env = _env(home / "data", model_cache, port)
     out, log = home / "stdout.log", home / "stderr.log"
     with out.open("w") as stdout, log.open("w") as stderr:
@@ -148,48 +132,49 @@ def test_quickstart_serves_meaningful_results_without_reranking(quickstart: Quic
 
 
 def test_search_cli_goes_through_the_running_server(quickstart: Quickstart) -> None:
-    result = _cli(quickstart.env, "search", QUERY, "--top-n", "3")
+    result = run_cli(["search", QUERY, "--top-n", "3"], quickstart.env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["rank", "doc", "id", "recall", "rerank", "text"] and len(lines) >= 5
     assert lines[1].split()[0] == "1" and "docs__v1 · embed → recall" in result.stdout
     assert '"path": "/v1/search"' in quickstart.log.read_text()  # the server answered it
 
-    games = _cli(quickstart.env, "search", QUERY, "--json", "--filter", '{"metadata.section": "games"}')
+    games = run_cli(["search", QUERY, "--json", "--filter", '{"metadata.section": "games"}'], quickstart.env)
     assert games.returncode == 0, games.stderr
     hits = json.loads(games.stdout)["hits"]
     assert hits and all(hit["metadata"]["section"] == "games" for hit in hits)
 
     _one_line_error(
-        _cli(quickstart.env, "search", QUERY, "--filter", '{"section": "games"}'),
+        run_cli(["search", QUERY, "--filter", '{"section": "games"}'], quickstart.env),
         "400", "cannot filter on 'section'",
     )  # fmt: skip
-    _one_line_error(_cli(quickstart.env, "search", QUERY, "--filter", "{nope"), "--filter is not JSON")
+    _one_line_error(run_cli(["search", QUERY, "--filter", "{nope"], quickstart.env), "--filter is not JSON")
     _one_line_error(
-        _cli(quickstart.env, "search", QUERY, "--server", f"http://127.0.0.1:{_free_port()}"), "cannot reach"
+        run_cli(["search", QUERY, "--server", f"http://127.0.0.1:{free_port()}"], quickstart.env),
+        "cannot reach",
     )
 
 
 def test_quickstart_refuses_a_port_in_use_and_a_data_dir_another_process_holds(
     quickstart: Quickstart,
 ) -> None:
-    _one_line_error(_cli(quickstart.env, "quickstart"), f"port {quickstart.port} on 127.0.0.1 is in use")
-    other = {**quickstart.env, "TWOSTAGE_API__PORT": str(_free_port())}
-    _one_line_error(_cli(other, "quickstart"), f"is in use by pid {quickstart.process.pid}")
+    _one_line_error(run_cli(["quickstart"], quickstart.env), f"port {quickstart.port} on 127.0.0.1 is in use")
+    other = {**quickstart.env, "TWOSTAGE_API__PORT": str(free_port())}
+    _one_line_error(run_cli(["quickstart"], other), f"is in use by pid {quickstart.process.pid}")
 
 
 def test_quickstart_bad_paths_and_models(tmp_path: Path, model_cache: Path) -> None:
-    env = _env(tmp_path / "data", model_cache, _free_port())
-    _one_line_error(_cli(env, "quickstart", str(tmp_path / "missing.jsonl")), "does not exist")
+    env = _env(tmp_path / "data", model_cache, free_port())
+    _one_line_error(run_cli(["quickstart", str(tmp_path / "missing.jsonl")], env), "does not exist")
     (tmp_path / "empty.jsonl").write_text("")
-    _one_line_error(_cli(env, "quickstart", str(tmp_path / "empty.jsonl")), "is empty")
+    _one_line_error(run_cli(["quickstart", str(tmp_path / "empty.jsonl")], env), "is empty")
     (tmp_path / "junk.jsonl").write_text("not json\n")
-    _one_line_error(_cli(env, "quickstart", str(tmp_path / "junk.jsonl")), "no documents to ingest")
+    _one_line_error(run_cli(["quickstart", str(tmp_path / "junk.jsonl")], env), "no documents to ingest")
     named = {**env, "TWOSTAGE_EMBEDDER__MODEL": "/models/Qwen3-Embedding-4B"}
-    _one_line_error(_cli(named, "quickstart"), "'/models/Qwen3-Embedding-4B' not found")
+    _one_line_error(run_cli(["quickstart"], named), "'/models/Qwen3-Embedding-4B' not found")
     hub = {**env, "TWOSTAGE_RERANKER__MODEL": "acme/no-such-reranker"}
-    _one_line_error(_cli(hub, "quickstart"), "acme/no-such-reranker", "--local-dir DIR")
-    _one_line_error(_cli(env, "search", QUERY), "does not exist")  # nothing ingested: no index
+    _one_line_error(run_cli(["quickstart"], hub), "acme/no-such-reranker", "--local-dir DIR")
+    _one_line_error(run_cli(["search", QUERY], env), "does not exist")  # nothing ingested: no index
 
 
 def test_second_run_skips_unchanged_documents_and_search_works_without_a_server(
@@ -197,7 +182,7 @@ def test_second_run_skips_unchanged_documents_and_search_works_without_a_server(
 ) -> None:
     quickstart.process.send_signal(signal.SIGINT)
     quickstart.process.wait(timeout=60)
-    alone = _cli(quickstart.env, "search", QUERY, "--top-n", "3", "--json")
+    alone = run_cli(["search", QUERY, "--top-n", "3", "--json"], quickstart.env)
     assert alone.returncode == 0, alone.stderr[-2000:]
     through_store = json.loads(alone.stdout)
     assert through_store["embedder"].startswith("pypi:all-MiniLM-L6-v2@") and len(through_store["hits"]) == 3

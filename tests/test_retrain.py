@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import free_port, run_cli
 
 from twostage.retrieval.collections import open_store
 from twostage.retrieval.embedder import load_embedder
@@ -66,7 +66,7 @@ def deployed(
         {"query": r["query"], "positive": pairs[(i + 1) % 120]["positive"]} for i, r in enumerate(pairs[:120])
     ]
     _write(root / "mislabelled.jsonl", shifted)
-    result = _twostage(
+    result = run_cli(
         ["ingest", str(root / "corpus.jsonl"), "--quiet"], _env(root / "data", tiny_models, model_cache)
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -79,16 +79,6 @@ def _env(data_dir: Path, tiny_models: TinyModelPaths, model_cache: Path, **extra
         "TWOSTAGE_DATA_DIR": str(data_dir), "TWOSTAGE_CACHE_DIR": str(model_cache), "TWOSTAGE_DEVICE": "cpu",
         "TWOSTAGE_EMBEDDER__MODEL": str(tiny_models.embedder), "TWOSTAGE_RERANKER__MODEL": str(tiny_models.reranker),
     }  # fmt: skip
-
-
-def _twostage(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "twostage.api.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def _copy(deployed: Path, tmp_path: Path) -> Path:
@@ -132,11 +122,11 @@ def test_promote_refuse_a_regression_and_roll_back(
     queries = [json.loads(line)["query"] for line in (deployed / "dev.jsonl").read_text().splitlines()[:5]]
     before = _search(settings, queries)
     env = _env(data_dir, tiny_models, model_cache)
-    dry = _twostage(["retrain", "--pairs", str(deployed / "train.jsonl"), "--dry-run"], env)
+    dry = run_cli(["retrain", "--pairs", str(deployed / "train.jsonl"), "--dry-run"], env)
     assert dry.returncode == 0 and "plan:" in dry.stderr and "reindex" in dry.stderr
     assert not (data_dir / "registry" / "docs" / "runs").exists()  # a dry run changes nothing
 
-    result = _twostage(["retrain", "--pairs", str(deployed / "train.jsonl"), "--dev", str(deployed / "dev.jsonl"),
+    result = run_cli(["retrain", "--pairs", str(deployed / "train.jsonl"), "--dev", str(deployed / "dev.jsonl"),
                         "--json"], env)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     run = json.loads(result.stdout)
@@ -155,14 +145,14 @@ def test_promote_refuse_a_regression_and_roll_back(
     after = _search(settings, queries)
     assert after[0] == "docs__v2" and after != before
 
-    listing = _twostage(["versions", "--json"], env)
+    listing = run_cli(["versions", "--json"], env)
     rows = json.loads(listing.stdout)
     assert [(r["id"], r["current"], r["parent"]) for r in rows] == [(1, False, None), (2, True, 1)]
 
     # A forced regression: pairs exported with every positive shifted by one row train a
     # candidate (from the deployed d2) that learned wrong answers. It is evaluated, reported and
     # refused; nothing the service uses moves.
-    refused = _twostage(["retrain", "--pairs", str(deployed / "mislabelled.jsonl"), "--dev",
+    refused = run_cli(["retrain", "--pairs", str(deployed / "mislabelled.jsonl"), "--dev",
                          str(deployed / "dev.jsonl"), "--json"], env)  # fmt: skip
     assert refused.returncode == 0, refused.stderr[-3000:]
     run = json.loads(refused.stdout)
@@ -182,16 +172,16 @@ def test_promote_refuse_a_regression_and_roll_back(
     ]
     assert [r.id for r in Registry(settings).records()] == [1, 2]
 
-    back = _twostage(["rollback"], env)
+    back = run_cli(["rollback"], env)
     assert back.returncode == 0 and "d2 -> d1" in back.stdout
     assert _search(settings, queries) == before
-    again = _twostage(["rollback"], env)
+    again = run_cli(["rollback"], env)
     assert again.returncode == 2 and "no previous deployment" in again.stderr
-    assert _twostage(["rollback", "d2"], env).returncode == 0
+    assert run_cli(["rollback", "d2"], env).returncode == 0
     assert _search(settings, queries) == after
 
     # A reranker-only retrain needs no reindex: same collection, new reranker.
-    only = _twostage(["retrain", "--pairs", str(deployed / "train.jsonl"), "--dev", str(deployed / "dev.jsonl"),
+    only = run_cli(["retrain", "--pairs", str(deployed / "train.jsonl"), "--dev", str(deployed / "dev.jsonl"),
                       "--skip-embedder", "--no-promote", "--json"], env)  # fmt: skip
     assert only.returncode == 0, only.stderr[-2000:]
     run = json.loads(only.stdout)
@@ -228,7 +218,7 @@ def test_kill_during_reindex_keeps_the_old_deployment_and_a_rerun_completes(
     assert registry.current().id == 1  # type: ignore[union-attr]
     assert _search(settings, queries) == before  # the old pair still serves
 
-    rerun = _twostage([*args, "--json"], env)
+    rerun = run_cli([*args, "--json"], env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout)["decision"] == "promoted"
     assert "left unfinished by run" in rerun.stderr and registry.pending() is None
@@ -253,28 +243,22 @@ def test_bad_input_leaves_the_deployment_serving(
         str(stranger): "none of the 1 pairs' positives is stored",
     }
     for pairs, message in cases.items():
-        result = _twostage(["retrain", "--pairs", pairs], env)
+        result = run_cli(["retrain", "--pairs", pairs], env)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-1500:]
         assert "Traceback" not in result.stderr
-    both = _twostage(
+    both = run_cli(
         ["retrain", "--pairs", str(deployed / "train.jsonl"), "--skip-embedder", "--skip-reranker"], env
     )
     assert both.returncode == 2 and "nothing to retrain" in both.stderr
-    overlap = _twostage(["retrain", "--pairs", str(deployed / "train.jsonl"), "--dev", str(deployed / "train.jsonl"),
+    overlap = run_cli(["retrain", "--pairs", str(deployed / "train.jsonl"), "--dev", str(deployed / "train.jsonl"),
                          "--dry-run"], env)  # fmt: skip
     assert overlap.returncode == 2 and "share a query with the dev set" in overlap.stderr
 
     settings = _settings(data_dir, tiny_models, model_cache)
     with Registry(settings).lock():  # another retrain holds the lock
-        busy = _twostage(["retrain", "--pairs", str(deployed / "train.jsonl")], env)
+        busy = run_cli(["retrain", "--pairs", str(deployed / "train.jsonl")], env)
     assert busy.returncode == 2 and f"already running (pid {os.getpid()})" in busy.stderr
     assert not Registry(settings).exists  # nothing was recorded by any of these
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_full_cycle_through_the_server_under_load(
@@ -283,7 +267,7 @@ def test_full_cycle_through_the_server_under_load(
     """A client hammers /v1/search during a retrain run inside the server: no request fails, and
     every answer comes from one consistent (collection, embedder) pair, old or new."""
     data_dir = _copy(deployed, tmp_path)
-    port = _free_port()
+    port = free_port()
     env = _env(
         data_dir, tiny_models, model_cache, TWOSTAGE_API__API_KEYS='["secret"]', TWOSTAGE_API__PORT=str(port)
     )
@@ -326,7 +310,7 @@ def test_full_cycle_through_the_server_under_load(
         threads = [threading.Thread(target=hammer) for _ in range(2)]
         for t in threads:
             t.start()
-        result = _twostage(["retrain", "--server", url, "--api-key", "secret", "--pairs", str(deployed / "train.jsonl"),
+        result = run_cli(["retrain", "--server", url, "--api-key", "secret", "--pairs", str(deployed / "train.jsonl"),
                             "--dev", str(deployed / "dev.jsonl"), "--json"], env)  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         assert json.loads(result.stdout)["decision"] == "promoted"
@@ -354,14 +338,14 @@ def test_full_cycle_through_the_server_under_load(
 def test_an_unreachable_qdrant_fails_the_run_in_one_line(
     deployed: Path, tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
 ) -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     data_dir = tmp_path / "data"
     env = _env(
         data_dir, tiny_models, model_cache, TWOSTAGE_STORE__KIND="qdrant",
         TWOSTAGE_STORE__URL=f"http://127.0.0.1:{port}", TWOSTAGE_STORE__GRPC_PORT=str(port),
         TWOSTAGE_STORE__TIMEOUT_S="2",
     )  # fmt: skip
-    result = _twostage(["retrain", "--pairs", str(deployed / "train.jsonl")], env)
+    result = run_cli(["retrain", "--pairs", str(deployed / "train.jsonl")], env)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert f"Qdrant at http://127.0.0.1:{port}" in result.stderr.strip().splitlines()[-1]
     assert not (data_dir / "registry" / "docs" / "deployments").exists()  # nothing recorded

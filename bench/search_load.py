@@ -198,7 +198,9 @@ def main() -> None:
     idle_p99 = at_top["batched"]["p99_ms"]
     print(json.dumps({
         "bench": "search_load", "embedder": args.embedder, "reranker": reranker,
-        "reranked": bool(args.rerank), "docs": args.docs, "ingest_s": ingest_s,
+        "rerank": "forced" if args.rerank else "service default",
+        "service_reranks_by_default": env["TWOSTAGE_API__RERANK"] == "true",
+        "docs": args.docs, "ingest_s": ingest_s,
         "seconds_per_level": args.seconds,
         "results": results,
         f"batched_vs_unbatched_rps_at_{top}": round(at_top["batched"]["rps"] / at_top["unbatched"]["rps"], 2),

@@ -7,6 +7,7 @@ meant for the user (`TwostageError`) print as one line on stderr with exit statu
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -203,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `twostage` console script."""
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    # libraries' deprecation notices (transformers renaming a keyword) are for us, not the user
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         from twostage.retrieval.settings import Settings
 

@@ -193,8 +193,13 @@ def test_second_run_skips_unchanged_documents_and_search_works_without_a_server(
     )  # fmt: skip
     try:
         assert again.stdout is not None
-        summary = next(ln for ln in again.stdout if "documents read" in ln)
-        assert "0 new, 0 updated, 3000 unchanged" in summary and "0 chunks embedded" in summary
+        printed = []
+        for line in again.stdout:
+            printed.append(line)
+            if "documents read" in line:
+                break
+        assert "0 new, 0 updated, 3000 unchanged" in printed[-1] and "0 chunks embedded" in printed[-1]
+        assert printed[1].startswith("reranker: pypi:SmolLM2-135M-Instruct") and "rerank=true" in printed[1]
     finally:
         again.send_signal(signal.SIGINT)
         again.wait(timeout=60)

@@ -99,6 +99,9 @@ class QdrantStore:
                 prefer_grpc=settings.prefer_grpc,
                 grpc_port=settings.grpc_port,
                 timeout=settings.timeout_s,
+                # the client's version check runs in a thread and prints a warning that races the
+                # one-line error of an unreachable server; compose pins a server one minor behind
+                check_compatibility=False,
             )
             self.client = cast(QdrantClient, _Guarded(self.client, settings.url))
         elif settings.location == ":memory:":

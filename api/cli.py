@@ -108,7 +108,7 @@ def ingest_local(
             reader,
             store=store,
             embedder=embedder,
-            chunker=Chunker(Qwen3Tokens(), settings.chunker),
+            chunker=Chunker.for_embedder(Qwen3Tokens(), settings.chunker, embedder),
             settings=settings,
             collection=collection,
             sync=sync,

@@ -197,7 +197,7 @@ class JobRunner:
             records,
             store=service.store,
             embedder=embedder,
-            chunker=Chunker(service.tokens, service.settings.chunker),
+            chunker=Chunker.for_embedder(service.tokens, service.settings.chunker, embedder),
             settings=service.settings,
             collection=collection,
             progress=progress,

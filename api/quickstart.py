@@ -13,8 +13,9 @@
 
 A general chat model used zero-shot as a yes/no reranker (the offline SmolLM2 fallback)
 ranks worse than the first stage (the debian-ir data README measured MRR@10 0.557 -> 0.174),
-so with it searches are not reranked unless a request asks (`rerank: true`); the output
-says so.
+so with it `rerank: "auto"` (the default) does not rerank: searches are reranked when a
+request asks (`rerank: true`) or once `twostage retrain` has trained a reranker that measured
+better than recall. The output says so.
 """
 
 import argparse
@@ -28,7 +29,7 @@ from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.settings import Settings, saved_settings_file
 
 OFFLINE = {"embedder": "pypi:all-MiniLM-L6-v2", "reranker": "pypi:SmolLM2-135M-Instruct"}
-# Offline models that are not trained to rank: applied only when a request asks for them.
+# Offline models that are not trained to rank: rerank=auto does not apply them (retrieval.trust).
 UNTRAINED_RERANKERS = {"pypi:SmolLM2-135M-Instruct"}
 SAMPLE = "debian-sample.jsonl.gz"
 EXAMPLE_QUERY = "play chess against the computer"
@@ -82,13 +83,11 @@ def choose_model(
     return ModelChoice(role, configured, f"{configured}: {where}", False)
 
 
-def _save_choices(choices: list[ModelChoice], rerank_by_default: bool) -> Path:
+def _save_choices(choices: list[ModelChoice]) -> Path:
     """Record fallbacks in DATA/settings.env (kept lines of other keys stay)."""
     path = saved_settings_file()
     lines = path.read_text().splitlines() if path.exists() else []
     values = {f"TWOSTAGE_{c.role.upper()}__MODEL": c.name for c in choices if c.fell_back}
-    if not rerank_by_default:
-        values["TWOSTAGE_API__RERANK"] = "false"
     kept = [ln for ln in lines if ln.split("=", 1)[0].strip() not in values]
     if values:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,16 +118,15 @@ def quickstart(args: argparse.Namespace) -> int:
         settings.embedder.model, settings.reranker.model = choices[0].name, choices[1].name
         rerank_line = ""
         untrained = settings.reranker.model in UNTRAINED_RERANKERS
-        if untrained and "rerank" not in settings.api.model_fields_set:
-            settings.api.rerank = False
-        if untrained and not settings.api.rerank:  # also on a later run, from the saved settings
+        if untrained and settings.api.rerank == "auto":
             rerank_line = (
                 "; a chat model used zero-shot, not trained to rank (it makes results worse): "
-                "searches are not reranked unless a request asks (rerank=true)"
+                "rerank=auto skips it, so searches are not reranked unless a request asks (rerank=true) "
+                "or `twostage retrain` trains a reranker that measures better"
             )
         print(f"embedder: {choices[0].name} ({choices[0].why})", flush=True)
         print(f"reranker: {choices[1].name} ({choices[1].why}){rerank_line}", flush=True)
-        saved = _save_choices(choices, settings.api.rerank)
+        saved = _save_choices(choices)
         if saved.exists():
             print(f"saved in {saved}: later commands on this data directory use the same models", flush=True)
         if not args.path:  # the sample's records carry their Debian section: make it filterable

@@ -61,16 +61,25 @@ def _versions(args: argparse.Namespace) -> int:
     if not rows:
         print(f"{settings.collection}: no deployments recorded yet (run `twostage retrain`)")
         return 0
-    header = f"{'':2}{'id':<5}{'collection':<22}{'parent':<8}{'nDCG@10 dense':>14}{'two-stage':>11}"
+    header = (
+        f"{'':2}{'id':<5}{'collection':<22}{'parent':<8}{'nDCG@10 dense':>14}{'hybrid':>8}{'reranked':>10}"
+    )
     print(header + "  created / models")
     for row in rows:
         metrics: dict[str, Any] = row["metrics"]
-        dense, staged = (_metric(metrics, mode) for mode in ("dense", "two-stage"))
+        dense, hybrid = _metric(metrics, "dense"), _metric(metrics, "hybrid")
+        staged = _metric(metrics, "hybrid+rerank" if "hybrid+rerank" in metrics else "two-stage")
         print(
             f"{'*' if row['current'] else '':2}{'d' + str(row['id']):<5}{row['collection']:<22}"
-            f"{('d' + str(row['parent'])) if row['parent'] else '-':<8}{dense:>14}{staged:>11}"
+            f"{('d' + str(row['parent'])) if row['parent'] else '-':<8}{dense:>14}{hybrid:>8}{staged:>10}"
             f"  {row['created_at']}  {row['embedder']} | {row['reranker']}"
         )
+        for role, decision in (row.get("gate") or {}).items():  # why the gate decided as it did
+            verdict = "promoted" if decision["promote"] else "kept"
+            print(
+                f"{'':15}{role} {verdict}: "
+                + "; ".join(r for r in decision["reasons"][1:] or decision["reasons"])
+            )
     return 0
 
 

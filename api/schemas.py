@@ -28,9 +28,14 @@ class SearchRequest(_Strict):
     top_k: int = Field(50, ge=1, le=1000, description="chunks recalled by ANN")
     top_n: int = Field(10, ge=1, le=1000, description="hits returned")
     filter: dict[str, FilterValue] | None = None
-    rerank: bool | None = Field(
-        None, description="rerank the recalled chunks (default: the service's setting)"
-    )
+    rerank: bool | Literal["auto"] | None = Field(
+        None, description='rerank the recalled chunks: true, false, or "auto" (only a reranker that '
+        "measured better than recall; default: the service's setting, auto)",
+    )  # fmt: skip
+    recall: Literal["dense", "sparse", "hybrid"] | None = Field(
+        None, description="first stage: dense ANN, BM25, or both fused by RRF (default: hybrid where "
+        "the collection has BM25 vectors)",
+    )  # fmt: skip
     collection: str | None = Field(None, description="alias to search; default the service's collection")
     group_by_doc: bool = Field(False, description="keep each document's best chunk only")
 
@@ -61,6 +66,7 @@ class SearchResponse(BaseModel):
     collection: str = Field(description="the collection version that answered (NAME__vN)")
     embedder: str
     reranker: str | None = Field(description="the reranker that ordered the hits (null: not reranked)")
+    recall: Literal["dense", "sparse", "hybrid"] = Field(description="the first stage that ran")
     stages: list[str] = Field(description="the stages that ran, in order")
     notes: list[str] = Field(description="why a stage did not run, and how to turn it on")
     timings_ms: dict[str, float]

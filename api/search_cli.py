@@ -34,6 +34,8 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         body["rerank"] = False
     elif args.rerank:
         body["rerank"] = True
+    if args.recall:
+        body["recall"] = args.recall
     if args.collection:
         body["collection"] = args.collection
     if args.filter:
@@ -79,7 +81,7 @@ def _embedded(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
     from twostage.api.filters import parse_filter
     from twostage.api.service import Service
     from twostage.retrieval.collections import active_manifest, open_store
-    from twostage.retrieval.search import rerank_off_note, two_stage_search
+    from twostage.retrieval.search import plan_search, two_stage_search
 
     collection = body.get("collection") or settings.collection
     store = open_store(settings)
@@ -92,16 +94,15 @@ def _embedded(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
         service.start()
         deployment = service.deployment(collection)
         assert service.store is not None
-        rerank = body.get("rerank", settings.api.rerank)
+        plan = plan_search(deployment, settings, body.get("recall"), body.get("rerank"))
         result = two_stage_search(
             deployment, service.store, body["query"], instruction=body.get("instruction"),
-            top_k=body["top_k"], top_n=body["top_n"], rerank=rerank,
+            top_k=body["top_k"], top_n=body["top_n"], rerank=plan.rerank, recall=plan.recall, rrf=plan.rrf,
             flt=parse_filter(body.get("filter"), deployment.manifest.payload_indexes),
         )  # fmt: skip
     finally:
         service.close()
-    if not rerank:
-        result.notes.append(rerank_off_note(body.get("rerank")))
+    result.notes += plan.notes
     return asdict(result)
 
 
@@ -119,7 +120,8 @@ def _table(result: dict[str, Any]) -> str:
     if not result["hits"]:
         lines.append("   (no hits)")
     timings = ", ".join(f"{k} {v:.1f} ms" for k, v in result["timings_ms"].items())
-    stages = " → ".join(result.get("stages", []))
+    recall = f"recall ({result.get('recall', 'dense')})"
+    stages = " → ".join(result.get("stages", [])).replace("recall", recall)
     lines.append(f"{result['collection']} · {stages} · {timings}")
     lines += [f"note: {n}" for n in result.get("notes", [])]
     return "\n".join(lines)
@@ -151,6 +153,9 @@ def add_search_command(commands: Any) -> None:
     rerank = search.add_mutually_exclusive_group()
     rerank.add_argument("--no-rerank", action="store_true", help="first stage only")
     rerank.add_argument("--rerank", action="store_true", help="rerank even where the service would not")
+    search.add_argument(
+        "--recall", choices=("dense", "sparse", "hybrid"), help="first stage (default: the service's)"
+    )
     search.add_argument("--filter", help='payload filter as JSON, e.g. \'{"source": {"any": ["a", "b"]}}\'')
     search.add_argument("--json", action="store_true", help="print the response as JSON")
     search.set_defaults(handler=search_command)

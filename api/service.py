@@ -33,6 +33,7 @@ from twostage.retrieval.search import Deployment
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.store import CollectionNotFound, StoreError, VectorStore
 from twostage.retrieval.tokens import Qwen3Tokens
+from twostage.retrieval.trust import judge_reranker
 
 log = logging.getLogger("twostage.api")
 T = TypeVar("T", bound=Iterable[Any])
@@ -246,7 +247,7 @@ class Service:
                 f"deployment d{record.id}: collection {manifest.collection} was built with "
                 f"{manifest.embedder}, but its embedder {record.embedder} is {embedder.model_id}"
             )
-        deployment = Deployment(manifest, embedder, reranker)
+        deployment = Deployment(manifest, embedder, reranker, judge_reranker(reranker, record.metrics))
         self._deployments[collection], self._records[collection] = deployment, record.id
         if collection == self.settings.collection:
             self.embedder, self.reranker, self.load_error = embedder, reranker, None

@@ -199,6 +199,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from twostage.retrieval.readers import CorpusReader
     from twostage.retrieval.reranker import load_reranker
     from twostage.retrieval.settings import Settings
+    from twostage.retrieval.sparse import Rrf
     from twostage.training.data import Pair
     from twostage.training.evaluation import evaluate, from_pairs, load_beir, table, write_report
 
@@ -220,9 +221,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         systems["candidate"] = candidate
     results = {}
     for name, system in systems.items():
+        reranker = None if args.dense_only else load_reranker(system)
         results[name] = evaluate(
-            data, load_embedder(system), None if args.dense_only else load_reranker(system), top_k=args.top_k
-        )
+            data, load_embedder(system), reranker, top_k=args.top_k, recalls=args.recall,
+            rrf=Rrf(settings.recall.rrf_k, settings.recall.rrf_weights), bm25=settings.recall.bm25,
+        )  # fmt: skip
     models = {n: {"embedder": s.embedder.model, "reranker": s.reranker.model} for n, s in systems.items()}
     context = {
         "systems": models,
@@ -311,7 +314,7 @@ def add_training_commands(commands: Any) -> None:
     reranker.set_defaults(handler=_train_reranker)
 
     evaluate = commands.add_parser(
-        "evaluate", help="NDCG@10, MRR@10, Recall@10/100, MAP: dense and two-stage"
+        "evaluate", help="NDCG@10, MRR@10, Recall@10/100, MAP: dense, BM25, hybrid, each reranked"
     )
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--pairs", help="dev pairs (JSONL): queries scored against their own positives")
@@ -322,8 +325,12 @@ def add_training_commands(commands: Any) -> None:
     evaluate.add_argument("--candidate-embedder", help="model to compare with the configured embedder")
     evaluate.add_argument("--candidate-reranker", help="model to compare with the configured reranker")
     evaluate.add_argument(
-        "--top-k", type=positive_int, default=100, help="dense candidates the reranker sees"
+        "--top-k", type=positive_int, default=100, help="recalled candidates the reranker sees"
     )
-    evaluate.add_argument("--dense-only", action="store_true", help="skip the reranker")
+    evaluate.add_argument(
+        "--recall", nargs="+", choices=("dense", "sparse", "hybrid"), default=["dense", "sparse", "hybrid"],
+        help="first stages to report (each also reranked unless --dense-only); default all three",
+    )  # fmt: skip
+    evaluate.add_argument("--dense-only", action="store_true", help="skip the reranker (first stages only)")
     evaluate.add_argument("--out", required=True, help="directory for report.json and report.png")
     evaluate.set_defaults(handler=_evaluate)

@@ -48,7 +48,7 @@ def main() -> None:
         )
         embedder = load_embedder(settings)
         embedder.embed_documents(["warm-up"] * 8)
-        chunker = Chunker(Qwen3Tokens(), settings.chunker)
+        chunker = Chunker.for_embedder(Qwen3Tokens(), settings.chunker, embedder)
         reader = CorpusReader(args.corpus, settings.ingest.max_document_chars)
         records = (r for i, r in enumerate(reader) if args.limit is None or i < args.limit)
         store = open_store(settings)

@@ -7,6 +7,7 @@ made, and the refusal to mix embedders. The alias switch itself is the store's a
 
 from twostage.retrieval.embedder import Embedder
 from twostage.retrieval.settings import ChunkerSettings, Settings
+from twostage.retrieval.sparse import SparseManifest
 from twostage.retrieval.store import (
     CORE_INDEXES,
     CollectionManifest,
@@ -33,8 +34,15 @@ def open_store(settings: Settings) -> VectorStore:
     return QdrantStore(settings.store)
 
 
-def chunker_record(chunker: ChunkerSettings) -> dict[str, int | str]:
-    return {"tokens": chunker.tokens, "overlap": chunker.overlap, "tokenizer": TOKENIZER}
+def chunker_record(chunker: ChunkerSettings, embedder: Embedder) -> dict[str, int | str]:
+    """How a collection was chunked: the window in Qwen3 tokens, and the embedder's own maximum
+    (in its tokens) that no chunk exceeds (`Chunker.for_embedder`)."""
+    return {
+        "tokens": chunker.tokens,
+        "overlap": chunker.overlap,
+        "tokenizer": TOKENIZER,
+        "embedder_max_tokens": embedder.max_length,
+    }
 
 
 def versions(store: VectorStore, name: str) -> list[int]:
@@ -62,10 +70,12 @@ def require_same_builder(manifest: CollectionManifest, embedder: Embedder, chunk
             f"Configure TWOSTAGE_EMBEDDER__MODEL={manifest.embedder_model}, or build a new version "
             "with `twostage ingest --new-version`"
         )
-    if manifest.chunker != chunker_record(chunker):
+    now = chunker_record(chunker, embedder)
+    # collections from before the embedder cap record no "embedder_max_tokens": compare the rest
+    if manifest.chunker != {k: v for k, v in now.items() if k in manifest.chunker}:
         raise StoreError(
             f"collection {manifest.collection} was chunked with {manifest.chunker}; the settings say "
-            f"{chunker_record(chunker)}. Re-chunking needs a new version: `twostage ingest --new-version`"
+            f"{now}. Re-chunking needs a new version: `twostage ingest --new-version`"
         )
 
 
@@ -86,7 +96,8 @@ def create_version(
         embedder_model=settings.embedder.model,
         embedder_revision=settings.embedder.revision,
         dim=embedder.dim,
-        chunker=chunker_record(settings.chunker),
+        chunker=chunker_record(settings.chunker, embedder),
+        sparse=SparseManifest(params=settings.recall.bm25) if settings.recall.sparse else None,
         payload_indexes={**CORE_INDEXES, **(extra_indexes or {})},
     )
     store.create_collection(manifest)

@@ -22,6 +22,8 @@ from twostage.retrieval.tokens import split_markers_in_text
 class CrossEncoderReranker(RerankMixin):
     """Wraps `CrossEncoder.predict`; scores are the model's activation output (sigmoid for 1 label)."""
 
+    family = "cross-encoder"
+
     def __init__(
         self, model: CrossEncoder, *, model_id: str, batch_tokens: int = 16384, use_instruction: bool = False
     ) -> None:
@@ -52,6 +54,11 @@ class CrossEncoderReranker(RerankMixin):
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load reranker {source.name!r} from {source.path}: {exc}") from exc
+        # a BERT-style encoder reads at most its position embeddings (512): longer input would not
+        # be cut at the configured max_length but fail inside the model
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if positions and (model.max_length or 0) > positions:
+            model.max_length = int(positions)
         # A causal-LM CrossEncoder renders the prompt through its chat template (the instruction);
         # a classic sequence-classification model would only see it glued to the query.
         generative = getattr(model[0], "transformer_task", "") == "text-generation"

@@ -25,6 +25,7 @@ import qdrant_edge as qe
 
 from twostage.retrieval.locks import PidLock, write_json_atomic
 from twostage.retrieval.settings import StoreSettings
+from twostage.retrieval.sparse import SPARSE_VECTOR, Rrf, SparseVec
 from twostage.retrieval.store import (
     AnyOf,
     CollectionManifest,
@@ -38,8 +39,10 @@ from twostage.retrieval.store import (
     Record,
     StoreError,
     check_collection_name,
+    fixed_order,
     now_iso,
     parse_versioned_name,
+    recall_mode,
 )
 
 _SCHEMA: dict[FieldType, qe.PayloadSchemaType] = {
@@ -94,8 +97,15 @@ class EdgeStore:
                 ef_construct=self.settings.hnsw_ef_construct,
                 full_scan_threshold=10000,
             )
+            sparse = (
+                {manifest.sparse.vector: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)}
+                if manifest.sparse
+                else None
+            )
             config = qe.EdgeConfig(
-                vectors=qe.EdgeVectorParams(size=manifest.dim, distance=qe.Distance.Cosine), hnsw_config=hnsw
+                vectors=qe.EdgeVectorParams(size=manifest.dim, distance=qe.Distance.Cosine),
+                sparse_vectors=sparse,
+                hnsw_config=hnsw,
             )
             shard = qe.EdgeShard.create(str(path / "shard"), config)
             for key, kind in manifest.payload_indexes.items():
@@ -172,7 +182,7 @@ class EdgeStore:
     def upsert(self, collection: str, points: Sequence[Point]) -> None:
         if not points:
             return
-        batch = [qe.Point(p.id, np.asarray(p.vector, dtype=np.float32).tolist(), p.payload) for p in points]
+        batch = [qe.Point(p.id, _edge_vector(p), p.payload) for p in points]
         with self._mutex:
             self._shard(collection).update(qe.UpdateOperation.upsert_points(batch))
 
@@ -183,21 +193,45 @@ class EdgeStore:
     def search(
         self,
         collection: str,
-        vector: np.ndarray,
+        vector: np.ndarray | None,
         limit: int,
         flt: Filter | None = None,
         hnsw_ef: int | None = None,
         exact: bool = False,
+        sparse: SparseVec | None = None,
+        fusion: Rrf | None = None,
     ) -> list[Hit]:
-        request = qe.QueryRequest(
-            limit=limit,
-            query=qe.Query.Nearest(np.asarray(vector, dtype=np.float32).tolist()),
-            filter=_edge_filter(flt) if flt else None,
-            with_payload=True,
-            params=qe.SearchParams(hnsw_ef=hnsw_ef or self.settings.hnsw_ef, exact=exact),
-        )
+        mode = recall_mode(vector, sparse, fusion)
+        edge_filter = _edge_filter(flt) if flt else None
+        params = qe.SearchParams(hnsw_ef=hnsw_ef or self.settings.hnsw_ef, exact=exact)
+        dense_query = sparse_query = None
+        if vector is not None:
+            dense_query = qe.Query.Nearest(np.asarray(vector, dtype=np.float32).tolist())
+        if sparse is not None:
+            vec = qe.SparseVector(list(sparse.indices), list(sparse.values))
+            sparse_query = qe.Query.Nearest(vec, using=SPARSE_VECTOR)
+        if mode == "hybrid":
+            assert dense_query is not None and sparse_query is not None and fusion is not None
+            request = qe.QueryRequest(
+                limit=2 * limit,  # all the fused candidates, so ties at `limit` are cut in a fixed order
+                prefetches=[
+                    qe.Prefetch(limit=limit, query=dense_query, filter=edge_filter, params=params),
+                    qe.Prefetch(limit=limit, query=sparse_query, filter=edge_filter),
+                ],
+                query=qe.Fusion.Rrf(k=fusion.k, weights=list(fusion.weights)),  # type: ignore[arg-type]
+                filter=edge_filter,
+                with_payload=True,
+            )
+        else:
+            request = qe.QueryRequest(
+                limit=limit,
+                query=dense_query or sparse_query,
+                filter=edge_filter,
+                with_payload=True,
+                params=params,
+            )
         found = self._shard(collection).query(request)  # reads skip the writers' lock: see below
-        return [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in found]
+        return fixed_order([Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in found], limit)
 
     def scroll(
         self, collection: str, flt: Filter | None = None, fields: Sequence[str] | None = None
@@ -240,6 +274,13 @@ class EdgeStore:
         with self._mutex:
             for collection in list(self._shards):
                 self._close_one(collection)
+
+
+def _edge_vector(point: Point) -> Any:
+    dense = np.asarray(point.vector, dtype=np.float32).tolist()
+    if point.sparse is None:
+        return dense
+    return {"": dense, SPARSE_VECTOR: qe.SparseVector(list(point.sparse.indices), list(point.sparse.values))}
 
 
 def _edge_condition(c: Condition) -> qe.FieldCondition:

@@ -37,6 +37,15 @@ class Embedder(Protocol):
         """Vectors of documents (no instruction), shape (len(documents), dim), in input order."""
         ...
 
+    @property
+    def max_length(self) -> int:
+        """Tokens the model reads of one input; the rest is cut off (so chunks must fit in it)."""
+        ...
+
+    def document_lengths(self, documents: Sequence[str]) -> list[int]:
+        """Tokens each document takes in the model's input, untruncated, special tokens included."""
+        ...
+
 
 def detect_embedder_family(source: ModelSource) -> str:
     """`last-token` for Qwen-style decoder embedders, else `sentence-transformers`."""

@@ -27,6 +27,7 @@ from twostage.retrieval.documents import BadRecord, Chunk, Document, chunk_paylo
 from twostage.retrieval.embedder import Embedder
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.settings import IngestSettings, Settings
+from twostage.retrieval.sparse import Bm25Encoder, sparse_encoder
 from twostage.retrieval.store import AnyOf, CollectionManifest, Equals, Filter, Point, VectorStore
 
 _DONE = object()
@@ -154,7 +155,7 @@ class Ingestor:
         )
         writer = threading.Thread(
             target=self._guard,
-            args=(self._write, manifest.collection, to_write, report, bytes_read),
+            args=(self._write, manifest.collection, sparse_encoder(manifest), to_write, report, bytes_read),
             name="ingest-write",
             daemon=True,
         )
@@ -311,6 +312,7 @@ class Ingestor:
     def _write(
         self,
         collection: str,
+        encoder: Bm25Encoder | None,
         inbox: "queue.Queue[Any]",
         report: IngestReport,
         bytes_read: Callable[[], int] | None,
@@ -318,9 +320,11 @@ class Ingestor:
         remaining: dict[str, int] = {}
         while (entry := self._get(inbox)) is not _DONE:
             work, vectors = entry
+            texts = [item[3].text for item in work.items]
+            sparse = encoder.embed_documents(texts) if encoder else [None] * len(texts)
             points = [
-                Point(chunk.point_id, vector, chunk_payload(doc, chunk, doc_hash, n))
-                for (doc, doc_hash, n, chunk), vector in zip(work.items, vectors, strict=True)
+                Point(chunk.point_id, vector, chunk_payload(doc, chunk, doc_hash, n), sv)
+                for (doc, doc_hash, n, chunk), vector, sv in zip(work.items, vectors, sparse, strict=True)
             ]
             self.store.upsert(collection, points)
             report.chunks_embedded += len(points)

@@ -18,7 +18,7 @@ from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.model_source import ModelSource, model_identity
 from twostage.retrieval.prompts import clip_for_tokens, embedding_query, require_text, require_texts
 from twostage.retrieval.settings import EmbedderSettings
-from twostage.retrieval.tokens import split_markers_in_text
+from twostage.retrieval.tokens import TokenCounter, split_markers_in_text
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -55,6 +55,7 @@ class LastTokenEmbedder:
         # Qwen3-Embedding's tokenizer appends <|endoftext|> itself; older snapshots did not and the
         # model card appended it by hand. Detect which, so both give the same ids.
         self._tokenizer_appends_eod = tokenizer("a")["input_ids"][-1] == eod
+        self._counter = TokenCounter(tokenizer)  # for chunkers, in other threads
 
     @classmethod
     def load(
@@ -107,6 +108,9 @@ class LastTokenEmbedder:
         if not self._tokenizer_appends_eod:
             ids = [[*row[: self.max_length - 1], self._eod_id] for row in ids]
         return ids
+
+    def document_lengths(self, documents: Sequence[str]) -> list[int]:
+        return [n + (0 if self._tokenizer_appends_eod else 1) for n in self._counter.count(documents)]
 
     @torch.inference_mode()
     def _embed(self, texts: list[str]) -> np.ndarray:

@@ -17,6 +17,7 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from twostage.retrieval.settings import StoreSettings
+from twostage.retrieval.sparse import SPARSE_VECTOR, Rrf, SparseVec
 from twostage.retrieval.store import (
     AnyOf,
     CollectionManifest,
@@ -31,7 +32,9 @@ from twostage.retrieval.store import (
     StoreError,
     StoreUnavailable,
     check_collection_name,
+    fixed_order,
     now_iso,
+    recall_mode,
 )
 
 _SCHEMA: dict[FieldType, models.PayloadSchemaType] = {
@@ -119,6 +122,11 @@ class QdrantStore:
         self.client.create_collection(
             manifest.collection,
             vectors_config=models.VectorParams(size=manifest.dim, distance=models.Distance.COSINE),
+            sparse_vectors_config=(
+                {manifest.sparse.vector: models.SparseVectorParams(modifier=models.Modifier.IDF)}
+                if manifest.sparse
+                else None
+            ),
             shard_number=self.settings.shard_number,
             replication_factor=self.settings.replication_factor,
             hnsw_config=models.HnswConfigDiff(
@@ -180,12 +188,7 @@ class QdrantStore:
             return
         self.client.upsert(
             collection,
-            points=[
-                models.PointStruct(
-                    id=p.id, vector=np.asarray(p.vector, dtype=np.float32).tolist(), payload=p.payload
-                )
-                for p in points
-            ],
+            points=[models.PointStruct(id=p.id, vector=_qdrant_vector(p), payload=p.payload) for p in points],
             wait=True,
         )
 
@@ -197,21 +200,51 @@ class QdrantStore:
     def search(
         self,
         collection: str,
-        vector: np.ndarray,
+        vector: np.ndarray | None,
         limit: int,
         flt: Filter | None = None,
         hnsw_ef: int | None = None,
         exact: bool = False,
+        sparse: SparseVec | None = None,
+        fusion: Rrf | None = None,
     ) -> list[Hit]:
-        response = self.client.query_points(
-            collection,
-            query=np.asarray(vector, dtype=np.float32).tolist(),
-            query_filter=_qdrant_filter(flt) if flt else None,
-            search_params=models.SearchParams(hnsw_ef=hnsw_ef or self.settings.hnsw_ef, exact=exact),
-            limit=limit,
-            with_payload=True,
+        mode = recall_mode(vector, sparse, fusion)
+        query_filter = _qdrant_filter(flt) if flt else None
+        params = models.SearchParams(hnsw_ef=hnsw_ef or self.settings.hnsw_ef, exact=exact)
+        dense = np.asarray(vector, dtype=np.float32).tolist() if vector is not None else None
+        sparse_query = (
+            models.SparseVector(indices=list(sparse.indices), values=list(sparse.values))
+            if sparse is not None
+            else None
         )
-        return [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in response.points]
+        if mode == "hybrid":
+            assert fusion is not None
+            response = self.client.query_points(
+                collection,
+                prefetch=[
+                    models.Prefetch(query=dense, filter=query_filter, params=params, limit=limit),
+                    models.Prefetch(
+                        query=sparse_query, using=SPARSE_VECTOR, filter=query_filter, limit=limit
+                    ),
+                ],
+                query=models.RrfQuery(rrf=models.Rrf(k=fusion.k, weights=list(fusion.weights))),
+                query_filter=query_filter,
+                limit=2 * limit,  # all the fused candidates, so ties at `limit` are cut in a fixed order
+                with_payload=True,
+            )
+        else:
+            response = self.client.query_points(
+                collection,
+                query=dense if dense is not None else sparse_query,
+                using=None if dense is not None else SPARSE_VECTOR,
+                query_filter=query_filter,
+                search_params=params,
+                limit=limit,
+                with_payload=True,
+            )
+        return fixed_order(
+            [Hit(str(p.id), float(p.score), dict(p.payload or {})) for p in response.points], limit
+        )
 
     def scroll(
         self, collection: str, flt: Filter | None = None, fields: Sequence[str] | None = None
@@ -240,6 +273,14 @@ class QdrantStore:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _qdrant_vector(point: Point) -> Any:
+    dense = np.asarray(point.vector, dtype=np.float32).tolist()
+    if point.sparse is None:
+        return dense
+    sparse = models.SparseVector(indices=list(point.sparse.indices), values=list(point.sparse.values))
+    return {"": dense, SPARSE_VECTOR: sparse}
 
 
 def _qdrant_condition(c: Condition) -> models.FieldCondition:

@@ -37,6 +37,7 @@ class DeploymentRecord(BaseModel):
     parent: int | None = None
     run: str | None = Field(None, description="the retrain run that produced it (None: bootstrap)")
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
+    gate: dict[str, Any] = Field(default_factory=dict, description="the gate's decisions and why")
     created_at: str = Field(default_factory=now_iso)
 
 

@@ -30,6 +30,8 @@ class RankedDocument:
 class Reranker(Protocol):
     """Scores (query, document) pairs; higher means more relevant."""
 
+    family: str  # "yes-no" (a causal LM's yes/no logits) or "cross-encoder" (a classification head)
+
     @property
     def model_id(self) -> str:
         """`name@content-hash` of the loaded model."""

@@ -9,17 +9,22 @@ query be embedded by one model and searched in an index built by another.
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, Literal
 
 import numpy as np
 
 from twostage.retrieval.embedder import Embedder
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.reranker import Reranker
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.sparse import Bm25Encoder, RecallMode, Rrf, sparse_encoder
 from twostage.retrieval.store import CollectionManifest, Filter, Hit, VectorStore
+from twostage.retrieval.trust import RerankTrust, judge_reranker
 
 EmbedQuery = Callable[[str, str | None], np.ndarray]
 ScoreDocuments = Callable[[str, Sequence[str], str | None], list[float]]
+RerankChoice = bool | Literal["auto"]
 
 
 @dataclass(frozen=True)
@@ -29,10 +34,20 @@ class Deployment:
     manifest: CollectionManifest
     embedder: Embedder
     reranker: Reranker | None
+    trust: RerankTrust | None = None  # from the deployment record; None: judged by the model alone
 
     @property
     def collection(self) -> str:
         return self.manifest.collection
+
+    @property
+    def rerank_trust(self) -> RerankTrust:
+        return self.trust or judge_reranker(self.reranker)
+
+    @cached_property
+    def sparse(self) -> Bm25Encoder | None:
+        """The BM25 encoder that built the collection (None: it has dense vectors only)."""
+        return sparse_encoder(self.manifest)
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,7 @@ class SearchResult:
     collection: str
     embedder: str
     reranker: str | None
+    recall: str = "dense"
     timings_ms: dict[str, float] = field(default_factory=dict)
     stages: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -88,11 +104,15 @@ def two_stage_search(
     embed_query: EmbedQuery | None = None,
     score_documents: ScoreDocuments | None = None,
     hnsw_ef: int | None = None,
+    recall: RecallMode = "dense",
+    rrf: Rrf | None = None,
+    exact: bool = False,
 ) -> SearchResult:
     """The whole search path with per-stage timings (ms).
 
-    `embed_query` / `score_documents` default to the deployment's models; the service passes
-    its micro-batchers instead, which call the same models.
+    `recall` picks the first stage (dense ANN, BM25, or both fused by `rrf`); callers choose
+    it with `choose_recall`. `embed_query` / `score_documents` default to the deployment's
+    models; the service passes its micro-batchers instead, which call the same models.
     """
     if not isinstance(query, str) or not query.strip():
         raise InputError("query must be a non-empty string")
@@ -101,12 +121,22 @@ def two_stage_search(
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    embed = embed_query or (lambda q, i: deployment.embedder.embed_queries([q], i)[0])
-    vector = embed(query, instruction)
+    vector = None
+    if recall != "sparse":
+        embed = embed_query or (lambda q, i: deployment.embedder.embed_queries([q], i)[0])
+        vector = embed(query, instruction)
+    sparse = None
+    if recall != "dense":
+        if deployment.sparse is None:
+            raise InputError(no_sparse_message(deployment.manifest, recall))
+        sparse = deployment.sparse.embed_query(query)
     timings["embed"] = _ms(started)
 
     mark = time.perf_counter()
-    hits = store.search(deployment.collection, vector, top_k, flt, hnsw_ef=hnsw_ef)
+    hits = store.search(
+        deployment.collection, vector, top_k, flt, hnsw_ef=hnsw_ef, exact=exact, sparse=sparse,
+        fusion=rrf or Rrf(60) if recall == "hybrid" else None,
+    )  # fmt: skip
     if group_by_doc:
         hits = best_chunk_per_document(hits)
     timings["recall"] = _ms(mark)
@@ -148,19 +178,83 @@ def two_stage_search(
         collection=deployment.collection,
         embedder=deployment.embedder.model_id,
         reranker=reranker.model_id if reranker is not None else None,
+        recall=recall,
         timings_ms=timings,
         stages=["embed", "recall", "rerank"] if reranker is not None else ["embed", "recall"],
     )
 
 
-def rerank_off_note(requested: bool | None) -> str:
-    """Why the hits are in first-stage order, and how to get them reranked."""
-    if requested is False:
-        return "not reranked: the request said rerank=false"
+@dataclass(frozen=True)
+class SearchPlan:
+    """What a request runs once its choices meet the settings and the deployment."""
+
+    recall: RecallMode
+    rerank: bool
+    rrf: Rrf
+    notes: list[str]
+
+
+def plan_search(
+    deployment: Deployment, settings: Settings, recall: RecallMode | None, rerank: RerankChoice | None
+) -> SearchPlan:
+    """The API's and the CLI's one way from a request's `recall` / `rerank` to what runs."""
+    mode, recall_notes = choose_recall(recall, settings.recall.mode, deployment.manifest)
+    apply, rerank_notes = choose_rerank(rerank, settings.api.rerank, deployment)
+    rrf = Rrf(settings.recall.rrf_k, settings.recall.rrf_weights)
+    return SearchPlan(mode, apply, rrf, recall_notes + rerank_notes)
+
+
+def no_sparse_message(manifest: CollectionManifest, mode: str) -> str:
     return (
-        "not reranked: this service reranks only on request (TWOSTAGE_API__RERANK=false), because its "
-        "reranker is not trained to rank; send rerank=true to force it, or train one with twostage retrain"
+        f"collection {manifest.collection} has no BM25 sparse vectors, so it cannot run {mode} recall: "
+        "send recall=dense, or rebuild it with sparse vectors (`twostage ingest PATH --new-version`)"
     )
+
+
+def choose_recall(
+    requested: RecallMode | None, default: RecallMode, manifest: CollectionManifest
+) -> tuple[RecallMode, list[str]]:
+    """The first stage a search runs, and a note when it is not the one the settings prefer.
+
+    A collection built before sparse vectors existed keeps working with dense recall (and says
+    so); asking it for sparse or hybrid explicitly is the caller's mistake (`InputError`).
+    """
+    if manifest.sparse is not None:
+        return requested or default, []
+    if requested in ("sparse", "hybrid"):
+        raise InputError(no_sparse_message(manifest, requested))
+    if requested is None and default != "dense":
+        return "dense", [
+            f"recall: dense only, because collection {manifest.collection} was built without BM25 "
+            f"sparse vectors; `twostage ingest PATH --new-version` rebuilds it for {default} recall"
+        ]
+    return "dense", []
+
+
+def choose_rerank(
+    requested: RerankChoice | None, default: RerankChoice, deployment: Deployment
+) -> tuple[bool, list[str]]:
+    """Whether to rerank, and why not when it does not.
+
+    `true` forces the reranker, `false` skips it, `"auto"` applies it only where it is trusted
+    (`retrieval.trust`): a stage that measured worse than the one before it is not served by
+    default.
+    """
+    choice = default if requested is None else requested
+    if choice is True:
+        if deployment.reranker is None:
+            raise InputError("rerank=true, but no reranker is configured (TWOSTAGE_RERANKER__MODEL)")
+        return True, []
+    if choice is False:
+        said = "the request said rerank=false" if requested is False else "TWOSTAGE_API__RERANK=false"
+        return False, [f"not reranked: {said}"]
+    trust = deployment.rerank_trust
+    if trust.trusted:
+        return True, []
+    return False, [
+        f"not reranked (rerank=auto): {trust.why}; send rerank=true to force it, or train a reranker "
+        "that measures better with `twostage retrain`"
+    ]
 
 
 def _ms(since: float) -> float:

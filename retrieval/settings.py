@@ -17,6 +17,7 @@ from pydantic_settings import (
 )
 
 from twostage.retrieval.prompts import DEFAULT_TASK
+from twostage.retrieval.sparse import Bm25Params
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"] | str
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -92,6 +93,27 @@ class StoreSettings(BaseModel):
     )
 
 
+class RecallSettings(BaseModel):
+    """The first stage: dense ANN, BM25 sparse, or both fused by reciprocal rank fusion."""
+
+    sparse: bool = Field(True, description="new collections get BM25 sparse vectors next to dense ones")
+    mode: Literal["dense", "sparse", "hybrid"] = Field(
+        "hybrid", description="recall when a request does not say (collections without sparse "
+        "vectors use dense and say so)",
+    )  # fmt: skip
+    rrf_k: int = Field(60, ge=1, description="RRF k, set explicitly (Qdrant's default is 2)")
+    rrf_weights: tuple[float, float] = Field((1.0, 1.0), description="RRF weights of (dense, sparse)")
+    bm25: Bm25Params = Field(default_factory=Bm25Params, description="BM25 of new collections")
+
+    @model_validator(mode="after")
+    def _weights_usable(self) -> "RecallSettings":
+        if min(self.rrf_weights) < 0 or max(self.rrf_weights) == 0:
+            raise ValueError(
+                f"recall.rrf_weights {list(self.rrf_weights)} must be non-negative and not all zero"
+            )
+        return self
+
+
 class IngestSettings(BaseModel):
     """How `twostage ingest` reads, batches and reports."""
 
@@ -131,9 +153,9 @@ class ApiSettings(BaseModel):
     )  # fmt: skip
     shutdown_timeout_s: int = Field(30, ge=1, description="grace period for in-flight requests on shutdown")
     alias_refresh_s: float = Field(1.0, ge=0, description="how often a collection alias is re-resolved")
-    rerank: bool = Field(
-        True, description="rerank when a search request does not say (quickstart turns it off for a "
-        "reranker that is not trained to rank, such as the offline SmolLM2 fallback)",
+    rerank: bool | Literal["auto"] = Field(
+        "auto", description="when a search request does not say: true, false, or auto (rerank only "
+        "with a reranker trusted for the deployment: measured better than recall, or trained to rank)",
     )  # fmt: skip
 
     @model_validator(mode="after")
@@ -149,12 +171,11 @@ class ApiSettings(BaseModel):
 class RetrainSettings(BaseModel):
     """`twostage retrain`: how candidates are trained and what it takes to promote one."""
 
-    primary_metric: str = Field("two-stage/nDCG@10", description="MODE/METRIC the gate compares")
-    min_gain: float = Field(0.005, ge=0, description="primary must beat the deployed pair by this much")
-    tolerance: float = Field(0.02, ge=0, description="how far a secondary metric may drop")
-    secondary_metrics: list[str] = Field(
-        default_factory=lambda: ["dense/nDCG@10", "two-stage/R@10", "two-stage/RR@10"]
-    )
+    gate_metric: str = Field("nDCG@10", description="per-query measure the gate's paired tests compare")
+    min_gain: float = Field(0.005, ge=0, description="a promoted model gains at least this much")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the gate's paired tests")
+    min_dev_queries: int = Field(30, ge=1, description="fewer dev queries than this: nothing is promoted")
+    tolerance: float = Field(0.02, ge=0, description="how far the verify step's index metrics may drop")
     dev_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share of --pairs without --dev")
     negatives: int = Field(3, ge=1, description="mined hard negatives per pair")
     top_k: int = Field(20, ge=1, description="dense candidates the reranker sees in evaluation")
@@ -166,6 +187,9 @@ class RetrainSettings(BaseModel):
     reranker_batch_size: int = Field(16, ge=1)
     reranker_lr: float = Field(1e-4, gt=0)
     lora: bool = Field(True, description="LoRA (merged after training); False: full fine-tuning")
+    mask_false_negatives: bool = Field(
+        False, description="embedder: leave out in-batch negatives scored above the positive (GIST)"
+    )
     eval_steps: int = Field(50, ge=1)
     reranker_max_length: int = Field(1024, ge=64, description="prompt tokens in reranker training")
 
@@ -186,6 +210,7 @@ class Settings(BaseSettings):
     reranker: RerankerSettings = Field(default_factory=RerankerSettings)
     chunker: ChunkerSettings = Field(default_factory=ChunkerSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    recall: RecallSettings = Field(default_factory=RecallSettings)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)

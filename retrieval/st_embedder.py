@@ -17,7 +17,7 @@ from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.model_source import ModelSource, model_identity
 from twostage.retrieval.prompts import embedding_query, require_text, require_texts
 from twostage.retrieval.settings import EmbedderSettings
-from twostage.retrieval.tokens import split_markers_in_text
+from twostage.retrieval.tokens import TokenCounter, split_markers_in_text
 
 
 class SentenceTransformerEmbedder:
@@ -46,6 +46,7 @@ class SentenceTransformerEmbedder:
         self.instruction = instruction
         query_prompt = (model.prompts or {}).get("query") or ""
         self.instruction_aware = query_prompt.startswith("Instruct:")
+        self._counter = TokenCounter(model.tokenizer)  # for chunkers, in other threads
 
     @classmethod
     def load(
@@ -94,6 +95,10 @@ class SentenceTransformerEmbedder:
     def embed_documents(self, documents: Sequence[str]) -> np.ndarray:
         texts = require_texts(documents, "documents")
         return self._encode(texts, "document" if "document" in (self.model.prompts or {}) else None)
+
+    def document_lengths(self, documents: Sequence[str]) -> list[int]:
+        prompt = (self.model.prompts or {}).get("document") or ""
+        return self._counter.count([prompt + t for t in documents])
 
     def _encode(self, texts: list[str], prompt_name: str | None, prompt: str | None = None) -> np.ndarray:
         if not texts:

@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from twostage.retrieval.errors import InputError, TwostageError
+from twostage.retrieval.sparse import Rrf, SparseManifest, SparseVec
 
 FieldType = Literal["keyword", "integer", "float", "bool"]
 
@@ -100,6 +101,7 @@ class Point:
     id: str
     vector: np.ndarray
     payload: dict[str, Any]
+    sparse: SparseVec | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class CollectionManifest(BaseModel):
     dim: int
     distance: Literal["cosine"] = "cosine"
     chunker: dict[str, Any]
+    sparse: SparseManifest | None = Field(None, description="BM25 sparse vectors (None: dense only)")
     payload_indexes: dict[str, FieldType] = Field(default_factory=lambda: dict(CORE_INDEXES))
     documents: int = 0
     chunks: int = 0
@@ -151,6 +154,24 @@ def parse_versioned_name(collection: str) -> tuple[str, int] | None:
     """(`NAME`, N) of `NAME__vN`, or None for anything else."""
     name, sep, version = collection.rpartition("__v")
     return (name, int(version)) if sep and version.isdigit() else None
+
+
+def recall_mode(vector: np.ndarray | None, sparse: SparseVec | None, fusion: Rrf | None) -> str:
+    """Which branches a `VectorStore.search` call runs; a clear error for a call that makes no sense."""
+    if vector is not None and sparse is not None:
+        if fusion is None:
+            raise StoreError("a dense and a sparse query need a fusion (Rrf) to be combined")
+        return "hybrid"
+    if vector is None and sparse is None:
+        raise StoreError("a search needs a dense vector, a sparse vector or both")
+    return "dense" if vector is not None else "sparse"
+
+
+def fixed_order(hits: list[Hit], limit: int) -> list[Hit]:
+    """Best first, equal scores by id, the first `limit`: the engines return ties (frequent under
+    RRF, whose scores are sums of 1 / (k + rank)) in no fixed order, which would make the same
+    query return different hits from one call to the next."""
+    return sorted(hits, key=lambda h: (-h.score, h.id))[:limit]
 
 
 class VectorStore(Protocol):
@@ -185,13 +206,17 @@ class VectorStore(Protocol):
     def search(
         self,
         collection: str,
-        vector: np.ndarray,
+        vector: np.ndarray | None,
         limit: int,
         flt: Filter | None = None,
         hnsw_ef: int | None = None,
         exact: bool = False,
+        sparse: SparseVec | None = None,
+        fusion: Rrf | None = None,
     ) -> list[Hit]:
-        """Top-`limit` points by cosine similarity, best first, with payloads."""
+        """Top-`limit` points, best first, with payloads: by cosine similarity to `vector`, by
+        BM25 (IDF-weighted dot product) with `sparse`, or, given both, the two branches (each
+        its top `limit`, both filtered) fused by `fusion` in one engine query."""
         ...
 
     def scroll(

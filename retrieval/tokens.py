@@ -6,6 +6,7 @@ at a fraction of the cost, and it needs no model directory. The ranks are passed
 tiktoken directly, so tiktoken never downloads or writes a cache file.
 """
 
+import threading
 import unicodedata
 from collections.abc import Sequence
 from typing import Any
@@ -76,3 +77,53 @@ def split_markers_in_text(tokenizer: Any, *, by_default: bool = False) -> Any:
     if by_default:
         tokenizer.split_special_tokens = True
     return tokenizer
+
+
+def append_end_of_text(tokenizer: Any, end_of_text: str = "<|endoftext|>") -> bool:
+    """Make `tokenizer` end every sequence with `end_of_text`, as Qwen3-Embedding's does.
+
+    Last-token pooling reads the hidden state of that final token. Qwen3-Embedding's
+    tokenizer appends it through its post-processor; earlier snapshots did not, and the model
+    card appended it by hand, which `LastTokenEmbedder` does too. Libraries that tokenize for
+    us (sentence-transformers' trainers and miners) cannot do that, so their tokenizer gets
+    the same template the current snapshot ships. Returns whether it had to; in place.
+    """
+    eod = tokenizer.convert_tokens_to_ids(end_of_text)
+    if tokenizer("a")["input_ids"][-1] == eod:
+        return False
+    from tokenizers import processors
+
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A:0 {end_of_text}:0",
+        pair=f"$A:0 {end_of_text}:0 $B:1 {end_of_text}:1",
+        special_tokens=[(end_of_text, eod)],
+    )
+    if tokenizer("a")["input_ids"][-1] != eod:
+        raise ValueError(f"could not make the tokenizer append {end_of_text}")
+    return True
+
+
+class TokenCounter:
+    """Token counts from a private copy of a fast tokenizer, safe to use beside the model's own.
+
+    A transformers tokenizer call sets truncation and padding on its Rust backend before
+    encoding, so counting with the embedder's tokenizer in the ingest reader thread while the
+    embedding thread encodes a padded batch would change the padding under it (measured: the
+    batch failed to become a tensor). The copy never truncates or pads; one lock serialises it.
+    """
+
+    def __init__(self, tokenizer: Any, *, split_special_tokens: bool = True) -> None:
+        from tokenizers import Tokenizer
+
+        self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._backend.no_truncation()
+        self._backend.no_padding()
+        self._backend.encode_special_tokens = split_special_tokens  # untrusted text is text
+        self._lock = threading.Lock()
+
+    def count(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[int]:
+        with self._lock:
+            return [
+                len(e.ids)
+                for e in self._backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+            ]

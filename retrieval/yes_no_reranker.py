@@ -78,6 +78,8 @@ class PromptTokens:
 class YesNoReranker(RerankMixin):
     """Causal-LM reranker with the Qwen3-Reranker template and a shared-prefix KV cache."""
 
+    family = "yes-no"
+
     def __init__(
         self,
         model: PreTrainedModel,

@@ -31,6 +31,7 @@ import pytest
 import uvicorn
 
 from twostage.api.app import create_app
+from twostage.api.filters import parse_filter
 from twostage.api.service import Service
 from twostage.retrieval.chunker import Chunker
 from twostage.retrieval.collections import open_store
@@ -38,6 +39,7 @@ from twostage.retrieval.documents import Document
 from twostage.retrieval.embedder import load_embedder
 from twostage.retrieval.ingest import ingest_corpus
 from twostage.retrieval.settings import Settings, StoreSettings
+from twostage.retrieval.sparse import Bm25Encoder, Rrf
 from twostage.retrieval.store import AnyOf, Filter
 from twostage.retrieval.tiny_models import TinyModelPaths
 from twostage.retrieval.tokens import Qwen3Tokens
@@ -77,11 +79,12 @@ def sample_settings(data_dir: Path, tiny_models: TinyModelPaths, model_cache: Pa
         Document(r["_id"], r["text"], r["title"], "corpus.jsonl", {"section": r["section"]}) for r in rows
     ]
     store = open_store(settings)
+    embedder = load_embedder(settings)
     ingest_corpus(
         documents,
         store=store,
-        embedder=load_embedder(settings),
-        chunker=Chunker(Qwen3Tokens(), settings.chunker),
+        embedder=embedder,
+        chunker=Chunker.for_embedder(Qwen3Tokens(), settings.chunker, embedder),
         settings=settings,
         collection="docs",
     )
@@ -146,8 +149,11 @@ def test_search_returns_reranked_hits_with_both_scores_and_timings(served: Serve
 def test_instruction_reaches_query_prompt_and_reranker_prompt(served: Served) -> None:
     query = "which package plays chess"
     body = post(
-        served, "/v1/search", {"query": query, "instruction": INSTRUCTION, "top_k": 15, "top_n": 15}
+        served,
+        "/v1/search",
+        {"query": query, "instruction": INSTRUCTION, "top_k": 15, "top_n": 15, "recall": "dense"},
     ).json()
+    assert body["recall"] == "dense"
     service = served.service
     vector = service.embedder.embed_queries([query], INSTRUCTION)[0]
     expected = service.store.search("docs__v1", vector, 15)
@@ -635,3 +641,53 @@ def test_the_event_loop_never_waits_on_a_slow_store(
                 assert time.perf_counter() - started < 0.05
             answers = [f.result() for f in slow]
         assert [a.status_code for a in answers] == [200, 200, 404], [a.text for a in answers]
+
+
+def test_hybrid_recall_is_the_default_and_is_the_engines_fusion(served: Served) -> None:
+    query, flt = "chess engine for playing against the computer", {"metadata.section": "games"}
+    body = post(served, "/v1/search", {"query": query, "top_k": 20, "top_n": 20, "rerank": False}).json()
+    assert body["recall"] == "hybrid" and body["stages"] == ["embed", "recall"], body
+    service = served.service
+    manifest = service.store.read_manifest("docs__v1")
+    assert manifest.sparse is not None and manifest.sparse.params.avg_len == 256.0
+    sparse = Bm25Encoder(manifest.sparse).embed_query(query)
+    vector = service.embedder.embed_queries([query])[0]
+    expected = service.store.search("docs__v1", vector, 20, sparse=sparse, fusion=Rrf(60, (1.0, 1.0)))
+    assert [h["id"] for h in body["hits"]] == [h.id for h in expected]
+    assert [h["recall_score"] for h in body["hits"]] == pytest.approx([h.score for h in expected], rel=1e-6)
+    only_bm25 = post(
+        served, "/v1/search", {"query": query, "recall": "sparse", "rerank": False, "filter": flt}
+    )
+    assert only_bm25.json()["recall"] == "sparse"
+    hits = only_bm25.json()["hits"]
+    assert hits and all(h["metadata"]["section"] == "games" for h in hits)
+    assert hits[0]["id"] == service.store.search("docs__v1", None, 1, parse_filter(flt, manifest.payload_indexes),
+                                                 sparse=sparse)[0].id  # fmt: skip
+    filtered = post(served, "/v1/search", {"query": query, "top_k": 30, "top_n": 30, "filter": flt}).json()
+    assert filtered["hits"] and all(h["metadata"]["section"] == "games" for h in filtered["hits"])
+    bad = post(served, "/v1/search", {"query": query, "recall": "bm25"})
+    assert bad.status_code == 422 and "recall" in bad.text
+
+
+def test_a_dense_only_collection_keeps_working_and_says_so(served: Served) -> None:
+    service = served.service
+    legacy = served.settings.model_copy(deep=True)
+    legacy.recall.sparse = False
+    with DATA.open() as handle:
+        rows = [json.loads(next(handle)) for _ in range(20)]
+    ingest_corpus(
+        [Document(r["_id"], r["text"], r["title"], "corpus.jsonl", {"section": r["section"]}) for r in rows],
+        store=service.store, embedder=service.embedder,
+        chunker=Chunker.for_embedder(Qwen3Tokens(), legacy.chunker, service.embedder),
+        settings=legacy, collection="legacy",
+    )  # fmt: skip
+    body = post(served, "/v1/search", {"query": "chess", "collection": "legacy", "rerank": False}).json()
+    assert body["recall"] == "dense" and body["hits"]
+    assert any("--new-version" in n and "built without BM25" in n for n in body["notes"]), body["notes"]
+    for mode in ("sparse", "hybrid"):
+        refused = post(served, "/v1/search", {"query": "chess", "collection": "legacy", "recall": mode})
+        assert refused.status_code == 400, refused.text
+        assert (
+            "no BM25 sparse vectors" in refused.json()["detail"]
+            and "recall=dense" in refused.json()["detail"]
+        )

@@ -40,12 +40,14 @@ def test_evaluate_dense_and_two_stage_report_and_chart(
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     results = report["results"]
-    assert set(results) == {"base", "candidate"} and set(results["base"]) == {"dense", "two-stage"}
+    modes = {"dense", "two-stage", "sparse", "sparse+rerank", "hybrid", "hybrid+rerank"}
+    assert set(results) == {"base", "candidate"} and set(results["base"]) == modes
     assert results["base"] == results["candidate"]  # same models, deterministic
     dense = results["base"]["dense"]
     assert set(dense) == {"nDCG@10", "RR@10", "R@10", "R@100", "AP"} and dense["nDCG@10"] > 0.5
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "two-stage" in result.stdout and "nDCG@10" in result.stdout
+    assert "two-stage" in result.stdout and "hybrid+rerank" in result.stdout and "nDCG@10" in result.stdout
+    assert results["base"]["sparse"] != dense and results["base"]["hybrid"] != dense
     # progress, as plain lines in a log (stderr is a pipe here): each bar's final state is one line
     progress = [ln for ln in result.stderr.splitlines() if ln.startswith(("embed ", "rerank top 20"))]
     assert any("100%" in ln for ln in progress if ln.startswith("embed ")), result.stderr[-2000:]

@@ -4,6 +4,7 @@ Idempotency, updates, --sync, bad input, versions, and a `kill -9` in the middle
 followed by a rerun that must end with exactly the right points.
 """
 
+import itertools
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from twostage.retrieval.embedder import Embedder, load_embedder
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.ingest import IngestReport, ingest_corpus
 from twostage.retrieval.qdrant_store import QdrantStore
-from twostage.retrieval.settings import Settings, StoreSettings
+from twostage.retrieval.settings import ChunkerSettings, Settings, StoreSettings
 from twostage.retrieval.store import Equals, Filter, StoreError, VectorStore
 from twostage.retrieval.tokens import Qwen3Tokens
 
@@ -50,8 +51,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorStor
 
 
 @pytest.fixture(scope="module")
-def chunker(minilm_settings: Settings) -> Chunker:
-    return Chunker(Qwen3Tokens(), minilm_settings.chunker)
+def chunker(minilm_settings: Settings, minilm_embedder: Embedder) -> Chunker:
+    return Chunker.for_embedder(Qwen3Tokens(), minilm_settings.chunker, minilm_embedder)
 
 
 def run(
@@ -89,6 +90,8 @@ def test_ingest_is_idempotent_and_searchable(store, minilm_embedder, chunker, mi
     assert manifest.collection == "docs__v1" and manifest.status == "ready"
     assert (manifest.documents, manifest.chunks) == (60, first.chunks_embedded)
     assert manifest.embedder == minilm_embedder.model_id and manifest.dim == 384
+    assert manifest.chunker["embedder_max_tokens"] == minilm_embedder.max_length == 256
+    assert manifest.sparse is not None and manifest.sparse.model == "qdrant-edge-bm25"
     assert set(stored_points(store, "docs__v1")) == expected_ids(docs, chunker)
 
     again = run(docs, store, minilm_embedder, chunker, minilm_settings)
@@ -98,6 +101,21 @@ def test_ingest_is_idempotent_and_searchable(store, minilm_embedder, chunker, mi
     top = store.search("docs__v1", query, 1)[0].payload
     assert top["doc_id"] == docs[7].id and top["chunk_index"] == 0 and top["title"] == docs[7].title
     assert docs[7].text[top["start"] : top["end"]] == top["text"]
+
+
+def test_chunks_never_exceed_what_the_embedder_reads(minilm_embedder: Embedder) -> None:
+    """512 Qwen3 tokens is more than MiniLM's 256 word pieces: such a chunk's second half would
+    never be embedded. Capped by the embedder, every chunk fits and the text is still covered."""
+    text = "\n\n".join(d.text for d in debian_docs(40))
+    window = ChunkerSettings(tokens=512, overlap=64)
+    plain = Chunker(Qwen3Tokens(), window).chunk("d", text)
+    assert max(minilm_embedder.document_lengths([c.text for c in plain])) > 256  # the problem is real
+    capped = Chunker.for_embedder(Qwen3Tokens(), window, minilm_embedder).chunk("d", text)
+    lengths = minilm_embedder.document_lengths([c.text for c in capped])
+    assert max(lengths) <= minilm_embedder.max_length == 256 and len(capped) > len(plain)
+    assert capped[0].start == 0 and capped[-1].end == len(text.rstrip())
+    assert all(not text[a.end : b.start].strip() for a, b in itertools.pairwise(capped))  # no text lost
+    assert [c.text for c in capped] == [text[c.start : c.end] for c in capped]
 
 
 def test_changed_document_replaces_its_chunks_and_drops_the_surplus(

@@ -14,6 +14,7 @@ from helpers import free_port
 
 from twostage.retrieval.chunker import Chunker
 from twostage.retrieval.edge_store import EdgeStore
+from twostage.retrieval.embedder import Embedder
 from twostage.retrieval.settings import ChunkerSettings
 from twostage.retrieval.tiny_models import TinyModelPaths
 from twostage.retrieval.tokens import Qwen3Tokens
@@ -48,7 +49,7 @@ def _wait(url: str, job_id: str, until: set[str]) -> dict:
 
 
 def test_a_job_killed_with_the_server_is_reported_and_resubmitting_it_loses_and_duplicates_nothing(
-    tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
+    tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path, minilm_embedder: Embedder
 ) -> None:
     chunker = ChunkerSettings(tokens=128, overlap=16)
     port = free_port()
@@ -63,7 +64,7 @@ def test_a_job_killed_with_the_server_is_reported_and_resubmitting_it_loses_and_
     with DATA.open() as handle:
         rows = [json.loads(next(handle)) for _ in range(600)]
     documents = [{"id": r["_id"], "text": r["text"]} for r in rows]
-    cut = Chunker(Qwen3Tokens(), chunker)
+    cut = Chunker.for_embedder(Qwen3Tokens(), chunker, minilm_embedder)
     expected_chunks = sum(len(cut.chunk(d["id"], d["text"])) for d in documents)
     url, log = f"http://127.0.0.1:{port}", tmp_path / "server.log"
 

@@ -141,13 +141,21 @@ def test_promote_refuse_a_regression_and_roll_back(
         "switch",
     }
     assert all(step["status"] == "done" and step["seconds"] >= 0 for step in run["steps"].values())
-    assert run["inputs"]["pairs"]["sha256"] and run["metrics"]["candidate"]["two-stage"]["nDCG@10"] > 0
+    assert run["inputs"]["pairs"]["sha256"] and run["metrics"]["candidate"]["hybrid+rerank"]["nDCG@10"] > 0
+    assert set(run["metrics"]["candidate"]) == {"dense", "hybrid", "hybrid+rerank"}  # hybrid is served
+    gate = run["gate"]
+    assert gate["embedder"]["promote"] and gate["reranker"]["promote"], gate["reasons"]
+    paired = gate["embedder"]["tests"]["hybrid recall, candidate vs deployed embedder"]
+    assert paired["queries"] == 40 and paired["p_value"] < 0.05 and paired["ci_low"] > 0
     after = _search(settings, queries)
     assert after[0] == "docs__v2" and after != before
 
     listing = run_cli(["versions", "--json"], env)
     rows = json.loads(listing.stdout)
     assert [(r["id"], r["current"], r["parent"]) for r in rows] == [(1, False, None), (2, True, 1)]
+    assert rows[1]["gate"]["embedder"]["promote"] and rows[1]["gate"]["reranker"]["reasons"][0] == "promoted"
+    table = run_cli(["versions"], env).stdout
+    assert "embedder promoted" in table and "reranker promoted" in table, table
 
     # A forced regression: pairs exported with every positive shifted by one row train a
     # candidate (from the deployed d2) that learned wrong answers. It is evaluated, reported and
@@ -158,13 +166,13 @@ def test_promote_refuse_a_regression_and_roll_back(
     run = json.loads(refused.stdout)
     assert run["decision"] == "kept" and not run["gate"]["promote"], run["gate"]
     assert (
-        run["metrics"]["candidate"]["two-stage"]["nDCG@10"]
-        < run["metrics"]["deployed"]["two-stage"]["nDCG@10"]
+        run["metrics"]["candidate"]["hybrid+rerank"]["nDCG@10"]
+        < run["metrics"]["deployed"]["hybrid+rerank"]["nDCG@10"]
     )
     run_dir = data_dir / "registry" / "docs" / "runs" / run["run"]
     report = json.loads((run_dir / "report.json").read_text())
     assert set(report["results"]) == {"deployed", "candidate"} and (run_dir / "report.png").stat().st_size > 0
-    assert "deployment d2 kept" in refused.stderr and "two-stage/nDCG@10" in refused.stderr
+    assert "deployment d2 kept" in refused.stderr and "embedder: kept the deployed one" in refused.stderr
     assert _search(settings, queries) == after
     assert sorted(p.name for p in (data_dir / "collections").iterdir() if p.is_dir()) == [
         "docs__v1",

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from twostage.retrieval.documents import chunk_point_id
 from twostage.retrieval.edge_store import EdgeStore
 from twostage.retrieval.qdrant_store import QdrantStore
 from twostage.retrieval.settings import StoreSettings
+from twostage.retrieval.sparse import Bm25Encoder, Rrf, SparseManifest, SparseVec
 from twostage.retrieval.store import (
     AnyOf,
     CollectionManifest,
@@ -243,3 +245,83 @@ def test_an_unreachable_server_is_one_clear_error(prefer_grpc: bool) -> None:
                 call()
     finally:
         store.close()
+
+
+def _sparse_rows(rows: list[dict], vectors: np.ndarray) -> tuple[Bm25Encoder, list[Point]]:
+    encoder = Bm25Encoder(SparseManifest())
+    sparse = encoder.embed_documents([r["text"] for r in rows])
+    return encoder, [replace(p, sparse=s) for p, s in zip(points(rows, vectors), sparse, strict=True)]
+
+
+def _exact_bm25(docs: list[Point], query: SparseVec) -> np.ndarray:
+    """Qdrant's IDF modifier by hand: sum over query tokens of q * ln(1 + (N - n + 0.5) / (n + 0.5)) * d."""
+    df: dict[int, int] = {}
+    for p in docs:
+        assert p.sparse is not None
+        for i in p.sparse.indices:
+            df[i] = df.get(i, 0) + 1
+    n_docs = len(docs)
+    scores = np.zeros(n_docs)
+    for j, p in enumerate(docs):
+        assert p.sparse is not None
+        weights = dict(zip(p.sparse.indices, p.sparse.values, strict=True))
+        for i, q in zip(query.indices, query.values, strict=True):
+            if i in weights:
+                scores[j] += q * np.log(1 + (n_docs - df[i] + 0.5) / (df[i] + 0.5)) * weights[i]
+    return scores
+
+
+def _ranked(scores: np.ndarray, allowed: set[int], limit: int) -> list[int]:
+    """Indices by score, best first (ties by index), scores > 0 only for BM25 callers to decide."""
+    order = sorted(allowed, key=lambda i: (-scores[i], i))
+    return order[:limit]
+
+
+def test_sparse_and_hybrid_recall_match_an_exact_computation(
+    open_store: StoreFactory, corpus_vectors
+) -> None:
+    rows, vectors = corpus_vectors
+    store = open_store()
+    store.create_collection(manifest().model_copy(update={"sparse": SparseManifest()}))
+    encoder, docs = _sparse_rows(rows, vectors)
+    store.upsert("docs__v1", docs)
+    store.optimize("docs__v1")
+    sections = [r["section"] for r in rows]
+    keep = sorted(set(sections))[:3]
+    for q, flt in ((3, None), (11, Filter(must=(AnyOf("section", tuple(keep)),)))):
+        allowed = {i for i, s in enumerate(sections) if flt is None or s in keep}
+        text = " ".join(rows[q]["text"].split()[:6]) + " package"
+        sparse = encoder.embed_query(text)
+        bm25 = _exact_bm25(docs, sparse)
+        matching = {i for i in allowed if bm25[i] > 0}
+        hits = store.search("docs__v1", None, 10, flt, sparse=sparse)
+        assert [h.score for h in hits] == pytest.approx(
+            sorted(bm25[list(matching)], reverse=True)[:10], rel=1e-4
+        )
+        assert all(bm25[h.payload["n"]] == pytest.approx(h.score, rel=1e-4) for h in hits)
+        # hybrid: RRF of the two filtered branches (each its top `limit`), weights (2, 1), k 10;
+        # Qdrant's weighted RRF divides the 1-based rank by the weight: w=1 is 1 / (k + rank0)
+        dense = vectors @ (vectors[q] / np.linalg.norm(vectors[q]))
+        branches = [_ranked(dense, allowed, 20), _ranked(bm25, matching, 20)]
+        fused: dict[int, float] = {}
+        for weight, branch in zip((2.0, 1.0), branches, strict=True):
+            for rank, i in enumerate(branch):
+                fused[i] = fused.get(i, 0.0) + 1 / (10 - 1 + (rank + 1) / weight)
+        hits = store.search(
+            "docs__v1", vectors[q], 20, flt, exact=True, sparse=sparse, fusion=Rrf(10, (2.0, 1.0))
+        )
+        assert {h.payload["n"] for h in hits} <= allowed
+        assert [h.score for h in hits] == pytest.approx(sorted(fused.values(), reverse=True)[:20], rel=1e-5)
+        assert all(fused[h.payload["n"]] == pytest.approx(h.score, rel=1e-5) for h in hits)
+
+
+def test_a_dense_only_collection_refuses_sparse_queries(open_store: StoreFactory, corpus_vectors) -> None:
+    rows, vectors = corpus_vectors
+    store = open_store()
+    store.create_collection(manifest())
+    store.upsert("docs__v1", points(rows, vectors))
+    encoder = Bm25Encoder(SparseManifest())
+    with pytest.raises(Exception):  # noqa: B017 - each engine words it its own way; the service checks first
+        store.search("docs__v1", None, 5, sparse=encoder.embed_query("chess"))
+    with pytest.raises(StoreError, match="need a fusion"):
+        store.search("docs__v1", vectors[0], 5, sparse=encoder.embed_query("chess"))

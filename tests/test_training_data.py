@@ -82,15 +82,30 @@ def test_general_domain_mixing_ratio() -> None:
     assert mix_general(domain, []) == domain
 
 
-def test_sentence_transformer_view_embeds_like_the_inference_embedder(tiny_settings, tiny_models) -> None:
-    """Training sees the same vectors inference computes (prompt, padding, pooling, norm)."""
+@pytest.mark.parametrize("appends_eos", [True, False], ids=["tokenizer-appends-eos", "eos-by-hand"])
+def test_sentence_transformer_view_embeds_like_the_inference_embedder(
+    tiny_settings, tiny_models, tmp_path: Path, appends_eos: bool
+) -> None:
+    """Training sees the same vectors inference computes (prompt, padding, pooling, norm, and the
+    final <|endoftext|> whether the tokenizer appends it or `LastTokenEmbedder` does by hand)."""
+    import shutil
+
     import numpy as np
 
     from twostage.retrieval.embedder import load_embedder
+    from twostage.retrieval.tiny_models import qwen3_tokenizer_json
     from twostage.training.st_model import load_st_embedder
 
-    inference = load_embedder(tiny_settings)
-    st = load_st_embedder(tiny_models.embedder, tiny_settings)
+    model_dir = tiny_models.embedder
+    if not appends_eos:  # an older Qwen3-Embedding snapshot: the tokenizer appends nothing
+        model_dir = tmp_path / "embedder-no-eos"
+        shutil.copytree(tiny_models.embedder, model_dir)
+        (model_dir / "tokenizer.json").write_bytes(qwen3_tokenizer_json(append_eos=False))
+    settings = tiny_settings.model_copy(deep=True)
+    settings.embedder.model = str(model_dir)
+    inference = load_embedder(settings)
+    st = load_st_embedder(model_dir, settings)
+    assert st.tokenizer("a")["input_ids"][-1] == 151643
     queries = ["short", "a considerably longer query about Debian packages and chess engines"]
     docs = ["doc one", "document two is longer than the first one by a fair bit", "三"]
     np.testing.assert_allclose(

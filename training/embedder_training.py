@@ -1,7 +1,8 @@
 """Embedder fine-tuning with sentence-transformers' trainer, LoRA by default.
 
 MultipleNegativesRankingLoss (or its cached variant for large batches) over in-batch and
-mined negatives, `BatchSamplers.NO_DUPLICATES` so a batch never holds the same text twice
+mined negatives, optionally with in-batch false negatives masked (GISTEmbedLoss, the model
+as its own guide), `BatchSamplers.NO_DUPLICATES` so a batch never holds the same text twice
 (which would turn a positive into a false in-batch negative), optional MatryoshkaLoss.
 The Qwen3 query prompt is applied to the anchor column through the trainer's `prompts`,
 so training sees queries exactly as inference embeds them. Evaluation on dev every
@@ -40,6 +41,11 @@ class EmbedderTrainSettings:
     eval_steps: int = 50
     early_stopping_patience: int = 3
     gradient_checkpointing: bool = False
+    # ms-swift's INFONCE_MASK_FAKE_NEGATIVE as sentence-transformers' GISTEmbedLoss, the model its
+    # own guide: an in-batch negative the model scores above the anchor's positive (minus the margin)
+    # is probably another right answer, and is left out of the softmax instead of pushed away
+    mask_false_negatives: bool = False
+    false_negative_margin: float = 0.0
     seed: int = 0
 
 
@@ -97,7 +103,9 @@ def train_embedder(
     from peft import LoraConfig, TaskType
     from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import (
+        CachedGISTEmbedLoss,
         CachedMultipleNegativesRankingLoss,
+        GISTEmbedLoss,
         MatryoshkaLoss,
         MultipleNegativesRankingLoss,
     )
@@ -134,8 +142,19 @@ def train_embedder(
     tokens = max(len(ids) for ids in model.tokenizer(longest)["input_ids"])  # batches pad to their longest
     check_memory(backbone_model, rows, min(tokens + 64, int(model.max_seq_length or 512)),
                  gradient_checkpointing=settings.gradient_checkpointing)  # fmt: skip
-    if settings.cached_loss_mini_batch:
-        loss: Any = CachedMultipleNegativesRankingLoss(model, mini_batch_size=settings.cached_loss_mini_batch)
+    mnrl_temperature = 1 / 20  # MultipleNegativesRankingLoss's default scale of 20
+    if settings.mask_false_negatives and settings.cached_loss_mini_batch:
+        loss: Any = CachedGISTEmbedLoss(
+            model, model, temperature=mnrl_temperature, mini_batch_size=settings.cached_loss_mini_batch,
+            margin_strategy="absolute", margin=settings.false_negative_margin,
+        )  # fmt: skip
+    elif settings.mask_false_negatives:
+        loss = GISTEmbedLoss(
+            model, model, temperature=mnrl_temperature, margin_strategy="absolute",
+            margin=settings.false_negative_margin,
+        )  # fmt: skip
+    elif settings.cached_loss_mini_batch:
+        loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=settings.cached_loss_mini_batch)
     else:
         loss = MultipleNegativesRankingLoss(model)
     if settings.matryoshka_dims:

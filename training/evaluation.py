@@ -1,14 +1,17 @@
-"""Retrieval evaluation: dense-only and two-stage, for any number of model pairs.
+"""Retrieval evaluation: dense, BM25 and hybrid recall, each with and without reranking.
 
 Metrics come from `ir_measures` (pytrec_eval underneath): nDCG@10, RR@10 (MRR@10),
-R@10, R@100 and AP over the top-K. Dense retrieval is exact cosine search over the whole
-evaluation corpus (so the numbers measure the models, not an index); two-stage reranks
-the dense top-K with the reranker, the way `/v1/search` does. The report is JSON, a PNG
+R@10, R@100 and AP over the top-K. Recall runs in a throwaway Qdrant Edge shard with exact
+dense search over the whole evaluation corpus (so the numbers measure the models, not an
+index), BM25 and RRF computed by the engine as in serving; the reranker reorders each
+recall's top-K, the way `/v1/search` does. The report is JSON, a PNG
 bar chart and a printed table.
 """
 
 import json
-from collections.abc import Sequence
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,8 @@ from twostage.retrieval.errors import InputError
 from twostage.retrieval.progress import progress
 from twostage.retrieval.reranker import Reranker
 from twostage.retrieval.search import Deployment, two_stage_search
-from twostage.retrieval.store import VectorStore
+from twostage.retrieval.sparse import Bm25Params, RecallMode, Rrf, SparseManifest, sparse_encoder_of
+from twostage.retrieval.store import CollectionManifest, Point, VectorStore
 from twostage.training.data import Pair
 
 METRICS = ("nDCG@10", "RR@10", "R@10", "R@100", "AP")
@@ -78,68 +82,200 @@ def evaluate(
     *,
     top_k: int = 100,
     instruction: str | None = None,
+    recalls: Sequence[RecallMode] = ("dense",),
+    rrf: Rrf | None = None,
+    bm25: Bm25Params | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{"dense": metrics, "two-stage": metrics} for one (embedder, reranker) pair."""
+    """Metrics per mode for one (embedder, reranker) pair: each recall in `recalls` ("dense",
+    "sparse", "hybrid") and, with a reranker, the same recall reranked ("two-stage" is dense
+    reranked, the name the gate has always used; "sparse+rerank", "hybrid+rerank").
+
+    Recall runs in a throwaway Qdrant Edge shard with exact dense search, so BM25 statistics,
+    RRF and filters are the engine's own, as `/v1/search` computes them.
+    """
     if not data.queries:
         raise InputError("the evaluation set has no queries")
-    doc_ids = list(data.corpus)
-    blocks = range(0, len(doc_ids), EMBED_BLOCK)
-    doc_vectors = np.concatenate(
-        [
-            embedder.embed_documents([data.corpus[d] for d in doc_ids[start : start + EMBED_BLOCK]])
-            for start in progress(blocks, desc=f"embed {len(doc_ids)} documents", unit="block")
-        ]
-    )
-    query_ids = list(data.queries)
-    query_vectors = embedder.embed_queries([data.queries[q] for q in query_ids], instruction)
-    dense: dict[str, dict[str, float]] = {}
-    tops: dict[str, np.ndarray] = {}
-    for start in range(0, len(query_ids), 256):
-        scores = query_vectors[start : start + 256] @ doc_vectors.T
-        for row, qid in zip(scores, query_ids[start : start + 256], strict=True):
-            tops[qid] = top = np.argsort(-row)[:top_k]
-            dense[qid] = {doc_ids[i]: float(row[i]) for i in top}
-    reranked: dict[str, dict[str, float]] = {}
-    if reranker is not None:
-        for qid in progress(query_ids, desc=f"rerank top {top_k}", unit="query"):
-            texts = [data.corpus[doc_ids[i]] for i in tops[qid]]
-            rerank_scores = reranker.score(data.queries[qid], texts, instruction)
-            reranked[qid] = {doc_ids[i]: float(s) for i, s in zip(tops[qid], rerank_scores, strict=True)}
-    out = {"dense": score_run(data.qrels, dense)}
-    if reranker is not None:
-        out["two-stage"] = score_run(data.qrels, reranked)
+    runs = recall_runs(data, embedder, recalls, top_k=top_k, instruction=instruction, rrf=rrf, bm25=bm25)
+    out: dict[str, dict[str, float]] = {}
+    for recall, run in runs.items():
+        out[recall] = score_run(data.qrels, run)
+        if reranker is not None:
+            desc = f"rerank top {top_k}" + ("" if recall == "dense" else f" of {recall}")
+            out[reranked_mode(recall)] = score_run(
+                data.qrels, rerank_run(data, run, reranker, instruction, desc)
+            )
     return out
 
 
+def reranked_mode(recall: str) -> str:
+    return "two-stage" if recall == "dense" else f"{recall}+rerank"
+
+
+def recall_runs(
+    data: EvalSet,
+    embedder: Embedder,
+    recalls: Sequence[RecallMode],
+    *,
+    top_k: int,
+    instruction: str | None,
+    rrf: Rrf | None = None,
+    bm25: Bm25Params | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """recall -> (query -> {doc: score}) over the whole corpus, top `top_k` per query."""
+    from twostage.retrieval.edge_store import EdgeStore
+
+    doc_ids = list(data.corpus)
+    sparse = SparseManifest(params=bm25 or Bm25Params()) if set(recalls) - {"dense"} else None
+    encoder = sparse_encoder_of(sparse)
+    manifest = CollectionManifest(
+        name="eval", version=1, embedder=embedder.model_id, embedder_model=embedder.model_id,
+        dim=embedder.dim, chunker={}, sparse=sparse, payload_indexes={},
+    )  # fmt: skip
+    query_ids = list(data.queries)
+    runs: dict[str, dict[str, dict[str, float]]] = {r: {} for r in recalls}
+    with tempfile.TemporaryDirectory(prefix="twostage-eval-") as tmp:
+        store = EdgeStore(Path(tmp))
+        try:
+            store.create_collection(manifest)
+            for start in progress(
+                range(0, len(doc_ids), EMBED_BLOCK), desc=f"embed {len(doc_ids)} documents", unit="block"
+            ):
+                block = doc_ids[start : start + EMBED_BLOCK]
+                texts = [data.corpus[d] for d in block]
+                vectors = embedder.embed_documents(texts)
+                sparse_vectors = encoder.embed_documents(texts) if encoder else [None] * len(texts)
+                store.upsert(
+                    manifest.collection,
+                    [
+                        Point(str(uuid.UUID(int=start + i)), v, {"d": d}, sv)
+                        for i, (d, v, sv) in enumerate(zip(block, vectors, sparse_vectors, strict=True))
+                    ],
+                )
+            store.optimize(manifest.collection)
+            query_vectors = embedder.embed_queries([data.queries[q] for q in query_ids], instruction)
+            for qid, vector in zip(query_ids, query_vectors, strict=True):
+                sparse_query = encoder.embed_query(data.queries[qid]) if encoder else None
+                for recall in recalls:
+                    hits = store.search(
+                        manifest.collection,
+                        None if recall == "sparse" else vector,
+                        top_k,
+                        exact=True,
+                        sparse=None if recall == "dense" else sparse_query,
+                        fusion=(rrf or Rrf(60)) if recall == "hybrid" else None,
+                    )
+                    runs[recall][qid] = {str(h.payload["d"]): h.score for h in hits}
+        finally:
+            store.close()
+    return runs
+
+
+def rerank_run(
+    data: EvalSet,
+    run: dict[str, dict[str, float]],
+    reranker: Reranker,
+    instruction: str | None,
+    desc: str = "rerank",
+) -> dict[str, dict[str, float]]:
+    """The reranker's scores for each query's recalled documents."""
+    reranked: dict[str, dict[str, float]] = {}
+    for qid in progress(list(data.queries), desc=desc, unit="query"):
+        docs = list(run.get(qid, {}))
+        scores = (
+            reranker.score(data.queries[qid], [data.corpus[d] for d in docs], instruction) if docs else []
+        )
+        reranked[qid] = {d: float(s) for d, s in zip(docs, scores, strict=True)}
+    return reranked
+
+
 def evaluate_index(
-    dev: Sequence[Pair], deployment: Deployment, store: VectorStore, *, top_k: int, instruction: str | None
+    dev: Sequence[Pair],
+    relevant: Sequence[str],
+    deployment: Deployment,
+    store: VectorStore,
+    *,
+    top_k: int,
+    recall: RecallMode = "dense",
+    rrf: Rrf | None = None,
+    instruction: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """The same metrics end to end through the index: `two_stage_search` as `/v1/search` runs it,
-    one hit per document (`group_by_doc`). A hit is relevant when its chunk is part of the
-    query's positive passage, so documents split into several chunks are judged right too.
+    one hit per document (`group_by_doc`), judged by document id: `relevant[i]` is the id of
+    the document that holds pair i's positive passage. Modes: `recall` and its reranked mode.
     """
     if not dev:
         raise InputError("no dev pairs to evaluate with")
-    qrels = {f"q{i}": {"positive": 1} for i in range(len(dev))}
-    runs: dict[str, dict[str, dict[str, float]]] = {"dense": {}, "two-stage": {}}
+    qrels = {f"q{i}": {doc_id: 1} for i, doc_id in enumerate(relevant)}
+    first, second = recall, reranked_mode(recall)
+    runs: dict[str, dict[str, dict[str, float]]] = {first: {}, second: {}}
     for i, pair in enumerate(dev):
         result = two_stage_search(
-            deployment,
-            store,
-            pair.query,
-            instruction=instruction,
-            top_k=top_k,
-            top_n=top_k,
-            group_by_doc=True,
-        )
-        keys = [
-            "positive" if h.text.strip()[:200] in pair.positive else f"doc:{h.doc_id}" for h in result.hits
-        ]
-        runs["dense"][f"q{i}"] = {k: h.recall_score for k, h in zip(keys, result.hits, strict=True)}
-        runs["two-stage"][f"q{i}"] = {
-            k: float(h.rerank_score or 0.0) for k, h in zip(keys, result.hits, strict=True)
-        }
+            deployment, store, pair.query, instruction=instruction, top_k=top_k, top_n=top_k,
+            group_by_doc=True, recall=recall, rrf=rrf, rerank=deployment.reranker is not None,
+        )  # fmt: skip
+        runs[first][f"q{i}"] = {h.doc_id: h.recall_score for h in result.hits}
+        runs[second][f"q{i}"] = {h.doc_id: float(h.rerank_score or 0.0) for h in result.hits}
     return {mode: score_run(qrels, run) for mode, run in runs.items()}
+
+
+class PairRuns:
+    """Runs of (embedder, reranker) pairs on one evaluation set, each computed once.
+
+    Recall runs belong to an embedder and reranked runs to an (embedder, reranker) pair, so a
+    gate that compares deployed, candidate and mixed pairs never embeds the corpus or reranks a
+    query list twice. Models come from the caller's `ModelCache` (shared with the service).
+    """
+
+    def __init__(
+        self,
+        data: EvalSet,
+        load_pair: Callable[[str, str], tuple[Embedder, Reranker]],
+        *,
+        recalls: Sequence[RecallMode],
+        served: RecallMode,
+        top_k: int,
+        rrf: Rrf | None = None,
+        bm25: Bm25Params | None = None,
+    ) -> None:
+        self.data, self.load_pair, self.recalls, self.served = data, load_pair, tuple(recalls), served
+        self.top_k, self.rrf, self.bm25 = top_k, rrf, bm25
+        self._recall: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+        self._reranked: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+
+    def run(self, embedder: str, reranker: str, mode: str) -> dict[str, dict[str, float]]:
+        """query -> {doc: score} of `mode` (a recall, or the served recall's reranked mode)."""
+        if embedder not in self._recall:
+            model, _ = self.load_pair(embedder, reranker)
+            self._recall[embedder] = recall_runs(
+                self.data,
+                model,
+                self.recalls,
+                top_k=self.top_k,
+                instruction=None,
+                rrf=self.rrf,
+                bm25=self.bm25,
+            )
+        if mode in self._recall[embedder]:
+            return self._recall[embedder][mode]
+        if mode != reranked_mode(self.served):
+            raise ValueError(f"mode {mode!r} is not evaluated here")
+        if (embedder, reranker) not in self._reranked:
+            first = self._recall[embedder][self.served]
+            desc = f"rerank top {self.top_k}" + ("" if self.served == "dense" else f" of {self.served}")
+            scorer = self.load_pair(embedder, reranker)[1]
+            self._reranked[embedder, reranker] = rerank_run(self.data, first, scorer, None, desc)
+        return self._reranked[embedder, reranker]
+
+    def modes(self) -> list[str]:
+        return [*self.recalls, reranked_mode(self.served)]
+
+    def metrics(self, embedder: str, reranker: str) -> dict[str, dict[str, float]]:
+        return {m: score_run(self.data.qrels, self.run(embedder, reranker, m)) for m in self.modes()}
+
+    def per_query(self, embedder: str, reranker: str, mode: str, measure: str) -> dict[str, float]:
+        from twostage.training.paired import per_query
+
+        return per_query(self.data.qrels, self.run(embedder, reranker, mode), measure)
 
 
 def score_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -153,10 +289,10 @@ def score_run(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]
 
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """A plain-text table: one row per (system, mode)."""
-    lines = [f"{'system':<28}{'mode':<11}" + "".join(f"{m:>9}" for m in METRICS)]
+    lines = [f"{'system':<28}{'mode':<15}" + "".join(f"{m:>9}" for m in METRICS)]
     for system, modes in results.items():
         for mode, metrics in modes.items():
-            lines.append(f"{system:<28}{mode:<11}" + "".join(f"{metrics[m]:>9.4f}" for m in METRICS))
+            lines.append(f"{system:<28}{mode:<15}" + "".join(f"{metrics[m]:>9.4f}" for m in METRICS))
     return "\n".join(lines)
 
 

@@ -6,9 +6,10 @@ The cycle, each step timed in the run's manifest (`registry/NAME/runs/RUN/manife
              embedder (the mistakes it makes now)
   train      the embedder and/or the reranker, starting from the deployed models (or the
              configured base models with `from_base`), LoRA merged into standalone models
-  evaluate   deployed vs candidate on held-out pairs, dense and two-stage (report.json/.png)
-  gate       promote only if the primary metric gains at least `min_gain` and no secondary
-             metric drops by more than `tolerance`
+  evaluate   deployed vs candidate on held-out pairs: dense and the served recall (hybrid by
+             default), and that recall reranked (report.json/.png)
+  gate       paired tests over per-query nDCG@10, the embedder and the reranker decided
+             separately (`training.gate`); the deployed pair becomes the promoted models
   reindex    a new collection version embedded by the candidate, from the stored chunk text
              (the original files are not needed); skipped when the embedder did not change
   verify     the same metrics end to end through the new index, as `/v1/search` runs them
@@ -40,8 +41,10 @@ from twostage.retrieval.model_source import resolve_model
 from twostage.retrieval.registry import DeploymentRecord, Registry
 from twostage.retrieval.search import Deployment
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.store import Point, StoreError, VectorStore, now_iso
+from twostage.retrieval.sparse import RecallMode, Rrf, sparse_encoder
+from twostage.retrieval.store import CollectionManifest, Point, StoreError, VectorStore, now_iso
 from twostage.training.data import Pair, load_examples, split_by_query
+from twostage.training.reranker_choice import RerankerStart, reranker_start
 
 Say = Callable[[str], None]
 _REINDEX_BATCH = 256
@@ -170,36 +173,9 @@ def split_dev(
     return train, dev
 
 
-def gate(
-    deployed: dict[str, dict[str, float]], candidate: dict[str, dict[str, float]], settings: Settings
-) -> tuple[bool, list[str]]:
-    """Promote only if the primary metric gains enough and no secondary one regresses too far."""
-    cfg = settings.retrain
-
-    def value(metrics: dict[str, dict[str, float]], name: str) -> float:
-        mode, metric = name.split("/", 1)
-        return metrics[mode][metric]
-
-    reasons = []
-    base, new = value(deployed, cfg.primary_metric), value(candidate, cfg.primary_metric)
-    promote = new - base >= cfg.min_gain and new > base
-    reasons.append(
-        f"{cfg.primary_metric} {base:.4f} -> {new:.4f} ({new - base:+.4f}; needs >= +{cfg.min_gain:.4f})"
-    )
-    for name in cfg.secondary_metrics:
-        base_value, new_value = value(deployed, name), value(candidate, name)
-        if new_value < base_value - cfg.tolerance:
-            promote = False
-            reasons.append(
-                f"{name} regressed {base_value:.4f} -> {new_value:.4f} (tolerance {cfg.tolerance})"
-            )
-    dense, reranked = candidate["dense"]["nDCG@10"], candidate["two-stage"]["nDCG@10"]
-    if reranked < dense:  # not a reason to refuse, but the user should know the reranker costs quality
-        reasons.append(
-            f"note: the candidate's reranker ranks worse than its embedder alone "
-            f"(nDCG@10 dense {dense:.4f}, two-stage {reranked:.4f}); it needs more or better training pairs"
-        )
-    return promote, reasons
+def served_recall(settings: Settings, live: CollectionManifest) -> RecallMode:
+    """The first stage the service runs for this collection by default (what the gate measures)."""
+    return settings.recall.mode if live.sparse is not None and settings.recall.sparse else "dense"
 
 
 def _system(settings: Settings, embedder: str, reranker: str) -> Settings:
@@ -220,7 +196,7 @@ def _train_embedder(settings: Settings, base: str, train: list[Pair], dev: list[
     last_token = detect_embedder_family(source) == "last-token"
     options = EmbedderTrainSettings(
         epochs=cfg.embedder_epochs, batch_size=cfg.embedder_batch_size, learning_rate=cfg.embedder_lr,
-        lora=cfg.lora, eval_steps=cfg.eval_steps,
+        lora=cfg.lora, eval_steps=cfg.eval_steps, mask_false_negatives=cfg.mask_false_negatives,
     )  # fmt: skip
     report = train_embedder(
         model,
@@ -234,20 +210,23 @@ def _train_embedder(settings: Settings, base: str, train: list[Pair], dev: list[
     return Path(report["model_dir"])
 
 
-def _train_reranker(settings: Settings, base: str, train: list[Pair], dev: list[Pair], out: Path) -> Path:
+def _train_reranker(
+    settings: Settings, base: str, family: str, train: list[Pair], dev: list[Pair], out: Path, max_length: int
+) -> Path:
     from twostage.retrieval.devices import resolve_device
     from twostage.retrieval.reranker import reranker_family
     from twostage.training.reranker_training import RerankerTrainSettings, fine_tune_reranker
 
     cfg = settings.retrain
     source = resolve_model(base, cache_dir=settings.cache_dir)
+    family = reranker_family(source, settings.reranker.family) if family == "auto" else family
     options = RerankerTrainSettings(
         epochs=cfg.reranker_epochs, batch_size=cfg.reranker_batch_size, learning_rate=cfg.reranker_lr,
         mode="lora" if cfg.lora else "full", eval_steps=cfg.eval_steps,
     )  # fmt: skip
     report = fine_tune_reranker(
-        source.path, reranker_family(source, settings.reranker.family), list(train), list(dev), out, options,
-        instruction=settings.reranker.instruction, max_length=cfg.reranker_max_length,
+        source.path, family, list(train), list(dev), out, options,
+        instruction=settings.reranker.instruction, max_length=max_length,
         device=str(resolve_device(settings.device)),
     )  # fmt: skip
     return Path(report["model_dir"])
@@ -266,15 +245,20 @@ def copy_model(source: Path, target: Path) -> None:
 
 
 def reindex(store: VectorStore, source: str, target: str, embedder: Embedder, say: Say) -> int:
-    """Every chunk of `source` re-embedded into `target`: same ids and payloads, new vectors."""
+    """Every chunk of `source` re-embedded into `target`: same ids and payloads, new vectors
+    (BM25 ones too when `target` has them, encoded as `target`'s manifest says)."""
+    encoder = sparse_encoder(store.read_manifest(target))
     total = store.count(source)
     done = 0
     batch: list[Any] = []
 
     def flush() -> None:
         nonlocal done
-        vectors = embedder.embed_documents([str(r.payload.get("text", "")) for r in batch])
-        store.upsert(target, [Point(r.id, v, r.payload) for r, v in zip(batch, vectors, strict=True)])
+        texts = [str(r.payload.get("text", "")) for r in batch]
+        vectors = embedder.embed_documents(texts)
+        sparse = encoder.embed_documents(texts) if encoder else [None] * len(texts)
+        points = [Point(r.id, v, r.payload, sv) for r, v, sv in zip(batch, vectors, sparse, strict=True)]
+        store.upsert(target, points)
         done += len(batch)
         say(f"reindex: {done}/{total} chunks")
         batch.clear()
@@ -322,22 +306,26 @@ def _retrain_locked(
     pairs = load_pairs(options.pairs, say)
     deployed = registry.current()  # None before the first retrain: recorded once the inputs are valid
     live = deployed.collection if deployed else active_manifest(store, registry.name).collection
-    chunks = [str(r.payload.get("text", "")) for r in store.scroll(live, fields=["text"])]
+    stored = [(str(r.payload.get("text", "")), str(r.payload.get("doc_id", ""))) for r in
+              store.scroll(live, fields=["text", "doc_id"])]  # fmt: skip
+    chunks = [text for text, _ in stored]
+    documents = {text.strip()[:200]: doc_id for text, doc_id in stored}  # a positive's document, for judging
     pairs = in_index(pairs, chunks, live, say)
     train, dev = split_dev(pairs, options.dev, cfg.dev_fraction, say)
     if not train or not dev:
         raise InputError(f"need training and dev pairs (have {len(train)} and {len(dev)}); add pairs")
     embedder_base = settings.embedder.model if options.from_base or not deployed else deployed.embedder
     reranker_base = settings.reranker.model if options.from_base or not deployed else deployed.reranker
+    start = reranker_start(settings, deployed, reranker_base, models)
     plan = [
         f"collection {registry.name}: live version {live} ({len(chunks)} chunks), deployment "
         + (f"d{deployed.id}" if deployed else "(first retrain: recorded as the first deployment)"),
         f"pairs: {len(train)} train / {len(dev)} dev (from {options.pairs})",
         f"mine {cfg.negatives} hard negatives per pair from the live chunks",
         "train embedder from " + ("(skipped)" if options.skip_embedder else embedder_base),
-        "train reranker from " + ("(skipped)" if options.skip_reranker else reranker_base),
-        f"evaluate deployed vs candidate (dense, two-stage top-{cfg.top_k}); gate: {cfg.primary_metric} "
-        f"+{cfg.min_gain}, secondaries within {cfg.tolerance}",
+        "train reranker: " + ("(skipped)" if options.skip_reranker else start.why),
+        f"evaluate deployed vs candidate (recall, reranked top-{cfg.top_k}); gate: paired tests of per-query "
+        f"{cfg.gate_metric}, gain >= +{cfg.min_gain} at p < {cfg.alpha}, embedder and reranker decided apart",
         "no promotion (--no-promote)" if not options.promote else (
             "reindex into a new version, verify, switch the alias" if not options.skip_embedder
             else "no reindex (same embedder), switch the reranker"),
@@ -360,8 +348,8 @@ def _retrain_locked(
         "machine": {"platform": platform.platform()}, "plan": plan,
     })  # fmt: skip
     try:
-        return _cycle(settings, store, options, registry, deployed, manifest, run_dir, chunks, train, dev,
-                      embedder_base, reranker_base, say, models)  # fmt: skip
+        return _cycle(settings, store, options, registry, deployed, manifest, run_dir, chunks, documents,
+                      train, dev, embedder_base, start, say, models)  # fmt: skip
     except BaseException as exc:
         manifest.data.update(decision="failed", error=str(exc) or type(exc).__name__, finished_at=now_iso())
         manifest.save()
@@ -387,14 +375,23 @@ def _cycle(
     manifest: RunManifest,
     run_dir: Path,
     chunks: list[str],
+    documents: dict[str, str],
     train: list[Pair],
     dev: list[Pair],
     embedder_base: str,
-    reranker_base: str,
+    start: RerankerStart,
     say: Say,
     models: ModelCache,
 ) -> dict[str, Any]:
-    from twostage.training.evaluation import evaluate, evaluate_index, from_pairs, table, write_report
+    from twostage.training.evaluation import (
+        PairRuns,
+        evaluate_index,
+        from_pairs,
+        reranked_mode,
+        table,
+        write_report,
+    )
+    from twostage.training.gate import decide
     from twostage.training.mining import MiningSettings, mine, with_negatives
     from twostage.training.st_model import load_st_embedder, query_prompt
 
@@ -426,30 +423,46 @@ def _cycle(
                 _train_embedder(settings, embedder_base, mined, dev, run_dir / "embedder")
             )
     if not options.skip_reranker:
-        with manifest.step("train_reranker", say):
+        with manifest.step("train_reranker", say) as step:
+            base, max_length = start.base, cfg.reranker_max_length
+            if base is None:  # a cross-encoder from the embedder: it reads what the embedder reads
+                base = candidate_embedder
+                max_length = min(max_length, models.pair(base, deployed.reranker)[0].max_length)
+            step.update(base=base, family=start.family, why=start.why)
             candidate_reranker = str(
-                _train_reranker(settings, reranker_base, mined, mined_dev, run_dir / "reranker")
+                _train_reranker(
+                    settings, base, start.family, mined, mined_dev, run_dir / "reranker", max_length
+                )
             )
 
-    with manifest.step("evaluate", say):
+    served = served_recall(settings, store.read_manifest(deployed.collection))
+    rrf = Rrf(settings.recall.rrf_k, settings.recall.rrf_weights)
+    candidate_pair = (candidate_embedder, candidate_reranker)
+    with manifest.step("evaluate", say) as step:
         data = from_pairs(dev, chunks[: cfg.max_distractors])
-        results = {}
-        for name, (emb, rr) in {
-            "deployed": (deployed.embedder, deployed.reranker),
-            "candidate": (candidate_embedder, candidate_reranker),
-        }.items():
-            results[name] = evaluate(data, *models.pair(emb, rr), top_k=cfg.top_k)
+        recalls: list[RecallMode] = ["dense"] if served == "dense" else ["dense", served]
+        runs = PairRuns(data, models.pair, recalls=recalls, served=served, top_k=cfg.top_k, rrf=rrf,
+                        bm25=settings.recall.bm25)  # fmt: skip
+        deployed_pair = (deployed.embedder, deployed.reranker)
+        decision = decide(
+            lambda e, r, mode: runs.per_query(e, r, mode, cfg.gate_metric), len(data.queries), served,
+            deployed_pair, (candidate_embedder, candidate_reranker), cfg,
+        )  # fmt: skip
+        results = {"deployed": runs.metrics(*deployed_pair), "candidate": runs.metrics(*candidate_pair)}
+        if decision.promote and decision.pair != (candidate_embedder, candidate_reranker):
+            results["promoted"] = runs.metrics(*decision.pair)  # a mixed pair: its own measurement
+        step.update(served_recall=served, queries=len(data.queries))
         # the run directory's copies are done with: promoted models are served from the registry's
-        deployed_keys = pair_keys([(deployed.embedder, deployed.reranker)])
-        models.release(*(pair_keys([(candidate_embedder, candidate_reranker)]) - deployed_keys))
+        models.release(*(pair_keys([candidate_pair]) - pair_keys([deployed_pair])))
         write_report(results, run_dir, {"run": run_id_of(manifest), "queries": len(data.queries),
-                                        "corpus": len(data.corpus), "top_k": cfg.top_k})  # fmt: skip
+                                        "corpus": len(data.corpus), "top_k": cfg.top_k,
+                                        "served_recall": served, "gate": decision.as_dict()})  # fmt: skip
         say(table(results))
-    promote, reasons = gate(results["deployed"], results["candidate"], settings)
-    manifest.data.update(metrics=results, gate={"promote": promote, "reasons": reasons})
+    promote, reasons = decision.promote, decision.reasons
+    manifest.data.update(metrics=results, gate=decision.as_dict())
     manifest.save()
     if not promote or not options.promote:
-        why = "the candidate is not better enough" if not promote else "--no-promote"
+        why = "neither model is better enough" if not promote else "--no-promote"
         return _finish(manifest, "kept", f"deployment d{deployed.id} kept: {why}", reasons, say)
 
     new_id = registry.next_id()
@@ -457,15 +470,19 @@ def _cycle(
     shutil.rmtree(stored, ignore_errors=True)  # left by a run that crashed before recording d{new_id}
     stored.mkdir(parents=True)
     record = deployed.model_copy(update={
-        "id": new_id, "parent": deployed.id, "run": run_id_of(manifest), "metrics": results["candidate"],
+        "id": new_id, "parent": deployed.id, "run": run_id_of(manifest),
+        "metrics": results.get("promoted", results["candidate"]),
+        "gate": {role: {"promote": d.promote, "reasons": d.reasons}
+                 for role, d in (("embedder", decision.embedder), ("reranker", decision.reranker))},
         "created_at": now_iso(),
     })  # fmt: skip
+    promoted_embedder, promoted_reranker = decision.pair
     with manifest.step("store_models", say):
-        if candidate_embedder != deployed.embedder:
-            copy_model(Path(candidate_embedder), stored / "embedder")
+        if promoted_embedder != deployed.embedder:
+            copy_model(Path(promoted_embedder), stored / "embedder")
             record.embedder = str((stored / "embedder").resolve())
-        if candidate_reranker != deployed.reranker:
-            copy_model(Path(candidate_reranker), stored / "reranker")
+        if promoted_reranker != deployed.reranker:
+            copy_model(Path(promoted_reranker), stored / "reranker")
             record.reranker = str((stored / "reranker").resolve())
     system = _system(settings, record.embedder, record.reranker)
     new_embedder, new_reranker = models.pair(record.embedder, record.reranker)  # what the service will load
@@ -491,18 +508,21 @@ def _cycle(
             store.write_manifest(version)
         record.collection, record.embedder_id = version.collection, new_embedder.model_id
     with manifest.step("verify", say) as step:  # through the indexes, as /v1/search will answer
+        relevant = [documents[p.positive.strip()[:200]] for p in dev]
         old_pair = Deployment(
             store.read_manifest(deployed.collection), *models.pair(deployed.embedder, deployed.reranker)
         )
         new_pair = Deployment(store.read_manifest(record.collection), new_embedder, new_reranker)
         before, after = (
-            evaluate_index(dev, d, store, top_k=cfg.top_k, instruction=None) for d in (old_pair, new_pair)
+            evaluate_index(dev, relevant, d, store, top_k=cfg.top_k, recall=served, rrf=rrf)
+            for d in (old_pair, new_pair)
         )
         step["end_to_end"] = {"deployed": before, "candidate": after}
-        mode, metric = cfg.primary_metric.split("/", 1)
+        metric = cfg.gate_metric
+        mode = reranked_mode(served) if decision.reranker.promote else served
         if after[mode][metric] < before[mode][metric] - cfg.tolerance:
             raise StoreError(
-                f"through the new index {cfg.primary_metric} is {after[mode][metric]:.4f}, below the "
+                f"through the new index {mode}/{metric} is {after[mode][metric]:.4f}, below the "
                 f"deployed index's {before[mode][metric]:.4f}; not switching"
             )
     with manifest.step("switch", say):

@@ -2,8 +2,10 @@
 
 A Qwen3-style directory (a decoder without sentence-transformers config) becomes
 Transformer (left padding, max length) + last-token Pooling + Normalize, with the query
-prompt `Instruct: {task}\\nQuery:` registered as the "query" prompt, which is exactly what
-`LastTokenEmbedder` computes at inference (a test checks the vectors match). Directories
+prompt `Instruct: {task}\\nQuery:` registered as the "query" prompt and `<|endoftext|>`
+appended to every input (as the current Qwen3-Embedding tokenizer does, and as
+`LastTokenEmbedder` does for one that does not), which is exactly what `LastTokenEmbedder`
+computes at inference (tests check the vectors match, with either kind of tokenizer). Directories
 that already are sentence-transformers models load as they are.
 """
 
@@ -16,7 +18,7 @@ from twostage.retrieval.embedder import detect_embedder_family
 from twostage.retrieval.model_source import ModelSource
 from twostage.retrieval.prompts import embedding_query
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.tokens import split_markers_in_text
+from twostage.retrieval.tokens import append_end_of_text, split_markers_in_text
 
 
 def query_prompt(task: str) -> str:
@@ -40,6 +42,8 @@ def load_st_embedder(path: Path, settings: Settings, device: str = "cpu") -> Sen
         pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="lasttoken")
         model = SentenceTransformer(modules=[transformer, pooling, Normalize()], device=device)
     split_markers_in_text(model.tokenizer, by_default=True)  # as the serving embedders read text
+    if last_token:  # `LastTokenEmbedder` pools the <|endoftext|> it appends when the tokenizer does not
+        append_end_of_text(model.tokenizer)
     if own_modules and not last_token:  # a model with its own prompts (or none): as at inference
         return model
     model.prompts = {**model.prompts, "query": query_prompt(task), "document": ""}

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from twostage.api.deps import ReadAccess, ServiceDep
 from twostage.api.filters import parse_filter
 from twostage.api.schemas import SearchRequest, SearchResponse
-from twostage.retrieval.search import rerank_off_note, two_stage_search
+from twostage.retrieval.search import plan_search, two_stage_search
 
 router = APIRouter(tags=["search"])
 T = TypeVar("T")
@@ -35,7 +35,7 @@ async def search(body: SearchRequest, service: ServiceDep, response: Response) -
     flt = parse_filter(body.filter, deployment.manifest.payload_indexes)
     loop = asyncio.get_running_loop()
     assert service.store is not None
-    rerank = service.settings.api.rerank if body.rerank is None else body.rerank
+    plan = plan_search(deployment, service.settings, body.recall, body.rerank)
     result = await run_in_threadpool(
         two_stage_search,
         deployment,
@@ -45,13 +45,14 @@ async def search(body: SearchRequest, service: ServiceDep, response: Response) -
         top_k=body.top_k,
         top_n=body.top_n,
         flt=flt,
-        rerank=rerank,
+        rerank=plan.rerank,
+        recall=plan.recall,
+        rrf=plan.rrf,
         group_by_doc=body.group_by_doc,
         embed_query=_blocking(loop, partial(service.embed_query, embedder=deployment.embedder)),
         score_documents=_blocking(loop, partial(service.score, reranker=deployment.reranker)),
     )
-    if not rerank:
-        result.notes.append(rerank_off_note(body.rerank))
+    result.notes += plan.notes
     for stage, ms in result.timings_ms.items():
         service.metrics.stage.labels(stage).observe(ms / 1000)
     response.headers["Server-Timing"] = ", ".join(f"{k};dur={v:.2f}" for k, v in result.timings_ms.items())

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from twostage.api.retrain_cli import add_retrain_commands
 from twostage.api.search_cli import add_search_command
 from twostage.api.training_cli import add_training_commands, positive_int
@@ -218,10 +220,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("twostage: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a library's error (transformers, peft, torch...): one line, not a traceback
+        if isinstance(exc, ValidationError) and exc.title == "Settings":  # the environment, settings.env
+            print(f"twostage: error: invalid settings: {_settings_problems(exc)}", file=sys.stderr)
+            return 2
         where = _save_traceback(args.command)
         print(f"twostage: error: {args.command} failed: {type(exc).__name__}: {_first_line(exc)}"
               f" (traceback in {where})", file=sys.stderr)  # fmt: skip
         return 2
+
+
+def _settings_problems(exc: ValidationError) -> str:
+    """Each failed setting named as its environment variable, with pydantic's reason."""
+    return "; ".join(
+        f"TWOSTAGE_{'__'.join(str(p) for p in e['loc']).upper()}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()
+    )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -36,13 +36,12 @@ def _mine(args: argparse.Namespace) -> int:
     """Mine hard negatives for training pairs against a corpus file or a collection's chunks."""
     from twostage.retrieval.collections import active_manifest, open_store
     from twostage.retrieval.documents import Document
-    from twostage.retrieval.embedder import detect_embedder_family
     from twostage.retrieval.model_source import model_identity, resolve_model
     from twostage.retrieval.readers import CorpusReader
     from twostage.retrieval.settings import Settings
     from twostage.training.data import Pair
     from twostage.training.mining import MiningSettings, mine, provenance, with_negatives, write_mined
-    from twostage.training.st_model import load_st_embedder, query_prompt
+    from twostage.training.st_model import load_st_embedder
 
     settings = Settings()
     pairs = [e for e in _examples(args.pairs) if isinstance(e, Pair)]
@@ -61,7 +60,6 @@ def _mine(args: argparse.Namespace) -> int:
     )
     model = load_st_embedder(source.path, settings)
     model_id = model_identity(source, settings.cache_dir)
-    last_token = detect_embedder_family(source) == "last-token"
     mining = MiningSettings(
         num_negatives=args.negatives, range_min=args.range_min, range_max=args.range_max,
         relative_margin=args.relative_margin, max_score=args.max_score,
@@ -74,10 +72,8 @@ def _mine(args: argparse.Namespace) -> int:
         reranker = load_reranker(settings)
         rescorer, reranker_id = RerankerScorer(reranker, settings.reranker.instruction), reranker.model_id
     mined = mine(
-        pairs, corpus, model, mining,
-        query_prompt=query_prompt(settings.embedder.instruction) if last_token else None,
-        cache_dir=settings.cache_dir, model_id=model_id, rescorer=rescorer,
-    )  # fmt: skip
+        pairs, corpus, model, mining, cache_dir=settings.cache_dir, model_id=model_id, rescorer=rescorer
+    )
     filled = 0
     if args.keep_all:
         mined, filled = with_negatives(pairs, mined, corpus, args.negatives)
@@ -99,7 +95,6 @@ def _train_embedder(args: argparse.Namespace) -> int:
     import json
 
     from twostage.retrieval.devices import resolve_device
-    from twostage.retrieval.embedder import detect_embedder_family
     from twostage.retrieval.model_source import resolve_model
     from twostage.retrieval.settings import Settings
     from twostage.training.data import Pair, mix_general, split_by_query
@@ -125,7 +120,6 @@ def _train_embedder(args: argparse.Namespace) -> int:
         settings.embedder.model, cache_dir=settings.cache_dir, revision=settings.embedder.revision
     )
     model = load_st_embedder(source.path, settings, device=str(resolve_device(settings.device)))
-    last_token = detect_embedder_family(source) == "last-token"
     options = EmbedderTrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, lora=not args.full,
         lora_rank=args.lora_rank, matryoshka_dims=args.matryoshka or [], eval_steps=args.eval_steps,
@@ -139,7 +133,6 @@ def _train_embedder(args: argparse.Namespace) -> int:
         out,
         options,
         app=settings,
-        task=settings.embedder.instruction if last_token else None,
     )
     report.update({"base_model": settings.embedder.model, "train_pairs": len(pairs), "dev_pairs": len(dev)})
     (out / "report.json").write_text(json.dumps(report, indent=2))

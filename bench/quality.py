@@ -159,7 +159,7 @@ def main() -> None:
             )  # fmt: skip
             model = load_st_embedder(base_path, settings)  # each variant from the shipped MiniLM
             embed_reports[prefix] = train_embedder(
-                model, mined, held, run_dir / prefix, options, app=settings, task=None
+                model, mined, held, run_dir / prefix, options, app=settings
             )
             train_s[prefix] = round(time.perf_counter() - t, 1)
             tuned = settings.model_copy(deep=True)

@@ -2,11 +2,13 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.tiny_models import QWEN3_TOKENIZER_JSON_SHA256
@@ -150,3 +152,14 @@ def test_the_lock_check_fails_when_pyproject_changes(tmp_path: Path) -> None:
     (tmp_path / "constraints.txt").write_text("\n".join(lock) + "\n")
     outside = check()
     assert outside.returncode == 1 and "peft==" in outside.stderr and "outside >=99" in outside.stderr
+
+
+@pytest.mark.parametrize("weights", ["[-1, 1]", "[0, 0]"])
+def test_unusable_rrf_weights_are_one_line_naming_the_setting(tmp_path: Path, weights: str) -> None:
+    env = {**os.environ, "TWOSTAGE_DATA_DIR": str(tmp_path), "TWOSTAGE_RECALL__RRF_WEIGHTS": weights}
+    result = run_cli(["versions"], env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"twostage: error: invalid settings: TWOSTAGE_RECALL: recall.rrf_weights {list(map(float, json.loads(weights)))} "
+        "must be non-negative and not all zero"
+    ]

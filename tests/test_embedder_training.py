@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from twostage.retrieval.embedder import load_embedder
 from twostage.retrieval.settings import Settings
@@ -57,3 +58,30 @@ def test_lora_training_merges_into_a_model_inference_serves(
         atol=1e-5,
     )
     assert not np.allclose(served.embed_queries(queries), base.embed_queries(queries), atol=1e-3)
+
+
+def test_masking_false_negatives_is_mnrl_without_the_in_batch_duplicates(minilm_settings: Settings) -> None:
+    """With nothing to mask the GIST loss is MNRL's; an in-batch negative that is really another
+    right answer (here: the same passage) is left out instead of pushed away."""
+    import torch
+
+    from twostage.retrieval.model_source import resolve_model
+    from twostage.training.embedder_training import EmbedderTrainSettings, contrastive_loss
+
+    model = load_st_embedder(resolve_model("pypi:all-MiniLM-L6-v2", cache_dir=minilm_settings.cache_dir).path,
+                             minilm_settings)  # fmt: skip
+    plain = contrastive_loss(model, EmbedderTrainSettings())
+    masked = contrastive_loss(
+        model, EmbedderTrainSettings(mask_false_negatives=True, false_negative_margin=0.05)
+    )
+
+    def loss(fn, anchors: list[str], positives: list[str]) -> float:
+        with torch.no_grad():
+            return float(fn([model.tokenize(anchors), model.tokenize(positives)], None))
+
+    anchors = ["play chess against the computer", "edit text files in a terminal", "rip audio CDs"]
+    distinct = ["a chess engine with a graphical board", "a small console text editor", "a CD ripper"]
+    assert loss(masked, anchors, distinct) == pytest.approx(loss(plain, anchors, distinct), abs=1e-5)
+    same_answer = ["play chess against the computer", "a strong chess opponent", "rip audio CDs"]
+    shared = ["a chess engine with a graphical board", "a chess engine with a graphical board", "a CD ripper"]
+    assert loss(masked, same_answer, shared) < loss(plain, same_answer, shared) - 0.2

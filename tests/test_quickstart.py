@@ -102,7 +102,7 @@ def test_quickstart_says_which_models_it_uses_and_why(quickstart: Quickstart) ->
         "nothing cached); a chat model used zero-shot, not trained to rank"
     )
     saved = (Path(quickstart.env["TWOSTAGE_DATA_DIR"]) / "settings.env").read_text()
-    assert "TWOSTAGE_EMBEDDER__MODEL=pypi:all-MiniLM-L6-v2" in saved and "RERANK" not in saved
+    assert "TWOSTAGE_EMBEDDER__MODEL=pypi:all-MiniLM-L6-v2" in saved and "TWOSTAGE_API__RERANK" not in saved
     assert "rerank=auto skips it" in lines[1]
     assert any("3000 documents read" in ln and "3000 new" in ln for ln in lines), lines
     log = quickstart.log.read_text()

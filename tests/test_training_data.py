@@ -1,6 +1,7 @@
 """Training data formats, bad lines with file:line, query-level splits and general-domain mixing."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,65 @@ def test_beir_folder_with_flat_qrels(tmp_path: Path) -> None:
     )
     with pytest.raises(InputError, match=r"neither qrels\.tsv"):
         load_beir(tmp_path / "missing")
+
+
+def test_a_pairs_instruction_reaches_mining_training_and_evaluation_as_serving_uses_it(
+    tiny_settings, tiny_models, minilm_settings
+) -> None:
+    import numpy as np
+
+    from twostage.retrieval.embedder import load_embedder
+    from twostage.retrieval.model_source import resolve_model
+    from twostage.training.data import Pair
+    from twostage.training.embedder_training import training_datasets
+    from twostage.training.evaluation import from_pairs, recall_runs
+    from twostage.training.mining import MiningSettings, _mine_group, mine
+    from twostage.training.st_model import load_st_embedder, prompt_for, query_prompt
+
+    serving = load_embedder(tiny_settings)
+    st = load_st_embedder(tiny_models.embedder, tiny_settings)
+    task = "Given a Debian package synopsis, retrieve its description"
+    pairs = [
+        Pair("chess engine", "a program that plays chess", instruction=task),
+        Pair("text editor", "edit files in a terminal"),
+        Pair("cd ripper", "rip audio CDs to files", instruction=task),
+    ]
+    # training: one dataset per instruction, each anchor prompt the one serving uses
+    datasets, prompts = training_datasets(pairs, partial(prompt_for, st))
+    assert sorted(len(d) for d in datasets.values()) == [1, 2]
+    assert sorted(p["anchor"] for p in prompts.values()) == sorted(
+        [query_prompt(task), query_prompt(tiny_settings.embedder.instruction)]
+    )
+    for name, dataset in datasets.items():
+        row = dataset[0]
+        pair = next(p for p in pairs if p.query == row["anchor"])
+        np.testing.assert_allclose(
+            st.encode([row["anchor"]], prompt=prompts[name]["anchor"]),
+            serving.embed_queries([row["anchor"]], pair.instruction),
+            atol=1e-5,
+        )
+    # evaluation: each query embedded with its own instruction, exactly as /v1/search embeds it
+    data = from_pairs(pairs)
+    runs = recall_runs(data, serving, ["dense"], top_k=3, instruction=None)
+    for qid, pair in zip(data.queries, pairs, strict=True):
+        positive = next(d for d, text in data.corpus.items() if text == pair.positive)
+        expected = (
+            serving.embed_queries([pair.query], pair.instruction)[0]
+            @ serving.embed_documents([pair.positive])[0]
+        )
+        assert runs["dense"][qid][positive] == pytest.approx(float(expected), abs=1e-5)
+    # mining: pairs with an instruction are mined with its prompt
+    corpus = [f"package number {i} does something else" for i in range(30)]
+    settings = MiningSettings(num_negatives=2, range_min=0, range_max=10, relative_margin=None)  # type: ignore[arg-type]
+    with_task = [p for p in pairs if p.instruction]
+    mined = {p.query: p.negatives for p in mine(pairs, corpus, st, settings)}
+    full = list(dict.fromkeys([*corpus, *(p.positive for p in pairs)]))
+    direct = _mine_group(with_task, full, st, settings, query_prompt(task), None, "", None)
+    assert len(direct) == 2 and all(p.instruction == task for p in direct)
+    assert {p.query: p.negatives for p in direct} == {
+        q: mined[q] for q in (p.query for p in with_task) if q in mined
+    }
+    # a model that is not instruction-aware (MiniLM) keeps its own query prompt, as serving ignores it
+    minilm = load_st_embedder(resolve_model("pypi:all-MiniLM-L6-v2", cache_dir=minilm_settings.cache_dir).path,
+                              minilm_settings)  # fmt: skip
+    assert prompt_for(minilm, task) == prompt_for(minilm, None)

@@ -86,7 +86,9 @@ def test_mine_train_both_merge_evaluate(
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.png").stat().st_size > 0 and report["queries"] == 20
     values = [v for system in report["results"].values() for mode in system.values() for v in mode.values()]
-    assert set(report["results"]) == {"base", "candidate"} and len(values) == 2 * 2 * 5
+    assert (
+        set(report["results"]) == {"base", "candidate"} and len(values) == 2 * 6 * 5
+    )  # 3 recalls, each reranked
     assert all(math.isfinite(v) and 0 <= v <= 1 for v in values)
 
 

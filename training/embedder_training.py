@@ -11,11 +11,13 @@ from its last checkpoint. LoRA adapters are merged into a standalone model for s
 which is evaluated again after the merge.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from sentence_transformers import SentenceTransformer
 
 from twostage.retrieval.errors import InputError
@@ -23,7 +25,7 @@ from twostage.retrieval.settings import Settings
 from twostage.training.data import Pair
 from twostage.training.lora import add_lora, load_lora_weights, lora_targets, merge_lora
 from twostage.training.runs import check_memory, last_checkpoint, run_arguments
-from twostage.training.st_model import load_st_embedder, query_prompt
+from twostage.training.st_model import by_instruction, load_st_embedder, prompt_for
 
 
 @dataclass
@@ -63,25 +65,75 @@ def pairs_dataset(pairs: list[Pair]) -> Dataset:
     return Dataset.from_dict(columns)
 
 
-def ir_evaluator(dev: list[Pair], prompt: str | None, name: str = "dev") -> Any:
-    """NDCG@10 / MRR@10 / Recall@k / MAP over dev queries against all dev passages."""
+def training_datasets(
+    train: list[Pair], prompt: Callable[[str | None], str | None]
+) -> tuple[Dataset | DatasetDict, dict[str, Any]]:
+    """The trainer's dataset(s) and `prompts`: one dataset per instruction, each anchor column
+    with the prompt serving gives that instruction (a single instruction: one plain dataset)."""
+    groups = by_instruction(train, lambda p: p.instruction)
+    if len(groups) == 1:
+        ((instruction, pairs),) = groups.items()
+        text = prompt(instruction)
+        return pairs_dataset(pairs), ({"anchor": text} if text else {})
+    names = {instruction: f"instruction-{i}" for i, instruction in enumerate(groups)}
+    datasets = DatasetDict({names[i]: pairs_dataset(pairs) for i, pairs in groups.items()})
+    return datasets, {names[i]: {"anchor": text} for i in groups if (text := prompt(i))}
+
+
+def ir_evaluator(dev: list[Pair], prompt: Callable[[str | None], str | None], name: str = "dev") -> Any:
+    """NDCG@10 / MRR@10 / Recall@k / MAP over dev queries against all dev passages, each query
+    with the prompt serving gives its instruction (`prompt`). One prompt for all goes through
+    the evaluator's `query_prompt`; several (instruction-aware models only, last-token pooled)
+    are written before each query."""
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     passages: dict[str, str] = {}
     for p in dev:
         for text in (p.positive, *p.negatives):
             passages.setdefault(text, f"d{len(passages)}")
-    queries: dict[str, Any] = {f"q{i}": p.query for i, p in enumerate(dev)}
+    prompts = [prompt(p.instruction) for p in dev]
+    shared = prompts[0] if len(set(prompts)) == 1 else None
+    queries: dict[str, Any] = {
+        f"q{i}": p.query if len(set(prompts)) == 1 else (prompts[i] or "") + p.query
+        for i, p in enumerate(dev)
+    }
     relevant = {f"q{i}": {passages[p.positive]} for i, p in enumerate(dev)}
     return InformationRetrievalEvaluator(
         queries=queries,
         corpus={doc_id: text for text, doc_id in passages.items()},
         relevant_docs=relevant,
         precision_recall_at_k=[1, 10, 100],
-        query_prompt=prompt,
+        query_prompt=shared,
         name=name,
         write_csv=False,
     )
+
+
+def contrastive_loss(model: SentenceTransformer, settings: EmbedderTrainSettings) -> Any:
+    """InfoNCE over in-batch and mined negatives: MNRL, or with false negatives masked (GIST,
+    the model its own guide, at MNRL's temperature), cached for large batches."""
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedGISTEmbedLoss,
+        CachedMultipleNegativesRankingLoss,
+        GISTEmbedLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    temperature = 1 / 20  # MultipleNegativesRankingLoss's default scale of 20
+    mini_batch = settings.cached_loss_mini_batch
+    if settings.mask_false_negatives:
+        masking: dict[str, Any] = {  # query-to-document terms only, as MNRL: the masking is the difference
+            "margin_strategy": "absolute", "margin": settings.false_negative_margin,
+            "contrast_anchors": False, "contrast_positives": False,
+        }  # fmt: skip
+        if mini_batch:
+            return CachedGISTEmbedLoss(
+                model, model, temperature=temperature, mini_batch_size=mini_batch, **masking
+            )
+        return GISTEmbedLoss(model, model, temperature=temperature, **masking)
+    if mini_batch:
+        return CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch)
+    return MultipleNegativesRankingLoss(model)
 
 
 def train_embedder(
@@ -92,23 +144,17 @@ def train_embedder(
     settings: EmbedderTrainSettings,
     *,
     app: Settings,
-    task: str | None,
 ) -> dict[str, Any]:
     """Fine-tune `model` in place; write the merged model to `out_dir/model`; return the metrics.
 
-    `task` is the instruction of the Qwen3 query prompt (None for models without one). The
-    merged model is loaded back from disk and evaluated again ("merged"), which proves the
+    Queries get the prompt serving gives their pair's instruction (`st_model.prompt_for`):
+    pairs with different instructions train as one dataset each, with its own anchor prompt.
+    The merged model is loaded back from disk and evaluated again ("merged"), which proves the
     served model is the trained one.
     """
     from peft import LoraConfig, TaskType
     from sentence_transformers import SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer.losses import (
-        CachedGISTEmbedLoss,
-        CachedMultipleNegativesRankingLoss,
-        GISTEmbedLoss,
-        MatryoshkaLoss,
-        MultipleNegativesRankingLoss,
-    )
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
     from transformers import EarlyStoppingCallback
 
@@ -119,8 +165,7 @@ def train_embedder(
         )
     if not dev:
         raise InputError("no dev pairs to evaluate on")
-    prompt = query_prompt(task) if task is not None else None
-    evaluator = ir_evaluator(dev, prompt)
+    evaluator = ir_evaluator(dev, partial(prompt_for, model))
     before = evaluator(model)
     metric = f"eval_{evaluator.primary_metric}"  # known once the evaluator has run
     if settings.lora:
@@ -142,21 +187,8 @@ def train_embedder(
     tokens = max(len(ids) for ids in model.tokenizer(longest)["input_ids"])  # batches pad to their longest
     check_memory(backbone_model, rows, min(tokens + 64, int(model.max_seq_length or 512)),
                  gradient_checkpointing=settings.gradient_checkpointing)  # fmt: skip
-    mnrl_temperature = 1 / 20  # MultipleNegativesRankingLoss's default scale of 20
-    if settings.mask_false_negatives and settings.cached_loss_mini_batch:
-        loss: Any = CachedGISTEmbedLoss(
-            model, model, temperature=mnrl_temperature, mini_batch_size=settings.cached_loss_mini_batch,
-            margin_strategy="absolute", margin=settings.false_negative_margin,
-        )  # fmt: skip
-    elif settings.mask_false_negatives:
-        loss = GISTEmbedLoss(
-            model, model, temperature=mnrl_temperature, margin_strategy="absolute",
-            margin=settings.false_negative_margin,
-        )  # fmt: skip
-    elif settings.cached_loss_mini_batch:
-        loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=settings.cached_loss_mini_batch)
-    else:
-        loss = MultipleNegativesRankingLoss(model)
+    loss = contrastive_loss(model, settings)
+    train_dataset, prompts = training_datasets(train, partial(prompt_for, model))
     if settings.matryoshka_dims:
         loss = MatryoshkaLoss(model, loss, matryoshka_dims=settings.matryoshka_dims)
     args = SentenceTransformerTrainingArguments(
@@ -164,14 +196,14 @@ def train_embedder(
         per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
         batch_sampler=BatchSamplers.NO_DUPLICATES,
-        prompts={"anchor": prompt} if prompt else None,
+        prompts=prompts or None,
         gradient_checkpointing=settings.gradient_checkpointing,
         **run_arguments(out_dir, settings.eval_steps, metric, greater_is_better=True, seed=settings.seed),
     )
     trainer = _trainer_class(settings.lora)(
         model=model,
         args=args,
-        train_dataset=pairs_dataset(train),
+        train_dataset=train_dataset,
         loss=loss,
         evaluator=evaluator,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience)],

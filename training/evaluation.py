@@ -12,7 +12,7 @@ import json
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class EvalSet:
     queries: dict[str, str]
     corpus: dict[str, str]
     qrels: dict[str, dict[str, int]]
+    instructions: dict[str, str] = field(default_factory=dict)  # a query's own, as its pair carries it
 
 
 def from_pairs(dev: Sequence[Pair], distractors: Sequence[str] = ()) -> EvalSet:
@@ -48,7 +49,8 @@ def from_pairs(dev: Sequence[Pair], distractors: Sequence[str] = ()) -> EvalSet:
             corpus[ids[text]] = text
     queries = {f"q{i}": p.query for i, p in enumerate(dev)}
     qrels = {f"q{i}": {ids[p.positive]: 1} for i, p in enumerate(dev)}
-    return EvalSet(queries, corpus, qrels)
+    instructions = {f"q{i}": p.instruction for i, p in enumerate(dev) if p.instruction is not None}
+    return EvalSet(queries, corpus, qrels, instructions)
 
 
 def load_beir(folder: Path, split: str = "test") -> EvalSet:
@@ -152,8 +154,16 @@ def recall_runs(
                     ],
                 )
             store.optimize(manifest.collection)
-            query_vectors = embedder.embed_queries([data.queries[q] for q in query_ids], instruction)
-            for qid, vector in zip(query_ids, query_vectors, strict=True):
+            groups: dict[str | None, list[str]] = {}  # the serving embedder's prompt for each instruction
+            for qid in query_ids:
+                groups.setdefault(data.instructions.get(qid, instruction), []).append(qid)
+            vectors_of: dict[str, np.ndarray] = {}
+            for task, qids in groups.items():
+                vectors_of.update(
+                    zip(qids, embedder.embed_queries([data.queries[q] for q in qids], task), strict=True)
+                )
+            for qid in query_ids:
+                vector = vectors_of[qid]
                 sparse_query = encoder.embed_query(data.queries[qid]) if encoder else None
                 for recall in recalls:
                     hits = store.search(
@@ -182,7 +192,11 @@ def rerank_run(
     for qid in progress(list(data.queries), desc=desc, unit="query"):
         docs = list(run.get(qid, {}))
         scores = (
-            reranker.score(data.queries[qid], [data.corpus[d] for d in docs], instruction) if docs else []
+            reranker.score(
+                data.queries[qid], [data.corpus[d] for d in docs], data.instructions.get(qid, instruction)
+            )
+            if docs
+            else []
         )
         reranked[qid] = {d: float(s) for d, s in zip(docs, scores, strict=True)}
     return reranked
@@ -210,8 +224,8 @@ def evaluate_index(
     runs: dict[str, dict[str, dict[str, float]]] = {first: {}, second: {}}
     for i, pair in enumerate(dev):
         result = two_stage_search(
-            deployment, store, pair.query, instruction=instruction, top_k=top_k, top_n=top_k,
-            group_by_doc=True, recall=recall, rrf=rrf, rerank=deployment.reranker is not None,
+            deployment, store, pair.query, instruction=pair.instruction or instruction, top_k=top_k,
+            top_n=top_k, group_by_doc=True, recall=recall, rrf=rrf, rerank=deployment.reranker is not None,
         )  # fmt: skip
         runs[first][f"q{i}"] = {h.doc_id: h.recall_score for h in result.hits}
         runs[second][f"q{i}"] = {h.doc_id: float(h.rerank_score or 0.0) for h in result.hits}

@@ -24,6 +24,7 @@ from datasets import Dataset
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.reranker import Reranker
 from twostage.training.data import Pair
+from twostage.training.st_model import by_instruction, prompt_for
 
 
 @dataclass(frozen=True)
@@ -42,30 +43,49 @@ def mine(
     model: Any,
     settings: MiningSettings,
     *,
-    query_prompt: str | None = None,
     cache_dir: Path | None = None,
     model_id: str = "",
     rescorer: "RerankerScorer | None" = None,
 ) -> list[Pair]:
     """`pairs` with `settings.num_negatives` mined negatives each (queries with too few are dropped).
 
-    `model` is a SentenceTransformer (see `training.st_model`); `query_prompt` is the text
-    put before queries (the Qwen3 instruction prompt), documents get none.
+    `model` is a SentenceTransformer (see `training.st_model`). Queries are embedded as serving
+    embeds them: each pair's instruction picks its query prompt (`prompt_for`), so pairs are
+    mined in one group per instruction; a rescoring reranker gets that instruction too.
+    Documents get no prompt.
     """
-    from sentence_transformers.util import mine_hard_negatives
-
     if not pairs:
         raise InputError("no pairs to mine negatives for")
     if settings.range_max <= settings.range_min:
         raise InputError("range_max must be larger than range_min")
     full_corpus = list(dict.fromkeys([*corpus, *(p.positive for p in pairs)]))
+    mined: list[Pair] = []
+    for instruction, group in by_instruction(pairs, lambda p: p.instruction).items():
+        scorer = rescorer.with_instruction(instruction) if rescorer is not None and instruction else rescorer
+        mined += _mine_group(group, full_corpus, model, settings, prompt_for(model, instruction), cache_dir,
+                             model_id, scorer)  # fmt: skip
+    return mined
+
+
+def _mine_group(
+    pairs: list[Pair],
+    corpus: list[str],
+    model: Any,
+    settings: MiningSettings,
+    query_prompt: str | None,
+    cache_dir: Path | None,
+    model_id: str,
+    rescorer: "RerankerScorer | None",
+) -> list[Pair]:
+    from sentence_transformers.util import mine_hard_negatives
+
     dataset = Dataset.from_dict({"query": [p.query for p in pairs], "positive": [p.positive for p in pairs]})
     mined = mine_hard_negatives(
         dataset,
         model,
         anchor_column_name="query",
         positive_column_name="positive",
-        corpus=full_corpus,
+        corpus=corpus,
         cross_encoder=rescorer,  # type: ignore[arg-type]  # duck-types the one method the miner calls
         range_min=settings.range_min,
         range_max=settings.range_max,
@@ -79,15 +99,10 @@ def mine(
         verbose=False,
         cache_folder=str(embedding_cache(cache_dir, model_id)) if cache_dir else None,
     )
-    instruction = {p.query: p.instruction for p in pairs}
+    instruction = pairs[0].instruction
     negative_columns = [c for c in mined.column_names if c.startswith("negative")]
     return [
-        Pair(
-            row["query"],
-            row["positive"],
-            tuple(row[c] for c in negative_columns),
-            instruction.get(row["query"]),
-        )
+        Pair(row["query"], row["positive"], tuple(row[c] for c in negative_columns), instruction)
         for row in mined
     ]
 
@@ -105,6 +120,9 @@ class RerankerScorer:
     def __init__(self, reranker: Reranker, instruction: str | None = None) -> None:
         self.reranker = reranker
         self.instruction = instruction
+
+    def with_instruction(self, instruction: str) -> "RerankerScorer":
+        return RerankerScorer(self.reranker, instruction)
 
     def predict(self, sentences: Sequence[tuple[str, str]], convert_to_tensor: bool = False, **_: Any) -> Any:
         import torch

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from twostage.retrieval.collections import active_manifest, create_version
-from twostage.retrieval.embedder import Embedder, detect_embedder_family
+from twostage.retrieval.embedder import Embedder
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.locks import write_json_atomic
 from twostage.retrieval.model_cache import ModelCache, pair_keys
@@ -193,7 +193,6 @@ def _train_embedder(settings: Settings, base: str, train: list[Pair], dev: list[
     system = _system(settings, base, settings.reranker.model)
     source = resolve_model(base, cache_dir=settings.cache_dir)
     model = load_st_embedder(source.path, system, device=str(resolve_device(settings.device)))
-    last_token = detect_embedder_family(source) == "last-token"
     options = EmbedderTrainSettings(
         epochs=cfg.embedder_epochs, batch_size=cfg.embedder_batch_size, learning_rate=cfg.embedder_lr,
         lora=cfg.lora, eval_steps=cfg.eval_steps, mask_false_negatives=cfg.mask_false_negatives,
@@ -205,7 +204,6 @@ def _train_embedder(settings: Settings, base: str, train: list[Pair], dev: list[
         out,
         options,
         app=system,
-        task=settings.embedder.instruction if last_token else None,
     )
     return Path(report["model_dir"])
 
@@ -393,7 +391,7 @@ def _cycle(
     )
     from twostage.training.gate import decide
     from twostage.training.mining import MiningSettings, mine, with_negatives
-    from twostage.training.st_model import load_st_embedder, query_prompt
+    from twostage.training.st_model import load_st_embedder
 
     cfg = settings.retrain
     with manifest.step("mine", say) as step:
@@ -401,13 +399,10 @@ def _cycle(
         source = resolve_model(deployed.embedder, cache_dir=settings.cache_dir)
         st = load_st_embedder(source.path, deployed_system)
         mining = MiningSettings(num_negatives=cfg.negatives)
-        last_token = detect_embedder_family(source) == "last-token"
-        prompt = query_prompt(settings.embedder.instruction) if last_token else None
         mined, mined_dev = (
-            mine(part, chunks, st, mining, query_prompt=prompt, cache_dir=settings.cache_dir,
-                 model_id=deployed.embedder_id)
+            mine(part, chunks, st, mining, cache_dir=settings.cache_dir, model_id=deployed.embedder_id)
             for part in (train, dev)
-        )  # fmt: skip
+        )
         mined, filled = with_negatives(train, mined, chunks, cfg.negatives)
         mined_dev, filled_dev = with_negatives(dev, mined_dev, chunks, cfg.negatives)
         step.update(train=len(mined), dev=len(mined_dev), random_negatives=filled + filled_dev)

@@ -9,7 +9,9 @@ computes at inference (tests check the vectors match, with either kind of tokeni
 that already are sentence-transformers models load as they are.
 """
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.models import Normalize, Pooling, Transformer
@@ -20,10 +22,33 @@ from twostage.retrieval.prompts import embedding_query
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.tokens import append_end_of_text, split_markers_in_text
 
+T = TypeVar("T")
+
 
 def query_prompt(task: str) -> str:
     """The text put before a query: the Qwen3 prompt with an empty query."""
     return embedding_query(task, "")
+
+
+def prompt_for(model: SentenceTransformer, instruction: str | None) -> str | None:
+    """The text serving puts before a query that carries `instruction` (None: the default task).
+
+    As the serving embedders do: an instruction-aware model (its query prompt is Qwen3's
+    `Instruct: ...\\nQuery:`) gets the pair's own instruction, any other model its own query
+    prompt (or none), whatever the pair says. Mining, training and evaluation all ask here.
+    """
+    default = (model.prompts or {}).get("query") or None
+    if instruction is not None and default is not None and default.startswith("Instruct:"):
+        return query_prompt(instruction)
+    return default
+
+
+def by_instruction(items: Sequence[T], instruction: Callable[[T], str | None]) -> dict[str | None, list[T]]:
+    """`items` grouped by their instruction, in first-seen order (each group gets one prompt)."""
+    groups: dict[str | None, list[T]] = {}
+    for item in items:
+        groups.setdefault(instruction(item), []).append(item)
+    return groups
 
 
 def load_st_embedder(path: Path, settings: Settings, device: str = "cpu") -> SentenceTransformer:

@@ -150,23 +150,24 @@ def main() -> None:
         mined = mine(pairs, mining_corpus, st, MiningSettings(num_negatives=1, range_min=1))
         train_s: dict[str, float] = {}
         embed_reports: dict[str, dict[str, Any]] = {}
-        variants = {"finetuned": False, **({"finetuned-gist": True} if args.mask_false_negatives else {})}
-        for prefix, gist in variants.items():
+
+        def fine_tune(prefix: str, gist: bool) -> tuple[Settings, Run]:
+            """An embedder trained from the shipped MiniLM, and its recall systems."""
             t = time.perf_counter()
             options = EmbedderTrainSettings(
                 epochs=1, batch_size=args.embed_batch, learning_rate=args.embed_lr, lora=False, eval_steps=20,
                 mask_false_negatives=gist,
             )  # fmt: skip
-            model = load_st_embedder(base_path, settings)  # each variant from the shipped MiniLM
+            model = load_st_embedder(base_path, settings)
             embed_reports[prefix] = train_embedder(
                 model, mined, held, run_dir / prefix, options, app=settings
             )
             train_s[prefix] = round(time.perf_counter() - t, 1)
             tuned = settings.model_copy(deep=True)
             tuned.embedder.model = embed_reports[prefix]["model_dir"]
-            first = recall_systems(prefix, load_embedder(tuned), ("dense", "hybrid"))
-            if prefix == "finetuned":
-                tuned_settings, tuned_hybrid = tuned, first["hybrid"]
+            return tuned, recall_systems(prefix, load_embedder(tuned), ("dense", "hybrid"))["hybrid"]
+
+        tuned_settings, tuned_hybrid = fine_tune("finetuned", gist=False)
 
         t = time.perf_counter()
         rr_pairs = [
@@ -207,6 +208,8 @@ def main() -> None:
             ):
                 shutil.rmtree(args.save / part, ignore_errors=True)
                 shutil.copytree(path, args.save / part)
+        if args.mask_false_negatives:  # last: the figures above do not wait for it
+            fine_tune("finetuned-gist", gist=True)
 
     paired = {}
     for baseline, candidate in COMPARISONS:

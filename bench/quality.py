@@ -128,6 +128,17 @@ def main() -> None:
         }  # fmt: skip
         print(json.dumps({name: results[name]}), file=sys.stderr, flush=True)
 
+    def paired_tests() -> dict[str, dict[str, float | int]]:
+        """Each comparison both of whose systems ran: per-query nDCG@10, paired."""
+        out = {}
+        for baseline, candidate in COMPARISONS:
+            if baseline in runs and candidate in runs:
+                compared = paired_test(
+                    per_query(data.qrels, runs[baseline]), per_query(data.qrels, runs[candidate])
+                )
+                out[f"{candidate} vs {baseline}"] = compared.as_dict()
+        return out
+
     def recall_systems(prefix: str, embedder: Any, modes: tuple[Any, ...]) -> dict[str, Run]:
         t = time.perf_counter()
         out = recall_runs(data, embedder, modes, top_k=100, instruction=None, rrf=rrf)
@@ -209,15 +220,14 @@ def main() -> None:
                 shutil.rmtree(args.save / part, ignore_errors=True)
                 shutil.copytree(path, args.save / part)
         if args.mask_false_negatives:  # last: the figures above do not wait for it
+            print(
+                json.dumps({"so_far": {"results": results, "paired_nDCG@10": paired_tests()}}),
+                file=sys.stderr,
+                flush=True,
+            )
             fine_tune("finetuned-gist", gist=True)
 
-    paired = {}
-    for baseline, candidate in COMPARISONS:
-        if baseline in runs and candidate in runs:
-            compared = paired_test(
-                per_query(data.qrels, runs[baseline]), per_query(data.qrels, runs[candidate])
-            )
-            paired[f"{candidate} vs {baseline}"] = compared.as_dict()
+    paired = paired_tests()
     relative = {
         f"{c} vs {b}": round(results[c]["ndcg@10"] / results[b]["ndcg@10"] - 1, 4)
         for b, c in COMPARISONS if b in results and c in results

@@ -135,7 +135,7 @@ def two_stage_search(
     mark = time.perf_counter()
     hits = store.search(
         deployment.collection, vector, top_k, flt, hnsw_ef=hnsw_ef, exact=exact, sparse=sparse,
-        fusion=rrf or Rrf(60) if recall == "hybrid" else None,
+        fusion=(rrf or Rrf(60)) if recall == "hybrid" else None,
     )  # fmt: skip
     if group_by_doc:
         hits = best_chunk_per_document(hits)

@@ -9,8 +9,8 @@ dev queries nothing is promoted, because no such test can tell.
 The embedder and the reranker are decided separately, so a better embedder is not held back
 by a reranker that did not learn, and vice versa:
 
-- embedder: the candidate's first stage (the recall the service runs) against the deployed
-  embedder's, the deployed reranker not involved;
+- embedder: the candidate's first stage (the recall the service runs; dense where that is
+  BM25 alone) against the deployed embedder's, the deployed reranker not involved;
 - reranker: the candidate reranker over the chosen embedder's recall must beat both that
   recall alone (a second stage must earn its cost) and the deployed two-stage.
 """
@@ -93,8 +93,9 @@ def decide(
     if e1 == e0:
         embedder.reasons.append("not retrained")
     else:
-        label = f"{served} recall, candidate vs deployed embedder"
-        embedder.promote = test(label, score(e0, r0, served), score(e1, r1, served), embedder)
+        recall: RecallMode = "dense" if served == "sparse" else served  # BM25 does not see the embedder
+        label = f"{recall} recall, candidate vs deployed embedder"
+        embedder.promote = test(label, score(e0, r0, recall), score(e1, r1, recall), embedder)
     chosen = e1 if embedder.promote else e0
     reranker = Decision(False, [])
     if r1 == r0:

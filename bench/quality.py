@@ -93,6 +93,7 @@ def main() -> None:
     )
     parser.add_argument("--top-k", type=int, default=10, help="hybrid candidates the reranker sees")
     parser.add_argument("--rrf-k", type=int, default=60)
+    parser.add_argument("--base-only", action="store_true", help="only base dense, BM25 and hybrid")
     parser.add_argument("--save", type=Path, help="write the trained models to SAVE/embedder, SAVE/reranker")
     parser.add_argument("--cache-dir", default=".twostage/cache")
     parser.add_argument("--seed", type=int, default=0)
@@ -147,6 +148,14 @@ def main() -> None:
         return out
 
     recall_systems("base", load_embedder(settings), ("dense", "sparse", "hybrid"))
+    if args.base_only:  # the untrained systems: minutes, where the whole bench takes over an hour
+        print(json.dumps({
+            "bench": "quality", "embedder": EMBEDDER, "results": results, "paired_nDCG@10": paired_tests(),
+            "sizes": {"dev_queries": len(data.queries), "corpus": len(data.corpus)},
+            "settings": {k: str(v) for k, v in vars(args).items() if k != "cache_dir"},
+            "wall_s": round(time.perf_counter() - started, 1), **run_info("cpu"),
+        }))  # fmt: skip
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp)

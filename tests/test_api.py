@@ -691,3 +691,18 @@ def test_a_dense_only_collection_keeps_working_and_says_so(served: Served) -> No
             "no BM25 sparse vectors" in refused.json()["detail"]
             and "recall=dense" in refused.json()["detail"]
         )
+    rebuilt = ingest_corpus(  # what the note says to do: a new version, with BM25 vectors this time
+        [Document(r["_id"], r["text"], r["title"], "corpus.jsonl", {"section": r["section"]}) for r in rows],
+        store=service.store, embedder=service.embedder,
+        chunker=Chunker.for_embedder(Qwen3Tokens(), served.settings.chunker, service.embedder),
+        settings=served.settings, collection="legacy", new_version=True,
+    )  # fmt: skip
+    assert rebuilt.collection == "legacy__v2" and service.store.read_manifest("legacy__v2").sparse is not None
+    deadline = time.monotonic() + 10  # the service follows the alias within api.alias_refresh_s
+    while True:
+        body = post(served, "/v1/search", {"query": "chess", "collection": "legacy"}).json()
+        if body["collection"] == "legacy__v2" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert body["collection"] == "legacy__v2" and body["recall"] == "hybrid", body
+    assert not any("built without BM25" in n for n in body["notes"])

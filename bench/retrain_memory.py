@@ -7,6 +7,8 @@ baseline. `--code DIR` runs the server from another checkout of this repository 
 before/after comparison from one script). Last line: one JSON object.
 
     python bench/retrain_memory.py                                   # tiny Qwen3 pair
+    python bench/retrain_memory.py --embedder pypi:all-MiniLM-L6-v2 --reranker pypi:SmolLM2-135M-Instruct \
+        --env TWOSTAGE_RERANKER__FAMILY=yes-no       # real models, the same yes/no training before and after
     git worktree add /tmp/before HEAD~1 && python bench/retrain_memory.py --code /tmp/before
 """
 
@@ -57,7 +59,12 @@ def main() -> None:
     parser.add_argument("--distractors", type=int, default=300)
     parser.add_argument("--code", help="run the server from this checkout instead of the installed one")
     parser.add_argument("--cache-dir", default=".twostage/cache")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="TWOSTAGE_X=VALUE",
+        help="a setting for the ingest and the server (repeatable), e.g. TWOSTAGE_RERANKER__FAMILY=yes-no",
+    )  # fmt: skip
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.env)
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
@@ -83,6 +90,7 @@ def main() -> None:
             "TWOSTAGE_RETRAIN__EMBEDDER_EPOCHS": "1", "TWOSTAGE_RETRAIN__RERANKER_EPOCHS": "1",
             "TWOSTAGE_RETRAIN__NEGATIVES": "1", "TWOSTAGE_RETRAIN__EMBEDDER_BATCH_SIZE": "16",
             "TWOSTAGE_RETRAIN__MIN_GAIN": "0", "TWOSTAGE_RETRAIN__TOLERANCE": "1", "HF_HUB_OFFLINE": "1",
+            **extra,
         }  # fmt: skip
         if args.code:
             env["PYTHONPATH"] = code_path(Path(args.code), base)
@@ -116,7 +124,8 @@ def main() -> None:
             report = state.get("report") or {}
             result: dict[str, Any] = {
                 "bench": "retrain_memory", "code": args.code or "installed", "embedder": embedder,
-                "reranker": reranker, "status": state["status"], "decision": report.get("decision"),
+                "reranker": reranker, "settings": extra, "pairs": args.pairs, "status": state["status"],
+                "decision": report.get("decision"),
                 "error": state.get("error"), "retrain_s": round(time.perf_counter() - started, 1),
                 "serving_rss_mb": round(idle["VmRSS"] / 1024, 1),
                 "peak_rss_mb": round(max([*samples, after["VmHWM"]]) / 1024, 1),

@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from twostage.api.micro_batcher import Overloaded
-from twostage.api.routes import compat, documents, ops, retrain, search
+from twostage.api.routes import compat, documents, ops, retrain, search, tei
 from twostage.api.service import Service
 from twostage.retrieval.errors import (
     InputError,
@@ -76,6 +76,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     _add_error_handlers(app)
     app.include_router(search.router)
     app.include_router(compat.router)
+    app.include_router(tei.router)
     app.include_router(documents.router)
     app.include_router(retrain.router)
     app.include_router(ops.router)

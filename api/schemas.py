@@ -6,9 +6,9 @@ Filters on the wire are a mapping from an indexed payload field to a value (equa
     {"metadata.section": "games", "chunk_index": {"lte": 2}, "source": {"any": ["a", "b"]}}
 """
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 MAX_QUERY_CHARS = 32_768
 MAX_INSTRUCTION_CHARS = 16_384
@@ -107,3 +107,43 @@ class EmbeddingsRequest(BaseModel):
     instruction: str | None = Field(None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
     input_type: Literal["query", "document"] | None = None
     user: str | None = None
+
+
+def _side(value: Any) -> Any:
+    """TEI accepts `Left`/`Right` as well as `left`/`right`."""
+    return value.lower() if isinstance(value, str) else value
+
+
+TruncationSide = Annotated[Literal["left", "right"], BeforeValidator(_side)]
+
+
+class TeiRerankRequest(BaseModel):
+    """Text Embeddings Inference `POST /rerank` (unknown fields are accepted and ignored)."""
+
+    query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
+    texts: list[str] = Field(
+        min_length=1, description="at most api.max_client_batch (2,048) texts; more get 413"
+    )
+    raw_scores: bool = Field(False, description="logits instead of probabilities")
+    return_text: bool = False
+    truncate: bool | None = Field(
+        None, description="cut texts that do not fit the model (default: yes, /info says auto_truncate); "
+        "false: 413 for a text that does not fit",
+    )  # fmt: skip
+    truncation_direction: TruncationSide = Field(
+        "right", description="right keeps a text's beginning, left its end (the prompt and query are kept)"
+    )
+    instruction: str | None = Field(None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
+
+
+class TeiEmbedRequest(BaseModel):
+    """Text Embeddings Inference `POST /embed`. `prompt_name: query` (or an `instruction`) embeds
+    the inputs as queries with the Qwen3 query prompt; otherwise they are documents."""
+
+    inputs: str | list[str] = Field(description="a string or a list of strings")
+    normalize: bool = True
+    truncate: bool | None = None
+    truncation_direction: TruncationSide = "right"
+    dimensions: int | None = Field(None, ge=1)
+    prompt_name: Literal["query", "document"] | None = None
+    instruction: str | None = Field(None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)

@@ -48,6 +48,7 @@ class EmbedItem:
     instruction: str | None  # None: embed as a document (no instruction)
     as_query: bool
     embedder: Embedder
+    normalize: bool = True
 
 
 @dataclass(frozen=True)
@@ -285,18 +286,19 @@ class Service:
     # -- batched model calls ---------------------------------------------------------------
 
     def _embed_batch(self, items: Sequence[EmbedItem]) -> list[np.ndarray]:
-        """Group by (model, kind, instruction): one call per group, results in input order."""
+        """Group by (model, kind, instruction, normalisation): one call per group, results in input order."""
         out: list[np.ndarray | None] = [None] * len(items)
-        groups: dict[tuple[int, bool, str | None], list[int]] = {}
+        groups: dict[tuple[int, bool, str | None, bool], list[int]] = {}
         for i, item in enumerate(items):
-            groups.setdefault((id(item.embedder), item.as_query, item.instruction), []).append(i)
-        for (_, as_query, instruction), indices in groups.items():
+            key = (id(item.embedder), item.as_query, item.instruction, item.normalize)
+            groups.setdefault(key, []).append(i)
+        for (_, as_query, instruction, normalize), indices in groups.items():
             texts = [items[i].text for i in indices]
             embedder = items[indices[0]].embedder
             call = (
-                partial(embedder.embed_queries, texts, instruction)
+                partial(embedder.embed_queries, texts, instruction, normalize=normalize)
                 if as_query
-                else partial(embedder.embed_documents, texts)
+                else partial(embedder.embed_documents, texts, normalize=normalize)
             )
             vectors = self._run_model("embedder", embedder.model_id, call)
             for i, vector in zip(indices, vectors, strict=True):
@@ -357,11 +359,11 @@ class Service:
         return await self.embed_batcher.submit(EmbedItem(text, instruction, True, embedder or self.embedder))
 
     async def embed_texts(
-        self, texts: Sequence[str], instruction: str | None, as_query: bool
+        self, texts: Sequence[str], instruction: str | None, as_query: bool, normalize: bool = True
     ) -> list[np.ndarray]:
         """A request's texts, admitted together (each still batched with other requests')."""
         assert self.embed_batcher is not None and self.embedder is not None
-        items = [EmbedItem(t, instruction, as_query, self.embedder) for t in texts]
+        items = [EmbedItem(t, instruction, as_query, self.embedder, normalize) for t in texts]
         return await self.embed_batcher.submit_many(items)
 
     async def score(

@@ -8,19 +8,24 @@ only models trained with one use.
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from sentence_transformers import CrossEncoder
 
-from twostage.retrieval.errors import ModelLoadError
+from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.model_source import ModelSource, model_identity
-from twostage.retrieval.prompts import require_text, require_texts
+from twostage.retrieval.prompts import clip_for_tokens, require_text, require_texts
 from twostage.retrieval.reranker import RerankMixin
 from twostage.retrieval.settings import RerankerSettings
-from twostage.retrieval.tokens import split_markers_in_text
+from twostage.retrieval.tokens import TokenCounter, split_markers_in_text
 
 
 class CrossEncoderReranker(RerankMixin):
-    """Wraps `CrossEncoder.predict`; scores are the model's activation output (sigmoid for 1 label)."""
+    """Wraps `CrossEncoder.predict`; scores are the model's activation output (sigmoid for 1 label).
+
+    A sigmoid head is applied here in float64 rather than by the library in float32, so that
+    the logit can be read back from the score (TEI's `raw_scores`) instead of saturating at 1.
+    """
 
     family = "cross-encoder"
 
@@ -32,6 +37,9 @@ class CrossEncoderReranker(RerankMixin):
         self.max_length = int(model.max_length or 512)
         self.batch_size = max(1, batch_tokens // self.max_length)
         self.use_instruction = use_instruction
+        self._sigmoid = isinstance(model.activation_fn, torch.nn.Sigmoid)
+        self.probabilities = self._sigmoid
+        self._counter = TokenCounter(model.tokenizer)  # lengths for callers in other threads
 
     @classmethod
     def load(
@@ -84,6 +92,19 @@ class CrossEncoderReranker(RerankMixin):
             return []
         prompt = instruction if self.use_instruction else None
         scores = self.model.predict(
-            [(query, d) for d in docs], batch_size=self.batch_size, show_progress_bar=False, prompt=prompt
-        )
+            [(query, d) for d in docs], batch_size=self.batch_size, show_progress_bar=False, prompt=prompt,
+            activation_fn=torch.nn.Identity() if self._sigmoid else None,
+        )  # fmt: skip
+        if self._sigmoid:
+            return [float(s) for s in 1.0 / (1.0 + np.exp(-np.asarray(scores, dtype=np.float64)))]
         return [float(s) for s in scores]
+
+    def input_lengths(
+        self, query: str, documents: Sequence[str], instruction: str | None = None
+    ) -> list[int]:
+        if self.use_instruction:  # the chat template is rendered inside the library
+            raise InputError(
+                "this reranker renders a chat template, so its input lengths cannot be counted here: "
+                "send truncate=true with truncation_direction=right"
+            )
+        return self._counter.count([(query, clip_for_tokens(d, self.max_length)) for d in documents])

@@ -29,11 +29,23 @@ class Embedder(Protocol):
         """Length of the returned vectors (after any Matryoshka truncation)."""
         ...
 
-    def embed_queries(self, queries: Sequence[str], instruction: str | None = None) -> np.ndarray:
-        """Vectors of search queries, shape (len(queries), dim), in input order."""
+    @property
+    def pooling(self) -> str:
+        """How token states become one vector (`last_token`, `mean`, `cls`, ...), as TEI's `/info` says."""
         ...
 
-    def embed_documents(self, documents: Sequence[str]) -> np.ndarray:
+    def embed_queries(
+        self, queries: Sequence[str], instruction: str | None = None, *, normalize: bool = True
+    ) -> np.ndarray:
+        """Vectors of search queries, shape (len(queries), dim), in input order.
+
+        `normalize=False` returns the pooled vectors as the model gives them (TEI's `/embed`
+        offers it; a model that normalises inside, like all-MiniLM-L6-v2 with its Normalize
+        module, gives unit vectors either way); search always uses the normalised ones.
+        """
+        ...
+
+    def embed_documents(self, documents: Sequence[str], *, normalize: bool = True) -> np.ndarray:
         """Vectors of documents (no instruction), shape (len(documents), dim), in input order."""
         ...
 
@@ -44,6 +56,10 @@ class Embedder(Protocol):
 
     def document_lengths(self, documents: Sequence[str]) -> list[int]:
         """Tokens each document takes in the model's input, untruncated, special tokens included."""
+        ...
+
+    def query_lengths(self, queries: Sequence[str], instruction: str | None = None) -> list[int]:
+        """Tokens each query takes in the model's input with its prompt, untruncated."""
         ...
 
 

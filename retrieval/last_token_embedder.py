@@ -91,13 +91,21 @@ class LastTokenEmbedder:
     def dim(self) -> int:
         return self._dim
 
-    def embed_queries(self, queries: Sequence[str], instruction: str | None = None) -> np.ndarray:
-        task = self.instruction if instruction is None else require_text(instruction, "instruction")
-        texts = require_texts(queries, "queries")
-        return self._embed([embedding_query(task, q) for q in texts])
+    @property
+    def pooling(self) -> str:
+        return "last_token"
 
-    def embed_documents(self, documents: Sequence[str]) -> np.ndarray:
-        return self._embed(require_texts(documents, "documents"))
+    def embed_queries(
+        self, queries: Sequence[str], instruction: str | None = None, *, normalize: bool = True
+    ) -> np.ndarray:
+        return self._embed(self._prompted(queries, instruction), normalize)
+
+    def embed_documents(self, documents: Sequence[str], *, normalize: bool = True) -> np.ndarray:
+        return self._embed(require_texts(documents, "documents"), normalize)
+
+    def _prompted(self, queries: Sequence[str], instruction: str | None) -> list[str]:
+        task = self.instruction if instruction is None else require_text(instruction, "instruction")
+        return [embedding_query(task, q) for q in require_texts(queries, "queries")]
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids exactly as the model card's tokenizer call gives them (truncated, eod last)."""
@@ -112,8 +120,11 @@ class LastTokenEmbedder:
     def document_lengths(self, documents: Sequence[str]) -> list[int]:
         return [n + (0 if self._tokenizer_appends_eod else 1) for n in self._counter.count(documents)]
 
+    def query_lengths(self, queries: Sequence[str], instruction: str | None = None) -> list[int]:
+        return self.document_lengths(self._prompted(queries, instruction))
+
     @torch.inference_mode()
-    def _embed(self, texts: list[str]) -> np.ndarray:
+    def _embed(self, texts: list[str], normalize: bool = True) -> np.ndarray:
         out = np.empty((len(texts), self._dim), dtype=np.float32)
         if not texts:
             return out
@@ -122,6 +133,8 @@ class LastTokenEmbedder:
         for batch in token_budget_batches([len(r) for r in ids], self.batch_tokens):
             input_ids, mask = left_pad([ids[i] for i in batch], self._pad_id, device)
             last = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state[:, -1]
-            vectors = F.normalize(last.float()[:, : self._dim], p=2, dim=1)
+            vectors = last.float()[:, : self._dim]
+            if normalize:
+                vectors = F.normalize(vectors, p=2, dim=1)
             out[batch] = vectors.cpu().numpy()
         return out

@@ -31,6 +31,8 @@ class Reranker(Protocol):
     """Scores (query, document) pairs; higher means more relevant."""
 
     family: str  # "yes-no" (a causal LM's yes/no logits) or "cross-encoder" (a classification head)
+    max_length: int  # tokens of one (instruction, query, document) input; the document is cut to fit
+    probabilities: bool  # scores are sigmoid probabilities of a logit (TEI's raw_scores reads it back)
 
     @property
     def model_id(self) -> str:
@@ -43,6 +45,15 @@ class Reranker(Protocol):
 
     def score_many(self, requests: Sequence[RerankRequest]) -> list[list[float]]:
         """`score` for several (query, documents, instruction) requests, in order."""
+        ...
+
+    def input_lengths(
+        self, query: str, documents: Sequence[str], instruction: str | None = None
+    ) -> list[int]:
+        """Tokens of each document's whole input (template, instruction, query, document), untruncated.
+
+        Safe to call from any thread while the model scores (it counts on a private tokenizer).
+        """
         ...
 
     def rerank(

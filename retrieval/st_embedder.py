@@ -83,34 +83,48 @@ class SentenceTransformerEmbedder:
     def dim(self) -> int:
         return self._dim
 
-    def embed_queries(self, queries: Sequence[str], instruction: str | None = None) -> np.ndarray:
+    @property
+    def pooling(self) -> str:
+        modes = [str(m.pooling_mode) for m in self.model if hasattr(m, "pooling_mode")]
+        return modes[0] if modes else "model"
+
+    def embed_queries(
+        self, queries: Sequence[str], instruction: str | None = None, *, normalize: bool = True
+    ) -> np.ndarray:
         texts = require_texts(queries, "queries")
+        return self._encode(texts, self._query_prompt(instruction), normalize)
+
+    def embed_documents(self, documents: Sequence[str], *, normalize: bool = True) -> np.ndarray:
+        texts = require_texts(documents, "documents")
+        return self._encode(texts, (self.model.prompts or {}).get("document"), normalize)
+
+    def _query_prompt(self, instruction: str | None) -> str | None:
+        """The text put before a query: the Qwen-style instruction prompt, or the model's own `query` one."""
         task = instruction if instruction is not None else self.instruction
         if task is not None:
             require_text(task, "instruction")
         if self.instruction_aware and task is not None:
-            return self._encode(texts, None, embedding_query(task, ""))
-        return self._encode(texts, "query" if "query" in (self.model.prompts or {}) else None)
-
-    def embed_documents(self, documents: Sequence[str]) -> np.ndarray:
-        texts = require_texts(documents, "documents")
-        return self._encode(texts, "document" if "document" in (self.model.prompts or {}) else None)
+            return embedding_query(task, "")
+        return (self.model.prompts or {}).get("query")
 
     def document_lengths(self, documents: Sequence[str]) -> list[int]:
         prompt = (self.model.prompts or {}).get("document") or ""
         return self._counter.count([prompt + t for t in documents])
 
-    def _encode(self, texts: list[str], prompt_name: str | None, prompt: str | None = None) -> np.ndarray:
+    def query_lengths(self, queries: Sequence[str], instruction: str | None = None) -> list[int]:
+        prompt = self._query_prompt(instruction) or ""
+        return self._counter.count([prompt + q for q in queries])
+
+    def _encode(self, texts: list[str], prompt: str | None, normalize: bool = True) -> np.ndarray:
         if not texts:
             return np.empty((0, self._dim), dtype=np.float32)
         vectors = self.model.encode(
             texts,
             batch_size=self.batch_size,
-            normalize_embeddings=True,
+            normalize_embeddings=normalize,
             truncate_dim=self._dim,
             convert_to_numpy=True,
             show_progress_bar=False,
-            prompt_name=prompt_name,
             prompt=prompt,
         )
         return np.ascontiguousarray(vectors, dtype=np.float32)

@@ -121,7 +121,10 @@ class TokenCounter:
         self._backend.encode_special_tokens = split_special_tokens  # untrusted text is text
         self._lock = threading.Lock()
 
-    def count(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[int]:
+    def count(
+        self, texts: Sequence[str] | Sequence[tuple[str, str]], *, add_special_tokens: bool = True
+    ) -> list[int]:
+        """Tokens of each text, or of each (first, second) pair encoded as one input."""
         with self._lock:
             return [
                 len(e.ids)

@@ -2,7 +2,8 @@
 
 score = P(yes | prompt) over {yes, no} = sigmoid(z_yes - z_no) at the last position, with
 the exact prefix / body / suffix of the Qwen3-Reranker model card; only the document is
-truncated, so the prefix and suffix always survive at max length.
+truncated, so the prefix and suffix always survive at max length. The sigmoid is taken in
+float64, so `log(p / (1 - p))` gives z back (TEI's `raw_scores`) wherever |z| < 36.
 
 Three things make it faster than the recipe without changing a score beyond float noise:
 
@@ -47,7 +48,7 @@ from twostage.retrieval.prompts import (
 )
 from twostage.retrieval.reranker import RerankMixin, RerankRequest
 from twostage.retrieval.settings import RerankerSettings
-from twostage.retrieval.tokens import split_markers_in_text
+from twostage.retrieval.tokens import TokenCounter, split_markers_in_text
 
 
 def single_token_id(tokenizer: PreTrainedTokenizerBase, word: str, model_name: str) -> int:
@@ -79,6 +80,7 @@ class YesNoReranker(RerankMixin):
     """Causal-LM reranker with the Qwen3-Reranker template and a shared-prefix KV cache."""
 
     family = "yes-no"
+    probabilities = True
 
     def __init__(
         self,
@@ -108,10 +110,12 @@ class YesNoReranker(RerankMixin):
         if head is None:
             raise ModelLoadError(f"{model_id} has no language-model head to read yes/no from")
         weight = head.weight.detach()
-        self._direction = (weight[self.yes_id] - weight[self.no_id]).float()
+        # formed in fp32 from the rows as stored (bf16 or fp32): a bf16 subtraction would round it
+        self._direction = weight[self.yes_id].float() - weight[self.no_id].float()
         bias = getattr(head, "bias", None)
-        self._offset = float(bias[self.yes_id] - bias[self.no_id]) if bias is not None else 0.0
+        self._offset = 0.0 if bias is None else float(bias[self.yes_id].float() - bias[self.no_id].float())
         self._decoder = model.get_decoder()
+        self._counter = TokenCounter(self.tokenizer)  # lengths for callers in other threads
 
     @classmethod
     def load(
@@ -166,6 +170,15 @@ class YesNoReranker(RerankMixin):
             else []
         )
         return PromptTokens(shared, [ids[:room] for ids in encoded], self._suffix_ids)
+
+    def input_lengths(
+        self, query: str, documents: Sequence[str], instruction: str | None = None
+    ) -> list[int]:
+        task = self.instruction if instruction is None else require_text(instruction, "instruction")
+        fixed = len(self._prefix_ids) + len(self._suffix_ids)
+        fixed += self._counter.count([reranker_query_part(task, query)], add_special_tokens=False)[0]
+        bodies = [reranker_document_part(clip_for_tokens(d, self.max_length)) for d in documents]
+        return [fixed + n for n in self._counter.count(bodies, add_special_tokens=False)]
 
     def score(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[float]:
         prompt = self.prompt_tokens(query, documents, instruction)
@@ -228,7 +241,7 @@ class YesNoReranker(RerankMixin):
             ).last_hidden_state
             last = hidden[torch.arange(len(tails), device=device), lengths - 1]
             z = last.float() @ self._direction.to(device) + self._offset
-            for i, s in zip(batch, torch.sigmoid(z).tolist(), strict=True):
+            for i, s in zip(batch, torch.sigmoid(z.double()).tolist(), strict=True):
                 scores[i] = s
         out: list[list[float]] = []
         start = 0
@@ -257,6 +270,6 @@ class YesNoReranker(RerankMixin):
             ).last_hidden_state
             last = hidden[torch.arange(len(rows), device=device), torch.tensor([len(r) - 1 for r in rows])]
             z = last.float() @ self._direction.to(device) + self._offset
-            for i, s in zip(batch, torch.sigmoid(z).tolist(), strict=True):
+            for i, s in zip(batch, torch.sigmoid(z.double()).tolist(), strict=True):
                 scores[i] = s
         return scores

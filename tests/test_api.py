@@ -25,10 +25,12 @@ from pathlib import Path
 
 import cohere
 import httpx
+import huggingface_hub
 import numpy as np
 import openai
 import pytest
 import uvicorn
+from huggingface_hub import InferenceClient
 
 from twostage.api.app import create_app
 from twostage.api.filters import parse_filter
@@ -276,6 +278,66 @@ def test_openai_sdk_embeddings_float_base64_dimensions(served: Served) -> None:
     too_wide = post(served, "/v1/embeddings", {"input": "chess", "dimensions": 4096})
     assert too_wide.status_code == 400 and "at most 384" in too_wide.text
     assert post(served, "/v1/embeddings", {"input": ["ok", " "]}).status_code == 400
+
+
+def test_tei_routes_with_tei_clients(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`/embed` through huggingface_hub's TEI client; `/rerank` and `/info` as RAGFlow and Haystack post them."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # a local server, not the hub
+    embedder, reranker = served.service.embedder, served.service.reranker
+    assert embedder is not None and reranker is not None
+    client = InferenceClient(model=served.url + "/embed")
+    texts = ["first document", "second document about chess"]
+    np.testing.assert_allclose(client.feature_extraction(texts), embedder.embed_documents(texts), atol=1e-6)
+    raw = client.feature_extraction("chess", normalize=False)[0]  # MiniLM ends in its own Normalize module
+    np.testing.assert_allclose(raw, embedder.embed_documents(["chess"])[0], atol=1e-6)
+    short = client.feature_extraction("chess", dimensions=64, prompt_name="query")[0]
+    assert short.shape == (64,) and np.linalg.norm(short) == pytest.approx(1, abs=1e-5)
+    np.testing.assert_allclose(
+        post(served, "/embed", {"inputs": "chess", "instruction": INSTRUCTION}).json()[0],
+        embedder.embed_queries(["chess"], INSTRUCTION)[0], atol=1e-6,
+    )  # fmt: skip
+
+    # MiniLM reads 256 word pieces: `left` keeps a text's end, `right` its beginning, `false` refuses
+    ending = " and finally the part that matters: a chess engine"
+    one, two = "x " * 400 + ending, "y " * 50 + "x " * 400 + ending
+    left = client.feature_extraction([one, two], truncate=True, truncation_direction="Left")
+    np.testing.assert_allclose(left[0], left[1], atol=1e-6)
+    right = client.feature_extraction([one, two], truncate=True, truncation_direction="right")
+    assert not np.allclose(right[0], right[1], atol=1e-3)
+    np.testing.assert_allclose(right, embedder.embed_documents([one, two]), atol=1e-6)
+    refused = post(served, "/embed", {"inputs": ["fits", one], "truncate": False})
+    assert refused.status_code == 413 and "inputs[1]" in refused.text and "256" in refused.text
+    assert post(served, "/embed", {"inputs": ["fits"], "truncate": False}).status_code == 200
+
+    documents = ["a chess engine", "a strategy game", "an image viewer", "chess database and board"]
+    ragflow = post(
+        served, "/rerank", {"query": "chess", "texts": documents, "raw_scores": False, "truncate": True}
+    )
+    direct = reranker.score("chess", documents)
+    assert [r["index"] for r in ragflow.json()] == sorted(range(4), key=lambda i: -direct[i])
+    assert [r["score"] for r in ragflow.json()] == pytest.approx(sorted(direct, reverse=True), abs=1e-6)
+    assert all("text" not in r for r in ragflow.json())
+    haystack = post(served, "/rerank", {
+        "query": "chess", "texts": documents, "raw_scores": True, "return_text": True,
+        "truncate": True, "truncation_direction": "Right", "instruction": INSTRUCTION,
+    }).json()  # fmt: skip
+    probabilities = reranker.score("chess", documents, INSTRUCTION)
+    for r in haystack:
+        assert r["text"] == documents[r["index"]]
+        assert 1 / (1 + np.exp(-r["score"])) == pytest.approx(probabilities[r["index"]], abs=1e-6)
+    assert [r["score"] for r in haystack] == sorted((r["score"] for r in haystack), reverse=True)
+    too_long = "chess " * (reranker.max_length + 10)
+    refused = post(served, "/rerank", {"query": "chess", "texts": ["ok", too_long], "truncate": False})
+    assert (
+        refused.status_code == 413 and "texts[1]" in refused.text and str(reranker.max_length) in refused.text
+    )
+    assert post(served, "/rerank", {"query": "chess", "texts": []}).status_code == 422
+
+    info = httpx.get(served.url + "/info").json()
+    assert info["model_id"] == embedder.model_id and info["max_input_length"] == 256
+    assert info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert info["max_client_batch_size"] == served.settings.api.max_client_batch
+    assert info["reranker"]["model_id"] == reranker.model_id
 
 
 def test_health_ready_metrics(served: Served) -> None:

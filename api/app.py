@@ -29,6 +29,7 @@ from twostage.retrieval.errors import (
     ModelLoadError,
     ModelLoading,
     ModelOverloaded,
+    RemoteUnavailable,
     TooLarge,
     TwostageError,
 )
@@ -101,6 +102,8 @@ def _add_error_handlers(app: FastAPI) -> None:
             return _error(400, str(exc))
         if isinstance(exc, ModelOverloaded | ModelLoading):
             return _error(503, str(exc), headers={"Retry-After": "5"})
+        if isinstance(exc, RemoteUnavailable):
+            return _error(503, str(exc), headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
         if isinstance(exc, ModelError):
             return _error(500, str(exc))
         if isinstance(exc, StoreLockedError | StoreUnavailable | ModelLoadError):

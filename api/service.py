@@ -23,11 +23,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from twostage.api.jobs import JobRunner
 from twostage.api.micro_batcher import MicroBatcher
-from twostage.retrieval.collections import active_manifest, open_store
+from twostage.retrieval.collections import active_manifest, embedder_mismatch, open_store
 from twostage.retrieval.embedder import Embedder
-from twostage.retrieval.errors import ModelError, ModelLoading, ModelOverloaded, TwostageError
+from twostage.retrieval.errors import (
+    ModelError,
+    ModelLoading,
+    ModelOverloaded,
+    RemoteUnavailable,
+    TwostageError,
+)
 from twostage.retrieval.model_cache import ModelCache, pair_keys
 from twostage.retrieval.registry import DeploymentRecord, Registry
+from twostage.retrieval.remote import RemoteMetrics
 from twostage.retrieval.reranker import Reranker
 from twostage.retrieval.search import Deployment
 from twostage.retrieval.settings import Settings
@@ -62,8 +69,11 @@ class RerankItem:
 def load_pair(models: ModelCache, names: tuple[str, str]) -> tuple[Embedder, Reranker]:
     """An (embedder, reranker) pair from the cache, warmed so its first request is not a cold one."""
     embedder, reranker = models.pair(*names)
-    embedder.embed_queries(["warm up"], None)
-    reranker.score("warm up", ["warm up"], None)
+    try:
+        embedder.embed_queries(["warm up"], None)
+        reranker.score("warm up", ["warm up"], None)
+    except RemoteUnavailable as exc:  # a model server that is down: serve anyway, /readyz says why
+        log.warning("could not warm up: %s", exc)
     return embedder, reranker
 
 
@@ -118,7 +128,7 @@ class Service:
         self.jobs: JobRunner | None = None
         self._records: dict[str, int] = {}  # registry deployment id behind each cached deployment
         # the one owner of loaded models, shared with an in-process retrain
-        self.models = ModelCache(settings)
+        self.models = ModelCache(settings, RemoteMetrics.create(self.metrics.registry))
         # the (embedder, reranker) names of each (collection, deployment id) whose models are loaded
         self._pairs: dict[tuple[str, int], tuple[str, str]] = {}
         self._loading: dict[tuple[str, int], float] = {}  # when a deployment's load started (or failed)
@@ -205,11 +215,9 @@ class Service:
         manifest = active_manifest(self.store, collection)
         if cached is not None and cached.manifest.collection == manifest.collection:
             return cached
-        if manifest.embedder != self.embedder.model_id or manifest.dim != self.embedder.dim:
-            raise StoreError(
-                f"collection {manifest.collection} was built with embedder {manifest.embedder} (dim "
-                f"{manifest.dim}) but this service runs {self.embedder.model_id} (dim {self.embedder.dim})"
-            )
+        mismatch = embedder_mismatch(manifest, self.embedder)
+        if mismatch is not None:
+            raise StoreError(f"{mismatch}, which this service runs")
         deployment = Deployment(manifest, self.embedder, self.reranker)
         self._deployments[collection] = deployment
         if collection == self.settings.collection:
@@ -243,11 +251,9 @@ class Service:
         self._pairs[key] = names
         embedder, reranker = self.models.pair(*names)  # loaded: no wait
         manifest = self.store.read_manifest(record.collection)
-        if manifest.embedder != embedder.model_id:
-            raise StoreError(
-                f"deployment d{record.id}: collection {manifest.collection} was built with "
-                f"{manifest.embedder}, but its embedder {record.embedder} is {embedder.model_id}"
-            )
+        mismatch = embedder_mismatch(manifest, embedder)
+        if mismatch is not None:
+            raise StoreError(f"deployment d{record.id} ({record.embedder}): {mismatch}")
         deployment = Deployment(manifest, embedder, reranker, judge_reranker(reranker, record.metrics))
         self._deployments[collection], self._records[collection] = deployment, record.id
         if collection == self.settings.collection:

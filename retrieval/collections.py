@@ -61,14 +61,30 @@ def active_manifest(store: VectorStore, name: str) -> CollectionManifest:
     return store.read_manifest(collection)
 
 
+def embedder_mismatch(manifest: CollectionManifest, embedder: Embedder) -> str | None:
+    """Why `embedder` cannot query or write the version `manifest` describes (None: it can)."""
+    if manifest.embedder != embedder.model_id or manifest.dim != embedder.dim:
+        return (
+            f"collection {manifest.collection} was built with embedder {manifest.embedder} "
+            f"(dim {manifest.dim}); this one is {embedder.model_id} (dim {embedder.dim})"
+        )
+    built, now = manifest.embedder_fingerprint, embedder.fingerprint
+    if built is not None and (now is None or not built.matches(now)):
+        return (
+            f"collection {manifest.collection} was built by {manifest.embedder} answering with probe "
+            f"fingerprint {built.sha256[:12]}; it now answers {now.sha256[:12] if now else 'none'}: "
+            "another model is behind that name or URL"
+        )
+    return None
+
+
 def require_same_builder(manifest: CollectionManifest, embedder: Embedder, chunker: ChunkerSettings) -> None:
     """Refuse to write (or query) a version with an embedder or chunker other than its own."""
-    if manifest.embedder != embedder.model_id or manifest.dim != embedder.dim:
+    mismatch = embedder_mismatch(manifest, embedder)
+    if mismatch is not None:
         raise StoreError(
-            f"collection {manifest.collection} was built with embedder {manifest.embedder} "
-            f"(dim {manifest.dim}); the configured embedder is {embedder.model_id} (dim {embedder.dim}). "
-            f"Configure TWOSTAGE_EMBEDDER__MODEL={manifest.embedder_model}, or build a new version "
-            "with `twostage ingest --new-version`"
+            f"{mismatch}. Configure TWOSTAGE_EMBEDDER__MODEL={manifest.embedder_model} (the model that "
+            "built it), or build a new version with `twostage ingest --new-version`"
         )
     now = chunker_record(chunker, embedder)
     # collections from before the embedder cap record no "embedder_max_tokens": compare the rest
@@ -95,6 +111,7 @@ def create_version(
         embedder=embedder.model_id,
         embedder_model=settings.embedder.model,
         embedder_revision=settings.embedder.revision,
+        embedder_fingerprint=embedder.fingerprint,
         dim=embedder.dim,
         chunker=chunker_record(settings.chunker, embedder),
         sparse=SparseManifest(params=settings.recall.bm25) if settings.recall.sparse else None,

@@ -6,13 +6,17 @@ Implementations: `LastTokenEmbedder` (Qwen3-Embedding semantics) and
 
 import json
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from twostage.retrieval.devices import resolve_device, resolve_dtype
+from twostage.retrieval.fingerprint import Fingerprint
 from twostage.retrieval.model_source import ModelSource, resolve_model
 from twostage.retrieval.settings import Settings
+
+if TYPE_CHECKING:
+    from twostage.retrieval.remote import RemoteMetrics
 
 
 @runtime_checkable
@@ -27,6 +31,11 @@ class Embedder(Protocol):
     @property
     def dim(self) -> int:
         """Length of the returned vectors (after any Matryoshka truncation)."""
+        ...
+
+    @property
+    def fingerprint(self) -> Fingerprint | None:
+        """A remote model's vectors of fixed probes (None for a local model: `model_id` hashes its files)."""
         ...
 
     @property
@@ -72,9 +81,13 @@ def detect_embedder_family(source: ModelSource) -> str:
     return "last-token" if config.get("model_type") in {"qwen3", "qwen2"} else "sentence-transformers"
 
 
-def load_embedder(settings: Settings) -> Embedder:
+def load_embedder(settings: Settings, remote_metrics: "RemoteMetrics | None" = None) -> Embedder:
     """Resolve, load and warm the configured embedder (the only place that picks the family)."""
     cfg = settings.embedder
+    if cfg.backend == "remote":
+        from twostage.retrieval.remote_embedder import RemoteEmbedder
+
+        return RemoteEmbedder(cfg, remote_metrics)
     source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)

@@ -31,3 +31,11 @@ class ModelLoading(TwostageError):
 
 class ModelLoadError(TwostageError):
     """A model could not be found, downloaded or loaded; the message says how to fix it."""
+
+
+class RemoteUnavailable(TwostageError):
+    """A remote model server is down, slow, or answered something unusable (HTTP 503 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -92,6 +92,10 @@ class LastTokenEmbedder:
         return self._dim
 
     @property
+    def fingerprint(self) -> None:
+        return None  # model_id hashes the model's files
+
+    @property
     def pooling(self) -> str:
         return "last_token"
 

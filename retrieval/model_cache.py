@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from typing import Literal, cast
 
 from twostage.retrieval.embedder import Embedder, load_embedder
+from twostage.retrieval.remote import RemoteMetrics
 from twostage.retrieval.reranker import Reranker, load_reranker
 from twostage.retrieval.settings import Settings
 
@@ -34,8 +35,9 @@ def pair_keys(pairs: Iterable[tuple[str, str]]) -> set[Key]:
 class ModelCache:
     """Loaded embedders and rerankers by (role, model name as configured), one load each."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, remote_metrics: RemoteMetrics | None = None) -> None:
         self.settings = settings
+        self.remote_metrics = remote_metrics  # remote backends report latency and errors here
         self._lock = threading.Lock()
         self._entries: dict[Key, Future[Embedder | Reranker]] = {}
 
@@ -84,6 +86,6 @@ class ModelCache:
         chosen = self.settings.model_copy(deep=True)
         if role == "embedder":
             chosen.embedder.model = model
-            return load_embedder(chosen)
+            return load_embedder(chosen, self.remote_metrics)
         chosen.reranker.model = model
-        return load_reranker(chosen)
+        return load_reranker(chosen, self.remote_metrics)

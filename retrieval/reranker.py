@@ -8,12 +8,15 @@ for sequence-classification rerankers).
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from twostage.retrieval.devices import resolve_device, resolve_dtype
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.model_source import ModelSource, resolve_model
 from twostage.retrieval.settings import Settings
+
+if TYPE_CHECKING:
+    from twostage.retrieval.remote import RemoteMetrics
 
 RerankRequest = tuple[str, Sequence[str], str | None]
 
@@ -95,9 +98,13 @@ def reranker_family(source: ModelSource, configured: str = "auto") -> str:
     return detect_reranker_family(source) if configured == "auto" else configured
 
 
-def load_reranker(settings: Settings) -> Reranker:
+def load_reranker(settings: Settings, remote_metrics: "RemoteMetrics | None" = None) -> Reranker:
     """Resolve, load and warm the configured reranker (the only place that picks the family)."""
     cfg = settings.reranker
+    if cfg.backend == "remote":
+        from twostage.retrieval.remote_reranker import RemoteReranker
+
+        return RemoteReranker(cfg, remote_metrics)
     source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)

@@ -23,10 +23,44 @@ DeviceName = Literal["auto", "cpu", "cuda", "mps"] | str
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+class RemoteSettings(BaseModel):
+    """A model server reached over HTTP (vLLM, TEI, Infinity, another twostage)."""
+
+    url: str | None = Field(None, description="base URL, e.g. http://vllm-embed:8000 (routes are appended)")
+    api_key: SecretStr | None = Field(None, description="sent as a bearer token")
+    timeout_s: float = Field(30.0, gt=0, description="per HTTP attempt")
+    retries: int = Field(3, ge=0, description="further attempts on 429, 5xx, timeouts and connection errors")
+    backoff_s: float = Field(0.2, ge=0, description="first retry delay; doubled each time, with +-50% jitter")
+    breaker_failures: int = Field(5, ge=1, description="failed calls in a row that open the circuit")
+    breaker_reset_s: float = Field(
+        10.0, gt=0, description="open circuit: fail fast this long, then try again"
+    )
+    max_batch: int = Field(
+        256, ge=1, description="inputs or documents per remote call; larger calls are split"
+    )
+    escape_markers: bool = Field(
+        True, description="a zero-width space after the '<' of chat markers in untrusted text, because the "
+        "remote tokenizer may parse them as control tokens",
+    )  # fmt: skip
+
+
+def _require_url(backend: str, remote: RemoteSettings, role: str) -> None:
+    if backend == "remote" and not remote.url:
+        raise ValueError(f"{role}.backend is remote but {role}.remote.url is not set")
+
+
 class EmbedderSettings(BaseModel):
     """Which embedding model to run and how to batch it."""
 
-    model: str = Field("Qwen/Qwen3-Embedding-0.6B", description="hub id, local directory or pypi:NAME")
+    model: str = Field(
+        "Qwen/Qwen3-Embedding-0.6B",
+        description="hub id, local directory or pypi:NAME; backend=remote: the name the server serves",
+    )
+    backend: Literal["local", "remote"] = Field(
+        "local",
+        description="local: in this process; remote: an OpenAI-compatible /v1/embeddings at remote.url",
+    )
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     family: Literal["auto", "last-token", "sentence-transformers"] = Field(
         "auto",
@@ -37,12 +71,31 @@ class EmbedderSettings(BaseModel):
     dim: int | None = Field(None, ge=8, description="Matryoshka output dimension (None = full)")
     instruction: str = Field(DEFAULT_TASK, min_length=1, description="default task for query prompts")
 
+    @model_validator(mode="after")
+    def _remote_has_url(self) -> "EmbedderSettings":
+        _require_url(self.backend, self.remote, "embedder")
+        return self
+
 
 class RerankerSettings(BaseModel):
     """Which reranker to run and how to batch it."""
 
-    model: str = Field("Qwen/Qwen3-Reranker-0.6B", description="hub id, local directory or pypi:NAME")
+    model: str = Field(
+        "Qwen/Qwen3-Reranker-0.6B",
+        description="hub id, local directory or pypi:NAME; backend=remote: the name the server serves",
+    )
     revision: str | None = None
+    backend: Literal["local", "remote"] = Field(
+        "local", description="local, or a rerank server at remote.url"
+    )
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
+    protocol: Literal["cohere", "jina", "tei"] = Field(
+        "jina", description="remote API: Cohere POST /v2/rerank, Jina/vLLM POST /v1/rerank, TEI POST /rerank"
+    )
+    template: Literal["server", "client"] = Field(
+        "server", description="server: send raw text and the instruction (twostage, seq-cls models); client: "
+        "send the Qwen3-Reranker prompt formatted here (vLLM serving the original Qwen3-Reranker)",
+    )  # fmt: skip
     family: Literal["auto", "yes-no", "cross-encoder"] = Field(
         "auto",
         description="yes-no: causal LM judged by logit(yes)-logit(no); cross-encoder: sentence-transformers",
@@ -50,6 +103,11 @@ class RerankerSettings(BaseModel):
     max_length: int = Field(8192, ge=64, le=131072)
     batch_tokens: int = Field(16384, ge=64, description="padded tokens per forward pass")
     instruction: str = Field(DEFAULT_TASK, min_length=1, description="default <Instruct> of the prompt")
+
+    @model_validator(mode="after")
+    def _remote_has_url(self) -> "RerankerSettings":
+        _require_url(self.backend, self.remote, "reranker")
+        return self
 
 
 class ChunkerSettings(BaseModel):

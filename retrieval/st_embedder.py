@@ -84,6 +84,10 @@ class SentenceTransformerEmbedder:
         return self._dim
 
     @property
+    def fingerprint(self) -> None:
+        return None  # model_id hashes the model's files
+
+    @property
     def pooling(self) -> str:
         modes = [str(m.pooling_mode) for m in self.model if hasattr(m, "pooling_mode")]
         return modes[0] if modes else "model"

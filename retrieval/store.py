@@ -19,6 +19,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from twostage.retrieval.errors import InputError, TwostageError
+from twostage.retrieval.fingerprint import Fingerprint
 from twostage.retrieval.sparse import Rrf, SparseManifest, SparseVec
 
 FieldType = Literal["keyword", "integer", "float", "bool"]
@@ -125,6 +126,9 @@ class CollectionManifest(BaseModel):
     embedder: str = Field(description="model identity name@content-hash")
     embedder_model: str = Field(description="as configured: hub id, path or pypi:NAME")
     embedder_revision: str | None = None
+    embedder_fingerprint: Fingerprint | None = Field(
+        None, description="a remote embedder's vectors of fixed probes (None: local, hashed by content)"
+    )
     dim: int
     distance: Literal["cosine"] = "cosine"
     chunker: dict[str, Any]

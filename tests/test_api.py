@@ -12,10 +12,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -29,7 +27,7 @@ import huggingface_hub
 import numpy as np
 import openai
 import pytest
-import uvicorn
+from helpers import free_port, running
 from huggingface_hub import InferenceClient
 
 from twostage.api.app import create_app
@@ -55,12 +53,6 @@ class Served:
     url: str
     service: Service
     settings: Settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def sample_settings(data_dir: Path, tiny_models: TinyModelPaths, model_cache: Path, docs: int) -> Settings:
@@ -101,21 +93,10 @@ def api_settings(
     return sample_settings(tmp_path_factory.mktemp("api-data"), tiny_models, model_cache, 150)
 
 
-def serve(settings: Settings, service: Service | None = None) -> Iterator[Served]:
+def serve(settings: Settings, service: Service | None = None, port: int | None = None) -> Iterator[Served]:
     app = create_app(settings, service)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield Served(f"http://127.0.0.1:{port}", app.state.service, settings)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with running(app, port) as url:
+        yield Served(url, app.state.service, settings)
 
 
 @pytest.fixture(scope="module")

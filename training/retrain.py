@@ -283,6 +283,13 @@ def retrain(
     `models` is the service's model cache when the retrain runs inside the server: the
     deployed pair it evaluates and verifies is then the one already serving, not a copy.
     """
+    remote = [role for role in ("embedder", "reranker") if getattr(settings, role).backend == "remote"]
+    if remote:  # training needs the weights here; a model server only answers
+        raise InputError(
+            f"twostage retrain trains local models, but the {' and '.join(remote)} run on a model server "
+            f"(TWOSTAGE_{remote[0].upper()}__BACKEND=remote): retrain where the weights are, then serve the "
+            "promoted models from your model servers"
+        )
     registry = Registry(settings)
     with registry.lock():
         return _retrain_locked(settings, store, options, registry, say, models or ModelCache(settings))

@@ -6,7 +6,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from twostage.api.deps import ServiceDep
-from twostage.retrieval.errors import TwostageError
+from twostage.retrieval.errors import ModelLoading, TwostageError
 
 router = APIRouter(tags=["operations"])
 
@@ -24,6 +24,9 @@ async def readyz(service: ServiceDep) -> Response:
         return JSONResponse({"status": "loading"}, status_code=503)
 
     def searchable() -> str:
+        assert service.embedder is not None
+        if service.embedder.dim < 1:  # a remote embedder's server must answer (its identity is probed once)
+            raise ModelLoading("the embedder reports no dimensions")
         deployment = service.deployment(service.settings.collection)
         assert service.store is not None
         service.store.count(deployment.collection)

@@ -1,0 +1,128 @@
+"""The `Embedder` protocol over a remote OpenAI-compatible `POST /v1/embeddings`.
+
+For Qwen3-Embedding served by vLLM, TEI, Infinity or another twostage. The Qwen3 query
+prompt is applied here (the server sees `Instruct: {task}\\nQuery:{query}`) and documents
+are sent bare, so any server that embeds text as it is gives the model card's vectors.
+Token counts (chunk sizes, TEI truncation) use Qwen3's vocabulary locally, exact for Qwen3
+models, with the `<|endoftext|>` the model reads last. Identity: the model name the server
+serves plus a fingerprint of its answers (`fingerprint.py`), probed on first use, not at
+construction, so a service whose model server is down still starts and says so in
+`/readyz`; probed again after each outage, since the server may come back with another model.
+"""
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from twostage.retrieval.fingerprint import PROBES, Fingerprint
+from twostage.retrieval.prompts import embedding_query, require_text, require_texts
+from twostage.retrieval.remote import RemoteClient, RemoteMetrics, escape_markers
+from twostage.retrieval.settings import EmbedderSettings
+from twostage.retrieval.tokens import Qwen3Tokens
+
+
+class RemoteEmbedder:
+    """Embeds through a model server; vectors are L2-normalised here (and cut to `dim`)."""
+
+    def __init__(self, cfg: EmbedderSettings, metrics: RemoteMetrics | None = None) -> None:
+        self.cfg = cfg
+        self.client = RemoteClient(cfg.remote, "embedder", metrics)
+        self.instruction = cfg.instruction
+        self.max_length = cfg.max_length
+        self._tokens = Qwen3Tokens()
+        self._lock = threading.Lock()
+        self._fingerprint: Fingerprint | None = None
+        self._full_dim = 0
+        self._probed_at_recoveries = -1
+
+    # -- identity ------------------------------------------------------------------------------
+
+    def _probe(self) -> Fingerprint:
+        """The server's fingerprint, asked once and again after every outage it recovered from."""
+        with self._lock:
+            if self._fingerprint is None or self._probed_at_recoveries != self.client.breaker.recoveries:
+                vectors = self._post(list(PROBES))
+                self._fingerprint, self._full_dim = Fingerprint.of(_unit(vectors)), vectors.shape[1]
+                self._probed_at_recoveries = self.client.breaker.recoveries
+            return self._fingerprint
+
+    @property
+    def model_id(self) -> str:
+        return f"remote:{self.cfg.model}"
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        return self._probe()
+
+    @property
+    def dim(self) -> int:
+        self._probe()
+        return min(self.cfg.dim or self._full_dim, self._full_dim)
+
+    @property
+    def pooling(self) -> str:
+        return "remote"
+
+    # -- vectors -------------------------------------------------------------------------------
+
+    def embed_queries(
+        self, queries: Sequence[str], instruction: str | None = None, *, normalize: bool = True
+    ) -> np.ndarray:
+        return self._embed(self._prompted(queries, instruction), normalize)
+
+    def embed_documents(self, documents: Sequence[str], *, normalize: bool = True) -> np.ndarray:
+        return self._embed(require_texts(documents, "documents"), normalize)
+
+    def _prompted(self, queries: Sequence[str], instruction: str | None) -> list[str]:
+        task = self.instruction if instruction is None else require_text(instruction, "instruction")
+        return [embedding_query(task, q) for q in require_texts(queries, "queries")]
+
+    def _embed(self, texts: list[str], normalize: bool) -> np.ndarray:
+        dim = self.dim
+        if not texts:
+            return np.empty((0, dim), dtype=np.float32)
+        vectors = self._post(texts)[:, :dim]
+        return _unit(vectors) if normalize else vectors
+
+    def _post(self, texts: list[str]) -> np.ndarray:
+        """Vectors for `texts`, in calls of at most `max_batch` inputs, checked for shape."""
+        step = self.cfg.remote.max_batch
+        sent = [escape_markers(t) for t in texts] if self.cfg.remote.escape_markers else texts
+        rows: list[list[float]] = []
+        for start in range(0, len(sent), step):
+            part = sent[start : start + step]
+            answer = self.client.post(
+                "/v1/embeddings", {"model": self.cfg.model, "input": part, "encoding_format": "float"}
+            )
+            data = answer.get("data") if isinstance(answer, dict) else None
+            if not isinstance(data, list) or len(data) != len(part):
+                raise self.client.bad_answer(
+                    f"{len(data) if isinstance(data, list) else 'no'} embeddings for {len(part)} inputs"
+                )
+            try:
+                ordered = sorted(data, key=lambda item: int(item["index"]))
+                rows.extend([float(x) for x in item["embedding"]] for item in ordered)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise self.client.bad_answer(f"not an OpenAI embeddings answer ({exc!r})") from None
+        widths = {len(r) for r in rows}
+        expected = self._full_dim or next(iter(widths))
+        if widths != {expected}:
+            raise self.client.bad_answer(f"vectors of {sorted(widths)} dimensions, expected {expected}")
+        out = np.asarray(rows, dtype=np.float32)
+        if not np.all(np.isfinite(out)):
+            raise self.client.bad_answer("NaN or infinite values in the vectors")
+        return out
+
+    # -- lengths -------------------------------------------------------------------------------
+
+    def document_lengths(self, documents: Sequence[str]) -> list[int]:
+        return [len(ids) + 1 for ids in self._tokens.encode_batch(list(documents))]  # + <|endoftext|>
+
+    def query_lengths(self, queries: Sequence[str], instruction: str | None = None) -> list[int]:
+        return self.document_lengths(self._prompted(queries, instruction))
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.asarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)

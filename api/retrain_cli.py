@@ -48,13 +48,19 @@ def _retrain(args: argparse.Namespace) -> int:
 
 def _versions(args: argparse.Namespace) -> int:
     """List the deployments of a collection with their metrics; the current one is marked."""
+    from twostage.retrieval.collections import open_store
     from twostage.retrieval.settings import Settings
     from twostage.training.retrain import deployments_table
 
     settings = Settings()
     if args.collection:
         settings.collection = args.collection
-    rows = deployments_table(settings)
+    store = open_store(settings) if settings.store.kind == "qdrant" else None  # records live in Qdrant there
+    try:
+        rows = deployments_table(settings, store)
+    finally:
+        if store is not None:
+            store.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

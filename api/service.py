@@ -114,11 +114,15 @@ class Metrics:
 class Service:
     """Owns the models, the store and the batchers for one process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, store: VectorStore | None = None) -> None:
+        """`store`: one already open, shared with other services in this process (replicas in a
+        test share one qdrant-client local-mode store, which one process alone may open); it is
+        then left open at `close`. By default the service opens its own at `start`."""
         self.settings = settings
         self.metrics = Metrics()
         self.tokens = Qwen3Tokens()
         self.store: VectorStore | None = None
+        self._given_store = store
         self.embedder: Embedder | None = None
         self.reranker: Reranker | None = None
         self._deployments: dict[str, Deployment] = {}
@@ -142,8 +146,8 @@ class Service:
 
     def start(self) -> None:
         """Load models and open the store (blocking; run in a thread from the lifespan)."""
-        self.store = open_store(self.settings)
-        record = Registry(self.settings).current()
+        self.store = self._given_store or open_store(self.settings)
+        record = Registry(self.settings, store=self.store).current()
         if record is not None:  # a retrained deployment: its models, not the configured ones
             names = (record.embedder, record.reranker)
             self._pairs[(self.settings.collection, record.id)] = names
@@ -180,7 +184,7 @@ class Service:
         for batcher in (self.embed_batcher, self.rerank_batcher):
             if batcher is not None:
                 batcher.close()
-        if self.store is not None:
+        if self.store is not None and self._given_store is None:
             self.store.close()
 
     @staticmethod
@@ -209,7 +213,7 @@ class Service:
         """Look the deployment up in the registry and the store (with `_state_lock` held)."""
         assert self.store is not None and self.embedder is not None
         cached = self._deployments.get(collection)
-        record = Registry(self.settings, collection).current()
+        record = Registry(self.settings, collection, self.store).current()
         if record is not None:
             return self._registered(collection, record, cached)
         manifest = active_manifest(self.store, collection)

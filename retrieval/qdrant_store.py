@@ -7,6 +7,8 @@ call (delete + create applied atomically by the server).
 """
 
 import functools
+import json
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
@@ -271,8 +273,78 @@ class QdrantStore:
     def optimize(self, collection: str) -> None:
         """The server indexes in the background; nothing to do."""
 
+    def registry_backend(self, name: str) -> "QdrantRegistryBackend":
+        """Deployment records of collection `name` in this Qdrant, where every replica reads them."""
+        return QdrantRegistryBackend(self.client, name)
+
     def close(self) -> None:
         self.client.close()
+
+
+REGISTRY_COLLECTION = "twostage_registry"
+_REGISTRY_NAMESPACE = uuid.UUID("6f1c3e0a-8f2d-4d55-9a51-2b7d0f1e9c44")
+
+
+class QdrantRegistryBackend:
+    """Registry documents as points of one small collection: id uuid5(name/key), the JSON in the payload.
+
+    An upsert of one point is atomic in Qdrant, so a replica reads the old pointer or the new
+    one, never half of either. No collection metadata is used: it would hold every record of
+    every name in one document, rewritten on each switch.
+    """
+
+    def __init__(self, client: QdrantClient, name: str) -> None:
+        self.client, self.name = client, name
+
+    def _id(self, key: str) -> str:
+        return str(uuid.uuid5(_REGISTRY_NAMESPACE, f"{self.name}/{key}"))
+
+    def _ensure(self) -> None:
+        if not self.client.collection_exists(REGISTRY_COLLECTION):
+            self.client.create_collection(
+                REGISTRY_COLLECTION, vectors_config=models.VectorParams(size=1, distance=models.Distance.DOT)
+            )
+            for field in ("name", "folder"):
+                self.client.create_payload_index(REGISTRY_COLLECTION, field, models.PayloadSchemaType.KEYWORD)
+
+    def read(self, key: str) -> dict[str, Any] | None:
+        if not self.client.collection_exists(REGISTRY_COLLECTION):
+            return None
+        found = self.client.retrieve(REGISTRY_COLLECTION, [self._id(key)], with_payload=True)
+        return json.loads(found[0].payload["value"]) if found and found[0].payload else None
+
+    def write(self, key: str, value: dict[str, Any]) -> None:
+        self._ensure()
+        folder = key.rpartition("/")[0]
+        payload = {"name": self.name, "key": key, "folder": folder, "value": json.dumps(value)}
+        point = models.PointStruct(id=self._id(key), vector=[1.0], payload=payload)
+        self.client.upsert(REGISTRY_COLLECTION, [point], wait=True)
+
+    def delete(self, key: str) -> None:
+        if self.client.collection_exists(REGISTRY_COLLECTION):
+            selector = models.PointIdsList(points=[self._id(key)])
+            self.client.delete(REGISTRY_COLLECTION, points_selector=selector, wait=True)
+
+    def keys(self, folder: str) -> list[str]:
+        if not self.client.collection_exists(REGISTRY_COLLECTION):
+            return []
+        where = models.Filter(must=[
+            models.FieldCondition(key="name", match=models.MatchValue(value=self.name)),
+            models.FieldCondition(key="folder", match=models.MatchValue(value=folder)),
+        ])  # fmt: skip
+        keys: list[str] = []
+        offset: Any = None
+        while True:
+            points, offset = self.client.scroll(
+                REGISTRY_COLLECTION,
+                scroll_filter=where,
+                limit=_SCROLL_PAGE,
+                offset=offset,
+                with_payload=["key"],
+            )
+            keys += [str(p.payload["key"]) for p in points if p.payload]
+            if offset is None:
+                return keys
 
 
 def _qdrant_vector(point: Point) -> Any:

@@ -13,11 +13,18 @@ The pointer names the collection version and both models together, so switching 
 atomic rename) moves all three at once; the store's alias is moved right after it for
 clients that read Qdrant directly. Without a registry the deployment is the alias plus the
 configured models, exactly as before the first retrain.
+
+In server mode (`store.kind = qdrant`) the records, the current pointer and the pending
+marker live in Qdrant itself (`QdrantRegistryBackend`: a small `twostage_registry`
+collection, one point per key), so every API replica on that cluster follows a switch
+within `api.alias_refresh_s`; models, runs and the lock stay under the data directory, whose
+promoted model directories are recorded by absolute path: on shared storage mounted at the
+same path, every replica loads them.
 """
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -41,16 +48,60 @@ class DeploymentRecord(BaseModel):
     created_at: str = Field(default_factory=now_iso)
 
 
-class Registry:
-    """Deployment records and the current pointer for one collection name."""
+class RegistryBackend(Protocol):
+    """Where records and pointers live: JSON documents by key (`current`, `pending`, `deployments/dN`)."""
 
-    def __init__(self, settings: Settings, name: str | None = None) -> None:
+    def read(self, key: str) -> dict[str, Any] | None: ...
+
+    def write(self, key: str, value: dict[str, Any]) -> None:
+        """Replace the document at `key` atomically."""
+        ...
+
+    def delete(self, key: str) -> None: ...
+
+    def keys(self, folder: str) -> list[str]:
+        """The keys under `folder/`."""
+        ...
+
+
+class FileRegistryBackend:
+    """`ROOT/KEY.json`, written by atomic rename."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def read(self, key: str) -> dict[str, Any] | None:
+        path = self.root / f"{key}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write(self, key: str, value: dict[str, Any]) -> None:
+        path = self.root / f"{key}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, value)
+
+    def delete(self, key: str) -> None:
+        (self.root / f"{key}.json").unlink(missing_ok=True)
+
+    def keys(self, folder: str) -> list[str]:
+        return [f"{folder}/{p.stem}" for p in (self.root / folder).glob("*.json")]
+
+
+class Registry:
+    """Deployment records and the current pointer for one collection name.
+
+    `store`: where the service and the retrain keep vectors; a store that offers a registry
+    backend (a Qdrant server) holds the records, otherwise they are files under the data directory.
+    """
+
+    def __init__(self, settings: Settings, name: str | None = None, store: Any = None) -> None:
         self.name = name or settings.collection
-        self.root = Path(settings.data_dir) / "registry" / self.name
+        self.root = (Path(settings.data_dir) / "registry" / self.name).absolute()
+        shared = getattr(store, "registry_backend", None)
+        self.backend: RegistryBackend = shared(self.name) if shared else FileRegistryBackend(self.root)
 
     @property
     def exists(self) -> bool:
-        return (self.root / "current.json").exists()
+        return self.backend.read("current") is not None
 
     def lock(self) -> PidLock:
         """Held for a whole retrain or rollback: a second one is refused with the holder's pid."""
@@ -68,49 +119,45 @@ class Registry:
 
     def records(self) -> list[DeploymentRecord]:
         """Every deployment, oldest first."""
-        folder = self.root / "deployments"
-        found = [DeploymentRecord.model_validate_json(p.read_text()) for p in folder.glob("d*.json")]
-        return sorted(found, key=lambda r: r.id)
+        found = [self.backend.read(key) for key in self.backend.keys("deployments")]
+        return sorted(
+            (DeploymentRecord.model_validate(r) for r in found if r is not None), key=lambda r: r.id
+        )
 
     def get(self, deployment: int) -> DeploymentRecord:
-        path = self.root / "deployments" / f"d{deployment}.json"
-        if not path.exists():
+        found = self.backend.read(f"deployments/d{deployment}")
+        if found is None:
             known = ", ".join(f"d{r.id}" for r in self.records()) or "none"
             raise StoreError(f"deployment d{deployment} of {self.name!r} does not exist (known: {known})")
-        return DeploymentRecord.model_validate_json(path.read_text())
+        return DeploymentRecord.model_validate(found)
 
     def current(self) -> DeploymentRecord | None:
-        pointer = self.root / "current.json"
-        if not pointer.exists():
-            return None
-        return self.get(int(json.loads(pointer.read_text())["deployment"]))
+        pointer = self.backend.read("current")
+        return None if pointer is None else self.get(int(pointer["deployment"]))
 
     def next_id(self) -> int:
         records = self.records()
         return records[-1].id + 1 if records else 1
 
     def add(self, record: DeploymentRecord) -> None:
-        """Write a record (not yet current); ids are never reused."""
-        folder = self.root / "deployments"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"d{record.id}.json"
-        if path.exists():
+        """Write a record (not yet current); ids are never reused (the retrain lock serialises writers)."""
+        key = f"deployments/d{record.id}"
+        if self.backend.read(key) is not None:
             raise StoreError(f"deployment d{record.id} of {self.name!r} already exists")
-        write_json_atomic(path, record.model_dump(mode="json"))
+        self.backend.write(key, record.model_dump(mode="json"))
 
     def point_to(self, record: DeploymentRecord) -> None:
-        """Make `record` the deployment (one atomic rename; the API follows it)."""
-        pointer = {"deployment": record.id, "collection": record.collection, "at": now_iso()}
-        write_json_atomic(self.root / "current.json", pointer)
+        """Make `record` the deployment (one atomic write; the API follows it)."""
+        self.backend.write(
+            "current", {"deployment": record.id, "collection": record.collection, "at": now_iso()}
+        )
 
     def pending(self) -> dict[str, Any] | None:
         """The collection version an unfinished retrain was building (left by a crash), if any."""
-        path = self.root / "pending.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return self.backend.read("pending")
 
     def set_pending(self, collection: str | None, run: str | None = None) -> None:
-        path = self.root / "pending.json"
         if collection is None:
-            path.unlink(missing_ok=True)
+            self.backend.delete("pending")
         else:
-            write_json_atomic(path, {"collection": collection, "run": run, "at": now_iso()})
+            self.backend.write("pending", {"collection": collection, "run": run, "at": now_iso()})

@@ -290,7 +290,7 @@ def retrain(
             f"(TWOSTAGE_{remote[0].upper()}__BACKEND=remote): retrain where the weights are, then serve the "
             "promoted models from your model servers"
         )
-    registry = Registry(settings)
+    registry = Registry(settings, store=store)
     with registry.lock():
         return _retrain_locked(settings, store, options, registry, say, models or ModelCache(settings))
 
@@ -554,7 +554,7 @@ def rollback(
     settings: Settings, store: VectorStore, to: int | None = None, say: Say = print
 ) -> DeploymentRecord:
     """Point the registry and the alias back at deployment `to` (default: the current one's parent)."""
-    registry = Registry(settings)
+    registry = Registry(settings, store=store)
     with registry.lock():
         current = registry.current()
         if current is None:
@@ -573,9 +573,9 @@ def rollback(
         return target
 
 
-def deployments_table(settings: Settings) -> list[dict[str, Any]]:
+def deployments_table(settings: Settings, store: VectorStore | None = None) -> list[dict[str, Any]]:
     """`twostage versions`: every deployment with its metrics, marked when current."""
-    registry = Registry(settings)
+    registry = Registry(settings, store=store)
     current = registry.current()
     rows = []
     for record in registry.records():

@@ -34,24 +34,9 @@ from bench.common import DATA, read_jsonl, run_info
 from bench.search_load import drive, free_port, start_server
 
 
-def start_model_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """A `twostage serve` used for its model routes only (it has no collection, so no `/readyz`)."""
-    with log.open("ab") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "twostage.api.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{env['TWOSTAGE_API__PORT']}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the model server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.post(url + "/v1/embeddings", json={"input": "ready?"}, timeout=30).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("the model server did not start")
+def answers_embeddings(url: str) -> bool:
+    """A model server has no collection (so no `/readyz`): ready once it embeds."""
+    return httpx.post(url + "/v1/embeddings", json={"input": "ready?"}, timeout=30).status_code == 200
 
 
 def measure(
@@ -110,7 +95,9 @@ def main() -> None:
             }
 
         local = measure(env("in_process"), base, "in_process", queries, args)
-        model_server, model_url = start_model_server(env("model-server"), base / "model-server.log")
+        model_server, model_url = start_server(
+            env("model-server"), base / "model-server.log", answers_embeddings
+        )
         try:
             remote = {"TWOSTAGE_EMBEDDER__BACKEND": "remote", "TWOSTAGE_EMBEDDER__REMOTE__URL": model_url}
             if args.rerank:

@@ -40,7 +40,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def is_ready(url: str) -> bool:
+    return httpx.get(url + "/readyz").status_code == 200
+
+
+def start_server(
+    env: dict[str, str], log: Path, ready: Callable[[str], bool] = is_ready
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`twostage serve` with `env`, once `ready(url)` says so (by default `/readyz` answers 200)."""
     with log.open("ab") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "twostage.api.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
@@ -51,7 +58,7 @@ def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes
         if server.poll() is not None:
             raise SystemExit(f"the server exited: {log.read_text()[-2000:]}")
         try:
-            if httpx.get(url + "/readyz").status_code == 200:
+            if ready(url):
                 return server, url
         except httpx.HTTPError:
             pass

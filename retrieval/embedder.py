@@ -13,6 +13,7 @@ import numpy as np
 from twostage.retrieval.devices import resolve_device, resolve_dtype
 from twostage.retrieval.fingerprint import Fingerprint
 from twostage.retrieval.model_source import ModelSource, resolve_model
+from twostage.retrieval.prompts import embedding_queries, require_texts
 from twostage.retrieval.settings import Settings
 
 if TYPE_CHECKING:
@@ -70,6 +71,34 @@ class Embedder(Protocol):
     def query_lengths(self, queries: Sequence[str], instruction: str | None = None) -> list[int]:
         """Tokens each query takes in the model's input with its prompt, untruncated."""
         ...
+
+
+class QwenQueryPrompt:
+    """Qwen3-Embedding's query side for any implementation that embeds text as it is given.
+
+    Queries become `Instruct: {task}\nQuery:{query}` (the call's instruction, else the default
+    task), documents are embedded bare; lengths are those of the prompted text. Implementations
+    provide `_embed` and `document_lengths`.
+    """
+
+    instruction: str
+
+    def _embed(self, texts: list[str], normalize: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    def document_lengths(self, documents: Sequence[str]) -> list[int]:
+        raise NotImplementedError
+
+    def embed_queries(
+        self, queries: Sequence[str], instruction: str | None = None, *, normalize: bool = True
+    ) -> np.ndarray:
+        return self._embed(embedding_queries(queries, instruction, self.instruction), normalize)
+
+    def embed_documents(self, documents: Sequence[str], *, normalize: bool = True) -> np.ndarray:
+        return self._embed(require_texts(documents, "documents"), normalize)
+
+    def query_lengths(self, queries: Sequence[str], instruction: str | None = None) -> list[int]:
+        return self.document_lengths(embedding_queries(queries, instruction, self.instruction))
 
 
 def detect_embedder_family(source: ModelSource) -> str:

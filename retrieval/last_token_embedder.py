@@ -14,16 +14,17 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from twostage.retrieval.batching import left_pad, token_budget_batches
+from twostage.retrieval.embedder import QwenQueryPrompt
 from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.model_source import ModelSource, model_identity
-from twostage.retrieval.prompts import clip_for_tokens, embedding_query, require_text, require_texts
+from twostage.retrieval.prompts import clip_for_tokens, require_text
 from twostage.retrieval.settings import EmbedderSettings
 from twostage.retrieval.tokens import TokenCounter, split_markers_in_text
 
 END_OF_TEXT = "<|endoftext|>"
 
 
-class LastTokenEmbedder:
+class LastTokenEmbedder(QwenQueryPrompt):
     """Embeds with a decoder model by reading the hidden state of the final `<|endoftext|>`."""
 
     def __init__(
@@ -99,18 +100,6 @@ class LastTokenEmbedder:
     def pooling(self) -> str:
         return "last_token"
 
-    def embed_queries(
-        self, queries: Sequence[str], instruction: str | None = None, *, normalize: bool = True
-    ) -> np.ndarray:
-        return self._embed(self._prompted(queries, instruction), normalize)
-
-    def embed_documents(self, documents: Sequence[str], *, normalize: bool = True) -> np.ndarray:
-        return self._embed(require_texts(documents, "documents"), normalize)
-
-    def _prompted(self, queries: Sequence[str], instruction: str | None) -> list[str]:
-        task = self.instruction if instruction is None else require_text(instruction, "instruction")
-        return [embedding_query(task, q) for q in require_texts(queries, "queries")]
-
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids exactly as the model card's tokenizer call gives them (truncated, eod last)."""
         clipped = [clip_for_tokens(t, self.max_length) for t in texts]
@@ -123,9 +112,6 @@ class LastTokenEmbedder:
 
     def document_lengths(self, documents: Sequence[str]) -> list[int]:
         return [n + (0 if self._tokenizer_appends_eod else 1) for n in self._counter.count(documents)]
-
-    def query_lengths(self, queries: Sequence[str], instruction: str | None = None) -> list[int]:
-        return self.document_lengths(self._prompted(queries, instruction))
 
     @torch.inference_mode()
     def _embed(self, texts: list[str], normalize: bool = True) -> np.ndarray:

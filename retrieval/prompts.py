@@ -24,6 +24,12 @@ def embedding_query(task: str, query: str) -> str:
     return f"Instruct: {task}\nQuery:{query}"
 
 
+def embedding_queries(queries: Sequence[str], instruction: str | None, default_task: str) -> list[str]:
+    """Qwen3-Embedding query texts of `queries`, with `instruction` or else the default task."""
+    task = default_task if instruction is None else require_text(instruction, "instruction")
+    return [embedding_query(task, q) for q in require_texts(queries, "queries")]
+
+
 def reranker_body(instruction: str, query: str, document: str) -> str:
     """The user turn of the Qwen3-Reranker prompt (what the official recipe truncates)."""
     return reranker_query_part(instruction, query) + reranker_document_part(document)

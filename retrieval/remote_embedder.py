@@ -15,14 +15,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from twostage.retrieval.embedder import QwenQueryPrompt
 from twostage.retrieval.fingerprint import PROBES, Fingerprint
-from twostage.retrieval.prompts import embedding_query, require_text, require_texts
 from twostage.retrieval.remote import RemoteClient, RemoteMetrics, escape_markers
 from twostage.retrieval.settings import EmbedderSettings
 from twostage.retrieval.tokens import Qwen3Tokens
 
 
-class RemoteEmbedder:
+class RemoteEmbedder(QwenQueryPrompt):
     """Embeds through a model server; vectors are L2-normalised here (and cut to `dim`)."""
 
     def __init__(self, cfg: EmbedderSettings, metrics: RemoteMetrics | None = None) -> None:
@@ -66,18 +66,6 @@ class RemoteEmbedder:
 
     # -- vectors -------------------------------------------------------------------------------
 
-    def embed_queries(
-        self, queries: Sequence[str], instruction: str | None = None, *, normalize: bool = True
-    ) -> np.ndarray:
-        return self._embed(self._prompted(queries, instruction), normalize)
-
-    def embed_documents(self, documents: Sequence[str], *, normalize: bool = True) -> np.ndarray:
-        return self._embed(require_texts(documents, "documents"), normalize)
-
-    def _prompted(self, queries: Sequence[str], instruction: str | None) -> list[str]:
-        task = self.instruction if instruction is None else require_text(instruction, "instruction")
-        return [embedding_query(task, q) for q in require_texts(queries, "queries")]
-
     def _embed(self, texts: list[str], normalize: bool) -> np.ndarray:
         dim = self.dim
         if not texts:
@@ -118,9 +106,6 @@ class RemoteEmbedder:
 
     def document_lengths(self, documents: Sequence[str]) -> list[int]:
         return [len(ids) + 1 for ids in self._tokens.encode_batch(list(documents))]  # + <|endoftext|>
-
-    def query_lengths(self, queries: Sequence[str], instruction: str | None = None) -> list[int]:
-        return self.document_lengths(self._prompted(queries, instruction))
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:

@@ -313,6 +313,9 @@ def test_tei_routes_with_tei_clients(served: Served, monkeypatch: pytest.MonkeyP
         refused.status_code == 413 and "texts[1]" in refused.text and str(reranker.max_length) in refused.text
     )
     assert post(served, "/rerank", {"query": "chess", "texts": []}).status_code == 422
+    many = post(served, "/embed", {"inputs": ["x"] * 10_000})
+    assert many.status_code == 413 and "at most 2048 inputs" in many.text
+    assert post(served, "/rerank", {"query": "q", "texts": ["x"] * 10_000}).status_code == 413
 
     info = httpx.get(served.url + "/info").json()
     assert info["model_id"] == embedder.model_id and info["max_input_length"] == 256

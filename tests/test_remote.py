@@ -189,8 +189,8 @@ class Misbehaving:
             return JSONResponse({"error": "warming up"}, status_code=503)
         if self.mode == "slow":
             await asyncio.sleep(1.0)
-        width = lambda i: 3 if self.mode == "wrong-dims" and i == 1 else 4  # noqa: E731
-        data = [{"index": i, "embedding": [1.0] * width(i)} for i in range(len(body["input"]))]
+        width = 3 if self.mode == "wrong-dims" else 4  # after a first answer of 4
+        data = [{"index": i, "embedding": [1.0] * width} for i in range(len(body["input"]))]
         return JSONResponse({"data": data})
 
     async def rerank(self, request: Request) -> JSONResponse:
@@ -206,16 +206,32 @@ def misbehaving() -> Iterator[tuple[Misbehaving, str]]:
         yield server, url
 
 
-def test_faults_are_clear_errors_and_the_breaker_recovers(misbehaving: tuple[Misbehaving, str]) -> None:
+def test_faults_are_clear_errors_and_the_breaker_recovers(
+    misbehaving: tuple[Misbehaving, str], tmp_path: Path, model_cache: Path
+) -> None:
     server, url = misbehaving
     embedder = remote_embedder(url, **FAST)
     assert embedder.dim == 4
     server.mode = "wrong-dims"
-    with pytest.raises(RemoteUnavailable, match=r"vectors of \[3, 4\] dimensions, expected 4"):
+    with pytest.raises(RemoteUnavailable, match=r"vectors of \[3\] dimensions, expected 4"):
         embedder.embed_documents(["a", "b", "c"])
     server.mode = "missing-score"
     with pytest.raises(RemoteUnavailable, match="2 scores for 3 documents"):
         remote_reranker(url, remote=FAST).score("q", ["a", "b", "c"])
+
+    server.mode = "ok"  # the same faults through a service: 503 with the reason, never a silent zero
+    remote = {"backend": "remote", "remote": {"url": url, **FAST, "breaker_failures": 100}}
+    settings = Settings(data_dir=tmp_path / "client", cache_dir=model_cache, device="cpu",
+                        embedder={"model": "m", **remote}, reranker={"model": "r", **remote})  # fmt: skip
+    for client in serve(settings):
+        server.mode = "wrong-dims"
+        answer = httpx.post(client.url + "/v1/embeddings", json={"input": ["a", "b", "c"]}, timeout=30)
+        assert answer.status_code == 503 and "dimensions, expected 4" in answer.text, answer.text
+        server.mode = "missing-score"
+        answer = httpx.post(
+            client.url + "/v2/rerank", json={"query": "q", "documents": ["a", "b", "c"]}, timeout=30
+        )
+        assert answer.status_code == 503 and "2 scores for 3 documents" in answer.text, answer.text
 
     server.mode, server.calls = "flaky", 0  # two 503s, then answers: retried with backoff, not an error
     registry = CollectorRegistry()

@@ -27,6 +27,10 @@ class SearchRequest(_Strict):
     instruction: str | None = Field(None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
     top_k: int = Field(50, ge=1, le=1000, description="chunks recalled by ANN")
     top_n: int = Field(10, ge=1, le=1000, description="hits returned")
+    rerank_k: int | None = Field(
+        None, ge=1, le=1000, description="recalled chunks the reranker sees, the rest follow in recall order "
+        "(default: the service's setting, else all top_k)",
+    )  # fmt: skip
     filter: dict[str, FilterValue] | None = None
     rerank: bool | Literal["auto"] | None = Field(
         None, description='rerank the recalled chunks: true, false, or "auto" (only a reranker that '
@@ -43,6 +47,8 @@ class SearchRequest(_Strict):
     def _top_n_within_top_k(self) -> "SearchRequest":
         if self.top_n > self.top_k:
             raise ValueError(f"top_n ({self.top_n}) cannot exceed top_k ({self.top_k})")
+        if self.rerank_k is not None and self.rerank_k > self.top_k:
+            raise ValueError(f"rerank_k ({self.rerank_k}) cannot exceed top_k ({self.top_k})")
         return self
 
 

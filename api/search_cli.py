@@ -36,6 +36,10 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         body["rerank"] = True
     if args.recall:
         body["recall"] = args.recall
+    if args.rerank_k is not None:
+        if args.rerank_k > args.top_k:
+            raise InputError(f"need --rerank-k <= --top-k (got {args.rerank_k} and {args.top_k})")
+        body["rerank_k"] = args.rerank_k
     if args.collection:
         body["collection"] = args.collection
     if args.filter:
@@ -99,6 +103,7 @@ def _embedded(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
             deployment, service.store, body["query"], instruction=body.get("instruction"),
             top_k=body["top_k"], top_n=body["top_n"], rerank=plan.rerank, recall=plan.recall, rrf=plan.rrf,
             flt=parse_filter(body.get("filter"), deployment.manifest.payload_indexes),
+            rerank_k=body.get("rerank_k") or settings.api.rerank_k,
         )  # fmt: skip
     finally:
         service.close()
@@ -155,6 +160,9 @@ def add_search_command(commands: Any) -> None:
     rerank.add_argument("--rerank", action="store_true", help="rerank even where the service would not")
     search.add_argument(
         "--recall", choices=("dense", "sparse", "hybrid"), help="first stage (default: the service's)"
+    )
+    search.add_argument(
+        "--rerank-k", type=positive_int, help="recalled chunks the reranker sees (default: all)"
     )
     search.add_argument("--filter", help='payload filter as JSON, e.g. \'{"source": {"any": ["a", "b"]}}\'')
     search.add_argument("--json", action="store_true", help="print the response as JSON")

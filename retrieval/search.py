@@ -107,8 +107,12 @@ def two_stage_search(
     recall: RecallMode = "dense",
     rrf: Rrf | None = None,
     exact: bool = False,
+    rerank_k: int | None = None,
 ) -> SearchResult:
     """The whole search path with per-stage timings (ms).
+
+    `rerank_k` bounds what the reranker sees: the first `rerank_k` of the recalled chunks are
+    reranked and come first, the rest follow in recall order (None: all of them).
 
     `recall` picks the first stage (dense ANN, BM25, or both fused by `rrf`); callers choose
     it with `choose_recall`. `embed_query` / `score_documents` default to the deployment's
@@ -145,10 +149,11 @@ def two_stage_search(
     reranker = deployment.reranker if rerank else None
     mark = time.perf_counter()
     if reranker is not None and hits:
+        depth = len(hits) if rerank_k is None else min(rerank_k, len(hits))
         score = score_documents or reranker.score
-        scores = score(query, [str(h.payload.get("text", "")) for h in hits], instruction)
-        rerank_scores = list(scores)
-        order = sorted(range(len(hits)), key=lambda i: (-scores[i], i))
+        scores = score(query, [str(h.payload.get("text", "")) for h in hits[:depth]], instruction)
+        rerank_scores = [*scores, *([None] * (len(hits) - depth))]
+        order = sorted(range(depth), key=lambda i: (-scores[i], i)) + list(range(depth, len(hits)))
     else:
         order = list(range(len(hits)))
     timings["rerank"] = _ms(mark)

@@ -202,6 +202,9 @@ class ApiSettings(BaseModel):
         True, description="gather concurrent requests' items into shared forward passes (false: one "
         "item per forward pass, for comparison)",
     )  # fmt: skip
+    rerank_k: int | None = Field(
+        None, ge=1, description="recalled chunks /v1/search reranks (None: all top_k); a request may say"
+    )
     max_client_batch: int = Field(
         2048, ge=1, description="inputs or documents in one request; more get 413 (TEI and vLLM say 2048 too)"
     )

@@ -129,6 +129,20 @@ def test_search_returns_reranked_hits_with_both_scores_and_timings(served: Serve
     assert all(a["recall_score"] >= b["recall_score"] for a, b in itertools.pairwise(dense))
 
 
+def test_rerank_k_bounds_what_the_reranker_sees(served: Served) -> None:
+    body = {"query": "real-time strategy game of ancient warfare", "top_k": 20, "top_n": 12, "rerank": True}
+    full = post(served, "/v1/search", body).json()["hits"]
+    recalled = post(served, "/v1/search", {**body, "rerank": False}).json()["hits"]
+    hits = post(served, "/v1/search", {**body, "rerank_k": 5}).json()["hits"]
+    head, tail = hits[:5], hits[5:]
+    assert {h["id"] for h in head} == {h["id"] for h in recalled[:5]}  # the recall top 5, reranked
+    assert [h["rerank_score"] for h in head] == sorted((h["rerank_score"] for h in head), reverse=True)
+    assert [h["id"] for h in tail] == [h["id"] for h in recalled[5:12]]  # then recall order, not reranked
+    assert all(h["rerank_score"] is None for h in tail) and all(h["rerank_score"] is not None for h in full)
+    too_deep = post(served, "/v1/search", {**body, "rerank_k": 21})
+    assert too_deep.status_code == 422 and "rerank_k (21) cannot exceed top_k (20)" in too_deep.text
+
+
 def test_instruction_reaches_query_prompt_and_reranker_prompt(served: Served) -> None:
     query = "which package plays chess"
     body = post(

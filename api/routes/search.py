@@ -49,6 +49,7 @@ async def search(body: SearchRequest, service: ServiceDep, response: Response) -
         recall=plan.recall,
         rrf=plan.rrf,
         group_by_doc=body.group_by_doc,
+        rerank_k=body.rerank_k or service.settings.api.rerank_k,
         embed_query=_blocking(loop, partial(service.embed_query, embedder=deployment.embedder)),
         score_documents=_blocking(loop, partial(service.score, reranker=deployment.reranker)),
     )

@@ -7,7 +7,8 @@ after `breaker_failures` failed calls in a row, answers at once with `RemoteUnav
 timeouts, then lets one call through to see whether the server is back (half-open) and
 closes on its success: recovery needs no restart. Failures worth retrying are 429, 5xx,
 timeouts and connection errors; another 4xx is the server refusing the request, which a
-retry would not change. Latency by outcome and errors by kind are Prometheus metrics
+retry would not change (nor does it count against the server: one bad request must not open
+the circuit for everyone). Latency by outcome and errors by kind are Prometheus metrics
 labelled with the role (embedder, reranker).
 """
 
@@ -131,9 +132,9 @@ class RemoteClient:
                 retry_after = _retry_after(response)
                 self._count(started, f"http_{response.status_code}")
                 continue
-            if response.status_code >= 400:
-                self._count(started, f"http_{response.status_code}")
-                self.breaker.failed()
+            if response.status_code >= 400:  # the server is up and refuses this request: no retry, and
+                self._count(started, f"http_{response.status_code}")  # no reason to fail fast for others
+                self.breaker.succeeded()
                 raise RemoteUnavailable(
                     f"{self.role} server {self.url}{path} refused the request: HTTP {response.status_code}: "
                     f"{response.text[:300]}"

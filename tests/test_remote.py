@@ -187,6 +187,8 @@ class Misbehaving:
         self.calls += 1
         if self.mode == "unavailable" or (self.mode == "flaky" and self.calls <= 2):
             return JSONResponse({"error": "warming up"}, status_code=503)
+        if self.mode == "bad-request":
+            return JSONResponse({"error": "input too long"}, status_code=400)
         if self.mode == "slow":
             await asyncio.sleep(1.0)
         width = 3 if self.mode == "wrong-dims" else 4  # after a first answer of 4
@@ -218,6 +220,13 @@ def test_faults_are_clear_errors_and_the_breaker_recovers(
     server.mode = "missing-score"
     with pytest.raises(RemoteUnavailable, match="2 scores for 3 documents"):
         remote_reranker(url, remote=FAST).score("q", ["a", "b", "c"])
+    server.mode = "bad-request"  # refused requests are not the server failing: the circuit stays closed
+    refusing = remote_embedder(url, retries=0, breaker_failures=1)
+    for _ in range(3):
+        with pytest.raises(RemoteUnavailable, match=r"refused the request: HTTP 400.*input too long"):
+            refusing.embed_documents(["a"])
+    server.mode = "ok"
+    assert refusing.embed_documents(["a"]).shape == (1, 4)
 
     server.mode = "ok"  # the same faults through a service: 503 with the reason, never a silent zero
     remote = {"backend": "remote", "remote": {"url": url, **FAST, "breaker_failures": 100}}

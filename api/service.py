@@ -147,7 +147,10 @@ class Service:
     def start(self) -> None:
         """Load models and open the store (blocking; run in a thread from the lifespan)."""
         self.store = self._given_store or open_store(self.settings)
-        record = Registry(self.settings, store=self.store).current()
+        try:
+            record = Registry(self.settings, store=self.store).current()
+        except TwostageError as exc:  # a server-mode registry lives in Qdrant, which may be down: serve
+            record, self.load_error = None, str(exc)  # anyway with the configured models; /readyz says why
         if record is not None:  # a retrained deployment: its models, not the configured ones
             names = (record.embedder, record.reranker)
             self._pairs[(self.settings.collection, record.id)] = names

@@ -123,7 +123,7 @@ class RemoteClient:
                 problem, retry_after = f"no answer within {self.cfg.timeout_s:g} s", None
                 self._count(started, "timeout")
                 continue
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # connection, protocol, decoding: the server is not usable
                 problem, retry_after = f"unreachable ({type(exc).__name__}: {exc})", None
                 self._count(started, "connection")
                 continue

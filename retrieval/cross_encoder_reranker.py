@@ -37,8 +37,7 @@ class CrossEncoderReranker(RerankMixin):
         self.max_length = int(model.max_length or 512)
         self.batch_size = max(1, batch_tokens // self.max_length)
         self.use_instruction = use_instruction
-        self._sigmoid = isinstance(model.activation_fn, torch.nn.Sigmoid)
-        self.probabilities = self._sigmoid
+        self.probabilities = isinstance(model.activation_fn, torch.nn.Sigmoid)  # a sigmoid head: taken here
         self._counter = TokenCounter(model.tokenizer)  # lengths for callers in other threads
 
     @classmethod
@@ -93,9 +92,9 @@ class CrossEncoderReranker(RerankMixin):
         prompt = instruction if self.use_instruction else None
         scores = self.model.predict(
             [(query, d) for d in docs], batch_size=self.batch_size, show_progress_bar=False, prompt=prompt,
-            activation_fn=torch.nn.Identity() if self._sigmoid else None,
+            activation_fn=torch.nn.Identity() if self.probabilities else None,
         )  # fmt: skip
-        if self._sigmoid:
+        if self.probabilities:
             return [float(s) for s in 1.0 / (1.0 + np.exp(-np.asarray(scores, dtype=np.float64)))]
         return [float(s) for s in scores]
 

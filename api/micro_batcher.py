@@ -1,10 +1,16 @@
 """Micro-batching across concurrent requests, with a bounded queue.
 
-Requests submit work items from the event loop; one worker thread per model takes the
-first waiting item, then keeps gathering items until their summed cost reaches the token
-budget or `max_wait_s` has passed since the first one, and runs them as one batch. A lone
-request therefore waits at most `max_wait_s`; under load, batches fill up and throughput
-grows with concurrency.
+Requests submit work items from the event loop; a worker thread takes the first waiting
+item, then keeps gathering items until their summed cost reaches the token budget or
+`max_wait_s` has passed since the first one, and runs them as one batch. A lone request
+therefore waits at most `max_wait_s`; under load, batches fill up and throughput grows with
+concurrency. A request that brings several items (a client that batches itself: the
+OpenAI SDK's bulk embeds, an API tier in front of this model server) does not wait: its
+items and whatever else is queued run at once, since waiting would only add its latency.
+
+One worker suits a model in this process (a forward pass already uses every core). A model
+behind HTTP gets several (`workers`), so batches overlap the round trip instead of the
+pipeline idling on it.
 
 Admission is per request, as in TEI and infinity: a request's items (its texts, its
 documents) are admitted or refused together, once, against a bound counted in items
@@ -43,6 +49,7 @@ class _Pending(Generic[Item]):
     cost: int
     future: "asyncio.Future[Any]"
     loop: asyncio.AbstractEventLoop
+    following: int = 0  # items of the same request queued right after this one
 
 
 class MicroBatcher(Generic[Item, Result]):
@@ -59,6 +66,7 @@ class MicroBatcher(Generic[Item, Result]):
         max_pending: int,
         on_batch: Callable[[str, int, int], None] | None = None,
         max_items: int | None = None,
+        workers: int = 1,
     ) -> None:
         self.name = name
         self.run_batch = run_batch
@@ -71,8 +79,15 @@ class MicroBatcher(Generic[Item, Result]):
         self._admitted = 0  # items admitted and not yet answered
         self._admission = threading.Lock()
         self._queue: queue.Queue[_Pending[Item] | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
-        self._worker.start()
+        self._putting = threading.Lock()  # a request's items are queued next to each other
+        self._gathering = threading.Lock()
+        self._carry: _Pending[Item] | None = None  # taken, over budget: first of the next batch
+        self._workers = [
+            threading.Thread(target=self._loop, name=f"batcher-{name}-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     @property
     def depth(self) -> int:
@@ -110,42 +125,62 @@ class MicroBatcher(Generic[Item, Result]):
     async def _enqueue(self, items: list[tuple[Item, int]]) -> list[Result]:
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Result]] = []
+        pending = []
         for item, weight in items:
             future: asyncio.Future[Result] = loop.create_future()
             future.add_done_callback(partial(self._release_done, weight))
-            self._queue.put(_Pending(item, max(1, self.cost(item)), future, loop))
+            pending.append(_Pending(item, max(1, self.cost(item)), future, loop))
             futures.append(future)
+        with self._putting:
+            for i, entry in enumerate(pending):
+                entry.following = len(pending) - 1 - i
+                self._queue.put(entry)
         return list(await asyncio.gather(*futures))
 
     def close(self) -> None:
-        """Finish what is queued, then stop the worker."""
-        self._queue.put(None)
-        self._worker.join(timeout=60)
+        """Finish what is queued, then stop the workers."""
+        for _ in self._workers:
+            self._queue.put(None)
+        for worker in self._workers:
+            worker.join(timeout=60)
 
     def _loop(self) -> None:
-        carry: _Pending[Item] | None = None
         while True:
-            first = carry or self._queue.get()
-            carry = None
-            if first is None:
+            with self._gathering:  # one worker gathers at a time; the others run their batches
+                gathered = self._gather()
+            if gathered is None:
                 return
-            batch, total = [first], first.cost
-            deadline = time.monotonic() + self.max_wait_s
-            while total < self.budget and (self.max_items is None or len(batch) < self.max_items):
-                remaining = deadline - time.monotonic()
-                try:
-                    nxt = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)  # stop after this batch
-                    break
-                if total + nxt.cost > self.budget:
-                    carry = nxt  # starts the next batch
-                    break
-                batch.append(nxt)
-                total += nxt.cost
-            self._run(batch, total)
+            self._run(*gathered)
+
+    def _gather(self) -> tuple[list[_Pending[Item]], int] | None:
+        """The next batch, or None when the batcher is closing."""
+        first = self._carry or self._queue.get()
+        self._carry = None
+        if first is None:
+            return None
+        batch, total = [first], first.cost
+        # a lone item waits for company; a request that brought several does not
+        deadline = time.monotonic() + (self.max_wait_s if first.following == 0 else 0.0)
+        while total < self.budget and (self.max_items is None or len(batch) < self.max_items):
+            remaining = deadline - time.monotonic()
+            try:
+                if batch[-1].following:  # the rest of its request is being queued now
+                    nxt = self._queue.get()
+                elif remaining > 0:
+                    nxt = self._queue.get(timeout=remaining)
+                else:
+                    nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                self._queue.put(None)  # stop after this batch
+                break
+            if total + nxt.cost > self.budget:
+                self._carry = nxt  # starts the next batch
+                break
+            batch.append(nxt)
+            total += nxt.cost
+        return batch, total
 
     def _run(self, batch: list[_Pending[Item]], total: int) -> None:
         if self.on_batch is not None:

@@ -37,7 +37,7 @@ from twostage.retrieval.registry import DeploymentRecord, Registry
 from twostage.retrieval.remote import RemoteMetrics
 from twostage.retrieval.reranker import Reranker
 from twostage.retrieval.search import Deployment
-from twostage.retrieval.settings import Settings
+from twostage.retrieval.settings import RemoteSettings, Settings
 from twostage.retrieval.store import CollectionNotFound, StoreError, VectorStore
 from twostage.retrieval.tokens import Qwen3Tokens
 from twostage.retrieval.trust import judge_reranker
@@ -64,6 +64,12 @@ class RerankItem:
     documents: tuple[str, ...]
     instruction: str | None
     reranker: Reranker
+
+
+def _workers(backend: str, remote: RemoteSettings) -> int:
+    """Batcher workers for a model: one in this process (a forward pass uses every core); for
+    a model server, enough batches in flight to cover the HTTP round trip."""
+    return remote.concurrency if backend == "remote" else 1
 
 
 def load_pair(models: ModelCache, names: tuple[str, str]) -> tuple[Embedder, Reranker]:
@@ -163,11 +169,13 @@ class Service:
             "embedder", self._embed_batch, lambda item: self.tokens.count(item.text) + 16,
             budget=self.settings.embedder.batch_tokens, max_wait_s=wait, max_pending=pending,
             on_batch=self.metrics.observe_batch, max_items=None if self.settings.api.micro_batching else 1,
+            workers=_workers(self.settings.embedder.backend, self.settings.embedder.remote),
         )  # fmt: skip
         self.rerank_batcher = MicroBatcher(
             "reranker", self._rerank_batch, lambda item: sum(len(d) for d in item.documents) // 4 + 64,
             budget=self.settings.reranker.batch_tokens, max_wait_s=wait, max_pending=pending,
             on_batch=self.metrics.observe_batch, max_items=None if self.settings.api.micro_batching else 1,
+            workers=_workers(self.settings.reranker.backend, self.settings.reranker.remote),
         )  # fmt: skip
         self.jobs = JobRunner(self)
         self.metrics.queue_depth.labels("embedder").set_function(lambda: self._depth(self.embed_batcher))
@@ -222,7 +230,7 @@ class Service:
         manifest = active_manifest(self.store, collection)
         if cached is not None and cached.manifest.collection == manifest.collection:
             return cached
-        mismatch = embedder_mismatch(manifest, self.embedder)
+        mismatch = embedder_mismatch(manifest, self.embedder, self.settings.numerics.embedder_min_cosine)
         if mismatch is not None:
             raise StoreError(f"{mismatch}, which this service runs")
         deployment = Deployment(manifest, self.embedder, self.reranker)
@@ -258,7 +266,7 @@ class Service:
         self._pairs[key] = names
         embedder, reranker = self.models.pair(*names)  # loaded: no wait
         manifest = self.store.read_manifest(record.collection)
-        mismatch = embedder_mismatch(manifest, embedder)
+        mismatch = embedder_mismatch(manifest, embedder, self.settings.numerics.embedder_min_cosine)
         if mismatch is not None:
             raise StoreError(f"deployment d{record.id} ({record.embedder}): {mismatch}")
         deployment = Deployment(manifest, embedder, reranker, judge_reranker(reranker, record.metrics))

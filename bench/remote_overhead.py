@@ -6,7 +6,9 @@ driven by `--clients` concurrent clients for `--seconds`:
 * in-process: the API loads the models itself (as `bench/search_load.py` runs it);
 * remote: a second `twostage serve` is the model server (it serves `/v1/embeddings` and
   `/v1/rerank`), and the API reaches it with `TWOSTAGE_EMBEDDER__BACKEND=remote` (and the
-  reranker's, with `--rerank`); its index is built through the same remote embedder.
+  reranker's, with `--rerank`); its index is built through the same remote embedder. Queries
+  go with `embedder.template=server`, so the server embeds exactly what the in-process
+  model does (MiniLM takes no Qwen3 instruction; `client` would prepend one).
 
 Both processes share this machine's cores in the remote run, as an API and a model server on
 one host would. Last line: one JSON object with both runs' rps and latency percentiles and
@@ -99,7 +101,11 @@ def main() -> None:
             env("model-server"), base / "model-server.log", answers_embeddings
         )
         try:
-            remote = {"TWOSTAGE_EMBEDDER__BACKEND": "remote", "TWOSTAGE_EMBEDDER__REMOTE__URL": model_url}
+            remote = {  # the model server is a twostage: it applies its model's own query prompt
+                "TWOSTAGE_EMBEDDER__BACKEND": "remote",
+                "TWOSTAGE_EMBEDDER__REMOTE__URL": model_url,
+                "TWOSTAGE_EMBEDDER__TEMPLATE": "server",
+            }
             if args.rerank:
                 remote |= {
                     "TWOSTAGE_RERANKER__BACKEND": "remote",

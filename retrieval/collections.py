@@ -6,7 +6,7 @@ made, and the refusal to mix embedders. The alias switch itself is the store's a
 """
 
 from twostage.retrieval.embedder import Embedder
-from twostage.retrieval.settings import ChunkerSettings, Settings
+from twostage.retrieval.settings import ChunkerSettings, NumericsSettings, Settings
 from twostage.retrieval.sparse import SparseManifest
 from twostage.retrieval.store import (
     CORE_INDEXES,
@@ -61,14 +61,35 @@ def active_manifest(store: VectorStore, name: str) -> CollectionManifest:
     return store.read_manifest(collection)
 
 
-def embedder_mismatch(manifest: CollectionManifest, embedder: Embedder) -> str | None:
-    """Why `embedder` cannot query or write the version `manifest` describes (None: it can)."""
+NUMERIC_MIN_COSINE = NumericsSettings().embedder_min_cosine
+
+
+def embedder_mismatch(
+    manifest: CollectionManifest, embedder: Embedder, min_cosine: float = NUMERIC_MIN_COSINE
+) -> str | None:
+    """Why `embedder` cannot query or write the version `manifest` describes (None: it can).
+
+    The same model on another numeric path (built in float32, queried in bfloat16 or int8) may
+    query it only when its probe vectors keep a cosine of at least `min_cosine`
+    (`numerics.embedder_min_cosine`) with those recorded at build time.
+    """
     if manifest.embedder != embedder.model_id or manifest.dim != embedder.dim:
         return (
             f"collection {manifest.collection} was built with embedder {manifest.embedder} "
             f"(dim {manifest.dim}); this one is {embedder.model_id} (dim {embedder.dim})"
         )
     built, now = manifest.embedder_fingerprint, embedder.fingerprint
+    path = embedder.numerics
+    if built is not None and now is not None and manifest.embedder_numerics not in (None, path):
+        cosine = built.min_cosine(now)
+        if cosine < min_cosine:
+            return (
+                f"collection {manifest.collection} was embedded in {manifest.embedder_numerics}; this "
+                f"process runs {manifest.embedder} in {path}, whose probe vectors stray from those "
+                f"(cosine {cosine:.4f} < numerics.embedder_min_cosine {min_cosine}): run the embedder as "
+                f"it was built (TWOSTAGE_DTYPE={manifest.embedder_numerics})"
+            )
+        return None
     if built is not None and (now is None or not built.matches(now)):
         return (
             f"collection {manifest.collection} was built by {manifest.embedder} answering with probe "
@@ -78,9 +99,14 @@ def embedder_mismatch(manifest: CollectionManifest, embedder: Embedder) -> str |
     return None
 
 
-def require_same_builder(manifest: CollectionManifest, embedder: Embedder, chunker: ChunkerSettings) -> None:
+def require_same_builder(
+    manifest: CollectionManifest,
+    embedder: Embedder,
+    chunker: ChunkerSettings,
+    min_cosine: float = NUMERIC_MIN_COSINE,
+) -> None:
     """Refuse to write (or query) a version with an embedder or chunker other than its own."""
-    mismatch = embedder_mismatch(manifest, embedder)
+    mismatch = embedder_mismatch(manifest, embedder, min_cosine)
     if mismatch is not None:
         raise StoreError(
             f"{mismatch}. Configure TWOSTAGE_EMBEDDER__MODEL={manifest.embedder_model} (the model that "
@@ -112,6 +138,7 @@ def create_version(
         embedder_model=settings.embedder.model,
         embedder_revision=settings.embedder.revision,
         embedder_fingerprint=embedder.fingerprint,
+        embedder_numerics=embedder.numerics,
         dim=embedder.dim,
         chunker=chunker_record(settings.chunker, embedder),
         sparse=SparseManifest(params=settings.recall.bm25) if settings.recall.sparse else None,
@@ -133,7 +160,7 @@ def version_for_ingest(
     active = store.resolve_alias(check_collection_name(name))
     if active is not None and not new_version:
         manifest = store.read_manifest(active)
-        require_same_builder(manifest, embedder, settings.chunker)
+        require_same_builder(manifest, embedder, settings.chunker, settings.numerics.embedder_min_cosine)
         return manifest, False
     parsed = parse_versioned_name(active) if active else None
     active_version = parsed[1] if parsed else 0
@@ -143,7 +170,9 @@ def version_for_ingest(
         candidate = store.read_manifest(versioned_name(name, version))
         if candidate.status == "building":
             try:
-                require_same_builder(candidate, embedder, settings.chunker)
+                require_same_builder(
+                    candidate, embedder, settings.chunker, settings.numerics.embedder_min_cosine
+                )
             except StoreError:
                 break
             return candidate, True

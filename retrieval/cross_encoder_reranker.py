@@ -14,6 +14,7 @@ from sentence_transformers import CrossEncoder
 
 from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.model_source import ModelSource, model_identity
+from twostage.retrieval.numerics import numeric_path
 from twostage.retrieval.prompts import clip_for_tokens, require_text, require_texts
 from twostage.retrieval.reranker import RerankMixin
 from twostage.retrieval.settings import RerankerSettings
@@ -81,6 +82,10 @@ class CrossEncoderReranker(RerankMixin):
     @property
     def model_id(self) -> str:
         return self._model_id
+
+    @property
+    def numerics(self) -> str:
+        return numeric_path(self.model)
 
     def score(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[float]:
         require_text(query, "query")

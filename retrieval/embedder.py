@@ -6,17 +6,20 @@ Implementations: `LastTokenEmbedder` (Qwen3-Embedding semantics) and
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from twostage.retrieval.devices import resolve_device, resolve_dtype
-from twostage.retrieval.fingerprint import Fingerprint
-from twostage.retrieval.model_source import ModelSource, resolve_model
+from twostage.retrieval.devices import resolve_device
+from twostage.retrieval.fingerprint import PROBES, Fingerprint
+from twostage.retrieval.model_source import ModelSource, model_identity, resolve_model
+from twostage.retrieval.numerics import choose_dtype, embedder_deviation, load_measured, numeric_path
 from twostage.retrieval.prompts import embedding_queries, require_texts
 from twostage.retrieval.settings import Settings
 
 if TYPE_CHECKING:
+    import torch
+
     from twostage.retrieval.remote import RemoteMetrics
 
 
@@ -36,7 +39,13 @@ class Embedder(Protocol):
 
     @property
     def fingerprint(self) -> Fingerprint | None:
-        """A remote model's vectors of fixed probes (None for a local model: `model_id` hashes its files)."""
+        """The model's vectors of fixed probes (`fingerprint.py`): a remote model's identity, and for
+        a local one what tells whether another numeric path stays close to the one that built an index."""
+        ...
+
+    @property
+    def numerics(self) -> str:
+        """The numeric path that computes the vectors: float32, bfloat16, float16, int8-dynamic, remote."""
         ...
 
     @property
@@ -101,6 +110,26 @@ class QwenQueryPrompt:
         return self.document_lengths(embedding_queries(queries, instruction, self.instruction))
 
 
+class LocalModelIdentity:
+    """`fingerprint` and `numerics` of an embedder whose weights are in this process."""
+
+    model: Any  # the implementation's torch module
+    _probed: Fingerprint | None = None
+
+    def embed_documents(self, documents: Sequence[str], *, normalize: bool = True) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        if self._probed is None:  # computed once; two threads racing compute the same value
+            self._probed = Fingerprint.of(self.embed_documents(list(PROBES)))
+        return self._probed
+
+    @property
+    def numerics(self) -> str:
+        return numeric_path(self.model)
+
+
 def detect_embedder_family(source: ModelSource) -> str:
     """`last-token` for Qwen-style decoder embedders, else `sentence-transformers`."""
     pooling = source.path / "1_Pooling" / "config.json"
@@ -119,14 +148,19 @@ def load_embedder(settings: Settings, remote_metrics: "RemoteMetrics | None" = N
         return RemoteEmbedder(cfg, remote_metrics)
     source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    choice = choose_dtype(settings.dtype, device, settings.numerics.strict)
     family = detect_embedder_family(source) if cfg.family == "auto" else cfg.family
     if family == "last-token":
-        from twostage.retrieval.last_token_embedder import LastTokenEmbedder
+        from twostage.retrieval.last_token_embedder import LastTokenEmbedder as Family
+    else:
+        from twostage.retrieval.st_embedder import SentenceTransformerEmbedder as Family  # type: ignore[assignment]
 
-        return LastTokenEmbedder.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
-    from twostage.retrieval.st_embedder import SentenceTransformerEmbedder
+    def load(dtype: "torch.dtype") -> Embedder:
+        return Family.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
 
-    return SentenceTransformerEmbedder.load(
-        source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir
-    )
+    tolerance = 1.0 - settings.numerics.embedder_min_cosine
+    embedder, _ = load_measured(
+        load, choice, lambda e: e.embed_documents(list(PROBES)), embedder_deviation, tolerance,
+        model_identity(source, settings.cache_dir), settings.cache_dir,
+    )  # fmt: skip
+    return embedder

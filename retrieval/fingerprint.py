@@ -1,4 +1,4 @@
-"""What a remote embedder is, told by its answers: vectors of a fixed probe set.
+"""What an embedder is, told by its answers: vectors of a fixed probe set.
 
 A remote model has no weights here to hash, and a name says nothing about what a URL serves
 today. Its vectors of `PROBES` do: the collection manifest records them (rounded, with their
@@ -8,7 +8,8 @@ rounding boundary and the server's numerics move it across (another batch size, 
 hardware), refusing the very model that built the index; so an equal hash is a match, and
 otherwise the vectors are compared: every probe's cosine similarity at least `MIN_COSINE`.
 Different models are far apart (unrelated vectors are near-orthogonal), the same model under
-float noise is not.
+float noise is not. A local model is named by the hash of its files; its probe vectors tell how
+far another numeric path (bf16, int8) strays from the one that built an index.
 """
 
 import hashlib
@@ -40,11 +41,13 @@ class Fingerprint(BaseModel):
         digest = hashlib.sha256(kept.astype("<f8").tobytes()).hexdigest()
         return cls(vectors=kept.tolist(), sha256=digest)
 
-    def matches(self, other: "Fingerprint") -> bool:
-        if self.sha256 == other.sha256:
-            return True
+    def matches(self, other: "Fingerprint", min_cosine: float = MIN_COSINE) -> bool:
+        return self.sha256 == other.sha256 or self.min_cosine(other) >= min_cosine
+
+    def min_cosine(self, other: "Fingerprint") -> float:
+        """The smallest cosine similarity between matching probe vectors (-1 when shapes differ)."""
         a, b = np.asarray(self.vectors), np.asarray(other.vectors)
         if a.shape != b.shape:
-            return False
+            return -1.0
         cosines = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-        return bool(np.all(cosines >= MIN_COSINE))
+        return float(cosines.min())

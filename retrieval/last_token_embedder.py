@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from twostage.retrieval.batching import left_pad, token_budget_batches
-from twostage.retrieval.embedder import QwenQueryPrompt
+from twostage.retrieval.embedder import LocalModelIdentity, QwenQueryPrompt
 from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.model_source import ModelSource, model_identity
 from twostage.retrieval.prompts import clip_for_tokens, require_text
@@ -24,7 +24,7 @@ from twostage.retrieval.tokens import TokenCounter, split_markers_in_text
 END_OF_TEXT = "<|endoftext|>"
 
 
-class LastTokenEmbedder(QwenQueryPrompt):
+class LastTokenEmbedder(QwenQueryPrompt, LocalModelIdentity):
     """Embeds with a decoder model by reading the hidden state of the final `<|endoftext|>`."""
 
     def __init__(
@@ -91,10 +91,6 @@ class LastTokenEmbedder(QwenQueryPrompt):
     @property
     def dim(self) -> int:
         return self._dim
-
-    @property
-    def fingerprint(self) -> None:
-        return None  # model_id hashes the model's files
 
     @property
     def pooling(self) -> str:

@@ -2,7 +2,10 @@
 
 For Qwen3-Embedding served by vLLM, TEI, Infinity or another twostage. The Qwen3 query
 prompt is applied here (the server sees `Instruct: {task}\\nQuery:{query}`) and documents
-are sent bare, so any server that embeds text as it is gives the model card's vectors.
+are sent bare, so any server that embeds text as it is gives the model card's vectors. With
+`embedder.template=server` queries leave raw, marked `input_type: query` with the instruction,
+for a server that applies its own model's query prompt (another twostage, whatever it serves:
+a model that takes no instruction must not be sent one).
 Token counts (chunk sizes, TEI truncation) use Qwen3's vocabulary locally, exact for Qwen3
 models, with the `<|endoftext|>` the model reads last. Identity: the model name the server
 serves plus a fingerprint of its answers (`fingerprint.py`), probed on first use, not at
@@ -19,6 +22,7 @@ import numpy as np
 
 from twostage.retrieval.embedder import QwenQueryPrompt
 from twostage.retrieval.fingerprint import PROBES, Fingerprint
+from twostage.retrieval.prompts import require_texts
 from twostage.retrieval.remote import RemoteClient, RemoteMetrics, escape_markers
 from twostage.retrieval.settings import EmbedderSettings
 from twostage.retrieval.tokens import Qwen3Tokens
@@ -66,25 +70,43 @@ class RemoteEmbedder(QwenQueryPrompt):
     def pooling(self) -> str:
         return "remote"
 
+    @property
+    def numerics(self) -> str:
+        return "remote"  # the server's own, told apart by the fingerprint
+
     # -- vectors -------------------------------------------------------------------------------
 
-    def _embed(self, texts: list[str], normalize: bool) -> np.ndarray:
+    def embed_queries(
+        self, queries: Sequence[str], instruction: str | None = None, *, normalize: bool = True
+    ) -> np.ndarray:
+        if self.cfg.template == "client":
+            return super().embed_queries(queries, instruction, normalize=normalize)
+        marked: dict[str, str] = {"input_type": "query"}
+        if instruction is not None:
+            marked["instruction"] = instruction
+        return self._embed(require_texts(queries, "queries"), normalize, marked)
+
+    def query_lengths(self, queries: Sequence[str], instruction: str | None = None) -> list[int]:
+        if self.cfg.template == "client":
+            return super().query_lengths(queries, instruction)
+        return self.document_lengths(queries)  # the server's prompt is its own: the raw text is what we know
+
+    def _embed(self, texts: list[str], normalize: bool, marked: dict[str, str] | None = None) -> np.ndarray:
         dim = self.dim
         if not texts:
             return np.empty((0, dim), dtype=np.float32)
-        vectors = self._post(texts)[:, :dim]
+        vectors = self._post(texts, marked or {})[:, :dim]
         return _unit(vectors) if normalize else vectors
 
-    def _post(self, texts: list[str]) -> np.ndarray:
+    def _post(self, texts: list[str], marked: dict[str, str] | None = None) -> np.ndarray:
         """Vectors for `texts`, in calls of at most `max_batch` inputs, checked for shape."""
         step = self.cfg.remote.max_batch
         sent = [escape_markers(t) for t in texts] if self.cfg.remote.escape_markers else texts
         rows: list[np.ndarray] = []
         for start in range(0, len(sent), step):
             part = sent[start : start + step]
-            answer = self.client.post(
-                "/v1/embeddings", {"model": self.cfg.model, "input": part, "encoding_format": "base64"}
-            )
+            body = {"model": self.cfg.model, "input": part, "encoding_format": "base64", **(marked or {})}
+            answer = self.client.post("/v1/embeddings", body)
             data = answer.get("data") if isinstance(answer, dict) else None
             if not isinstance(data, list) or len(data) != len(part):
                 raise self.client.bad_answer(

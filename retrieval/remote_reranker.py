@@ -51,6 +51,10 @@ class RemoteReranker(RerankMixin):
     def model_id(self) -> str:
         return f"remote:{self.cfg.model}"
 
+    @property
+    def numerics(self) -> str:
+        return "remote"
+
     def score(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[float]:
         require_text(query, "query")
         docs = require_texts(documents, "documents", allow_empty_items=True)

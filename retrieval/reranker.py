@@ -10,12 +10,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from twostage.retrieval.devices import resolve_device, resolve_dtype
+import numpy as np
+
+from twostage.retrieval.devices import resolve_device
 from twostage.retrieval.errors import InputError
-from twostage.retrieval.model_source import ModelSource, resolve_model
+from twostage.retrieval.model_source import ModelSource, model_identity, resolve_model
+from twostage.retrieval.numerics import RERANK_PROBES, choose_dtype, load_measured, reranker_deviation
 from twostage.retrieval.settings import Settings
 
 if TYPE_CHECKING:
+    import torch
+
     from twostage.retrieval.remote import RemoteMetrics
 
 RerankRequest = tuple[str, Sequence[str], str | None]
@@ -40,6 +45,11 @@ class Reranker(Protocol):
     @property
     def model_id(self) -> str:
         """`name@content-hash` of the loaded model."""
+        ...
+
+    @property
+    def numerics(self) -> str:
+        """The numeric path that computes the scores: float32, bfloat16, float16, int8-dynamic, remote."""
         ...
 
     def score(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[float]:
@@ -107,11 +117,24 @@ def load_reranker(settings: Settings, remote_metrics: "RemoteMetrics | None" = N
         return RemoteReranker(cfg, remote_metrics)
     source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    choice = choose_dtype(settings.dtype, device, settings.numerics.strict)
     if reranker_family(source, cfg.family) == "yes-no":
-        from twostage.retrieval.yes_no_reranker import YesNoReranker
+        from twostage.retrieval.yes_no_reranker import YesNoReranker as Family
+    else:
+        from twostage.retrieval.cross_encoder_reranker import CrossEncoderReranker as Family  # type: ignore[assignment]
 
-        return YesNoReranker.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
-    from twostage.retrieval.cross_encoder_reranker import CrossEncoderReranker
+    def load(dtype: "torch.dtype") -> Reranker:
+        return Family.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
 
-    return CrossEncoderReranker.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
+    reranker, _ = load_measured(
+        load, choice, probe_scores, reranker_deviation, settings.numerics.reranker_max_delta,
+        model_identity(source, settings.cache_dir), settings.cache_dir,
+    )  # fmt: skip
+    return reranker
+
+
+def probe_scores(reranker: Reranker) -> np.ndarray:
+    """The reranker's scores of `RERANK_PROBES`, as probabilities (a raw head's logits squashed), so
+    one tolerance reads the same for every head."""
+    scores = np.asarray([s for q, docs in RERANK_PROBES for s in reranker.score(q, docs)], dtype=np.float64)
+    return scores if reranker.probabilities else 1.0 / (1.0 + np.exp(-scores))

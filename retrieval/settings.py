@@ -38,6 +38,9 @@ class RemoteSettings(BaseModel):
     max_batch: int = Field(
         256, ge=1, description="inputs or documents per remote call; larger calls are split"
     )
+    concurrency: int = Field(
+        4, ge=1, description="batches in flight to the server at once (the service's batcher workers)"
+    )
     escape_markers: bool = Field(
         True, description="a zero-width space after the '<' of chat markers in untrusted text, because the "
         "remote tokenizer may parse them as control tokens",
@@ -61,6 +64,11 @@ class EmbedderSettings(BaseModel):
         description="local: in this process; remote: an OpenAI-compatible /v1/embeddings at remote.url",
     )
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
+    template: Literal["client", "server"] = Field(
+        "client", description="backend=remote: client: queries leave with the Qwen3 query prompt applied "
+        "here (vLLM, TEI, Infinity serving Qwen3-Embedding); server: raw queries marked input_type=query, "
+        "with the instruction, for a server that applies its model's own query prompt (another twostage)",
+    )  # fmt: skip
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     family: Literal["auto", "last-token", "sentence-transformers"] = Field(
         "auto",
@@ -186,6 +194,22 @@ class IngestSettings(BaseModel):
     )  # fmt: skip
 
 
+class NumericsSettings(BaseModel):
+    """How far a lower-precision path may stray from fp32 (measured per model, `numerics.py`)."""
+
+    embedder_min_cosine: float = Field(
+        0.999, gt=0, le=1, description="smallest cosine similarity of a probe vector with its fp32 one; also "
+        "what a collection built with another numeric path needs of this one's probe vectors",
+    )  # fmt: skip
+    reranker_max_delta: float = Field(
+        0.01, ge=0, le=1, description="largest change of a probe score (a probability) from fp32"
+    )
+    strict: bool = Field(
+        False, description="refuse an explicit bfloat16/float16 on a CPU without native bf16 (else: float32 "
+        "with one log line)",
+    )  # fmt: skip
+
+
 class ApiSettings(BaseModel):
     """The HTTP service: binding, auth, limits and micro-batching."""
 
@@ -266,7 +290,11 @@ class Settings(BaseSettings):
         "docs", description="collection (alias) searched and ingested into; data in NAME__vN"
     )
     device: DeviceName = Field("auto", description="auto: CUDA when present, else CPU")
-    dtype: DtypeName = Field("auto", description="auto: bfloat16 on CUDA, float32 on CPU")
+    dtype: DtypeName = Field(
+        "auto", description="auto: bfloat16 on CUDA; on a CPU with native bf16 (AVX512_BF16, AMX, Arm BF16) "
+        "bfloat16 for each model measured within numerics' tolerance of float32; float32 elsewhere",
+    )  # fmt: skip
+    numerics: NumericsSettings = Field(default_factory=NumericsSettings)
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
     reranker: RerankerSettings = Field(default_factory=RerankerSettings)
     chunker: ChunkerSettings = Field(default_factory=ChunkerSettings)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
+from twostage.retrieval.embedder import LocalModelIdentity
 from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.model_source import ModelSource, model_identity
 from twostage.retrieval.prompts import embedding_query, require_text, require_texts
@@ -20,7 +21,7 @@ from twostage.retrieval.settings import EmbedderSettings
 from twostage.retrieval.tokens import TokenCounter, split_markers_in_text
 
 
-class SentenceTransformerEmbedder:
+class SentenceTransformerEmbedder(LocalModelIdentity):
     """Wraps `SentenceTransformer.encode_query` / `encode_document`."""
 
     def __init__(
@@ -82,10 +83,6 @@ class SentenceTransformerEmbedder:
     @property
     def dim(self) -> int:
         return self._dim
-
-    @property
-    def fingerprint(self) -> None:
-        return None  # model_id hashes the model's files
 
     @property
     def pooling(self) -> str:

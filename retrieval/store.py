@@ -127,7 +127,10 @@ class CollectionManifest(BaseModel):
     embedder_model: str = Field(description="as configured: hub id, path or pypi:NAME")
     embedder_revision: str | None = None
     embedder_fingerprint: Fingerprint | None = Field(
-        None, description="a remote embedder's vectors of fixed probes (None: local, hashed by content)"
+        None, description="the embedder's vectors of fixed probes (None: built before they were recorded)"
+    )
+    embedder_numerics: str | None = Field(
+        None, description="the numeric path that embedded it: float32, bfloat16, int8-dynamic, remote"
     )
     dim: int
     distance: Literal["cosine"] = "cosine"

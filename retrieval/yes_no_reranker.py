@@ -36,6 +36,7 @@ from transformers import (
 from twostage.retrieval.batching import right_pad, token_budget_batches
 from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.model_source import ModelSource, model_identity
+from twostage.retrieval.numerics import numeric_path
 from twostage.retrieval.prompts import (
     DOCUMENT_TAG,
     RERANKER_PREFIX,
@@ -145,6 +146,10 @@ class YesNoReranker(RerankMixin):
     @property
     def model_id(self) -> str:
         return self._model_id
+
+    @property
+    def numerics(self) -> str:
+        return numeric_path(self.model)
 
     def prompt_tokens(
         self, query: str, documents: Sequence[str], instruction: str | None = None

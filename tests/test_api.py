@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -622,6 +623,60 @@ def test_admission_takes_or_refuses_a_request_whole() -> None:
         asyncio.run(scenario())
     finally:
         batcher.close()
+
+
+def test_batcher_runs_a_batched_request_at_once_and_overlaps_batches_with_workers() -> None:
+    """A request that brings several items does not wait for company (the wait here is 30 s);
+    lone requests still share a batch; with two workers two batches are in flight at once
+    (what a model server's round trip needs); closing stops every worker."""
+    import asyncio
+
+    from twostage.api.micro_batcher import MicroBatcher
+
+    sizes: list[int] = []
+    running, most = 0, 0
+    guard = threading.Lock()
+
+    def slow(items: object) -> list[int]:
+        nonlocal running, most
+        with guard:
+            running += 1
+            most = max(most, running)
+            sizes.append(len(items))  # type: ignore[arg-type]
+        time.sleep(0.3)
+        with guard:
+            running -= 1
+        return [2 * i for i in items]  # type: ignore[attr-defined]
+
+    async def scenario(batcher: MicroBatcher[int, int]) -> None:
+        started = time.monotonic()
+        assert await batcher.submit_many([1, 2, 3, 4, 5]) == [2, 4, 6, 8, 10]
+        assert time.monotonic() - started < 15, "a batched request waited out max_wait_s"
+        assert sizes == [5]
+
+    waiting: MicroBatcher[int, int] = MicroBatcher(
+        "embedder", slow, lambda _: 1, budget=100, max_wait_s=30, max_pending=100
+    )
+    try:
+        asyncio.run(scenario(waiting))
+    finally:
+        waiting.close()
+
+    sizes.clear()
+    two: MicroBatcher[int, int] = MicroBatcher(
+        "embedder", slow, lambda _: 1, budget=3, max_wait_s=0.05, max_pending=100, workers=2
+    )
+
+    async def overlapping() -> None:
+        answers = await asyncio.gather(*(two.submit(i) for i in range(9)))
+        assert answers == [2 * i for i in range(9)]
+
+    try:
+        asyncio.run(overlapping())
+    finally:
+        two.close()
+    assert sorted(sizes) == [3, 3, 3] and most == 2
+    assert not any(worker.is_alive() for worker in two._workers)
 
 
 def test_model_faults_are_json_errors_with_a_metric(

@@ -64,9 +64,11 @@ def model_server(
     yield from serve(model_server_settings(tmp_path_factory.mktemp("model-server"), tiny_models, model_cache))
 
 
-def remote_embedder(url: str, **remote: Any) -> RemoteEmbedder:
+def remote_embedder(url: str, template: str = "client", **remote: Any) -> RemoteEmbedder:
     return RemoteEmbedder(
-        EmbedderSettings(model="tiny-embedder", backend="remote", remote={"url": url, **remote})
+        EmbedderSettings(
+            model="tiny-embedder", backend="remote", template=template, remote={"url": url, **remote}
+        )
     )
 
 
@@ -81,12 +83,16 @@ def test_remote_embedder_gives_the_in_process_vectors(model_server: Served) -> N
     remote = remote_embedder(model_server.url, max_batch=3)  # 7 inputs: three calls, merged in order
     assert remote.dim == local.dim and remote.model_id == "remote:tiny-embedder"
     queries = ["which chess engine runs in a terminal", "a JSON parser", HOSTILE]
+    # client: the Qwen3 query prompt is applied here; server: raw queries marked input_type=query, the
+    # server applies its model's own prompt (were both to apply it, the vectors would differ)
+    server_side = remote_embedder(model_server.url, template="server", max_batch=3)
     for instruction in (None, INSTRUCTION):
-        np.testing.assert_allclose(
-            remote.embed_queries(queries[:2], instruction),
-            local.embed_queries(queries[:2], instruction),
-            atol=1e-5,
-        )
+        for embedder in (remote, server_side):
+            np.testing.assert_allclose(
+                embedder.embed_queries(queries[:2], instruction),
+                local.embed_queries(queries[:2], instruction),
+                atol=1e-5,
+            )
     np.testing.assert_allclose(remote.embed_documents(DOCS[:6]), local.embed_documents(DOCS[:6]), atol=1e-5)
     np.testing.assert_allclose(  # markers are escaped on the way: still text, never control tokens
         remote.embed_documents([HOSTILE]), local.embed_documents([HOSTILE.replace("<", "<\u200b")]), atol=1e-5

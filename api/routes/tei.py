@@ -19,7 +19,6 @@ from starlette.concurrency import run_in_threadpool
 from twostage.api.deps import ReadAccess, ServiceDep
 from twostage.api.routes.compat import check_batch
 from twostage.api.schemas import TeiEmbedRequest, TeiRerankRequest
-from twostage.retrieval.devices import resolve_device, resolve_dtype
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.truncation import fit_texts
 
@@ -91,7 +90,6 @@ async def tei_info(service: ServiceDep) -> dict[str, Any]:
     """TEI's `/info` for the embedder, with the reranker beside it."""
     embedder, reranker, settings = service.embedder, service.reranker, service.settings
     assert embedder is not None and reranker is not None
-    dtype = str(resolve_dtype(settings.dtype, resolve_device(settings.device))).removeprefix("torch.")
     try:
         package = version("twostage")
     except PackageNotFoundError:  # run from a checkout without installing
@@ -99,7 +97,7 @@ async def tei_info(service: ServiceDep) -> dict[str, Any]:
     return {
         "model_id": embedder.model_id,
         "model_sha": None,
-        "model_dtype": dtype,
+        "model_dtype": embedder.numerics,
         "model_type": {"embedding": {"pooling": embedder.pooling}},
         "max_concurrent_requests": settings.api.max_pending,
         "max_input_length": embedder.max_length,

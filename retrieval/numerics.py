@@ -1,0 +1,180 @@
+"""Numeric paths (dtype, int8) and the measurement that lets `dtype=auto` pick bf16 on a CPU.
+
+bf16 halves memory traffic and, on CPUs with native bf16 dot products (x86 AVX512_BF16 or
+AMX, Arm's BF16 extension), runs matrix products at about twice fp32's rate. Without them
+oneDNN emulates bf16 through fp32 and it only loses precision, so `auto` never picks it there.
+Where it is native, `auto` still keeps bf16 only for a model whose outputs stay close to fp32:
+the first load measures it on fixed probes (both dtypes loaded once, compared, the verdict
+cached by the model's content hash and torch version), because the deviation is a property of
+the weights (their range, the depth of the network), not of the hardware alone.
+
+Tolerances (`NumericsSettings`, documented in the README): embedder probe vectors keep a cosine
+similarity of at least `embedder_min_cosine` (0.999) with fp32; reranker probe scores, as
+probabilities, move by at most `reranker_max_delta` (0.01). Measured here: all-MiniLM-L6-v2
+bf16 0.99995, the MiniLM cross-encoder bf16 0.0016.
+"""
+
+import hashlib
+import json
+import logging
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+from twostage.retrieval.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# what the rerankers' probes score: varied lengths, scripts and one obviously relevant document
+RERANK_PROBES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "how do I install a package on Debian?",
+        (
+            "apt install NAME installs a package and its dependencies from the configured archives.",
+            "Chess engine with a graphical board, playing strength levels and opening books.",
+            "数据 ünïcödé 12345 <tag> & ☃",
+        ),
+    ),
+    ("what is BM25?", ("BM25 ranks documents by term frequency and inverse document frequency.", "A clock.")),
+)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def numeric_path(model: torch.nn.Module) -> str:
+    """What computes a loaded model's outputs: `int8-dynamic` when its Linear layers are dynamically
+    quantized, else the dtype of its floating-point weights."""
+    for module in model.modules():
+        if type(module).__module__.startswith("torch.ao.nn.quantized.dynamic"):
+            return "int8-dynamic"
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return dtype_name(parameter.dtype)
+    return "unknown"
+
+
+def native_bf16() -> str | None:
+    """The CPU feature that makes bf16 matrix products native here, or None.
+
+    torch's own cpuinfo probes (`torch.cpu._is_avx512_bf16_supported`, `_is_amx_tile_supported`;
+    private but stable since torch 2.3) on x86; `/proc/cpuinfo`'s `bf16` feature on Arm Linux.
+    """
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx_bf16"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512_bf16"
+    if platform.machine().lower() in {"aarch64", "arm64"}:
+        try:
+            info = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+        for line in info.splitlines():
+            if line.lower().startswith("features") and "bf16" in line.split(":", 1)[1].split():
+                return "arm_bf16"
+    return None
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype to load, and whether it must first prove itself against fp32 on this model."""
+
+    dtype: torch.dtype
+    measured: bool  # `auto` picked bf16 on a CPU: kept only within tolerance
+    why: str
+
+
+def choose_dtype(name: str, device: torch.device, strict: bool = False) -> DtypeChoice:
+    """What `dtype` means on `device`.
+
+    auto: bf16 on CUDA that supports it; bf16 on a CPU with native bf16, to be measured; fp32
+    elsewhere. An explicit bf16/fp16 on a CPU without native bf16 falls back to fp32 with one
+    log line (its emulation is slower than fp32), or is refused when `strict`.
+    """
+    if name == "auto":
+        if device.type == "cuda":
+            if torch.cuda.is_bf16_supported():
+                return DtypeChoice(torch.bfloat16, False, "CUDA with bf16")
+            return DtypeChoice(torch.float32, False, "CUDA without bf16")
+        feature = native_bf16() if device.type == "cpu" else None
+        if feature is not None:
+            return DtypeChoice(torch.bfloat16, True, f"CPU with {feature}")
+        return DtypeChoice(torch.float32, False, f"{device.type} without native bf16")
+    if name not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    dtype = _DTYPES[name]
+    if device.type == "cpu" and dtype != torch.float32 and native_bf16() is None:
+        why = f"dtype {name} asked for on a CPU without native bf16 (no avx512_bf16, AMX or Arm bf16)"
+        if strict:
+            raise ModelLoadError(f"{why}; use dtype=auto or float32 (or unset numerics.strict)")
+        log.warning("%s: running in float32, which is faster and exact here", why)
+        return DtypeChoice(torch.float32, False, why)
+    return DtypeChoice(dtype, False, f"dtype {name} asked for")
+
+
+def embedder_deviation(reference: np.ndarray, other: np.ndarray) -> float:
+    """1 - the smallest cosine similarity between matching probe vectors."""
+    a, b = np.asarray(reference, np.float64), np.asarray(other, np.float64)
+    cosines = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    return float(1.0 - cosines.min())
+
+
+def reranker_deviation(reference: np.ndarray, other: np.ndarray) -> float:
+    """The largest change of a probe score (probabilities)."""
+    return float(np.abs(np.asarray(reference, np.float64) - np.asarray(other, np.float64)).max())
+
+
+def load_measured(
+    load: Callable[[torch.dtype], M],
+    choice: DtypeChoice,
+    probe: Callable[[M], np.ndarray],
+    deviation: Callable[[np.ndarray, np.ndarray], float],
+    tolerance: float,
+    model_id: str,
+    cache_dir: Path,
+) -> tuple[M, float | None]:
+    """The model in `choice.dtype`, or in fp32 when the choice is measured and strays too far.
+
+    Returns the model and the measured deviation (None when nothing was measured). The first
+    load of a model measures (loaded in fp32 and in the candidate dtype, probes compared); the
+    verdict is kept in `cache_dir/numerics/`, so later loads load one dtype straight away.
+    """
+    if not choice.measured:
+        return load(choice.dtype), None
+    verdict_file = _verdict_file(cache_dir, model_id, choice.dtype)
+    if verdict_file.exists():
+        measured = float(json.loads(verdict_file.read_text())["deviation"])
+        model = load(choice.dtype if measured <= tolerance else torch.float32)
+    else:
+        reference_model = load(torch.float32)
+        reference = probe(reference_model)
+        candidate = load(choice.dtype)
+        measured = deviation(reference, probe(candidate))
+        verdict_file.parent.mkdir(parents=True, exist_ok=True)
+        verdict_file.write_text(json.dumps({"model": model_id, "dtype": dtype_name(choice.dtype),
+                                            "deviation": measured, "tolerance": tolerance}))  # fmt: skip
+        model = candidate if measured <= tolerance else reference_model
+        del reference_model, candidate
+    name = dtype_name(choice.dtype)
+    if measured <= tolerance:
+        log.info("%s in %s (%s): deviation from float32 %.2g, tolerance %.2g",
+                 model_id, name, choice.why, measured, tolerance)  # fmt: skip
+    else:
+        log.warning("%s strays %.2g from float32 in %s (tolerance %.2g): running it in float32",
+                    model_id, measured, name, tolerance)  # fmt: skip
+    return model, measured
+
+
+def _verdict_file(cache_dir: Path, model_id: str, dtype: torch.dtype) -> Path:
+    key = f"{model_id}|{dtype_name(dtype)}|torch {torch.__version__}"
+    return cache_dir / "numerics" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"

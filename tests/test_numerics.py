@@ -1,0 +1,145 @@
+"""Numeric paths: what `dtype=auto` picks and why, the fp32 score math under bf16 weights, and
+the manifest's numeric path (a collection built in one dtype queried in another)."""
+
+import json
+import logging
+import platform
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from twostage.retrieval import numerics
+from twostage.retrieval.collections import (
+    embedder_mismatch,
+    open_store,
+    require_same_builder,
+    version_for_ingest,
+)
+from twostage.retrieval.embedder import load_embedder
+from twostage.retrieval.errors import ModelLoadError
+from twostage.retrieval.numerics import choose_dtype, native_bf16
+from twostage.retrieval.reranker import load_reranker, probe_scores
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.store import StoreError
+from twostage.retrieval.tiny_models import TinyModelPaths
+from twostage.retrieval.yes_no_reranker import YesNoReranker
+
+CPU = torch.device("cpu")
+BF16_HERE = native_bf16() is not None
+
+
+def tiny(tiny_models: TinyModelPaths, cache: Path, **extra: object) -> Settings:
+    return Settings(
+        embedder={"model": str(tiny_models.embedder)},
+        reranker={"model": str(tiny_models.reranker)},
+        cache_dir=cache,
+        device="cpu",
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def test_native_bf16_is_read_from_the_cpu_flags() -> None:
+    """x86 Linux: torch's cpuinfo probe agrees with the kernel's flags (avx512_bf16 or amx_bf16)."""
+    if platform.machine() != "x86_64" or not Path("/proc/cpuinfo").exists():
+        pytest.skip("the flags are checked against /proc/cpuinfo on x86-64 Linux")
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert (native_bf16() is not None) == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def test_dtype_choice(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    auto = choose_dtype("auto", CPU)
+    if BF16_HERE:  # picked, but only for models that measure within tolerance
+        assert auto.dtype == torch.bfloat16 and auto.measured and "CPU with" in auto.why
+    else:
+        assert auto.dtype == torch.float32 and not auto.measured
+    assert choose_dtype("float32", CPU) == numerics.DtypeChoice(
+        torch.float32, False, "dtype float32 asked for"
+    )
+    with pytest.raises(ModelLoadError, match="unknown dtype 'int4'"):
+        choose_dtype("int4", CPU)
+    # a CPU without native bf16 (the hardware probe answers no): auto is fp32; an explicit bf16
+    # falls back to fp32 with one log line, or is refused under numerics.strict
+    monkeypatch.setattr(numerics, "native_bf16", lambda: None)
+    assert choose_dtype("auto", CPU).dtype == torch.float32
+    with caplog.at_level(logging.WARNING, logger="twostage.retrieval.numerics"):
+        fallback = choose_dtype("bfloat16", CPU)
+    assert fallback.dtype == torch.float32 and not fallback.measured
+    assert [r.message for r in caplog.records] == [
+        "dtype bfloat16 asked for on a CPU without native bf16 (no avx512_bf16, AMX or Arm bf16): "
+        "running in float32, which is faster and exact here"
+    ]
+    with pytest.raises(ModelLoadError, match=r"without native bf16.*unset numerics.strict"):
+        choose_dtype("bfloat16", CPU, strict=True)
+
+
+@pytest.mark.skipif(not BF16_HERE, reason="dtype=auto measures bf16 only on a CPU with native bf16")
+def test_auto_keeps_bf16_only_for_a_model_within_tolerance(
+    tiny_models: TinyModelPaths, tmp_path: Path
+) -> None:
+    """The first load measures fp32 against bf16 on the probes and caches the verdict by content
+    hash; within tolerance the model runs in bf16, beyond it in fp32."""
+    loose = tiny(tiny_models, tmp_path / "loose", dtype="auto",
+                 numerics={"embedder_min_cosine": 0.5, "reranker_max_delta": 0.5})  # fmt: skip
+    embedder, reranker = load_embedder(loose), load_reranker(loose)
+    assert (embedder.numerics, reranker.numerics) == ("bfloat16", "bfloat16")
+    verdicts = sorted((tmp_path / "loose" / "numerics").glob("*.json"))
+    assert len(verdicts) == 2
+    measured = [json.loads(v.read_text())["deviation"] for v in verdicts]
+    assert all(0 < m < 0.5 for m in measured), measured  # bf16 is not exact, and not far off
+    assert load_embedder(loose).numerics == "bfloat16"  # from the cached verdict
+
+    strict = tiny(tiny_models, tmp_path / "strict", dtype="auto",
+                  numerics={"embedder_min_cosine": 1.0, "reranker_max_delta": 0.0})  # fmt: skip
+    assert (load_embedder(strict).numerics, load_reranker(strict).numerics) == ("float32", "float32")
+    exact = tiny(tiny_models, tmp_path / "exact", dtype="float32")
+    np.testing.assert_array_equal(probe_scores(load_reranker(strict)), probe_scores(load_reranker(exact)))
+
+
+def test_bf16_reranker_forms_its_score_in_fp32(tiny_models: TinyModelPaths, tmp_path: Path) -> None:
+    """bf16 weights, fp32 score math: W_yes - W_no is formed in fp32 from the bf16 rows (a bf16
+    subtraction would round it), and the scores stay near the fp32 model's."""
+    half = load_reranker(tiny(tiny_models, tmp_path, dtype="bfloat16", numerics={"strict": False}))
+    full = load_reranker(tiny(tiny_models, tmp_path, dtype="float32"))
+    if not BF16_HERE:
+        assert half.numerics == "float32"  # fell back
+        return
+    assert isinstance(half, YesNoReranker) and half.numerics == "bfloat16"
+    weight = half.model.get_output_embeddings().weight.detach()  # type: ignore[union-attr]
+    assert weight.dtype == torch.bfloat16 and half._direction.dtype == torch.float32
+    assert torch.equal(half._direction, weight[half.yes_id].float() - weight[half.no_id].float())
+    rounded = (weight[half.yes_id] - weight[half.no_id]).float()  # what bf16 math would have used
+    assert not torch.equal(half._direction, rounded)
+    assert np.abs(probe_scores(half) - probe_scores(full)).max() < 0.05
+
+
+def test_a_collection_knows_the_numeric_path_that_built_it(
+    tiny_models: TinyModelPaths, tmp_path: Path, model_cache: Path
+) -> None:
+    """Built in float32: the manifest records float32 and the probe vectors. The same model in
+    bfloat16 may query it only when its probe vectors stay within numerics.embedder_min_cosine."""
+    settings = tiny(tiny_models, model_cache, dtype="float32", data_dir=tmp_path / "data")
+    built_by = load_embedder(settings)
+    store = open_store(settings)
+    try:
+        manifest, _ = version_for_ingest(store, "docs", built_by, settings, new_version=False)
+        assert manifest.embedder_numerics == "float32"
+        assert manifest.embedder_fingerprint == built_by.fingerprint
+        assert embedder_mismatch(manifest, built_by) is None
+        other = load_embedder(tiny(tiny_models, model_cache, dtype="bfloat16"))
+        if other.numerics == "float32":
+            pytest.skip("no native bf16 here: the other numeric path fell back to float32")
+        assert other.model_id == built_by.model_id  # the same files: only the numerics differ
+        cosine = manifest.embedder_fingerprint.min_cosine(other.fingerprint)  # type: ignore[union-attr]
+        assert 0.9 < cosine < 1.0
+        assert embedder_mismatch(manifest, other, min_cosine=cosine - 1e-6) is None
+        refused = embedder_mismatch(manifest, other, min_cosine=min(1.0, cosine + 1e-4))
+        assert refused is not None and refused.startswith(
+            f"collection docs__v1 was embedded in float32; this process runs {built_by.model_id} in bfloat16"
+        )
+        assert "TWOSTAGE_DTYPE=float32" in refused
+        with pytest.raises(StoreError, match="was embedded in float32"):
+            require_same_builder(manifest, other, settings.chunker, min_cosine=1.0)
+    finally:
+        store.close()

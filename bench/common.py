@@ -32,7 +32,49 @@ def run_info(device: str) -> dict[str, Any]:
     }
     if device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(0)
-    return {"commit": commit + ("-dirty" if dirty else ""), "machine": machine, "torch": torch.__version__}
+    machine |= cpu_info()
+    return {
+        "commit": commit + ("-dirty" if dirty else ""), "machine": machine, "torch": torch.__version__,
+        "versions": {name: _version(name) for name in VERSIONED},
+    }  # fmt: skip
+
+
+VERSIONED = ("transformers", "sentence-transformers", "peft", "qdrant-edge-py", "qdrant-client", "numpy")
+CPU_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "bf16",
+    "i8mm",
+)
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name and the flags that decide its bf16/int8 speed (Linux /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu": platform.processor()}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return {
+        "cpu": fields.get("model name", platform.processor()),
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+    }
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:

@@ -6,6 +6,15 @@ warmed up on one call, then timed over all calls. The last line is one JSON obje
 
     python bench/rerank_throughput.py                                  # tiny random Qwen3 reranker
     python bench/rerank_throughput.py --model pypi:SmolLM2-135M-Instruct
+
+`--variants fp32,bf16` instead compares numeric paths of one served reranker (loaded as the
+service loads it) on the same pairs: 100 debian-ir dev queries, each with a fixed candidate
+list (hybrid recall top 10 by all-MiniLM-L6-v2 among the positives and 2,000 distractors):
+pairs/s, the largest score change from fp32, and nDCG@10 of the reranked lists, each variant
+paired against fp32 over the same queries.
+
+    python bench/rerank_throughput.py --variants fp32,bf16 --model pypi:SmolLM2-135M-Instruct
+    python bench/rerank_throughput.py --variants fp32,bf16 --model DIR/reranker   # a cross-encoder
 """
 
 import argparse
@@ -22,8 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DATA, read_jsonl, run_info
-from twostage.retrieval.devices import resolve_device, resolve_dtype
+from twostage.retrieval.devices import resolve_device
 from twostage.retrieval.model_source import resolve_model
+from twostage.retrieval.numerics import choose_dtype
 from twostage.retrieval.prompts import DEFAULT_TASK
 from twostage.retrieval.reference import recipe_rerank
 from twostage.retrieval.settings import RerankerSettings
@@ -77,7 +87,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--cache-dir", default=".twostage/cache")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", help="e.g. fp32,bf16: compare numeric paths of one reranker instead")
+    parser.add_argument("--dev", type=int, default=100, help="--variants: dev queries")
+    parser.add_argument("--distractors", type=int, default=2000, help="--variants: corpus distractors")
+    parser.add_argument("--candidates", type=int, default=10, help="--variants: documents per query")
     args = parser.parse_args()
+    if args.variants:
+        compare_variants(args)
+        return
 
     cache = Path(args.cache_dir)
     if args.model == "tiny":
@@ -88,7 +105,7 @@ def main() -> None:
     else:
         model_dir, model_name = resolve_model(args.model, cache_dir=cache).path, args.model
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = choose_dtype(args.dtype, device).dtype
     torch.manual_seed(args.seed)
 
     from sentence_transformers import CrossEncoder
@@ -153,6 +170,74 @@ def main() -> None:
         **run_info(str(device)),
     }
     print(json.dumps(result))
+
+
+VARIANT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def compare_variants(args: argparse.Namespace) -> None:
+    """Numeric paths of one reranker, loaded by the service's own factory, on the same pairs."""
+    from twostage.retrieval.embedder import load_embedder
+    from twostage.retrieval.numerics import native_bf16
+    from twostage.retrieval.reranker import load_reranker
+    from twostage.retrieval.settings import Settings
+    from twostage.retrieval.sparse import Rrf
+    from twostage.training.data import Pair
+    from twostage.training.evaluation import from_pairs, recall_runs
+    from twostage.training.paired import paired_test, per_query
+
+    variants = args.variants.split(",")
+    if variants[0] != "fp32" or any(v not in VARIANT_DTYPES for v in variants):
+        raise SystemExit(f"--variants: fp32 first, then any of {sorted(VARIANT_DTYPES)}; got {args.variants}")
+    dev = read_jsonl(DATA / "dev.jsonl")[: args.dev]
+    distractors = [r["text"] for r in read_jsonl(DATA / "corpus.jsonl", args.distractors)]
+    data = from_pairs([Pair(r["query"], r["positive"]) for r in dev], distractors)
+    cache = Path(args.cache_dir)
+    model = str(write_tiny_models(cache / "bench-tiny").reranker) if args.model == "tiny" else args.model
+    first = Settings(embedder={"model": "pypi:all-MiniLM-L6-v2"}, cache_dir=cache, dtype="float32")
+    recall = recall_runs(data, load_embedder(first), ("hybrid",), top_k=args.candidates, instruction=None,
+                         rrf=Rrf(60))["hybrid"]  # fmt: skip
+    calls = [(qid, sorted(recall[qid], key=lambda d: -recall[qid][d])) for qid in data.queries]
+    pairs = sum(len(docs) for _, docs in calls)
+    results: dict[str, dict[str, object]] = {}
+    reference: dict[str, list[float]] = {}
+    baseline: dict[str, float] = {}
+    fp32_rate = 0.0
+    for variant in variants:
+        settings = Settings(
+            reranker={"model": model}, cache_dir=cache, device=args.device, dtype=VARIANT_DTYPES[variant]
+        )
+        reranker = load_reranker(settings)
+        reranker.score(data.queries[calls[0][0]], [data.corpus[d] for d in calls[0][1]])  # warm-up
+        scores: dict[str, list[float]] = {}
+        started = time.perf_counter()
+        for qid, docs in calls:
+            scores[qid] = reranker.score(data.queries[qid], [data.corpus[d] for d in docs])
+        elapsed = time.perf_counter() - started
+        run = {qid: dict(zip(docs, scores[qid], strict=True)) for qid, docs in calls}
+        quality = per_query(data.qrels, run)
+        row: dict[str, object] = {
+            "numerics": reranker.numerics, "pairs_per_s": round(pairs / elapsed, 2),
+            "ndcg@10": round(float(np.mean(list(quality.values()))), 4),
+        }  # fmt: skip
+        if variant == "fp32":
+            reference, baseline, fp32_rate = scores, quality, pairs / elapsed
+        else:
+            diffs = [abs(a - b) for qid, _ in calls for a, b in zip(scores[qid], reference[qid], strict=True)]
+            row |= {
+                "speedup_vs_fp32": round(pairs / elapsed / fp32_rate, 2),
+                "max_abs_diff_vs_fp32": round(max(diffs), 6),
+                "ndcg_vs_fp32": paired_test(baseline, quality).as_dict(),
+            }  # fmt: skip
+        results[variant] = row
+        print(variant, json.dumps(row), file=sys.stderr, flush=True)
+        del reranker
+    print(json.dumps({
+        "bench": "rerank_throughput", "mode": "variants", "model": args.model, "pairs": pairs,
+        "queries": len(calls), "candidates": f"hybrid top {args.candidates} (all-MiniLM-L6-v2 + BM25)",
+        "corpus": len(data.corpus), "variants": results, "native_bf16": native_bf16(),
+        **run_info(args.device),
+    }))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -112,6 +112,10 @@ class Metrics:
         self.queue_depth = Gauge(
             "twostage_queue_depth", "queued model calls", ["model"], registry=self.registry
         )
+        self.models_resident = Gauge(
+            "twostage_models_resident", "models loaded in the model cache (serving, a retrain's)", ["role"],
+            registry=self.registry,
+        )  # fmt: skip
 
     def observe_batch(self, model: str, items: int, cost: int) -> None:
         self.batch_items.labels(model).observe(items)
@@ -139,6 +143,8 @@ class Service:
         self._records: dict[str, int] = {}  # registry deployment id behind each cached deployment
         # the one owner of loaded models, shared with an in-process retrain
         self.models = ModelCache(settings, RemoteMetrics.create(self.metrics.registry))
+        for role in ("embedder", "reranker"):
+            self.metrics.models_resident.labels(role).set_function(partial(self._resident, role))
         # the (embedder, reranker) names of each (collection, deployment id) whose models are loaded
         self._pairs: dict[tuple[str, int], tuple[str, str]] = {}
         self._loading: dict[tuple[str, int], float] = {}  # when a deployment's load started (or failed)
@@ -197,6 +203,9 @@ class Service:
                 batcher.close()
         if self.store is not None and self._given_store is None:
             self.store.close()
+
+    def _resident(self, role: str) -> float:
+        return float(sum(1 for kind, _ in self.models.loaded() if kind == role))
 
     @staticmethod
     def _depth(batcher: "MicroBatcher[Any, Any] | None") -> float:

@@ -3,7 +3,9 @@
 Starts `twostage serve` (a subprocess) on debian-ir documents ingested first, sends a
 retrain of train pairs whose positives are indexed, samples the server's resident memory
 (VmRSS, and VmHWM for the peak) until the job ends, and reports the peak over the serving
-baseline. `--code DIR` runs the server from another checkout of this repository (for a
+baseline, and the most models the service's model cache held at once (`/metrics`
+`twostage_models_resident`: inference copies; a training step's own copy is working memory).
+`--code DIR` runs the server from another checkout of this repository (for a
 before/after comparison from one script). Last line: one JSON object.
 
     python bench/retrain_memory.py                                   # tiny Qwen3 pair
@@ -39,6 +41,17 @@ def memory_kb(pid: int) -> dict[str, int]:
             name, value = line.split(":")
             out[name] = int(value.split()[0])
     return out
+
+
+def models_resident(url: str) -> int | None:
+    """Embedders + rerankers loaded in the service's model cache (`/metrics`), None without one."""
+    try:
+        text = httpx.get(url + "/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return None
+    counts = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("twostage_models_resident{")]  # fmt: skip
+    return int(sum(counts)) if counts else None
 
 
 def code_path(checkout: Path, scratch: Path) -> str:
@@ -100,11 +113,14 @@ def main() -> None:
         )  # fmt: skip
         server, url = start_server(env, base / "server.log")
         samples: list[int] = []
+        resident: list[int] = []  # models in the service's model cache (a checkout with one reports it)
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.wait(0.2):
                 samples.append(memory_kb(server.pid)["VmRSS"])
+                if (count := models_resident(url)) is not None:
+                    resident.append(count)
 
         try:
             idle = memory_kb(server.pid)
@@ -131,6 +147,8 @@ def main() -> None:
                 "peak_rss_mb": round(max([*samples, after["VmHWM"]]) / 1024, 1),
                 "peak_over_serving_mb": round((after["VmHWM"] - idle["VmRSS"]) / 1024, 1),
                 "rss_after_switch_mb": round(after["VmRSS"] / 1024, 1),
+                "models_resident": {"serving": resident[0], "max": max(resident), "after": resident[-1]}
+                if resident else None,
             }  # fmt: skip
         finally:
             server.terminate()

@@ -337,6 +337,7 @@ def test_tei_routes_with_tei_clients(served: Served, monkeypatch: pytest.MonkeyP
     assert info["model_type"] == {"embedding": {"pooling": "mean"}}
     assert info["max_client_batch_size"] == served.settings.api.max_client_batch
     assert info["reranker"]["model_id"] == reranker.model_id
+    assert info["model_dtype"] == embedder.numerics == "float32"  # conftest pins float32
 
 
 def test_health_ready_metrics(served: Served) -> None:
@@ -348,6 +349,8 @@ def test_health_ready_metrics(served: Served) -> None:
     assert 'twostage_requests_total{method="POST",route="/v1/search",status="200"}' in metrics
     assert 'twostage_stage_seconds_count{stage="rerank"}' in metrics
     assert 'twostage_queue_depth{model="reranker"}' in metrics and "twostage_batch_items_bucket" in metrics
+    for role in ("embedder", "reranker"):  # the serving pair, one copy each
+        assert f'twostage_models_resident{{role="{role}"}} 1.0' in metrics
     assert httpx.get(served.url + "/docs").status_code == 200
     page = httpx.get(served.url + "/")
     assert page.status_code == 200 and '<form id="search">' in page.text

@@ -112,6 +112,7 @@ async def tei_info(service: ServiceDep) -> dict[str, Any]:
         "reranker": {
             "model_id": reranker.model_id,
             "family": reranker.family,
+            "dtype": reranker.numerics,
             "max_input_length": reranker.max_length,
         },
         "embedding_dimensions": embedder.dim,

@@ -7,6 +7,12 @@ peak RSS is read after the ingest, before the embed-only pass. Last line: one JS
 
     python bench/ingest.py                       # all-MiniLM-L6-v2, whole corpus
     python bench/ingest.py --limit 2000 --model /models/Qwen3-Embedding-0.6B
+
+`--variants fp32,bf16` ingests the same documents once per numeric path of the embedder and
+reports chunks/s end to end and, for `--queries` debian-ir dev queries (each embedded by the
+variant's own embedder), the overlap of its dense top 10 with the fp32-built index's.
+
+    python bench/ingest.py --variants fp32,bf16 --limit 3000
 """
 
 import argparse
@@ -37,7 +43,12 @@ def main() -> None:
     parser.add_argument("--model", default="pypi:all-MiniLM-L6-v2")
     parser.add_argument("--limit", type=int, default=None, help="only the first N documents")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--variants", help="e.g. fp32,bf16: ingest once per numeric path, fp32 first")
+    parser.add_argument("--queries", type=int, default=300, help="--variants: dev queries for the overlap")
     args = parser.parse_args()
+    if args.variants:
+        compare_variants(args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings(
@@ -85,6 +96,68 @@ def main() -> None:
         **run_info(str(resolve_device(settings.device))),
     }
     print(json.dumps(result))
+
+
+VARIANT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def compare_variants(args: argparse.Namespace) -> None:
+    """The same documents ingested once per numeric path; top-10 overlap against fp32's index."""
+    from bench.common import read_jsonl
+
+    variants = args.variants.split(",")
+    if variants[0] != "fp32" or any(v not in VARIANT_DTYPES for v in variants):
+        raise SystemExit(f"--variants: fp32 first, then any of {sorted(VARIANT_DTYPES)}; got {args.variants}")
+    queries = [r["query"] for r in read_jsonl(DATA / "dev.jsonl", args.queries)]
+    rows: dict[str, dict[str, object]] = {}
+    reference: list[list[str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in variants:
+            settings = Settings(
+                embedder={"model": args.model}, data_dir=Path(tmp) / variant, device=args.device,
+                dtype=VARIANT_DTYPES[variant], store={"kind": "embedded"},
+            )  # fmt: skip
+            embedder = load_embedder(settings)
+            embedder.embed_documents(["warm-up"] * 8)
+            chunker = Chunker.for_embedder(Qwen3Tokens(), settings.chunker, embedder)
+            reader = CorpusReader(args.corpus, settings.ingest.max_document_chars)
+            records = (r for i, r in enumerate(reader) if args.limit is None or i < args.limit)
+            store = open_store(settings)
+            started = time.perf_counter()
+            report = ingest_corpus(
+                records,
+                store=store,
+                embedder=embedder,
+                chunker=chunker,
+                settings=settings,
+                collection="bench",
+            )
+            elapsed = time.perf_counter() - started
+            vectors = embedder.embed_queries(queries)
+            tops = [[h.id for h in store.search(report.collection, v, 10)] for v in vectors]
+            store.close()
+            row: dict[str, object] = {
+                "numerics": embedder.numerics, "chunks": report.chunks_embedded,
+                "chunks_per_s": round(report.chunks_embedded / elapsed, 1),
+            }  # fmt: skip
+            if variant == "fp32":
+                reference, fp32_rate = tops, report.chunks_embedded / elapsed
+            else:
+                overlap = [
+                    len(set(a) & set(b)) / max(1, len(b)) for a, b in zip(tops, reference, strict=True)
+                ]
+                row |= {
+                    "speedup_vs_fp32": round(report.chunks_embedded / elapsed / fp32_rate, 2),
+                    "top10_overlap_vs_fp32": round(sum(overlap) / len(overlap), 4),
+                    "top10_overlap_min": round(min(overlap), 2),
+                }
+            rows[variant] = row
+            print(variant, json.dumps(row), file=sys.stderr, flush=True)
+    print(json.dumps({
+        "bench": "ingest", "mode": "variants", "model": args.model, "corpus": args.corpus,
+        "limit": args.limit, "queries": len(queries), "variants": rows,
+        **run_info(str(resolve_device(args.device))),
+    }))  # fmt: skip
 
 
 if __name__ == "__main__":

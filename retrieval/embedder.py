@@ -9,17 +9,23 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
 from twostage.retrieval.devices import resolve_device
 from twostage.retrieval.fingerprint import PROBES, Fingerprint
 from twostage.retrieval.model_source import ModelSource, model_identity, resolve_model
-from twostage.retrieval.numerics import choose_dtype, embedder_deviation, load_measured, numeric_path
+from twostage.retrieval.numerics import (
+    choose_dtype,
+    embedder_deviation,
+    load_measured,
+    numeric_path,
+    quantize_int8,
+    require_int8,
+)
 from twostage.retrieval.prompts import embedding_queries, require_texts
 from twostage.retrieval.settings import Settings
 
 if TYPE_CHECKING:
-    import torch
-
     from twostage.retrieval.remote import RemoteMetrics
 
 
@@ -155,8 +161,14 @@ def load_embedder(settings: Settings, remote_metrics: "RemoteMetrics | None" = N
     else:
         from twostage.retrieval.st_embedder import SentenceTransformerEmbedder as Family  # type: ignore[assignment]
 
-    def load(dtype: "torch.dtype") -> Embedder:
+    def load(dtype: torch.dtype) -> Embedder:
         return Family.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
+
+    if cfg.quantize == "int8":  # from fp32 weights, whatever dtype says
+        require_int8("embedder", family, cfg.model, device)
+        quantized = load(torch.float32)
+        quantize_int8(quantized.model)  # type: ignore[attr-defined]
+        return quantized
 
     tolerance = 1.0 - settings.numerics.embedder_min_cosine
     embedder, _ = load_measured(

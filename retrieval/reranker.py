@@ -11,16 +11,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
 from twostage.retrieval.devices import resolve_device
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.model_source import ModelSource, model_identity, resolve_model
-from twostage.retrieval.numerics import RERANK_PROBES, choose_dtype, load_measured, reranker_deviation
+from twostage.retrieval.numerics import (
+    RERANK_PROBES,
+    choose_dtype,
+    load_measured,
+    quantize_int8,
+    require_int8,
+    reranker_deviation,
+)
 from twostage.retrieval.settings import Settings
 
 if TYPE_CHECKING:
-    import torch
-
     from twostage.retrieval.remote import RemoteMetrics
 
 RerankRequest = tuple[str, Sequence[str], str | None]
@@ -118,13 +124,20 @@ def load_reranker(settings: Settings, remote_metrics: "RemoteMetrics | None" = N
     source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
     device = resolve_device(settings.device)
     choice = choose_dtype(settings.dtype, device, settings.numerics.strict)
-    if reranker_family(source, cfg.family) == "yes-no":
+    family = reranker_family(source, cfg.family)
+    if family == "yes-no":
         from twostage.retrieval.yes_no_reranker import YesNoReranker as Family
     else:
         from twostage.retrieval.cross_encoder_reranker import CrossEncoderReranker as Family  # type: ignore[assignment]
 
-    def load(dtype: "torch.dtype") -> Reranker:
+    def load(dtype: torch.dtype) -> Reranker:
         return Family.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
+
+    if cfg.quantize == "int8":  # from fp32 weights, whatever dtype says
+        require_int8("reranker", family, cfg.model, device)
+        quantized = load(torch.float32)
+        quantize_int8(quantized.model)  # type: ignore[attr-defined]
+        return quantized
 
     reranker, _ = load_measured(
         load, choice, probe_scores, reranker_deviation, settings.numerics.reranker_max_delta,

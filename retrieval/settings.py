@@ -78,6 +78,9 @@ class EmbedderSettings(BaseModel):
     batch_tokens: int = Field(16384, ge=64, description="padded tokens per forward pass")
     dim: int | None = Field(None, ge=8, description="Matryoshka output dimension (None = full)")
     instruction: str = Field(DEFAULT_TASK, min_length=1, description="default task for query prompts")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: dynamic int8 Linear layers (sentence-transformers embedders, on a CPU)"
+    )
 
     @model_validator(mode="after")
     def _remote_has_url(self) -> "EmbedderSettings":
@@ -111,6 +114,9 @@ class RerankerSettings(BaseModel):
     max_length: int = Field(8192, ge=64, le=131072)
     batch_tokens: int = Field(16384, ge=64, description="padded tokens per forward pass")
     instruction: str = Field(DEFAULT_TASK, min_length=1, description="default <Instruct> of the prompt")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: dynamic int8 Linear layers (cross-encoders, on a CPU)"
+    )
 
     @model_validator(mode="after")
     def _remote_has_url(self) -> "RerankerSettings":

@@ -17,7 +17,7 @@ from twostage.retrieval.collections import (
     require_same_builder,
     version_for_ingest,
 )
-from twostage.retrieval.embedder import load_embedder
+from twostage.retrieval.embedder import Embedder, load_embedder
 from twostage.retrieval.errors import ModelLoadError
 from twostage.retrieval.numerics import choose_dtype, native_bf16
 from twostage.retrieval.reranker import load_reranker, probe_scores
@@ -143,3 +143,33 @@ def test_a_collection_knows_the_numeric_path_that_built_it(
             require_same_builder(manifest, other, settings.chunker, min_cosine=1.0)
     finally:
         store.close()
+
+
+def test_int8_is_for_the_small_encoders(
+    tiny_models: TinyModelPaths, minilm_settings: Settings, minilm_embedder: Embedder, tmp_path: Path
+) -> None:
+    """quantize=int8 runs MiniLM's Linear layers in dynamic int8 (its numeric path says so, its
+    vectors stay near fp32's), and an index built in float32 refuses it at the default tolerance;
+    a Qwen3 (last-token / yes-no) model asked for int8 is one clear error naming its family."""
+    int8 = load_embedder(minilm_settings.model_copy(update={"embedder": minilm_settings.embedder.model_copy(
+        update={"quantize": "int8"})}))  # fmt: skip
+    assert int8.numerics == "int8-dynamic" and minilm_embedder.numerics == "float32"
+    texts = ["apt installs packages", "a chess engine for the terminal", "数据 ünïcödé"]
+    a, b = int8.embed_documents(texts), minilm_embedder.embed_documents(texts)
+    assert np.all((a * b).sum(1) > 0.9)  # unit vectors: cosine
+    settings = minilm_settings.model_copy(update={"data_dir": tmp_path / "data"})
+    store = open_store(settings)
+    try:
+        manifest, _ = version_for_ingest(store, "docs", minilm_embedder, settings, new_version=False)
+        refused = embedder_mismatch(manifest, int8)
+        assert refused is not None and f"runs {minilm_embedder.model_id} in int8-dynamic" in refused
+        assert "TWOSTAGE_DTYPE=float32" in refused
+    finally:
+        store.close()
+    for role, quantized, family in (
+        ("embedder", {"embedder": {"model": str(tiny_models.embedder), "quantize": "int8"}}, "last-token"),
+        ("reranker", {"reranker": {"model": str(tiny_models.reranker), "quantize": "int8"}}, "yes-no"),
+    ):
+        settings = Settings(cache_dir=tmp_path / "cache", device="cpu", **quantized)  # type: ignore[arg-type]
+        with pytest.raises(ModelLoadError, match=f"is a {family} {role}, which is not quantized here"):
+            (load_embedder if role == "embedder" else load_reranker)(settings)

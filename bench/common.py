@@ -86,3 +86,26 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
             if limit is not None and len(rows) >= limit:
                 break
     return rows
+
+
+NUMERIC_VARIANTS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
+
+
+def parse_variants(text: str) -> list[str]:
+    """`--variants fp32,bf16,int8`: fp32 first (the baseline the others are compared with)."""
+    variants = text.split(",")
+    if variants[0] != "fp32" or any(v not in NUMERIC_VARIANTS for v in variants):
+        raise SystemExit(f"--variants: fp32 first, then any of {sorted(NUMERIC_VARIANTS)}; got {text}")
+    return variants
+
+
+def variant_settings(variant: str, role: str, model: str, **rest: Any) -> Any:
+    """Settings that load `model` as `role` on the numeric path `variant` (int8: from fp32 weights)."""
+    from twostage.retrieval.settings import Settings
+
+    int8 = variant == "int8"
+    return Settings(
+        **{role: {"model": model, "quantize": "int8" if int8 else "none"}},
+        dtype="float32" if int8 else NUMERIC_VARIANTS[variant],
+        **rest,
+    )

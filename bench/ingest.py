@@ -8,11 +8,11 @@ peak RSS is read after the ingest, before the embed-only pass. Last line: one JS
     python bench/ingest.py                       # all-MiniLM-L6-v2, whole corpus
     python bench/ingest.py --limit 2000 --model /models/Qwen3-Embedding-0.6B
 
-`--variants fp32,bf16` ingests the same documents once per numeric path of the embedder and
+`--variants fp32,bf16,int8` ingests the same documents once per numeric path of the embedder and
 reports chunks/s end to end and, for `--queries` debian-ir dev queries (each embedded by the
 variant's own embedder), the overlap of its dense top 10 with the fp32-built index's.
 
-    python bench/ingest.py --variants fp32,bf16 --limit 3000
+    python bench/ingest.py --variants fp32,bf16,int8 --limit 3000
 """
 
 import argparse
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DATA, run_info
+from bench.common import DATA, parse_variants, run_info, variant_settings
 from twostage.retrieval.chunker import Chunker
 from twostage.retrieval.collections import open_store
 from twostage.retrieval.devices import resolve_device
@@ -98,24 +98,19 @@ def main() -> None:
     print(json.dumps(result))
 
 
-VARIANT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def compare_variants(args: argparse.Namespace) -> None:
     """The same documents ingested once per numeric path; top-10 overlap against fp32's index."""
     from bench.common import read_jsonl
 
-    variants = args.variants.split(",")
-    if variants[0] != "fp32" or any(v not in VARIANT_DTYPES for v in variants):
-        raise SystemExit(f"--variants: fp32 first, then any of {sorted(VARIANT_DTYPES)}; got {args.variants}")
+    variants = parse_variants(args.variants)
     queries = [r["query"] for r in read_jsonl(DATA / "dev.jsonl", args.queries)]
     rows: dict[str, dict[str, object]] = {}
     reference: list[list[str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for variant in variants:
-            settings = Settings(
-                embedder={"model": args.model}, data_dir=Path(tmp) / variant, device=args.device,
-                dtype=VARIANT_DTYPES[variant], store={"kind": "embedded"},
+            settings = variant_settings(
+                variant, "embedder", args.model, data_dir=Path(tmp) / variant, device=args.device,
+                store={"kind": "embedded"},
             )  # fmt: skip
             embedder = load_embedder(settings)
             embedder.embed_documents(["warm-up"] * 8)

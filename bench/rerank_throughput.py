@@ -7,14 +7,14 @@ warmed up on one call, then timed over all calls. The last line is one JSON obje
     python bench/rerank_throughput.py                                  # tiny random Qwen3 reranker
     python bench/rerank_throughput.py --model pypi:SmolLM2-135M-Instruct
 
-`--variants fp32,bf16` instead compares numeric paths of one served reranker (loaded as the
+`--variants fp32,bf16,int8` instead compares numeric paths of one served reranker (loaded as the
 service loads it) on the same pairs: 100 debian-ir dev queries, each with a fixed candidate
 list (hybrid recall top 10 by all-MiniLM-L6-v2 among the positives and 2,000 distractors):
 pairs/s, the largest score change from fp32, and nDCG@10 of the reranked lists, each variant
 paired against fp32 over the same queries.
 
     python bench/rerank_throughput.py --variants fp32,bf16 --model pypi:SmolLM2-135M-Instruct
-    python bench/rerank_throughput.py --variants fp32,bf16 --model DIR/reranker   # a cross-encoder
+    python bench/rerank_throughput.py --variants fp32,bf16,int8 --model DIR/reranker   # a cross-encoder
 """
 
 import argparse
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DATA, read_jsonl, run_info
+from bench.common import DATA, parse_variants, read_jsonl, run_info, variant_settings
 from twostage.retrieval.devices import resolve_device
 from twostage.retrieval.model_source import resolve_model
 from twostage.retrieval.numerics import choose_dtype
@@ -172,9 +172,6 @@ def main() -> None:
     print(json.dumps(result))
 
 
-VARIANT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
 def compare_variants(args: argparse.Namespace) -> None:
     """Numeric paths of one reranker, loaded by the service's own factory, on the same pairs."""
     from twostage.retrieval.embedder import load_embedder
@@ -186,9 +183,7 @@ def compare_variants(args: argparse.Namespace) -> None:
     from twostage.training.evaluation import from_pairs, recall_runs
     from twostage.training.paired import paired_test, per_query
 
-    variants = args.variants.split(",")
-    if variants[0] != "fp32" or any(v not in VARIANT_DTYPES for v in variants):
-        raise SystemExit(f"--variants: fp32 first, then any of {sorted(VARIANT_DTYPES)}; got {args.variants}")
+    variants = parse_variants(args.variants)
     dev = read_jsonl(DATA / "dev.jsonl")[: args.dev]
     distractors = [r["text"] for r in read_jsonl(DATA / "corpus.jsonl", args.distractors)]
     data = from_pairs([Pair(r["query"], r["positive"]) for r in dev], distractors)
@@ -204,9 +199,7 @@ def compare_variants(args: argparse.Namespace) -> None:
     baseline: dict[str, float] = {}
     fp32_rate = 0.0
     for variant in variants:
-        settings = Settings(
-            reranker={"model": model}, cache_dir=cache, device=args.device, dtype=VARIANT_DTYPES[variant]
-        )
+        settings = variant_settings(variant, "reranker", model, cache_dir=cache, device=args.device)
         reranker = load_reranker(settings)
         reranker.score(data.queries[calls[0][0]], [data.corpus[d] for d in calls[0][1]])  # warm-up
         scores: dict[str, list[float]] = {}

@@ -30,11 +30,30 @@ from twostage.retrieval.chunker import Chunker
 from twostage.retrieval.collections import open_store
 from twostage.retrieval.devices import resolve_device
 from twostage.retrieval.documents import Document
-from twostage.retrieval.embedder import load_embedder
-from twostage.retrieval.ingest import ingest_corpus
+from twostage.retrieval.embedder import Embedder, load_embedder
+from twostage.retrieval.ingest import IngestReport, ingest_corpus
 from twostage.retrieval.readers import CorpusReader
 from twostage.retrieval.settings import Settings
+from twostage.retrieval.store import VectorStore
 from twostage.retrieval.tokens import Qwen3Tokens
+
+
+def ingest_once(
+    settings: Settings, args: argparse.Namespace
+) -> tuple[Embedder, VectorStore, IngestReport, float]:
+    """Load and warm the embedder, then ingest `args.corpus` (its first `args.limit` documents) into
+    a fresh collection; the store is returned open, with the wall time of the ingest alone."""
+    embedder = load_embedder(settings)
+    embedder.embed_documents(["warm-up"] * 8)
+    chunker = Chunker.for_embedder(Qwen3Tokens(), settings.chunker, embedder)
+    reader = CorpusReader(args.corpus, settings.ingest.max_document_chars)
+    records = (r for i, r in enumerate(reader) if args.limit is None or i < args.limit)
+    store = open_store(settings)
+    started = time.perf_counter()
+    report = ingest_corpus(
+        records, store=store, embedder=embedder, chunker=chunker, settings=settings, collection="bench"
+    )
+    return embedder, store, report, time.perf_counter() - started
 
 
 def main() -> None:
@@ -57,17 +76,7 @@ def main() -> None:
             device=args.device,
             store={"kind": "embedded"},
         )
-        embedder = load_embedder(settings)
-        embedder.embed_documents(["warm-up"] * 8)
-        chunker = Chunker.for_embedder(Qwen3Tokens(), settings.chunker, embedder)
-        reader = CorpusReader(args.corpus, settings.ingest.max_document_chars)
-        records = (r for i, r in enumerate(reader) if args.limit is None or i < args.limit)
-        store = open_store(settings)
-        started = time.perf_counter()
-        report = ingest_corpus(
-            records, store=store, embedder=embedder, chunker=chunker, settings=settings, collection="bench"
-        )
-        elapsed = time.perf_counter() - started
+        embedder, store, report, elapsed = ingest_once(settings, args)
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         texts = [r.payload["text"] for r in store.scroll(report.collection, None, ["text"])]
         store.close()
@@ -112,22 +121,7 @@ def compare_variants(args: argparse.Namespace) -> None:
                 variant, "embedder", args.model, data_dir=Path(tmp) / variant, device=args.device,
                 store={"kind": "embedded"},
             )  # fmt: skip
-            embedder = load_embedder(settings)
-            embedder.embed_documents(["warm-up"] * 8)
-            chunker = Chunker.for_embedder(Qwen3Tokens(), settings.chunker, embedder)
-            reader = CorpusReader(args.corpus, settings.ingest.max_document_chars)
-            records = (r for i, r in enumerate(reader) if args.limit is None or i < args.limit)
-            store = open_store(settings)
-            started = time.perf_counter()
-            report = ingest_corpus(
-                records,
-                store=store,
-                embedder=embedder,
-                chunker=chunker,
-                settings=settings,
-                collection="bench",
-            )
-            elapsed = time.perf_counter() - started
+            embedder, store, report, elapsed = ingest_once(settings, args)
             vectors = embedder.embed_queries(queries)
             tops = [[h.id for h in store.search(report.collection, v, 10)] for v in vectors]
             store.close()

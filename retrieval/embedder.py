@@ -14,14 +14,7 @@ import torch
 from twostage.retrieval.devices import resolve_device
 from twostage.retrieval.fingerprint import PROBES, Fingerprint
 from twostage.retrieval.model_source import ModelSource, model_identity, resolve_model
-from twostage.retrieval.numerics import (
-    choose_dtype,
-    embedder_deviation,
-    load_measured,
-    numeric_path,
-    quantize_int8,
-    require_int8,
-)
+from twostage.retrieval.numerics import choose_dtype, embedder_deviation, load_on_path, numeric_path
 from twostage.retrieval.prompts import embedding_queries, require_texts
 from twostage.retrieval.settings import Settings
 
@@ -164,15 +157,10 @@ def load_embedder(settings: Settings, remote_metrics: "RemoteMetrics | None" = N
     def load(dtype: torch.dtype) -> Embedder:
         return Family.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
 
-    if cfg.quantize == "int8":  # from fp32 weights, whatever dtype says
-        require_int8("embedder", family, cfg.model, device)
-        quantized = load(torch.float32)
-        quantize_int8(quantized.model)  # type: ignore[attr-defined]
-        return quantized
-
-    tolerance = 1.0 - settings.numerics.embedder_min_cosine
-    embedder, _ = load_measured(
-        load, choice, lambda e: e.embed_documents(list(PROBES)), embedder_deviation, tolerance,
-        model_identity(source, settings.cache_dir), settings.cache_dir,
+    embedder = load_on_path(
+        load, role="embedder", family=family, quantize=cfg.quantize, choice=choice,
+        probe=lambda e: e.embed_documents(list(PROBES)), deviation=embedder_deviation,
+        tolerance=1.0 - settings.numerics.embedder_min_cosine,
+        model_id=model_identity(source, settings.cache_dir), device=device, cache_dir=settings.cache_dir,
     )  # fmt: skip
     return embedder

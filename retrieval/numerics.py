@@ -174,6 +174,30 @@ def reranker_deviation(reference: np.ndarray, other: np.ndarray) -> float:
     return float(np.abs(np.asarray(reference, np.float64) - np.asarray(other, np.float64)).max())
 
 
+def load_on_path(
+    load: Callable[[torch.dtype], M],
+    *,
+    role: str,
+    family: str,
+    quantize: str,
+    choice: DtypeChoice,
+    probe: Callable[[M], np.ndarray],
+    deviation: Callable[[np.ndarray, np.ndarray], float],
+    tolerance: float,
+    model_id: str,
+    device: torch.device,
+    cache_dir: Path,
+) -> M:
+    """The model on its numeric path: int8 from fp32 weights (whatever `dtype` says), or the
+    chosen dtype, measured against fp32 when `auto` picked bf16 on a CPU."""
+    if quantize == "int8":
+        require_int8(role, family, model_id, device)
+        model = load(torch.float32)
+        quantize_int8(model.model)  # type: ignore[attr-defined]
+        return model
+    return load_measured(load, choice, probe, deviation, tolerance, model_id, cache_dir)[0]
+
+
 def load_measured(
     load: Callable[[torch.dtype], M],
     choice: DtypeChoice,

@@ -16,14 +16,7 @@ import torch
 from twostage.retrieval.devices import resolve_device
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.model_source import ModelSource, model_identity, resolve_model
-from twostage.retrieval.numerics import (
-    RERANK_PROBES,
-    choose_dtype,
-    load_measured,
-    quantize_int8,
-    require_int8,
-    reranker_deviation,
-)
+from twostage.retrieval.numerics import RERANK_PROBES, choose_dtype, load_on_path, reranker_deviation
 from twostage.retrieval.settings import Settings
 
 if TYPE_CHECKING:
@@ -133,15 +126,10 @@ def load_reranker(settings: Settings, remote_metrics: "RemoteMetrics | None" = N
     def load(dtype: torch.dtype) -> Reranker:
         return Family.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
 
-    if cfg.quantize == "int8":  # from fp32 weights, whatever dtype says
-        require_int8("reranker", family, cfg.model, device)
-        quantized = load(torch.float32)
-        quantize_int8(quantized.model)  # type: ignore[attr-defined]
-        return quantized
-
-    reranker, _ = load_measured(
-        load, choice, probe_scores, reranker_deviation, settings.numerics.reranker_max_delta,
-        model_identity(source, settings.cache_dir), settings.cache_dir,
+    reranker = load_on_path(
+        load, role="reranker", family=family, quantize=cfg.quantize, choice=choice, probe=probe_scores,
+        deviation=reranker_deviation, tolerance=settings.numerics.reranker_max_delta,
+        model_id=model_identity(source, settings.cache_dir), device=device, cache_dir=settings.cache_dir,
     )  # fmt: skip
     return reranker
 

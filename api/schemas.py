@@ -40,6 +40,10 @@ class SearchRequest(_Strict):
         None, description="first stage: dense ANN, BM25, or both fused by RRF (default: hybrid where "
         "the collection has BM25 vectors)",
     )  # fmt: skip
+    rerank_fusion: Literal["rrf", "none"] | None = Field(
+        None, description="how reranked hits are ordered: rrf fuses the reranker's rank with the recall "
+        "rank, none orders by the reranker alone (default: the service's setting, rrf)",
+    )  # fmt: skip
     collection: str | None = Field(None, description="alias to search; default the service's collection")
     group_by_doc: bool = Field(False, description="keep each document's best chunk only")
 
@@ -73,6 +77,9 @@ class SearchResponse(BaseModel):
     embedder: str
     reranker: str | None = Field(description="the reranker that ordered the hits (null: not reranked)")
     recall: Literal["dense", "sparse", "hybrid"] = Field(description="the first stage that ran")
+    rerank_fusion: Literal["rrf", "none"] | None = Field(
+        description="how the reranked hits were ordered (null: not reranked)"
+    )
     stages: list[str] = Field(description="the stages that ran, in order")
     notes: list[str] = Field(description="why a stage did not run, and how to turn it on")
     timings_ms: dict[str, float]

@@ -40,6 +40,8 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         if args.rerank_k > args.top_k:
             raise InputError(f"need --rerank-k <= --top-k (got {args.rerank_k} and {args.top_k})")
         body["rerank_k"] = args.rerank_k
+    if args.rerank_fusion is not None:
+        body["rerank_fusion"] = args.rerank_fusion
     if args.collection:
         body["collection"] = args.collection
     if args.filter:
@@ -98,12 +100,14 @@ def _embedded(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
         service.start()
         deployment = service.deployment(collection)
         assert service.store is not None
-        plan = plan_search(deployment, settings, body.get("recall"), body.get("rerank"))
+        plan = plan_search(
+            deployment, settings, body.get("recall"), body.get("rerank"), body.get("rerank_fusion")
+        )
         result = two_stage_search(
             deployment, service.store, body["query"], instruction=body.get("instruction"),
             top_k=body["top_k"], top_n=body["top_n"], rerank=plan.rerank, recall=plan.recall, rrf=plan.rrf,
             flt=parse_filter(body.get("filter"), deployment.manifest.payload_indexes),
-            rerank_k=body.get("rerank_k") or settings.api.rerank_k,
+            rerank_k=body.get("rerank_k") or settings.api.rerank_k, fusion=plan.fusion,
         )  # fmt: skip
     finally:
         service.close()
@@ -164,6 +168,11 @@ def add_search_command(commands: Any) -> None:
     search.add_argument(
         "--rerank-k", type=positive_int, help="recalled chunks the reranker sees (default: all)"
     )
+    search.add_argument(
+        "--rerank-fusion", choices=("rrf", "none"),
+        help="order reranked hits by the reranker's rank fused with the recall rank (rrf) or by the "
+        "reranker alone (none); default: the service's (TWOSTAGE_RERANKER__FUSION, rrf)",
+    )  # fmt: skip
     search.add_argument("--filter", help='payload filter as JSON, e.g. \'{"source": {"any": ["a", "b"]}}\'')
     search.add_argument("--json", action="store_true", help="print the response as JSON")
     search.set_defaults(handler=search_command)

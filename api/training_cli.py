@@ -191,6 +191,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from twostage.retrieval.embedder import load_embedder
     from twostage.retrieval.readers import CorpusReader
     from twostage.retrieval.reranker import load_reranker
+    from twostage.retrieval.search import served_fusion
     from twostage.retrieval.settings import Settings
     from twostage.retrieval.sparse import Rrf
     from twostage.training.data import Pair
@@ -218,6 +219,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         results[name] = evaluate(
             data, load_embedder(system), reranker, top_k=args.top_k, recalls=args.recall,
             rrf=Rrf(settings.recall.rrf_k, settings.recall.rrf_weights), bm25=settings.recall.bm25,
+            fusion=served_fusion(settings),
         )  # fmt: skip
     models = {n: {"embedder": s.embedder.model, "reranker": s.reranker.model} for n, s in systems.items()}
     context = {

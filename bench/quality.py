@@ -12,16 +12,22 @@ Systems, all evaluated on dev queries with the corpus as distractors (see the da
   finetuned-hybrid+reranker              that hybrid top-K reranked by a cross-encoder trained
                                          from the fine-tuned embedder's encoder on negatives the
                                          fine-tuned embedder mines (its mistakes); `--reranker
-                                         yes-no` trains SmolLM2-135M on the Qwen3 yes/no logit
+                                         yes-no` trains SmolLM2-135M on the Qwen3 yes/no logit.
+                                         Ordered as served (TWOSTAGE_RERANKER__FUSION: the
+                                         reranker's rank fused with the recall rank by RRF);
+                                         `...+reranker-alone` orders by the reranker alone
 Recall runs in a throwaway Qdrant Edge shard with exact dense search (training.evaluation).
 Relevance is by document id; `paired` holds, for each comparison, the per-query nDCG@10 gain
 with its 95% bootstrap interval and randomization p-value (training.paired).
 `--save DIR` writes the fine-tuned embedder and reranker as servable model directories
 (DIR/embedder, DIR/reranker): `twostage evaluate --beir ...` with TWOSTAGE_EMBEDDER__MODEL and
-TWOSTAGE_RERANKER__MODEL pointing there evaluates them on another BEIR set.
+TWOSTAGE_RERANKER__MODEL pointing there evaluates them on another BEIR set. `--load DIR`
+evaluates such a pair again without training it (with `--mask-false-negatives`, the GIST
+embedder is still trained, for its comparison with the loaded MNRL one).
 Last line: one JSON object.
 
     python bench/quality.py                         # the measured defaults (~75 min on 2 cores)
+    python bench/quality.py --load DIR --mask-false-negatives   # saved pair + the GIST embedder
     python bench/quality.py --train-pairs 64 --rerank-pairs 16 --dev 20 --distractors 500 \\
         --embed-batch 16 --rerank-batch 4   # smoke
 """
@@ -42,11 +48,12 @@ from bench.common import DATA, read_jsonl, run_info
 from twostage.retrieval.embedder import load_embedder
 from twostage.retrieval.model_source import resolve_model
 from twostage.retrieval.reranker import load_reranker
+from twostage.retrieval.search import served_fusion
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.sparse import Rrf
 from twostage.training.data import Example, Pair
 from twostage.training.embedder_training import EmbedderTrainSettings, train_embedder
-from twostage.training.evaluation import from_pairs, recall_runs, rerank_run, score_run
+from twostage.training.evaluation import from_pairs, fused_run, recall_runs, rerank_run, score_run
 from twostage.training.mining import MiningSettings, mine
 from twostage.training.paired import paired_test, per_query
 from twostage.training.reranker_training import RerankerTrainSettings, fine_tune_reranker
@@ -59,6 +66,8 @@ COMPARISONS = [  # (baseline, candidate)
     ("base-dense", "base-bm25"), ("base-dense", "base-hybrid"), ("base-dense", "finetuned-dense"),
     ("base-hybrid", "finetuned-hybrid"), ("finetuned-dense", "finetuned-hybrid"),
     ("finetuned-hybrid", "finetuned-hybrid+reranker"), ("finetuned-dense", "finetuned-hybrid+reranker"),
+    ("finetuned-hybrid", "finetuned-hybrid+reranker-alone"),
+    ("finetuned-hybrid+reranker-alone", "finetuned-hybrid+reranker"),
     ("finetuned-dense", "finetuned-gist-dense"), ("finetuned-hybrid", "finetuned-gist-hybrid"),
 ]  # fmt: skip
 
@@ -95,6 +104,10 @@ def main() -> None:
     parser.add_argument("--rrf-k", type=int, default=60)
     parser.add_argument("--base-only", action="store_true", help="only base dense, BM25 and hybrid")
     parser.add_argument("--save", type=Path, help="write the trained models to SAVE/embedder, SAVE/reranker")
+    parser.add_argument(
+        "--load", type=Path,
+        help="evaluate LOAD/embedder and LOAD/reranker (an earlier --save) instead of training them",
+    )  # fmt: skip
     parser.add_argument("--cache-dir", default=".twostage/cache")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -165,9 +178,14 @@ def main() -> None:
             Pair(r["query"], r["positive"]) for r in train_rows[-100:]
         ]  # trainer's own dev, not the bench's
         base_path = resolve_model(EMBEDDER, cache_dir=cache).path
-        st = load_st_embedder(base_path, settings)
+        st = load_st_embedder(base_path, settings)  # the miner of the embedders' negatives
         mining_corpus = [r["positive"] for r in train_rows[: args.train_pairs + args.rerank_pairs]]
-        mined = mine(pairs, mining_corpus, st, MiningSettings(num_negatives=1, range_min=1))
+        trains_embedder = not args.load or args.mask_false_negatives
+        mined = (
+            mine(pairs, mining_corpus, st, MiningSettings(num_negatives=1, range_min=1))
+            if trains_embedder
+            else []
+        )
         train_s: dict[str, float] = {}
         embed_reports: dict[str, dict[str, Any]] = {}
 
@@ -187,41 +205,59 @@ def main() -> None:
             tuned.embedder.model = embed_reports[prefix]["model_dir"]
             return tuned, recall_systems(prefix, load_embedder(tuned), ("dense", "hybrid"))["hybrid"]
 
-        tuned_settings, tuned_hybrid = fine_tune("finetuned", gist=False)
+        def train_reranker(tuned: Settings) -> tuple[str, dict[str, Any], RerankerTrainSettings, list[Pair]]:
+            """A reranker trained on negatives the fine-tuned embedder mines; `tuned` is pointed at it."""
+            t = time.perf_counter()
+            rr_pairs = [
+                Pair(r["query"], r["positive"])
+                for r in train_rows[args.train_pairs : args.train_pairs + args.rerank_pairs]
+            ]
+            tuned_st = load_st_embedder(Path(embed_reports["finetuned"]["model_dir"]), settings)
+            rr_mining = MiningSettings(num_negatives=args.rerank_negatives, range_min=0, range_max=20)
+            rr_mined = mine(rr_pairs, mining_corpus, tuned_st, rr_mining)
+            cross_encoder = args.reranker == "cross-encoder"
+            reranker_name = RERANKERS[args.reranker]
+            source = resolve_model(reranker_name, cache_dir=cache).path
+            if cross_encoder and args.rerank_init == "embedder":
+                source, reranker_name = (
+                    Path(embed_reports["finetuned"]["model_dir"]),
+                    f"{EMBEDDER}, fine-tuned as embedder",
+                )
+            rr_train: list[Example] = list(rr_mined)
+            rr_dev: list[Example] = list(mine(held[:32], mining_corpus, tuned_st, rr_mining))
+            rr_options = RerankerTrainSettings(
+                epochs=args.rerank_epochs, batch_size=args.rerank_batch, learning_rate=args.rerank_lr,
+                eval_steps=50 if cross_encoder else 15, loss="bce" if cross_encoder else "listwise",
+                group_negatives=args.rerank_negatives,
+            )  # fmt: skip
+            rr_report = fine_tune_reranker(
+                source, args.reranker, rr_train, rr_dev, run_dir / "rr", rr_options,
+                instruction=settings.reranker.instruction, max_length=settings.reranker.max_length,
+                device="cpu",
+            )  # fmt: skip
+            train_s["reranker"] = round(time.perf_counter() - t, 1)
+            tuned.reranker.model = rr_report["model_dir"]
+            return reranker_name, rr_report, rr_options, rr_mined
+
+        if args.load:  # an earlier run's models: the systems' figures without their training
+            tuned_settings = settings.model_copy(deep=True)
+            tuned_settings.embedder.model = str(args.load / "embedder")
+            tuned_settings.reranker.model = str(args.load / "reranker")
+            tuned_hybrid = recall_systems("finetuned", load_embedder(tuned_settings), ("dense", "hybrid"))[
+                "hybrid"
+            ]
+            reranker_name, rr_report, rr_options, rr_mined = str(args.load / "reranker"), None, None, []
+        else:
+            tuned_settings, tuned_hybrid = fine_tune("finetuned", gist=False)
+            reranker_name, rr_report, rr_options, rr_mined = train_reranker(tuned_settings)
 
         t = time.perf_counter()
-        rr_pairs = [
-            Pair(r["query"], r["positive"])
-            for r in train_rows[args.train_pairs : args.train_pairs + args.rerank_pairs]
-        ]
-        tuned_st = load_st_embedder(Path(embed_reports["finetuned"]["model_dir"]), settings)
-        rr_mining = MiningSettings(num_negatives=args.rerank_negatives, range_min=0, range_max=20)
-        rr_mined = mine(rr_pairs, mining_corpus, tuned_st, rr_mining)
-        cross_encoder = args.reranker == "cross-encoder"
-        reranker_name = RERANKERS[args.reranker]
-        source = resolve_model(reranker_name, cache_dir=cache).path
-        if cross_encoder and args.rerank_init == "embedder":
-            source, reranker_name = (
-                Path(embed_reports["finetuned"]["model_dir"]),
-                f"{EMBEDDER}, fine-tuned as embedder",
-            )
-        rr_train: list[Example] = list(rr_mined)
-        rr_dev: list[Example] = list(mine(held[:32], mining_corpus, tuned_st, rr_mining))
-        rr_options = RerankerTrainSettings(
-            epochs=args.rerank_epochs, batch_size=args.rerank_batch, learning_rate=args.rerank_lr,
-            eval_steps=50 if cross_encoder else 15, loss="bce" if cross_encoder else "listwise",
-            group_negatives=args.rerank_negatives,
-        )  # fmt: skip
-        rr_report = fine_tune_reranker(
-            source, args.reranker, rr_train, rr_dev, run_dir / "rr", rr_options,
-            instruction=settings.reranker.instruction, max_length=settings.reranker.max_length, device="cpu",
-        )  # fmt: skip
-        train_s["reranker"] = round(time.perf_counter() - t, 1)
-        tuned_settings.reranker.model = rr_report["model_dir"]
-        t = time.perf_counter()
-        reranked = rerank_run(data, top(tuned_hybrid, args.top_k), load_reranker(tuned_settings), None)
-        record("finetuned-hybrid+reranker", reranked, time.perf_counter() - t)
-        if args.save:
+        head = top(tuned_hybrid, args.top_k)
+        scores = rerank_run(data, head, load_reranker(tuned_settings), None)
+        seconds = time.perf_counter() - t
+        record("finetuned-hybrid+reranker", fused_run(head, scores, served_fusion(settings)), seconds)
+        record("finetuned-hybrid+reranker-alone", fused_run(head, scores, None), seconds)
+        if args.save and rr_report is not None:
             for part, path in (
                 ("embedder", embed_reports["finetuned"]["model_dir"]),
                 ("reranker", rr_report["model_dir"]),
@@ -248,8 +284,10 @@ def main() -> None:
         "sizes": {"train_pairs": len(mined), "rerank_pairs": len(rr_mined), "dev_queries": len(data.queries),
                   "corpus": len(data.corpus), "top_k": args.top_k},
         "train_s": train_s,
-        "reranker_dev_loss": {"base": rr_report["base_dev_loss"], "best": rr_report["best_dev_loss"],
-                              "loss": rr_options.loss, "group": 1 + args.rerank_negatives},
+        "reranker_dev_loss": rr_report and rr_options and {
+            "base": rr_report["base_dev_loss"], "best": rr_report["best_dev_loss"], "loss": rr_options.loss,
+            "group": 1 + args.rerank_negatives},
+        "loaded": str(args.load) if args.load else None,
         "saved": str(args.save) if args.save else None,
         "settings": {k: str(v) for k, v in vars(args).items() if k != "cache_dir"},
         "wall_s": round(time.perf_counter() - started, 1), **run_info("cpu"),

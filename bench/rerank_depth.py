@@ -1,8 +1,9 @@
 """Rerank depth (`rerank_k`): nDCG@10 and rerank latency per depth, on debian-ir dev.
 
 Hybrid recall (the service's default first stage) of the top `--recall-k` chunks, then the
-reranker sees the first `rerank_k` of them and the rest follow in recall order, exactly as
-`/v1/search` does. A document's score does not depend on the others in the call, so each
+reranker sees the first `rerank_k` of them (ordered as served: by default the reranker's rank
+fused with the recall rank; `--fusion none`: the reranker alone) and the rest follow in recall
+order, exactly as `/v1/search` does. A document's score does not depend on the others in the call, so each
 query's top `--recall-k` are scored once for the quality figures; latency is timed per depth
 on `--timed` queries with calls of exactly that many documents. Each depth is compared with
 the deepest and with recall alone by a paired test over per-query nDCG@10. Last line: one JSON
@@ -23,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DATA, read_jsonl, run_info
 from twostage.retrieval.embedder import load_embedder
+from twostage.retrieval.fusion import RerankFusion, rerank_order
 from twostage.retrieval.reranker import load_reranker
+from twostage.retrieval.search import served_fusion
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.sparse import Rrf
 from twostage.training.data import Pair
@@ -33,12 +36,13 @@ from twostage.training.paired import paired_test, per_query
 Run = dict[str, dict[str, float]]
 
 
-def at_depth(recall: Run, scores: Run, depth: int) -> Run:
-    """The ranking `/v1/search` returns: the first `depth` recalled reranked, then recall order."""
+def at_depth(recall: Run, scores: Run, depth: int, fusion: RerankFusion | None) -> Run:
+    """The ranking `/v1/search` returns: the first `depth` recalled reranked (in `fusion`'s order),
+    then recall order."""
     out: Run = {}
     for qid, docs in recall.items():
         ordered = sorted(docs, key=lambda d: -docs[d])
-        head = sorted(ordered[:depth], key=lambda d: -scores[qid][d])
+        head = [ordered[i] for i in rerank_order([scores[qid][d] for d in ordered[:depth]], fusion)]
         ranking = head + ordered[depth:]
         out[qid] = {d: float(len(ranking) - i) for i, d in enumerate(ranking)}
     return out
@@ -54,6 +58,9 @@ def main() -> None:
     parser.add_argument("--distractors", type=int, default=20000)
     parser.add_argument("--timed", type=int, default=40, help="queries timed per depth")
     parser.add_argument("--cache-dir", default=".twostage/cache")
+    parser.add_argument(
+        "--fusion", choices=("rrf", "none"), help="rerank order (default: served, TWOSTAGE_RERANKER__FUSION)"
+    )
     args = parser.parse_args()
     depths = sorted(int(d) for d in args.depths.split(","))
     if depths[-1] > args.recall_k:
@@ -70,6 +77,7 @@ def main() -> None:
                          rrf=Rrf(60))["hybrid"]  # fmt: skip
     reranker = load_reranker(settings)
     scores = rerank_run(data, recall, reranker, None)
+    fusion = served_fusion(settings, args.fusion)
 
     latency: dict[int, float] = {}
     timed = list(data.queries)[: args.timed]
@@ -82,12 +90,12 @@ def main() -> None:
             per_call.append((time.perf_counter() - t) * 1000)
         latency[depth] = statistics.median(per_call)
 
-    deepest = per_query(data.qrels, at_depth(recall, scores, depths[-1]))
+    deepest = per_query(data.qrels, at_depth(recall, scores, depths[-1], fusion))
     alone = per_query(data.qrels, recall)
     rows: dict[str, Any] = {"recall only": {"ndcg@10": round(score_run(data.qrels, recall)["nDCG@10"], 4)}}
     suggested, worse = depths[-1], False
     for depth in reversed(depths):
-        run = per_query(data.qrels, at_depth(recall, scores, depth))
+        run = per_query(data.qrels, at_depth(recall, scores, depth, fusion))
         vs_deepest = paired_test(deepest, run)
         rows[str(depth)] = {
             "ndcg@10": round(statistics.fmean(run.values()), 4), "rerank_ms_p50": round(latency[depth], 1),
@@ -98,7 +106,9 @@ def main() -> None:
             suggested = depth
     print(json.dumps({
         "bench": "rerank_depth", "embedder": args.embedder, "reranker": args.reranker,
-        "recall": f"hybrid top {args.recall_k}", "dev_queries": len(data.queries), "corpus": len(data.corpus),
+        "recall": f"hybrid top {args.recall_k}",
+        "fusion": fusion.__dict__ if fusion else "none",
+        "dev_queries": len(data.queries), "corpus": len(data.corpus),
         "depths": rows, "suggested_default": suggested, "wall_s": round(time.perf_counter() - started, 1),
         **run_info("cpu"),
     }))  # fmt: skip

@@ -15,6 +15,7 @@ all-MiniLM-L6-v2 0.99994 and a MiniLM cross-encoder 0.0008 keep bf16; SmolLM2-13
 yes/no reranker moves 0.0118, so `auto` keeps it in fp32.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -55,9 +56,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 def numeric_path(model: torch.nn.Module) -> str:
     """What computes a loaded model's outputs: `int8-dynamic` when its Linear layers are dynamically
     quantized, else the dtype of its floating-point weights."""
-    for module in model.modules():
-        if type(module).__module__.startswith("torch.ao.nn.quantized.dynamic"):
-            return "int8-dynamic"
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    if any(isinstance(module, DynamicLinear) for module in model.modules()):
+        return "int8-dynamic"
     for parameter in model.parameters():
         if parameter.is_floating_point():
             return dtype_name(parameter.dtype)
@@ -80,6 +82,33 @@ def require_int8(role: str, family: str, model: str, device: torch.device) -> No
         )
 
 
+def int8_full_range() -> bool:
+    """Whether int8 activations may use all 8 bits: only where the CPU multiplies u8 x s8 with
+    32-bit accumulation (x86 VNNI or AMX-INT8). Elsewhere fbgemm's AVX2 kernel sums pairs of
+    products in saturating 16-bit lanes (255 * 127 * 2 > 32767), which is why torch's dynamic
+    Linear quantizes activations to 7 bits (`reduce_range=True`) everywhere by default."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@functools.cache
+def _full_range_linear() -> type[torch.nn.Module]:
+    """torch's dynamic int8 Linear, with 8-bit activations (`reduce_range=False`)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    class FullRangeDynamicLinear(DynamicLinear):
+        """Dynamic int8 Linear whose activations keep all 8 bits (see `int8_full_range`)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            packed = self._packed_params._packed_params
+            return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=False).to(x.dtype)
+
+    return FullRangeDynamicLinear
+
+
 def quantize_int8(module: torch.nn.Module) -> None:
     """Dynamic int8 for every Linear layer, in place: int8 weights per output channel, activations
     quantized per call; fbgemm/oneDNN int8 GEMMs (VNNI where the CPU has it).
@@ -89,18 +118,26 @@ def quantize_int8(module: torch.nn.Module) -> None:
     sentence-transformers' ONNX backend needs optimum-onnx, which requires transformers < 4.58.
     torch.ao.quantization is deprecated upstream but present in the pinned torch; its warning
     is silenced here and the path is covered by tests, so a torch upgrade that drops it fails CI.
-    Per-channel weights, because per-tensor ones lost more (worst MiniLM cosine with fp32 over
-    256 documents: 0.89 vs 0.96).
+    Per-channel weights, because per-tensor ones lost more; and, on a CPU with VNNI, 8-bit
+    activations instead of torch's default 7 (`int8_full_range`): over 256 debian-ir documents
+    MiniLM's worst cosine with fp32 is 0.89 (per-tensor), 0.963 (per-channel, 7-bit activations)
+    and 0.988 (per-channel, 8-bit), at the same speed.
     """
     import warnings
 
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    linear = _full_range_linear() if int8_full_range() else DynamicLinear
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
         quantize_dynamic(
-            module, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
+            module,
+            {torch.nn.Linear: per_channel_dynamic_qconfig},
+            dtype=torch.qint8,
+            inplace=True,
+            mapping={torch.nn.Linear: linear},
         )
 
 

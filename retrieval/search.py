@@ -16,6 +16,7 @@ import numpy as np
 
 from twostage.retrieval.embedder import Embedder
 from twostage.retrieval.errors import InputError
+from twostage.retrieval.fusion import FusionName, RerankFusion, choose_fusion, rerank_order
 from twostage.retrieval.reranker import Reranker
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.sparse import Bm25Encoder, RecallMode, Rrf, sparse_encoder
@@ -73,6 +74,7 @@ class SearchResult:
     embedder: str
     reranker: str | None
     recall: str = "dense"
+    rerank_fusion: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     stages: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -108,11 +110,14 @@ def two_stage_search(
     rrf: Rrf | None = None,
     exact: bool = False,
     rerank_k: int | None = None,
+    fusion: RerankFusion | None = None,
 ) -> SearchResult:
     """The whole search path with per-stage timings (ms).
 
     `rerank_k` bounds what the reranker sees: the first `rerank_k` of the recalled chunks are
-    reranked and come first, the rest follow in recall order (None: all of them).
+    reranked and come first, the rest follow in recall order (None: all of them). `fusion`
+    orders the reranked ones by the reranker's rank fused with their recall rank (`fusion`
+    module); None orders them by the reranker alone.
 
     `recall` picks the first stage (dense ANN, BM25, or both fused by `rrf`); callers choose
     it with `choose_recall`. `embed_query` / `score_documents` default to the deployment's
@@ -153,7 +158,7 @@ def two_stage_search(
         score = score_documents or reranker.score
         scores = score(query, [str(h.payload.get("text", "")) for h in hits[:depth]], instruction)
         rerank_scores = [*scores, *([None] * (len(hits) - depth))]
-        order = sorted(range(depth), key=lambda i: (-scores[i], i)) + list(range(depth, len(hits)))
+        order = rerank_order(scores, fusion) + list(range(depth, len(hits)))
     else:
         order = list(range(len(hits)))
     timings["rerank"] = _ms(mark)
@@ -184,6 +189,7 @@ def two_stage_search(
         embedder=deployment.embedder.model_id,
         reranker=reranker.model_id if reranker is not None else None,
         recall=recall,
+        rerank_fusion=(("rrf" if fusion else "none") if reranker is not None else None),
         timings_ms=timings,
         stages=["embed", "recall", "rerank"] if reranker is not None else ["embed", "recall"],
     )
@@ -197,16 +203,28 @@ class SearchPlan:
     rerank: bool
     rrf: Rrf
     notes: list[str]
+    fusion: RerankFusion | None = None
 
 
 def plan_search(
-    deployment: Deployment, settings: Settings, recall: RecallMode | None, rerank: RerankChoice | None
+    deployment: Deployment,
+    settings: Settings,
+    recall: RecallMode | None,
+    rerank: RerankChoice | None,
+    fusion: FusionName | None = None,
 ) -> SearchPlan:
-    """The API's and the CLI's one way from a request's `recall` / `rerank` to what runs."""
+    """The API's and the CLI's one way from a request's `recall` / `rerank` / `rerank_fusion` to
+    what runs."""
     mode, recall_notes = choose_recall(recall, settings.recall.mode, deployment.manifest)
     apply, rerank_notes = choose_rerank(rerank, settings.api.rerank, deployment)
     rrf = Rrf(settings.recall.rrf_k, settings.recall.rrf_weights)
-    return SearchPlan(mode, apply, rrf, recall_notes + rerank_notes)
+    return SearchPlan(mode, apply, rrf, recall_notes + rerank_notes, served_fusion(settings, fusion))
+
+
+def served_fusion(settings: Settings, requested: FusionName | None = None) -> RerankFusion | None:
+    """The rerank fusion a search (or the gate measuring one) uses: the request's, else the settings'."""
+    r = settings.reranker
+    return choose_fusion(requested, r.fusion, r.fusion_k, r.fusion_weight)
 
 
 def no_sparse_message(manifest: CollectionManifest, mode: str) -> str:

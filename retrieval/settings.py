@@ -117,6 +117,14 @@ class RerankerSettings(BaseModel):
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: dynamic int8 Linear layers (cross-encoders, on a CPU)"
     )
+    fusion: Literal["rrf", "none"] = Field(
+        "rrf", description="how reranked hits are ordered: rrf fuses the reranker's rank with the recall "
+        "rank (measured better here, README), none orders by the reranker alone; a request may say",
+    )  # fmt: skip
+    fusion_k: int = Field(60, ge=1, description="RRF k of the rerank fusion")
+    fusion_weight: float = Field(
+        1.0, gt=0, le=1000, description="the reranker rank's RRF weight (the recall rank's is 1)"
+    )
 
     @model_validator(mode="after")
     def _remote_has_url(self) -> "RerankerSettings":

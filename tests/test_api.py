@@ -118,7 +118,7 @@ def test_search_returns_reranked_hits_with_both_scores_and_timings(served: Serve
     assert body["collection"] == "docs__v1" and body["embedder"] == served.service.embedder.model_id
     hits = body["hits"]
     assert len(hits) == 10 and [h["rank"] for h in hits] == list(range(1, 11))
-    assert all(a["rerank_score"] >= b["rerank_score"] for a, b in itertools.pairwise(hits))
+    assert body["rerank_fusion"] == "rrf" and all(h["rerank_score"] is not None for h in hits)
     assert set(body["timings_ms"]) == {"embed", "recall", "rerank", "total"}
     assert "recall;dur=" in response.headers["server-timing"] and response.headers["x-request-id"]
 
@@ -126,12 +126,14 @@ def test_search_returns_reranked_hits_with_both_scores_and_timings(served: Serve
         served, "/v1/search", {"query": "real-time strategy game of ancient warfare", "rerank": False}
     )
     dense = plain.json()["hits"]
+    assert plain.json()["rerank_fusion"] is None
     assert dense[0]["doc_id"] == "0ad" and dense[0]["rerank_score"] is None
     assert all(a["recall_score"] >= b["recall_score"] for a, b in itertools.pairwise(dense))
 
 
 def test_rerank_k_bounds_what_the_reranker_sees(served: Served) -> None:
-    body = {"query": "real-time strategy game of ancient warfare", "top_k": 20, "top_n": 12, "rerank": True}
+    body = {"query": "real-time strategy game of ancient warfare", "top_k": 20, "top_n": 12, "rerank": True,
+            "rerank_fusion": "none"}  # fmt: skip
     full = post(served, "/v1/search", body).json()["hits"]
     recalled = post(served, "/v1/search", {**body, "rerank": False}).json()["hits"]
     hits = post(served, "/v1/search", {**body, "rerank_k": 5}).json()["hits"]
@@ -142,6 +144,28 @@ def test_rerank_k_bounds_what_the_reranker_sees(served: Served) -> None:
     assert all(h["rerank_score"] is None for h in tail) and all(h["rerank_score"] is not None for h in full)
     too_deep = post(served, "/v1/search", {**body, "rerank_k": 21})
     assert too_deep.status_code == 422 and "rerank_k (21) cannot exceed top_k (20)" in too_deep.text
+
+
+def test_reranked_hits_are_ordered_by_the_fused_ranks_or_the_reranker_alone(served: Served) -> None:
+    """Default (rrf): 1/(60 + reranker rank) + 1/(60 + recall rank), ties in recall order, computed
+    here from the recall order and the returned scores; `rerank_fusion: none` orders by the
+    reranker's score alone; an unknown fusion is a 422."""
+    body = {"query": "play chess against the computer", "top_k": 20, "top_n": 20, "rerank": True}
+    recalled = [h["id"] for h in post(served, "/v1/search", {**body, "rerank": False}).json()["hits"]]
+    fused = post(served, "/v1/search", body).json()
+    score = {h["id"]: h["rerank_score"] for h in fused["hits"]}
+    by_reranker = sorted(recalled, key=lambda i: (-score[i], recalled.index(i)))
+
+    def rrf(i: str) -> float:
+        return 1 / (60 + by_reranker.index(i) + 1) + 1 / (60 + recalled.index(i) + 1)
+
+    assert fused["rerank_fusion"] == "rrf"
+    assert [h["id"] for h in fused["hits"]] == sorted(recalled, key=lambda i: (-rrf(i), recalled.index(i)))
+    alone = post(served, "/v1/search", {**body, "rerank_fusion": "none"}).json()
+    assert alone["rerank_fusion"] == "none" and [h["id"] for h in alone["hits"]] == by_reranker
+    assert [h["id"] for h in alone["hits"]] != [h["id"] for h in fused["hits"]]  # the two orders differ here
+    bad = post(served, "/v1/search", {**body, "rerank_fusion": "linear"})
+    assert bad.status_code == 422 and "rerank_fusion" in bad.text
 
 
 def test_instruction_reaches_query_prompt_and_reranker_prompt(served: Served) -> None:

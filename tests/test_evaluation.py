@@ -6,11 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from twostage.retrieval.fusion import RerankFusion, rerank_order
 from twostage.retrieval.model_source import resolve_model
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.tiny_models import TinyModelPaths
 from twostage.training.data import Pair
-from twostage.training.evaluation import from_pairs
+from twostage.training.evaluation import from_pairs, fused_run
 from twostage.training.st_model import load_st_embedder
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
@@ -65,3 +66,21 @@ def test_evaluate_dense_and_two_stage_report_and_chart(
     minilm = resolve_model("pypi:all-MiniLM-L6-v2", cache_dir=minilm_settings.cache_dir).path
     st = evaluator(load_st_embedder(minilm, minilm_settings))
     assert abs(st[evaluator.primary_metric] - dense["nDCG@10"]) < 1e-3
+
+
+def test_rerank_fusion_orders_by_fused_ranks_as_served_and_as_evaluated() -> None:
+    """Recall order a, b, c; the reranker prefers b, c, a. Alone: b, c, a. RRF k=60, equal weights:
+    a 1/63 + 1/61 = 0.03227, b 1/61 + 1/62 = 0.03252, c 1/62 + 1/63 = 0.03200, so b, a, c. With
+    the reranker's weight 3: a 0.0640, b 0.0653, c 0.0643, so b, c, a. Ties keep recall order.
+    The evaluation's run (what the gate compares) is the same order."""
+    scores = [0.1, 0.9, 0.5]
+    assert rerank_order(scores, None) == [1, 2, 0]
+    assert rerank_order(scores, RerankFusion(60, 1.0)) == [1, 0, 2]
+    assert rerank_order(scores, RerankFusion(60, 3.0)) == [1, 2, 0]
+    assert rerank_order([0.5, 0.5], RerankFusion(60, 1.0)) == [0, 1] == rerank_order([0.5, 0.5], None)
+    recall = {"q": {"a": 0.9, "b": 0.8, "c": 0.7}}
+    reranked = {"q": {"a": 0.1, "b": 0.9, "c": 0.5}}
+    run = fused_run(recall, reranked, RerankFusion(60, 1.0))["q"]
+    assert sorted(run, key=lambda d: -run[d]) == ["b", "a", "c"]
+    alone = fused_run(recall, reranked, None)["q"]
+    assert sorted(alone, key=lambda d: -alone[d]) == ["b", "c", "a"]

@@ -143,6 +143,7 @@ def test_quickstart_default_search_is_at_least_as_good_as_dense(quickstart: Quic
     ).json()
     assert forced["stages"] == ["embed", "recall", "rerank"] and forced["reranker"].startswith("pypi:SmolLM2")
     assert all(hit["rerank_score"] is not None for hit in forced["hits"]) and not forced["notes"]
+    assert forced["rerank_fusion"] == "rrf"  # the reranker's rank fused with the recall rank, by default
 
 
 def test_search_cli_goes_through_the_running_server(quickstart: Quickstart) -> None:
@@ -157,6 +158,16 @@ def test_search_cli_goes_through_the_running_server(quickstart: Quickstart) -> N
     assert games.returncode == 0, games.stderr
     hits = json.loads(games.stdout)["hits"]
     assert hits and all(hit["metadata"]["section"] == "games" for hit in hits)
+    alone = run_cli(
+        ["search", QUERY, "--json", "--rerank", "--rerank-fusion", "none", "--top-k", "3", "--top-n", "3"],
+        quickstart.env,
+    )
+    assert alone.returncode == 0, alone.stderr
+    ordered = json.loads(alone.stdout)
+    assert ordered["rerank_fusion"] == "none"
+    assert [h["rerank_score"] for h in ordered["hits"]] == sorted(
+        (h["rerank_score"] for h in ordered["hits"]), reverse=True
+    )
 
     _one_line_error(
         run_cli(["search", QUERY, "--filter", '{"section": "games"}'], quickstart.env),

@@ -20,6 +20,7 @@ import numpy as np
 
 from twostage.retrieval.embedder import Embedder
 from twostage.retrieval.errors import InputError
+from twostage.retrieval.fusion import RerankFusion, rerank_order
 from twostage.retrieval.progress import progress
 from twostage.retrieval.reranker import Reranker
 from twostage.retrieval.search import Deployment, two_stage_search
@@ -87,10 +88,12 @@ def evaluate(
     recalls: Sequence[RecallMode] = ("dense",),
     rrf: Rrf | None = None,
     bm25: Bm25Params | None = None,
+    fusion: RerankFusion | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics per mode for one (embedder, reranker) pair: each recall in `recalls` ("dense",
     "sparse", "hybrid") and, with a reranker, the same recall reranked ("two-stage" is dense
-    reranked, the name the gate has always used; "sparse+rerank", "hybrid+rerank").
+    reranked, the name the gate has always used; "sparse+rerank", "hybrid+rerank"), ordered
+    as `/v1/search` orders them (`fusion`: the reranker's rank fused with the recall rank).
 
     Recall runs in a throwaway Qdrant Edge shard with exact dense search, so BM25 statistics,
     RRF and filters are the engine's own, as `/v1/search` computes them.
@@ -103,9 +106,8 @@ def evaluate(
         out[recall] = score_run(data.qrels, run)
         if reranker is not None:
             desc = f"rerank top {top_k}" + ("" if recall == "dense" else f" of {recall}")
-            out[reranked_mode(recall)] = score_run(
-                data.qrels, rerank_run(data, run, reranker, instruction, desc)
-            )
+            scores = rerank_run(data, run, reranker, instruction, desc)
+            out[reranked_mode(recall)] = score_run(data.qrels, fused_run(run, scores, fusion))
     return out
 
 
@@ -202,6 +204,19 @@ def rerank_run(
     return reranked
 
 
+def fused_run(
+    recall: dict[str, dict[str, float]], scores: dict[str, dict[str, float]], fusion: RerankFusion | None
+) -> dict[str, dict[str, float]]:
+    """The reranked run `/v1/search` serves: each query's recalled documents (recall order) in
+    `fusion.rerank_order` of their reranker `scores`, as descending rank scores."""
+    out: dict[str, dict[str, float]] = {}
+    for qid, docs in recall.items():
+        ordered = sorted(docs, key=lambda d: -docs[d])  # stable: ties keep the run's order
+        order = rerank_order([scores[qid][d] for d in ordered], fusion)
+        out[qid] = {ordered[i]: float(len(order) - rank) for rank, i in enumerate(order)}
+    return out
+
+
 def evaluate_index(
     dev: Sequence[Pair],
     relevant: Sequence[str],
@@ -212,6 +227,7 @@ def evaluate_index(
     recall: RecallMode = "dense",
     rrf: Rrf | None = None,
     instruction: str | None = None,
+    fusion: RerankFusion | None = None,
 ) -> dict[str, dict[str, float]]:
     """The same metrics end to end through the index: `two_stage_search` as `/v1/search` runs it,
     one hit per document (`group_by_doc`), judged by document id: `relevant[i]` is the id of
@@ -226,9 +242,10 @@ def evaluate_index(
         result = two_stage_search(
             deployment, store, pair.query, instruction=pair.instruction or instruction, top_k=top_k,
             top_n=top_k, group_by_doc=True, recall=recall, rrf=rrf, rerank=deployment.reranker is not None,
+            fusion=fusion,
         )  # fmt: skip
         runs[first][f"q{i}"] = {h.doc_id: h.recall_score for h in result.hits}
-        runs[second][f"q{i}"] = {h.doc_id: float(h.rerank_score or 0.0) for h in result.hits}
+        runs[second][f"q{i}"] = {h.doc_id: float(len(result.hits) - h.rank) for h in result.hits}
     return {mode: score_run(qrels, run) for mode, run in runs.items()}
 
 
@@ -250,9 +267,10 @@ class PairRuns:
         top_k: int,
         rrf: Rrf | None = None,
         bm25: Bm25Params | None = None,
+        fusion: RerankFusion | None = None,
     ) -> None:
         self.data, self.load_pair, self.recalls, self.served = data, load_pair, tuple(recalls), served
-        self.top_k, self.rrf, self.bm25 = top_k, rrf, bm25
+        self.top_k, self.rrf, self.bm25, self.fusion = top_k, rrf, bm25, fusion
         self._recall: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
         self._reranked: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
 
@@ -277,7 +295,8 @@ class PairRuns:
             first = self._recall[embedder][self.served]
             desc = f"rerank top {self.top_k}" + ("" if self.served == "dense" else f" of {self.served}")
             scorer = self.load_pair(embedder, reranker)[1]
-            self._reranked[embedder, reranker] = rerank_run(self.data, first, scorer, None, desc)
+            scores = rerank_run(self.data, first, scorer, None, desc)
+            self._reranked[embedder, reranker] = fused_run(first, scores, self.fusion)
         return self._reranked[embedder, reranker]
 
     def modes(self) -> list[str]:

@@ -39,7 +39,7 @@ from twostage.retrieval.locks import write_json_atomic
 from twostage.retrieval.model_cache import ModelCache, pair_keys
 from twostage.retrieval.model_source import resolve_model
 from twostage.retrieval.registry import DeploymentRecord, Registry
-from twostage.retrieval.search import Deployment
+from twostage.retrieval.search import Deployment, served_fusion
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.sparse import RecallMode, Rrf, sparse_encoder
 from twostage.retrieval.store import CollectionManifest, Point, StoreError, VectorStore, now_iso
@@ -444,7 +444,7 @@ def _cycle(
         data = from_pairs(dev, chunks[: cfg.max_distractors])
         recalls: list[RecallMode] = ["dense"] if served == "dense" else ["dense", served]
         runs = PairRuns(data, models.pair, recalls=recalls, served=served, top_k=cfg.top_k, rrf=rrf,
-                        bm25=settings.recall.bm25)  # fmt: skip
+                        bm25=settings.recall.bm25, fusion=served_fusion(settings))  # fmt: skip
         deployed_pair = (deployed.embedder, deployed.reranker)
         decision = decide(
             lambda e, r, mode: runs.per_query(e, r, mode, cfg.gate_metric), len(data.queries), served,
@@ -515,8 +515,9 @@ def _cycle(
             store.read_manifest(deployed.collection), *models.pair(deployed.embedder, deployed.reranker)
         )
         new_pair = Deployment(store.read_manifest(record.collection), new_embedder, new_reranker)
+        fusion = served_fusion(settings)
         before, after = (
-            evaluate_index(dev, relevant, d, store, top_k=cfg.top_k, recall=served, rrf=rrf)
+            evaluate_index(dev, relevant, d, store, top_k=cfg.top_k, recall=served, rrf=rrf, fusion=fusion)
             for d in (old_pair, new_pair)
         )
         step["end_to_end"] = {"deployed": before, "candidate": after}

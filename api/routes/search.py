@@ -35,7 +35,7 @@ async def search(body: SearchRequest, service: ServiceDep, response: Response) -
     flt = parse_filter(body.filter, deployment.manifest.payload_indexes)
     loop = asyncio.get_running_loop()
     assert service.store is not None
-    plan = plan_search(deployment, service.settings, body.recall, body.rerank)
+    plan = plan_search(deployment, service.settings, body.recall, body.rerank, body.rerank_fusion)
     result = await run_in_threadpool(
         two_stage_search,
         deployment,
@@ -50,6 +50,7 @@ async def search(body: SearchRequest, service: ServiceDep, response: Response) -
         rrf=plan.rrf,
         group_by_doc=body.group_by_doc,
         rerank_k=body.rerank_k or service.settings.api.rerank_k,
+        fusion=plan.fusion,
         embed_query=_blocking(loop, partial(service.embed_query, embedder=deployment.embedder)),
         score_documents=_blocking(loop, partial(service.score, reranker=deployment.reranker)),
     )

@@ -153,7 +153,10 @@ def main() -> None:
                 out[f"{candidate} vs {baseline}"] = compared.as_dict()
         return out
 
+    numerics: dict[str, str] = {}  # the numeric path each evaluated model ran on (dtype=auto may pick bf16)
+
     def recall_systems(prefix: str, embedder: Any, modes: tuple[Any, ...]) -> dict[str, Run]:
+        numerics[f"{prefix} embedder"] = embedder.numerics
         t = time.perf_counter()
         out = recall_runs(data, embedder, modes, top_k=100, instruction=None, rrf=rrf)
         for mode, run in out.items():
@@ -253,7 +256,9 @@ def main() -> None:
 
         t = time.perf_counter()
         head = top(tuned_hybrid, args.top_k)
-        scores = rerank_run(data, head, load_reranker(tuned_settings), None)
+        reranker = load_reranker(tuned_settings)
+        numerics["reranker"] = reranker.numerics
+        scores = rerank_run(data, head, reranker, None)
         seconds = time.perf_counter() - t
         record("finetuned-hybrid+reranker", fused_run(head, scores, served_fusion(settings)), seconds)
         record("finetuned-hybrid+reranker-alone", fused_run(head, scores, None), seconds)
@@ -283,7 +288,7 @@ def main() -> None:
         "relative_nDCG@10": relative,
         "sizes": {"train_pairs": len(mined), "rerank_pairs": len(rr_mined), "dev_queries": len(data.queries),
                   "corpus": len(data.corpus), "top_k": args.top_k},
-        "train_s": train_s,
+        "train_s": train_s, "numerics": numerics,
         "reranker_dev_loss": rr_report and rr_options and {
             "base": rr_report["base_dev_loss"], "best": rr_report["best_dev_loss"], "loss": rr_options.loss,
             "group": 1 + args.rerank_negatives},

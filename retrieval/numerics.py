@@ -121,7 +121,8 @@ def quantize_int8(module: torch.nn.Module) -> None:
     Per-channel weights, because per-tensor ones lost more; and, on a CPU with VNNI, 8-bit
     activations instead of torch's default 7 (`int8_full_range`): over 256 debian-ir documents
     MiniLM's worst cosine with fp32 is 0.89 (per-tensor), 0.963 (per-channel, 7-bit activations)
-    and 0.988 (per-channel, 8-bit), at the same speed.
+    and 0.988 (per-channel, 8-bit), at the same speed. Per-token activation scales (through
+    `torch._int_mm`) reached 0.997 but ran at 1.47x fp32 against 8-bit per-tensor's 2.03x.
     """
     import warnings
 

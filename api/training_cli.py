@@ -219,7 +219,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         results[name] = evaluate(
             data, load_embedder(system), reranker, top_k=args.top_k, recalls=args.recall,
             rrf=Rrf(settings.recall.rrf_k, settings.recall.rrf_weights), bm25=settings.recall.bm25,
-            fusion=served_fusion(settings),
+            fusion=served_fusion(settings), rerank_k=settings.api.rerank_k,
         )  # fmt: skip
     models = {n: {"embedder": s.embedder.model, "reranker": s.reranker.model} for n, s in systems.items()}
     context = {

@@ -53,7 +53,7 @@ from twostage.retrieval.settings import Settings
 from twostage.retrieval.sparse import Rrf
 from twostage.training.data import Example, Pair
 from twostage.training.embedder_training import EmbedderTrainSettings, train_embedder
-from twostage.training.evaluation import from_pairs, fused_run, recall_runs, rerank_run, score_run
+from twostage.training.evaluation import best, from_pairs, fused_run, recall_runs, rerank_run, score_run
 from twostage.training.mining import MiningSettings, mine
 from twostage.training.paired import paired_test, per_query
 from twostage.training.reranker_training import RerankerTrainSettings, fine_tune_reranker
@@ -70,11 +70,6 @@ COMPARISONS = [  # (baseline, candidate)
     ("finetuned-hybrid+reranker-alone", "finetuned-hybrid+reranker"),
     ("finetuned-dense", "finetuned-gist-dense"), ("finetuned-hybrid", "finetuned-gist-hybrid"),
 ]  # fmt: skip
-
-
-def top(run: Run, k: int) -> Run:
-    """Each query's best `k` documents of a run (what a reranker over top-K sees)."""
-    return {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:k]) for q, docs in run.items()}
 
 
 def main() -> None:
@@ -255,7 +250,7 @@ def main() -> None:
             reranker_name, rr_report, rr_options, rr_mined = train_reranker(tuned_settings)
 
         t = time.perf_counter()
-        head = top(tuned_hybrid, args.top_k)
+        head = best(tuned_hybrid, args.top_k)
         reranker = load_reranker(tuned_settings)
         numerics["reranker"] = reranker.numerics
         scores = rerank_run(data, head, reranker, None)

@@ -24,28 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DATA, read_jsonl, run_info
 from twostage.retrieval.embedder import load_embedder
-from twostage.retrieval.fusion import RerankFusion, rerank_order
 from twostage.retrieval.reranker import load_reranker
 from twostage.retrieval.search import served_fusion
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.sparse import Rrf
 from twostage.training.data import Pair
-from twostage.training.evaluation import from_pairs, recall_runs, rerank_run, score_run
+from twostage.training.evaluation import from_pairs, fused_run, recall_runs, rerank_run, score_run
 from twostage.training.paired import paired_test, per_query
 
 Run = dict[str, dict[str, float]]
-
-
-def at_depth(recall: Run, scores: Run, depth: int, fusion: RerankFusion | None) -> Run:
-    """The ranking `/v1/search` returns: the first `depth` recalled reranked (in `fusion`'s order),
-    then recall order."""
-    out: Run = {}
-    for qid, docs in recall.items():
-        ordered = sorted(docs, key=lambda d: -docs[d])
-        head = [ordered[i] for i in rerank_order([scores[qid][d] for d in ordered[:depth]], fusion)]
-        ranking = head + ordered[depth:]
-        out[qid] = {d: float(len(ranking) - i) for i, d in enumerate(ranking)}
-    return out
 
 
 def main() -> None:
@@ -90,12 +77,12 @@ def main() -> None:
             per_call.append((time.perf_counter() - t) * 1000)
         latency[depth] = statistics.median(per_call)
 
-    deepest = per_query(data.qrels, at_depth(recall, scores, depths[-1], fusion))
+    deepest = per_query(data.qrels, fused_run(recall, scores, fusion, depths[-1]))
     alone = per_query(data.qrels, recall)
     rows: dict[str, Any] = {"recall only": {"ndcg@10": round(score_run(data.qrels, recall)["nDCG@10"], 4)}}
     suggested, worse = depths[-1], False
     for depth in reversed(depths):
-        run = per_query(data.qrels, at_depth(recall, scores, depth, fusion))
+        run = per_query(data.qrels, fused_run(recall, scores, fusion, depth))
         vs_deepest = paired_test(deepest, run)
         rows[str(depth)] = {
             "ndcg@10": round(statistics.fmean(run.values()), 4), "rerank_ms_p50": round(latency[depth], 1),

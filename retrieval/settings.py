@@ -241,8 +241,9 @@ class ApiSettings(BaseModel):
         "item per forward pass, for comparison)",
     )  # fmt: skip
     rerank_k: int | None = Field(
-        None, ge=1, description="recalled chunks /v1/search reranks (None: all top_k); a request may say"
-    )
+        5, ge=1, description="recalled chunks /v1/search reranks, the rest follow in recall order (null: all "
+        "top_k); a request may say. 5: measured by bench/rerank_depth.py (README)",
+    )  # fmt: skip
     max_client_batch: int = Field(
         2048, ge=1, description="inputs or documents in one request; more get 413 (TEI and vLLM say 2048 too)"
     )
@@ -296,7 +297,9 @@ class RetrainSettings(BaseModel):
 class Settings(BaseSettings):
     """The root of the settings tree."""
 
-    model_config = SettingsConfigDict(env_prefix="TWOSTAGE_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="TWOSTAGE_", env_nested_delimiter="__", extra="ignore", env_parse_none_str="null"
+    )
 
     data_dir: Path = Field(Path(".twostage/data"), description="indexes and registry")
     cache_dir: Path = Field(Path(".twostage/cache"), description="converted models, fingerprints")

@@ -118,7 +118,10 @@ def test_search_returns_reranked_hits_with_both_scores_and_timings(served: Serve
     assert body["collection"] == "docs__v1" and body["embedder"] == served.service.embedder.model_id
     hits = body["hits"]
     assert len(hits) == 10 and [h["rank"] for h in hits] == list(range(1, 11))
-    assert body["rerank_fusion"] == "rrf" and all(h["rerank_score"] is not None for h in hits)
+    assert (
+        body["rerank_fusion"] == "rrf"
+    )  # by default the first api.rerank_k (5) are reranked, then recall order
+    assert [h["rerank_score"] is not None for h in hits] == [True] * 5 + [False] * 5
     assert set(body["timings_ms"]) == {"embed", "recall", "rerank", "total"}
     assert "recall;dur=" in response.headers["server-timing"] and response.headers["x-request-id"]
 
@@ -134,7 +137,7 @@ def test_search_returns_reranked_hits_with_both_scores_and_timings(served: Serve
 def test_rerank_k_bounds_what_the_reranker_sees(served: Served) -> None:
     body = {"query": "real-time strategy game of ancient warfare", "top_k": 20, "top_n": 12, "rerank": True,
             "rerank_fusion": "none"}  # fmt: skip
-    full = post(served, "/v1/search", body).json()["hits"]
+    full = post(served, "/v1/search", {**body, "rerank_k": 20}).json()["hits"]
     recalled = post(served, "/v1/search", {**body, "rerank": False}).json()["hits"]
     hits = post(served, "/v1/search", {**body, "rerank_k": 5}).json()["hits"]
     head, tail = hits[:5], hits[5:]
@@ -150,7 +153,13 @@ def test_reranked_hits_are_ordered_by_the_fused_ranks_or_the_reranker_alone(serv
     """Default (rrf): 1/(60 + reranker rank) + 1/(60 + recall rank), ties in recall order, computed
     here from the recall order and the returned scores; `rerank_fusion: none` orders by the
     reranker's score alone; an unknown fusion is a 422."""
-    body = {"query": "play chess against the computer", "top_k": 20, "top_n": 20, "rerank": True}
+    body = {
+        "query": "play chess against the computer",
+        "top_k": 20,
+        "top_n": 20,
+        "rerank": True,
+        "rerank_k": 20,
+    }
     recalled = [h["id"] for h in post(served, "/v1/search", {**body, "rerank": False}).json()["hits"]]
     fused = post(served, "/v1/search", body).json()
     score = {h["id"]: h["rerank_score"] for h in fused["hits"]}
@@ -173,7 +182,14 @@ def test_instruction_reaches_query_prompt_and_reranker_prompt(served: Served) ->
     body = post(
         served,
         "/v1/search",
-        {"query": query, "instruction": INSTRUCTION, "top_k": 15, "top_n": 15, "recall": "dense"},
+        {
+            "query": query,
+            "instruction": INSTRUCTION,
+            "top_k": 15,
+            "top_n": 15,
+            "recall": "dense",
+            "rerank_k": 15,
+        },
     ).json()
     assert body["recall"] == "dense"
     service = served.service

@@ -52,6 +52,10 @@ def test_nested_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TWOSTAGE_DEVICE", "cpu")
     s = Settings()
     assert (s.reranker.model, s.embedder.dim, s.device) == ("/models/r", 256, "cpu")
+    assert (s.api.rerank_k, s.reranker.fusion) == (5, "rrf")  # the measured defaults (README)
+    monkeypatch.setenv("TWOSTAGE_API__RERANK_K", "null")  # rerank all of top_k
+    monkeypatch.setenv("TWOSTAGE_RERANKER__FUSION", "none")
+    assert (Settings().api.rerank_k, Settings().reranker.fusion) == (None, "none")
 
 
 def test_auto_device_on_this_machine() -> None:

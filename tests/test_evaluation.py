@@ -50,7 +50,9 @@ def test_evaluate_dense_and_two_stage_report_and_chart(
     assert "two-stage" in result.stdout and "hybrid+rerank" in result.stdout and "nDCG@10" in result.stdout
     assert results["base"]["sparse"] != dense and results["base"]["hybrid"] != dense
     # progress, as plain lines in a log (stderr is a pipe here): each bar's final state is one line
-    progress = [ln for ln in result.stderr.splitlines() if ln.startswith(("embed ", "rerank top 20"))]
+    progress = [
+        ln for ln in result.stderr.splitlines() if ln.startswith(("embed ", "rerank top 5"))
+    ]  # rerank_k
     assert any("100%" in ln for ln in progress if ln.startswith("embed ")), result.stderr[-2000:]
     assert any("100%" in ln and "query" in ln for ln in progress if ln.startswith("rerank")), progress
 
@@ -84,3 +86,5 @@ def test_rerank_fusion_orders_by_fused_ranks_as_served_and_as_evaluated() -> Non
     assert sorted(run, key=lambda d: -run[d]) == ["b", "a", "c"]
     alone = fused_run(recall, reranked, None)["q"]
     assert sorted(alone, key=lambda d: -alone[d]) == ["b", "c", "a"]
+    shallow = fused_run(recall, {"q": {"a": 0.1, "b": 0.9}}, None, depth=2)["q"]  # c is not scored
+    assert sorted(shallow, key=lambda d: -shallow[d]) == ["b", "a", "c"]

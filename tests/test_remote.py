@@ -154,7 +154,9 @@ def test_a_service_on_remote_models_searches_and_refuses_another_model_behind_th
     store.close()
     for client in serve(settings):
         answer = httpx.post(
-            client.url + "/v1/search", json={"query": "chess engine", "rerank": True}, timeout=60
+            client.url + "/v1/search",
+            json={"query": "chess engine", "rerank": True, "rerank_k": 50},
+            timeout=60,
         )
         assert answer.status_code == 200, answer.text
         hits = answer.json()["hits"]

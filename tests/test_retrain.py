@@ -148,10 +148,13 @@ def test_promote_refuse_a_regression_and_roll_back(
     assert gate["embedder"]["promote"] and paired["queries"] == 40 and paired["p_value"] < 0.05, gate[
         "reasons"
     ]
-    # the tiny reranker learns less than the embedder: reranking the new recall makes it worse, so
-    # the deployed reranker stays, and the record measures the pair that is actually deployed
+    # the tiny reranker learns less than the embedder: reranking the new recall (its first 5, fused
+    # with the recall rank) is no significant gain, so the deployed reranker stays, and the record
+    # measures the pair that is actually deployed
     own = gate["reranker"]["tests"]["hybrid+rerank vs hybrid recall alone"]
-    assert not gate["reranker"]["promote"] and own["gain"] < 0, gate["reasons"]
+    assert not gate["reranker"]["promote"] and not (own["gain"] > 0 and own["p_value"] < 0.05), gate[
+        "reasons"
+    ]
     assert gate["pair"]["reranker"] == str(tiny_models.reranker) and "promoted" in run["metrics"]
     after = _search(settings, queries)
     assert after[0] == "docs__v2" and after != before

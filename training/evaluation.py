@@ -89,11 +89,12 @@ def evaluate(
     rrf: Rrf | None = None,
     bm25: Bm25Params | None = None,
     fusion: RerankFusion | None = None,
+    rerank_k: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics per mode for one (embedder, reranker) pair: each recall in `recalls` ("dense",
     "sparse", "hybrid") and, with a reranker, the same recall reranked ("two-stage" is dense
     reranked, the name the gate has always used; "sparse+rerank", "hybrid+rerank"), ordered
-    as `/v1/search` orders them (`fusion`: the reranker's rank fused with the recall rank).
+    as `/v1/search` orders them (the first `rerank_k` reranked, in `fusion`'s order).
 
     Recall runs in a throwaway Qdrant Edge shard with exact dense search, so BM25 statistics,
     RRF and filters are the engine's own, as `/v1/search` computes them.
@@ -105,9 +106,9 @@ def evaluate(
     for recall, run in runs.items():
         out[recall] = score_run(data.qrels, run)
         if reranker is not None:
-            desc = f"rerank top {top_k}" + ("" if recall == "dense" else f" of {recall}")
-            scores = rerank_run(data, run, reranker, instruction, desc)
-            out[reranked_mode(recall)] = score_run(data.qrels, fused_run(run, scores, fusion))
+            desc = f"rerank top {rerank_k or top_k}" + ("" if recall == "dense" else f" of {recall}")
+            scores = rerank_run(data, best(run, rerank_k), reranker, instruction, desc)
+            out[reranked_mode(recall)] = score_run(data.qrels, fused_run(run, scores, fusion, rerank_k))
     return out
 
 
@@ -204,16 +205,29 @@ def rerank_run(
     return reranked
 
 
+def best(run: dict[str, dict[str, float]], k: int | None) -> dict[str, dict[str, float]]:
+    """Each query's best `k` documents of a run (what a reranker of depth `k` sees); None: all."""
+    if k is None:
+        return run
+    return {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:k]) for q, docs in run.items()}
+
+
 def fused_run(
-    recall: dict[str, dict[str, float]], scores: dict[str, dict[str, float]], fusion: RerankFusion | None
+    recall: dict[str, dict[str, float]],
+    scores: dict[str, dict[str, float]],
+    fusion: RerankFusion | None,
+    depth: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """The reranked run `/v1/search` serves: each query's recalled documents (recall order) in
-    `fusion.rerank_order` of their reranker `scores`, as descending rank scores."""
+    """The reranked run `/v1/search` serves: each query's first `depth` recalled documents (all
+    with None) in `fusion.rerank_order` of their reranker `scores`, then the rest in recall
+    order, as descending rank scores."""
     out: dict[str, dict[str, float]] = {}
     for qid, docs in recall.items():
         ordered = sorted(docs, key=lambda d: -docs[d])  # stable: ties keep the run's order
-        order = rerank_order([scores[qid][d] for d in ordered], fusion)
-        out[qid] = {ordered[i]: float(len(order) - rank) for rank, i in enumerate(order)}
+        head = ordered if depth is None else ordered[:depth]
+        order = rerank_order([scores[qid][d] for d in head], fusion)
+        ranking = [head[i] for i in order] + ordered[len(head) :]
+        out[qid] = {d: float(len(ranking) - rank) for rank, d in enumerate(ranking)}
     return out
 
 
@@ -228,6 +242,7 @@ def evaluate_index(
     rrf: Rrf | None = None,
     instruction: str | None = None,
     fusion: RerankFusion | None = None,
+    rerank_k: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """The same metrics end to end through the index: `two_stage_search` as `/v1/search` runs it,
     one hit per document (`group_by_doc`), judged by document id: `relevant[i]` is the id of
@@ -242,7 +257,7 @@ def evaluate_index(
         result = two_stage_search(
             deployment, store, pair.query, instruction=pair.instruction or instruction, top_k=top_k,
             top_n=top_k, group_by_doc=True, recall=recall, rrf=rrf, rerank=deployment.reranker is not None,
-            fusion=fusion,
+            fusion=fusion, rerank_k=rerank_k,
         )  # fmt: skip
         runs[first][f"q{i}"] = {h.doc_id: h.recall_score for h in result.hits}
         runs[second][f"q{i}"] = {h.doc_id: float(len(result.hits) - h.rank) for h in result.hits}
@@ -268,9 +283,10 @@ class PairRuns:
         rrf: Rrf | None = None,
         bm25: Bm25Params | None = None,
         fusion: RerankFusion | None = None,
+        rerank_k: int | None = None,
     ) -> None:
         self.data, self.load_pair, self.recalls, self.served = data, load_pair, tuple(recalls), served
-        self.top_k, self.rrf, self.bm25, self.fusion = top_k, rrf, bm25, fusion
+        self.top_k, self.rrf, self.bm25, self.fusion, self.rerank_k = top_k, rrf, bm25, fusion, rerank_k
         self._recall: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
         self._reranked: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
 
@@ -293,10 +309,12 @@ class PairRuns:
             raise ValueError(f"mode {mode!r} is not evaluated here")
         if (embedder, reranker) not in self._reranked:
             first = self._recall[embedder][self.served]
-            desc = f"rerank top {self.top_k}" + ("" if self.served == "dense" else f" of {self.served}")
+            desc = f"rerank top {self.rerank_k or self.top_k}" + (
+                "" if self.served == "dense" else f" of {self.served}"
+            )
             scorer = self.load_pair(embedder, reranker)[1]
-            scores = rerank_run(self.data, first, scorer, None, desc)
-            self._reranked[embedder, reranker] = fused_run(first, scores, self.fusion)
+            scores = rerank_run(self.data, best(first, self.rerank_k), scorer, None, desc)
+            self._reranked[embedder, reranker] = fused_run(first, scores, self.fusion, self.rerank_k)
         return self._reranked[embedder, reranker]
 
     def modes(self) -> list[str]:

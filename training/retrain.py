@@ -444,7 +444,8 @@ def _cycle(
         data = from_pairs(dev, chunks[: cfg.max_distractors])
         recalls: list[RecallMode] = ["dense"] if served == "dense" else ["dense", served]
         runs = PairRuns(data, models.pair, recalls=recalls, served=served, top_k=cfg.top_k, rrf=rrf,
-                        bm25=settings.recall.bm25, fusion=served_fusion(settings))  # fmt: skip
+                        bm25=settings.recall.bm25, fusion=served_fusion(settings),
+                        rerank_k=settings.api.rerank_k)  # fmt: skip
         deployed_pair = (deployed.embedder, deployed.reranker)
         decision = decide(
             lambda e, r, mode: runs.per_query(e, r, mode, cfg.gate_metric), len(data.queries), served,
@@ -517,7 +518,17 @@ def _cycle(
         new_pair = Deployment(store.read_manifest(record.collection), new_embedder, new_reranker)
         fusion = served_fusion(settings)
         before, after = (
-            evaluate_index(dev, relevant, d, store, top_k=cfg.top_k, recall=served, rrf=rrf, fusion=fusion)
+            evaluate_index(
+                dev,
+                relevant,
+                d,
+                store,
+                top_k=cfg.top_k,
+                recall=served,
+                rrf=rrf,
+                fusion=fusion,
+                rerank_k=settings.api.rerank_k,
+            )
             for d in (old_pair, new_pair)
         )
         step["end_to_end"] = {"deployed": before, "candidate": after}

@@ -780,7 +780,9 @@ def test_the_event_loop_never_waits_on_a_slow_store(
     tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
 ) -> None:
     """While searches and readiness checks wait on a store that takes 2 s a call (in worker
-    threads), /healthz keeps answering within 50 ms."""
+    threads), /healthz keeps answering. A loop that waited on the store would answer after the
+    1.7 s the calls still have left; each answer must come within 0.5 s (typically ~10 ms; a
+    50 ms bound failed once at 57 ms on an idle 2-core CI runner, a scheduling hiccup)."""
     settings = sample_settings(tmp_path, tiny_models, model_cache, 10)
     service = Service(settings)
     service.start()
@@ -796,7 +798,7 @@ def test_the_event_loop_never_waits_on_a_slow_store(
             for _ in range(5):
                 started = time.perf_counter()
                 assert httpx.get(served.url + "/healthz").status_code == 200
-                assert time.perf_counter() - started < 0.05
+                assert time.perf_counter() - started < 0.5
             answers = [f.result() for f in slow]
         assert [a.status_code for a in answers] == [200, 200, 404], [a.text for a in answers]
 

@@ -176,14 +176,11 @@ def main() -> None:
             Pair(r["query"], r["positive"]) for r in train_rows[-100:]
         ]  # trainer's own dev, not the bench's
         base_path = resolve_model(EMBEDDER, cache_dir=cache).path
-        st = load_st_embedder(base_path, settings)  # the miner of the embedders' negatives
         mining_corpus = [r["positive"] for r in train_rows[: args.train_pairs + args.rerank_pairs]]
-        trains_embedder = not args.load or args.mask_false_negatives
-        mined = (
-            mine(pairs, mining_corpus, st, MiningSettings(num_negatives=1, range_min=1))
-            if trains_embedder
-            else []
-        )
+        mined: list[Pair] = []
+        if not args.load or args.mask_false_negatives:  # an embedder is trained: the base model mines
+            miner = load_st_embedder(base_path, settings)
+            mined = mine(pairs, mining_corpus, miner, MiningSettings(num_negatives=1, range_min=1))
         train_s: dict[str, float] = {}
         embed_reports: dict[str, dict[str, Any]] = {}
 

@@ -9,6 +9,7 @@ causal-LM reranker. The reranker's `tokenizer.json` is Qwen3's exactly; the embe
 differs only in its post-processor. Used by `twostage models tiny` and by the test fixtures.
 """
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass
@@ -191,8 +192,12 @@ def tiny_qwen3_config() -> Qwen3Config:
     )
 
 
-def write_tiny_models(out_dir: Path, seed: int = 0) -> TinyModelPaths:
-    """Write a tiny Qwen3 embedding model and a tiny Qwen3 reranker under `out_dir` (fp32, seeded)."""
+def write_tiny_models(out_dir: Path, seed: int = 0, config: Qwen3Config | None = None) -> TinyModelPaths:
+    """Write a tiny Qwen3 embedding model and a tiny Qwen3 reranker under `out_dir` (fp32, seeded).
+
+    `config` gives them another shape: `bench/cuda_parity.py` times random models of a real
+    Qwen3's size this way, since the real weights cannot be downloaded where it runs.
+    """
     out_dir = Path(out_dir)
     paths = TinyModelPaths(
         embedder=out_dir / "qwen3-embedding-tiny", reranker=out_dir / "qwen3-reranker-tiny"
@@ -203,13 +208,14 @@ def write_tiny_models(out_dir: Path, seed: int = 0) -> TinyModelPaths:
     embedding_tokenizer_json = qwen3_tokenizer_json(append_eos=True)
 
     torch.manual_seed(seed)
-    embedder = Qwen3Model(tiny_qwen3_config()).eval()  # fp32, the default dtype
+    config = config or tiny_qwen3_config()
+    embedder = Qwen3Model(copy.deepcopy(config)).eval()  # fp32, the default dtype
     embedder.config.architectures = ["Qwen3ForCausalLM"]  # as Qwen3-Embedding's config says
     embedder.save_pretrained(paths.embedder)
     write_qwen3_tokenizer(paths.embedder, embedding_tokenizer_json)
 
     torch.manual_seed(seed + 1)
-    reranker = Qwen3ForCausalLM(tiny_qwen3_config()).eval()
+    reranker = Qwen3ForCausalLM(copy.deepcopy(config)).eval()
     reranker.save_pretrained(paths.reranker)
     write_qwen3_tokenizer(paths.reranker, tokenizer_json)
     (paths.reranker / "chat_template.jinja").write_text(RERANKER_CHAT_TEMPLATE)

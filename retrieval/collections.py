@@ -6,6 +6,7 @@ made, and the refusal to mix embedders. The alias switch itself is the store's a
 """
 
 from twostage.retrieval.embedder import Embedder
+from twostage.retrieval.numerics import INT8_PATH
 from twostage.retrieval.settings import ChunkerSettings, NumericsSettings, Settings
 from twostage.retrieval.sparse import SparseManifest
 from twostage.retrieval.store import (
@@ -83,11 +84,16 @@ def embedder_mismatch(
     if built is not None and now is not None and manifest.embedder_numerics not in (None, path):
         cosine = built.min_cosine(now)
         if cosine < min_cosine:
+            rebuild = (
+                "TWOSTAGE_EMBEDDER__QUANTIZE=int8"
+                if manifest.embedder_numerics == INT8_PATH
+                else f"TWOSTAGE_EMBEDDER__QUANTIZE=none TWOSTAGE_DTYPE={manifest.embedder_numerics}"
+            )
             return (
                 f"collection {manifest.collection} was embedded in {manifest.embedder_numerics}; this "
                 f"process runs {manifest.embedder} in {path}, whose probe vectors stray from those "
                 f"(cosine {cosine:.4f} < numerics.embedder_min_cosine {min_cosine}): run the embedder as "
-                f"it was built (TWOSTAGE_DTYPE={manifest.embedder_numerics})"
+                f"it was built ({rebuild})"
             )
         return None
     if built is not None and (now is None or not built.matches(now)):

@@ -149,8 +149,10 @@ def test_int8_is_for_the_small_encoders(
     tiny_models: TinyModelPaths, minilm_settings: Settings, minilm_embedder: Embedder, tmp_path: Path
 ) -> None:
     """quantize=int8 runs MiniLM's Linear layers in dynamic int8 (its numeric path says so, its
-    vectors stay near fp32's), and an index built in float32 refuses it at the default tolerance;
-    a Qwen3 (last-token / yes-no) model asked for int8 is one clear error naming its family."""
+    vectors stay near fp32's: SmoothQuant scales and bf16 down projections keep its probes
+    within the default 0.999 cosine), so an index built in float32 accepts it at the default
+    tolerance and refuses it at a stricter one, naming the setting that built it; a Qwen3
+    (last-token / yes-no) model asked for int8 is one clear error naming its family."""
     int8 = load_embedder(minilm_settings.model_copy(update={"embedder": minilm_settings.embedder.model_copy(
         update={"quantize": "int8"})}))  # fmt: skip
     assert int8.numerics == "int8-dynamic" and minilm_embedder.numerics == "float32"
@@ -161,9 +163,15 @@ def test_int8_is_for_the_small_encoders(
     store = open_store(settings)
     try:
         manifest, _ = version_for_ingest(store, "docs", minilm_embedder, settings, new_version=False)
-        refused = embedder_mismatch(manifest, int8)
+        assert embedder_mismatch(manifest, int8) is None
+        refused = embedder_mismatch(manifest, int8, min_cosine=0.999999)
         assert refused is not None and f"runs {minilm_embedder.model_id} in int8-dynamic" in refused
         assert "TWOSTAGE_DTYPE=float32" in refused
+        int8_built = manifest.model_copy(
+            update={"embedder_numerics": "int8-dynamic", "embedder_fingerprint": int8.fingerprint}
+        )
+        refused = embedder_mismatch(int8_built, minilm_embedder, min_cosine=0.999999)
+        assert refused is not None and "TWOSTAGE_EMBEDDER__QUANTIZE=int8" in refused
     finally:
         store.close()
     for role, quantized, family in (
@@ -203,3 +211,36 @@ def test_int8_activations_keep_eight_bits_where_the_cpu_has_vnni() -> None:
         assert error < 0.75 * error_7
     else:
         assert error == pytest.approx(error_7)
+
+
+def test_calibrated_int8_smooths_outlier_channels_and_keeps_down_projections_out_of_int8() -> None:
+    """With a calibration run, each int8 Linear divides its inputs by SmoothQuant scales (moved
+    into its weights, so the product is unchanged) and a down projection (more inputs than
+    outputs, as BERT's FFN output) runs in bf16 where the CPU has it, fp32 elsewhere. On inputs
+    with a few outlier channels (what transformer activations look like) the calibrated block
+    is closer to fp32 than plain dynamic int8."""
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    x = torch.randn(128, 64)
+    x[:, :3] *= 40.0  # outlier channels
+    with torch.no_grad():
+        expected = reference(x)
+
+    def copy() -> torch.nn.Module:
+        clone = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+        clone.load_state_dict(reference.state_dict())
+        return clone
+
+    plain, calibrated = copy(), copy()
+    numerics.quantize_int8(plain)
+    numerics.quantize_int8(calibrated, calibrate=lambda: calibrated(x[:16]))
+    assert isinstance(calibrated[0], numerics.SmoothedLinear)
+    down = numerics.Bf16Linear if numerics.native_bf16() else torch.nn.Linear
+    assert type(calibrated[2]) is down and numerics.numeric_path(calibrated) == "int8-dynamic"
+    smoothed = calibrated[0]
+    with torch.no_grad():
+        # the scales move range from activations to weights without changing the product
+        unscaled = smoothed.linear.weight().dequantize() * smoothed.inverse_scale[None, :]
+        assert torch.allclose(unscaled, reference[0].weight, atol=0.05)
+        error_plain, error_calibrated = (float((m(x) - expected).abs().mean()) for m in (plain, calibrated))
+    assert error_calibrated < 0.5 * error_plain

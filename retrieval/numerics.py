@@ -128,8 +128,11 @@ class SmoothedLinear(torch.nn.Module):
 
     inverse_scale: torch.Tensor
 
-    def __init__(self, linear: torch.nn.Linear, activation_max: torch.Tensor, quantized: type) -> None:
+    def __init__(
+        self, linear: torch.nn.Linear, activation_max: torch.Tensor, quantized: type, out_dtype: torch.dtype
+    ) -> None:
         super().__init__()
+        self.out_dtype = out_dtype
         weight_max = linear.weight.detach().abs().amax(0).clamp(min=1e-5)
         scale = (
             activation_max.clamp(min=1e-5) ** SMOOTHING_ALPHA / weight_max ** (1 - SMOOTHING_ALPHA)
@@ -144,22 +147,23 @@ class SmoothedLinear(torch.nn.Module):
         self.linear = quantized.from_float(smoothed)  # type: ignore[attr-defined]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x * self.inverse_scale)
+        return self.linear(x * self.inverse_scale).to(self.out_dtype)
 
 
 class Bf16Linear(torch.nn.Module):
-    """A Linear run in bf16 and answered in its input's dtype: for the layers int8 cannot hold."""
+    """A Linear run in bf16 and answered in the model's dtype: for the layers int8 cannot hold."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
+        self.out_dtype = linear.weight.dtype
         self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+        return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(self.out_dtype)
 
 
 def _per_channel_qconfig() -> object:
@@ -197,7 +201,10 @@ def quantize_int8(module: torch.nn.Module, calibrate: Callable[[], object] | Non
     With `calibrate` (a call that runs the model on a few texts: the load's probes), each int8
     layer gets SmoothQuant scales (`SmoothedLinear`), and the down projections (a Linear with
     more inputs than outputs: BERT's FFN output, whose inputs come out of a GELU) run in bf16
-    where the CPU has native bf16 (fp32 elsewhere) instead of int8. Without it every Linear
+    where the CPU has native bf16 (fp32 elsewhere) instead of int8; the FFN's intermediate
+    layer (the `dense` of a module whose class ends in `Intermediate`, as in every BERT-family
+    model in transformers) then answers in bf16, so its GELU runs in bf16 (4x faster than fp32
+    here) on what the bf16 down projection reads anyway. Without `calibrate` every Linear
     becomes a plain dynamic int8 layer.
 
     Chosen by measurement (README, Numeric paths), MiniLM over 256 debian-ir documents, worst /
@@ -218,6 +225,7 @@ def quantize_int8(module: torch.nn.Module, calibrate: Callable[[], object] | Non
     quantized = _full_range_linear() if int8_full_range() else DynamicLinear
     maxima = _activation_maxima(module, calibrate) if calibrate is not None else {}
     bf16 = native_bf16() is not None
+    ffn_up = {f"{n}.dense" for n, m in module.named_modules() if type(m).__name__.endswith("Intermediate")}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
@@ -226,7 +234,8 @@ def quantize_int8(module: torch.nn.Module, calibrate: Callable[[], object] | Non
             if calibrate is not None and linear.in_features > linear.out_features:
                 replacement = Bf16Linear(linear) if bf16 else linear
             elif name in maxima:
-                replacement = SmoothedLinear(linear, maxima[name], quantized)
+                out = torch.bfloat16 if bf16 and name in ffn_up else linear.weight.dtype
+                replacement = SmoothedLinear(linear, maxima[name], quantized, out)
             else:
                 linear.qconfig = _per_channel_qconfig()  # type: ignore[assignment]
                 replacement = quantized.from_float(linear)  # type: ignore[attr-defined]

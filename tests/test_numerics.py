@@ -156,6 +156,11 @@ def test_int8_is_for_the_small_encoders(
     int8 = load_embedder(minilm_settings.model_copy(update={"embedder": minilm_settings.embedder.model_copy(
         update={"quantize": "int8"})}))  # fmt: skip
     assert int8.numerics == "int8-dynamic" and minilm_embedder.numerics == "float32"
+    bf16 = numerics.native_bf16() is not None
+    layer = int8.model[0].auto_model.encoder.layer[0]  # type: ignore[attr-defined]
+    assert isinstance(layer.attention.self.query, numerics.SmoothedLinear)
+    assert layer.intermediate.dense.out_dtype == (torch.bfloat16 if bf16 else torch.float32)
+    assert type(layer.output.dense) is (numerics.Bf16Linear if bf16 else torch.nn.Linear)
     texts = ["apt installs packages", "a chess engine for the terminal", "数据 ünïcödé"]
     a, b = int8.embed_documents(texts), minilm_embedder.embed_documents(texts)
     assert np.all((a * b).sum(1) > 0.9)  # unit vectors: cosine

@@ -109,3 +109,24 @@ def variant_settings(variant: str, role: str, model: str, **rest: Any) -> Any:
         dtype="float32" if int8 else NUMERIC_VARIANTS[variant],
         **rest,
     )
+
+
+def interleaved_speeds(seconds: dict[str, list[float]], items: int) -> dict[str, dict[str, Any]]:
+    """Items/s per variant and each one's speedup over fp32, from rounds run interleaved.
+
+    Every round times each variant once, back to back, so a slow spell on shared cores hits
+    all variants of that round alike: the speedup is the median of the per-round ratios (a
+    paired measurement), not the ratio of two medians. `seconds[variant][round]`, fp32 first.
+    """
+    import statistics
+
+    baseline = seconds["fp32"]
+    speeds: dict[str, dict[str, Any]] = {}
+    for variant, times in seconds.items():
+        row: dict[str, Any] = {"per_s": round(items / statistics.median(times), 2), "rounds": len(times)}
+        if variant != "fp32":
+            ratios = [b / t for b, t in zip(baseline, times, strict=True)]
+            row |= {"speedup_vs_fp32": round(statistics.median(ratios), 2),
+                    "speedup_per_round": [round(r, 2) for r in ratios]}  # fmt: skip
+        speeds[variant] = row
+    return speeds

@@ -10,7 +10,9 @@ peak RSS is read after the ingest, before the embed-only pass. Last line: one JS
 
 `--variants fp32,bf16,int8` ingests the same documents once per numeric path of the embedder and
 reports chunks/s end to end and, for `--queries` debian-ir dev queries (each embedded by the
-variant's own embedder), the overlap of its dense top 10 with the fp32-built index's.
+variant's own embedder), the overlap of its dense top 10 with the fp32-built index's. The ingests
+run in `--rounds` interleaved rounds (every variant once per round); a variant's speedup is the
+median of its per-round ratios to fp32, so a slow spell on shared cores hits both sides of a ratio.
 
     python bench/ingest.py --variants fp32,bf16,int8 --limit 3000
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DATA, parse_variants, run_info, variant_settings
+from bench.common import DATA, interleaved_speeds, parse_variants, run_info, variant_settings
 from twostage.retrieval.chunker import Chunker
 from twostage.retrieval.collections import open_store
 from twostage.retrieval.devices import resolve_device
@@ -64,6 +66,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--variants", help="e.g. fp32,bf16: ingest once per numeric path, fp32 first")
     parser.add_argument("--queries", type=int, default=300, help="--variants: dev queries for the overlap")
+    parser.add_argument("--rounds", type=int, default=3, help="--variants: timed ingests, interleaved")
     args = parser.parse_args()
     if args.variants:
         compare_variants(args)
@@ -114,34 +117,34 @@ def compare_variants(args: argparse.Namespace) -> None:
     variants = parse_variants(args.variants)
     queries = [r["query"] for r in read_jsonl(DATA / "dev.jsonl", args.queries)]
     rows: dict[str, dict[str, object]] = {}
-    reference: list[list[str]] = []
+    tops: dict[str, list[list[str]]] = {}
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    chunks = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in variants:
-            settings = variant_settings(
-                variant, "embedder", args.model, data_dir=Path(tmp) / variant, device=args.device,
-                store={"kind": "embedded"},
-            )  # fmt: skip
-            embedder, store, report, elapsed = ingest_once(settings, args)
-            vectors = embedder.embed_queries(queries)
-            tops = [[h.id for h in store.search(report.collection, v, 10)] for v in vectors]
-            store.close()
-            row: dict[str, object] = {
-                "numerics": embedder.numerics, "chunks": report.chunks_embedded,
-                "chunks_per_s": round(report.chunks_embedded / elapsed, 1),
-            }  # fmt: skip
-            if variant == "fp32":
-                reference, fp32_rate = tops, report.chunks_embedded / elapsed
-            else:
-                overlap = [
-                    len(set(a) & set(b)) / max(1, len(b)) for a, b in zip(tops, reference, strict=True)
-                ]
-                row |= {
-                    "speedup_vs_fp32": round(report.chunks_embedded / elapsed / fp32_rate, 2),
-                    "top10_overlap_vs_fp32": round(sum(overlap) / len(overlap), 4),
-                    "top10_overlap_min": round(min(overlap), 2),
-                }
-            rows[variant] = row
-            print(variant, json.dumps(row), file=sys.stderr, flush=True)
+        for round_ in range(args.rounds):  # interleaved: each round ingests with every variant once
+            for variant in variants:
+                settings = variant_settings(
+                    variant, "embedder", args.model, data_dir=Path(tmp) / f"{variant}-{round_}",
+                    device=args.device, store={"kind": "embedded"},
+                )  # fmt: skip
+                embedder, store, report, elapsed = ingest_once(settings, args)
+                seconds[variant].append(elapsed)
+                chunks = report.chunks_embedded
+                if round_ == 0:
+                    vectors = embedder.embed_queries(queries)
+                    tops[variant] = [[h.id for h in store.search(report.collection, v, 10)] for v in vectors]
+                    rows[variant] = {"numerics": embedder.numerics, "chunks": chunks}
+                store.close()
+                print(variant, round_, f"{chunks / elapsed:.1f} chunks/s", file=sys.stderr, flush=True)
+    for variant, speed in interleaved_speeds(seconds, chunks).items():
+        rows[variant] |= {"chunks_per_s": speed.pop("per_s"), **speed}
+        if variant != "fp32":
+            overlap = [
+                len(set(a) & set(b)) / max(1, len(b))
+                for a, b in zip(tops[variant], tops["fp32"], strict=True)
+            ]
+            rows[variant] |= {"top10_overlap_vs_fp32": round(sum(overlap) / len(overlap), 4),
+                              "top10_overlap_min": round(min(overlap), 2)}  # fmt: skip
     print(json.dumps({
         "bench": "ingest", "mode": "variants", "model": args.model, "corpus": args.corpus,
         "limit": args.limit, "queries": len(queries), "variants": rows,

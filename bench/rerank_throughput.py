@@ -11,7 +11,8 @@ warmed up on one call, then timed over all calls. The last line is one JSON obje
 service loads it) on the same pairs: 100 debian-ir dev queries, each with a fixed candidate
 list (hybrid recall top 10 by all-MiniLM-L6-v2 among the positives and 2,000 distractors):
 pairs/s, the largest score change from fp32, and nDCG@10 of the reranked lists, each variant
-paired against fp32 over the same queries.
+paired against fp32 over the same queries. Timing is paired too: `--rounds` passes, each timing
+every variant once back to back; the speedup is the median of the per-round ratios.
 
     python bench/rerank_throughput.py --variants fp32,bf16 --model pypi:SmolLM2-135M-Instruct
     python bench/rerank_throughput.py --variants fp32,bf16,int8 --model DIR/reranker   # a cross-encoder
@@ -30,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DATA, parse_variants, read_jsonl, run_info, variant_settings
+from bench.common import DATA, interleaved_speeds, parse_variants, read_jsonl, run_info, variant_settings
 from twostage.retrieval.devices import resolve_device
 from twostage.retrieval.model_source import resolve_model
 from twostage.retrieval.numerics import choose_dtype
@@ -91,6 +92,7 @@ def main() -> None:
     parser.add_argument("--dev", type=int, default=100, help="--variants: dev queries")
     parser.add_argument("--distractors", type=int, default=2000, help="--variants: corpus distractors")
     parser.add_argument("--candidates", type=int, default=10, help="--variants: documents per query")
+    parser.add_argument("--rounds", type=int, default=3, help="--variants: timed passes, interleaved")
     args = parser.parse_args()
     if args.variants:
         compare_variants(args)
@@ -172,6 +174,13 @@ def main() -> None:
     print(json.dumps(result))
 
 
+def score_run(
+    calls: list[tuple[str, list[str]]], scores: dict[str, list[float]]
+) -> dict[str, dict[str, float]]:
+    """A run (query -> document -> score) from each call's documents and their scores."""
+    return {qid: dict(zip(docs, scores[qid], strict=True)) for qid, docs in calls}
+
+
 def compare_variants(args: argparse.Namespace) -> None:
     """Numeric paths of one reranker, loaded by the service's own factory, on the same pairs."""
     from twostage.retrieval.embedder import load_embedder
@@ -194,37 +203,34 @@ def compare_variants(args: argparse.Namespace) -> None:
                          rrf=Rrf(60))["hybrid"]  # fmt: skip
     calls = [(qid, sorted(recall[qid], key=lambda d: -recall[qid][d])) for qid in data.queries]
     pairs = sum(len(docs) for _, docs in calls)
+    rerankers = {v: load_reranker(variant_settings(v, "reranker", model, cache_dir=cache, device=args.device))
+                 for v in variants}  # fmt: skip
+    scores: dict[str, dict[str, list[float]]] = {}
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.rounds):  # interleaved: each round times every variant once
+        for variant, reranker in rerankers.items():
+            reranker.score(data.queries[calls[0][0]], [data.corpus[d] for d in calls[0][1]])  # warm-up
+            started = time.perf_counter()
+            done = {q: reranker.score(data.queries[q], [data.corpus[d] for d in docs]) for q, docs in calls}
+            seconds[variant].append(time.perf_counter() - started)
+            scores.setdefault(variant, done)
+    speeds = interleaved_speeds(seconds, pairs)
     results: dict[str, dict[str, object]] = {}
-    reference: dict[str, list[float]] = {}
-    baseline: dict[str, float] = {}
-    fp32_rate = 0.0
-    for variant in variants:
-        settings = variant_settings(variant, "reranker", model, cache_dir=cache, device=args.device)
-        reranker = load_reranker(settings)
-        reranker.score(data.queries[calls[0][0]], [data.corpus[d] for d in calls[0][1]])  # warm-up
-        scores: dict[str, list[float]] = {}
-        started = time.perf_counter()
-        for qid, docs in calls:
-            scores[qid] = reranker.score(data.queries[qid], [data.corpus[d] for d in docs])
-        elapsed = time.perf_counter() - started
-        run = {qid: dict(zip(docs, scores[qid], strict=True)) for qid, docs in calls}
-        quality = per_query(data.qrels, run)
+    reference, baseline = scores["fp32"], per_query(data.qrels, score_run(calls, scores["fp32"]))
+    for variant, reranker in rerankers.items():
+        quality = per_query(data.qrels, score_run(calls, scores[variant]))
+        speed = speeds[variant]
         row: dict[str, object] = {
-            "numerics": reranker.numerics, "pairs_per_s": round(pairs / elapsed, 2),
-            "ndcg@10": round(float(np.mean(list(quality.values()))), 4),
+            "numerics": reranker.numerics, "pairs_per_s": speed.pop("per_s"),
+            "ndcg@10": round(float(np.mean(list(quality.values()))), 4), **speed,
         }  # fmt: skip
-        if variant == "fp32":
-            reference, baseline, fp32_rate = scores, quality, pairs / elapsed
-        else:
-            diffs = [abs(a - b) for qid, _ in calls for a, b in zip(scores[qid], reference[qid], strict=True)]
-            row |= {
-                "speedup_vs_fp32": round(pairs / elapsed / fp32_rate, 2),
-                "max_abs_diff_vs_fp32": round(max(diffs), 6),
-                "ndcg_vs_fp32": paired_test(baseline, quality).as_dict(),
-            }  # fmt: skip
+        if variant != "fp32":
+            pairs_scored = (zip(scores[variant][q], reference[q], strict=True) for q, _ in calls)
+            diffs = [abs(a - b) for both in pairs_scored for a, b in both]
+            row |= {"max_abs_diff_vs_fp32": round(max(diffs), 6),
+                    "ndcg_vs_fp32": paired_test(baseline, quality).as_dict()}  # fmt: skip
         results[variant] = row
         print(variant, json.dumps(row), file=sys.stderr, flush=True)
-        del reranker
     print(json.dumps({
         "bench": "rerank_throughput", "mode": "variants", "model": args.model, "pairs": pairs,
         "queries": len(calls), "candidates": f"hybrid top {args.candidates} (all-MiniLM-L6-v2 + BM25)",

@@ -223,16 +223,21 @@ def test_calibrated_int8_smooths_outlier_channels_and_keeps_down_projections_out
     into its weights, so the product is unchanged) and a down projection (more inputs than
     outputs, as BERT's FFN output) runs in bf16 where the CPU has it, fp32 elsewhere. On inputs
     with a few outlier channels (what transformer activations look like) the calibrated block
-    is closer to fp32 than plain dynamic int8."""
+    is closer to fp32 than plain dynamic int8. A head (a cross-encoder's one-output classifier)
+    stays in fp32."""
     torch.manual_seed(0)
-    reference = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    reference = torch.nn.Sequential(
+        torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64), torch.nn.Linear(64, 1)
+    )
     x = torch.randn(128, 64)
     x[:, :3] *= 40.0  # outlier channels
     with torch.no_grad():
         expected = reference(x)
 
     def copy() -> torch.nn.Module:
-        clone = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+        clone = torch.nn.Sequential(
+            torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64), torch.nn.Linear(64, 1)
+        )
         clone.load_state_dict(reference.state_dict())
         return clone
 
@@ -242,6 +247,7 @@ def test_calibrated_int8_smooths_outlier_channels_and_keeps_down_projections_out
     assert isinstance(calibrated[0], numerics.SmoothedLinear)
     down = numerics.Bf16Linear if numerics.native_bf16() else torch.nn.Linear
     assert type(calibrated[2]) is down and numerics.numeric_path(calibrated) == "int8-dynamic"
+    assert type(calibrated[3]) is torch.nn.Linear and type(plain[3]) is torch.nn.Linear  # the head
     smoothed = calibrated[0]
     with torch.no_grad():
         # the scales move range from activations to weights without changing the product

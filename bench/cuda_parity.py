@@ -189,20 +189,8 @@ def full_size(tmp: Path, device: str, batches: list[int]) -> dict[str, object]:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     paths = write_tiny_models(tmp / "models-0.6b", config=qwen3_0_6b_config())
-    words = [
-        "the",
-        "package",
-        "ships",
-        "a",
-        "library",
-        "for",
-        "vector",
-        "search",
-        "with",
-        "tools",
-        "and",
-        "docs",
-    ]
+    words = ("the", "package", "ships", "a", "library", "for",
+             "vector", "search", "with", "tools", "and", "docs")  # fmt: skip
     docs = [" ".join(words[(i + j) % len(words)] for j in range(20 + (i * 53) % 380)) for i in range(256)]
     tokenizer = AutoTokenizer.from_pretrained(paths.reranker)
     emb_tok = AutoTokenizer.from_pretrained(paths.embedder)

@@ -174,9 +174,7 @@ def main() -> None:
     print(json.dumps(result))
 
 
-def score_run(
-    calls: list[tuple[str, list[str]]], scores: dict[str, list[float]]
-) -> dict[str, dict[str, float]]:
+def as_run(calls: list[tuple[str, list[str]]], scores: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     """A run (query -> document -> score) from each call's documents and their scores."""
     return {qid: dict(zip(docs, scores[qid], strict=True)) for qid, docs in calls}
 
@@ -216,9 +214,9 @@ def compare_variants(args: argparse.Namespace) -> None:
             scores.setdefault(variant, done)
     speeds = interleaved_speeds(seconds, pairs)
     results: dict[str, dict[str, object]] = {}
-    reference, baseline = scores["fp32"], per_query(data.qrels, score_run(calls, scores["fp32"]))
+    reference, baseline = scores["fp32"], per_query(data.qrels, as_run(calls, scores["fp32"]))
     for variant, reranker in rerankers.items():
-        quality = per_query(data.qrels, score_run(calls, scores[variant]))
+        quality = per_query(data.qrels, as_run(calls, scores[variant]))
         speed = speeds[variant]
         row: dict[str, object] = {
             "numerics": reranker.numerics, "pairs_per_s": speed.pop("per_s"),

@@ -213,7 +213,7 @@ def quantize_int8(module: torch.nn.Module, calibrate: Callable[[], object] | Non
     mean cosine with fp32: per-tensor weights 0.89; per-channel weights with torch's 7-bit
     activations 0.963 / 0.981; with 8-bit activations on VNNI (`int8_full_range`) 0.988 / 0.994
     at 2.0-2.2x fp32; SmoothQuant alone 0.977 (the FFN output is what int8 loses); FFN output
-    in bf16 alone 0.9945; both, which is this path, 0.9988 / 0.9994 at 1.8-2.1x. Per-token
+    in bf16 alone 0.9945; both, which is this path, 0.9988 / 0.9994 at 1.7-1.9x. Per-token
     activation scales through `torch._int_mm` reached 0.997 but ran at 1.47x. torchao 0.18's
     int8 dynamic config ran at 0.56x in eager mode, and sentence-transformers' ONNX backend
     needs optimum-onnx, which requires transformers < 4.58. torch.ao.quantization is

@@ -118,9 +118,8 @@ def test_search_returns_reranked_hits_with_both_scores_and_timings(served: Serve
     assert body["collection"] == "docs__v1" and body["embedder"] == served.service.embedder.model_id
     hits = body["hits"]
     assert len(hits) == 10 and [h["rank"] for h in hits] == list(range(1, 11))
-    assert (
-        body["rerank_fusion"] == "rrf"
-    )  # by default the first api.rerank_k (5) are reranked, then recall order
+    # by default the first api.rerank_k (5) are reranked, then recall order
+    assert body["rerank_fusion"] == "rrf"
     assert [h["rerank_score"] is not None for h in hits] == [True] * 5 + [False] * 5
     assert set(body["timings_ms"]) == {"embed", "recall", "rerank", "total"}
     assert "recall;dur=" in response.headers["server-timing"] and response.headers["x-request-id"]

@@ -50,9 +50,8 @@ def test_evaluate_dense_and_two_stage_report_and_chart(
     assert "two-stage" in result.stdout and "hybrid+rerank" in result.stdout and "nDCG@10" in result.stdout
     assert results["base"]["sparse"] != dense and results["base"]["hybrid"] != dense
     # progress, as plain lines in a log (stderr is a pipe here): each bar's final state is one line
-    progress = [
-        ln for ln in result.stderr.splitlines() if ln.startswith(("embed ", "rerank top 5"))
-    ]  # rerank_k
+    # the reranker sees the served depth, api.rerank_k (5)
+    progress = [ln for ln in result.stderr.splitlines() if ln.startswith(("embed ", "rerank top 5"))]
     assert any("100%" in ln for ln in progress if ln.startswith("embed ")), result.stderr[-2000:]
     assert any("100%" in ln and "query" in ln for ln in progress if ln.startswith("rerank")), progress
 

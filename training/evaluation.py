@@ -106,7 +106,7 @@ def evaluate(
     for recall, run in runs.items():
         out[recall] = score_run(data.qrels, run)
         if reranker is not None:
-            desc = f"rerank top {rerank_k or top_k}" + ("" if recall == "dense" else f" of {recall}")
+            desc = _rerank_desc(rerank_k or top_k, recall)
             scores = rerank_run(data, best(run, rerank_k), reranker, instruction, desc)
             out[reranked_mode(recall)] = score_run(data.qrels, fused_run(run, scores, fusion, rerank_k))
     return out
@@ -203,6 +203,11 @@ def rerank_run(
         )
         reranked[qid] = {d: float(s) for d, s in zip(docs, scores, strict=True)}
     return reranked
+
+
+def _rerank_desc(depth: int, recall: str) -> str:
+    """The progress bar's label for reranking the first `depth` of a `recall` run."""
+    return f"rerank top {depth}" + ("" if recall == "dense" else f" of {recall}")
 
 
 def best(run: dict[str, dict[str, float]], k: int | None) -> dict[str, dict[str, float]]:
@@ -309,9 +314,7 @@ class PairRuns:
             raise ValueError(f"mode {mode!r} is not evaluated here")
         if (embedder, reranker) not in self._reranked:
             first = self._recall[embedder][self.served]
-            desc = f"rerank top {self.rerank_k or self.top_k}" + (
-                "" if self.served == "dense" else f" of {self.served}"
-            )
+            desc = _rerank_desc(self.rerank_k or self.top_k, self.served)
             scorer = self.load_pair(embedder, reranker)[1]
             scores = rerank_run(self.data, best(first, self.rerank_k), scorer, None, desc)
             self._reranked[embedder, reranker] = fused_run(first, scores, self.fusion, self.rerank_k)

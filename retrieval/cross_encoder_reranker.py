@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from sentence_transformers import CrossEncoder
 
+from twostage.retrieval.batching import token_budget_batches
 from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.model_source import ModelSource, model_identity
 from twostage.retrieval.numerics import numeric_path
 from twostage.retrieval.prompts import clip_for_tokens, require_text, require_texts
-from twostage.retrieval.reranker import RerankMixin
+from twostage.retrieval.reranker import RerankMixin, RerankRequest
 from twostage.retrieval.settings import RerankerSettings
 from twostage.retrieval.tokens import TokenCounter, split_markers_in_text
 
@@ -36,6 +37,7 @@ class CrossEncoderReranker(RerankMixin):
         self.model = model
         self._model_id = model_id
         self.max_length = int(model.max_length or 512)
+        self.batch_tokens = batch_tokens
         self.batch_size = max(1, batch_tokens // self.max_length)
         self.use_instruction = use_instruction
         self.probabilities = isinstance(model.activation_fn, torch.nn.Sigmoid)  # a sigmoid head: taken here
@@ -88,20 +90,55 @@ class CrossEncoderReranker(RerankMixin):
         return numeric_path(self.model)
 
     def score(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[float]:
-        require_text(query, "query")
-        docs = require_texts(documents, "documents", allow_empty_items=True)
-        if instruction is not None:
-            require_text(instruction, "instruction")
-        if not docs:
-            return []
-        prompt = instruction if self.use_instruction else None
-        scores = self.model.predict(
-            [(query, d) for d in docs], batch_size=self.batch_size, show_progress_bar=False, prompt=prompt,
-            activation_fn=torch.nn.Identity() if self.probabilities else None,
-        )  # fmt: skip
+        return self.score_many([(query, documents, instruction)])[0]
+
+    def score_many(self, requests: Sequence[RerankRequest]) -> list[list[float]]:
+        """Scores for several requests; a classic cross-encoder groups all their pairs by length.
+
+        The pairs of concurrent requests (the micro-batcher's) share padded batches. A
+        generative one takes its instruction as the library's per-call prompt, so it scores
+        request by request.
+        """
+        calls: list[tuple[list[tuple[str, str]], str | None]] = []
+        for query, documents, instruction in requests:
+            require_text(query, "query")
+            docs = require_texts(documents, "documents", allow_empty_items=True)
+            if instruction is not None:
+                require_text(instruction, "instruction")
+            calls.append(([(query, d) for d in docs], instruction if self.use_instruction else None))
+        if self.use_instruction:
+            return [self._score_pairs(pairs, prompt) for pairs, prompt in calls]
+        scores = self._score_pairs([pair for pairs, _ in calls for pair in pairs], None)
+        ends = np.cumsum([len(pairs) for pairs, _ in calls]).tolist()
+        return [scores[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+
+    def _score_pairs(self, pairs: list[tuple[str, str]], prompt: str | None) -> list[float]:
+        scores = np.empty(len(pairs), dtype=np.float64)
+        for batch in self.length_batches(pairs):
+            scores[batch] = self.model.predict(
+                [pairs[i] for i in batch], batch_size=len(batch), show_progress_bar=False, prompt=prompt,
+                activation_fn=torch.nn.Identity() if self.probabilities else None,
+            )  # fmt: skip
         if self.probabilities:
-            return [float(s) for s in 1.0 / (1.0 + np.exp(-np.asarray(scores, dtype=np.float64)))]
+            scores = 1.0 / (1.0 + np.exp(-scores))
         return [float(s) for s in scores]
+
+    def length_batches(self, pairs: list[tuple[str, str]]) -> list[list[int]]:
+        """Pairs grouped by length into padded batches within the token budget.
+
+        `CrossEncoder.predict` pads each batch to its longest pair, in the given order. On 100
+        debian-ir dev queries x hybrid top 10 that computed 2.17x the real tokens, and 3.73x the
+        real attention (quadratic in the padded length); grouped here (`token_budget_batches`,
+        padding within 10%), the padding is gone and the budget still bounds memory. A
+        generative cross-encoder renders its chat template inside the library, so its lengths
+        are unknown here and it keeps the library's fixed batches.
+        """
+        if self.use_instruction:
+            size = self.batch_size
+            return [list(range(i, min(i + size, len(pairs)))) for i in range(0, len(pairs), size)]
+        clipped = [(q, clip_for_tokens(d, self.max_length)) for q, d in pairs]
+        lengths = [min(n, self.max_length) for n in self._counter.count(clipped)]
+        return token_budget_batches(lengths, self.batch_tokens)
 
     def input_lengths(
         self, query: str, documents: Sequence[str], instruction: str | None = None

@@ -9,6 +9,7 @@ import torch
 from sentence_transformers import CrossEncoder
 
 from twostage.api.routes.tei import logit
+from twostage.retrieval.cross_encoder_reranker import CrossEncoderReranker
 from twostage.retrieval.embedder import load_embedder
 from twostage.retrieval.errors import TooLarge
 from twostage.retrieval.last_token_embedder import LastTokenEmbedder
@@ -45,17 +46,24 @@ def test_yes_no_input_lengths_are_the_prompt_lengths_and_left_truncation_keeps_t
         fit_texts([long], lengths, 96, truncate=False, side="right", what="texts")
 
 
-def test_cross_encoder_lengths_and_raw_scores(tmp_path: Path, model_cache: Path) -> None:
-    """Pair lengths match the library's own untruncated encoding; logits come back from the scores."""
+@pytest.fixture(scope="module")
+def cross_encoder_dir(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    """MiniLM with a new one-logit head, saved as a CrossEncoder."""
     base = resolve_model("pypi:all-MiniLM-L6-v2", cache_dir=model_cache).path
     torch.manual_seed(0)
-    CrossEncoder(str(base), num_labels=1, device="cpu").save(str(tmp_path / "ce"))
+    out = tmp_path_factory.mktemp("ce") / "ce"
+    CrossEncoder(str(base), num_labels=1, device="cpu").save(str(out))
+    return out
+
+
+def test_cross_encoder_lengths_and_raw_scores(cross_encoder_dir: Path, model_cache: Path) -> None:
+    """Pair lengths match the library's own untruncated encoding; logits come back from the scores."""
     reranker = load_reranker(
-        Settings(reranker={"model": str(tmp_path / "ce")}, cache_dir=model_cache, device="cpu")
+        Settings(reranker={"model": str(cross_encoder_dir)}, cache_dir=model_cache, device="cpu")
     )
     assert reranker.family == "cross-encoder" and reranker.probabilities
     documents = ["a chess engine for the terminal", HOSTILE, "word " * 300]
-    model = CrossEncoder(str(tmp_path / "ce"), device="cpu")
+    model = CrossEncoder(str(cross_encoder_dir), device="cpu")
     expected = [
         int(
             model.preprocess([("chess", d)], processing_kwargs={"text": {"truncation": False}})[
@@ -68,6 +76,35 @@ def test_cross_encoder_lengths_and_raw_scores(tmp_path: Path, model_cache: Path)
     logits = model.predict([("chess", d) for d in documents], activation_fn=torch.nn.Identity())
     scores = reranker.score("chess", documents)
     assert [logit(s) for s in scores] == pytest.approx(np.asarray(logits, dtype=float).tolist(), abs=1e-5)
+
+
+def test_cross_encoder_pairs_are_batched_by_length_across_requests(
+    cross_encoder_dir: Path, model_cache: Path
+) -> None:
+    """Pairs of every request are grouped by length, padding within 10%, scores back in input order."""
+    reranker = load_reranker(
+        Settings(
+            reranker={"model": str(cross_encoder_dir), "batch_tokens": 1024},
+            cache_dir=model_cache,
+            device="cpu",
+        )
+    )
+    assert isinstance(reranker, CrossEncoderReranker)
+    first = ["word " * n for n in (3, 200, 9, 120, 4)]
+    second = ["a chess engine", "pawn " * 400, HOSTILE]
+    pairs = [("chess", d) for d in first + second]
+    lengths = [min(n, reranker.max_length) for n in reranker.input_lengths("chess", first + second)]
+    batches = reranker.length_batches(pairs)
+    # every pair once; lengths grouped: each batch pads within 10% (or holds one pair) under the budget
+    assert sorted(i for b in batches for i in b) == list(range(len(pairs))) and len(batches) > 1
+    for batch in batches:
+        padded = len(batch) * max(lengths[i] for i in batch)
+        assert len(batch) == 1 or (padded <= 1024 and padded - sum(lengths[i] for i in batch) <= 0.1 * padded)
+    alone = [reranker.score("chess", [d])[0] for d in first + second]
+    together = reranker.score_many([("chess", first, None), ("chess", second, None), ("chess", [], None)])
+    assert [len(s) for s in together] == [5, 3, 0]
+    # one padded batch or another: the same scores, in the order they were asked for
+    assert together[0] + together[1] == pytest.approx(alone, abs=1e-5)
 
 
 def test_logit_saturates_instead_of_overflowing() -> None:

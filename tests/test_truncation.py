@@ -100,8 +100,8 @@ def test_cross_encoder_pairs_are_batched_by_length_across_requests(
     for batch in batches:
         padded = len(batch) * max(lengths[i] for i in batch)
         assert len(batch) == 1 or (padded <= 1024 and padded - sum(lengths[i] for i in batch) <= 0.1 * padded)
-    alone = [reranker.score("chess", [d])[0] for d in first + second]
-    together = reranker.score_many([("chess", first, None), ("chess", second, None), ("chess", [], None)])
+    alone = [reranker.score("chess", [d])[0] for d in first] + [reranker.score("go", [d])[0] for d in second]
+    together = reranker.score_many([("chess", first, None), ("go", second, None), ("chess", [], None)])
     assert [len(s) for s in together] == [5, 3, 0]
     # one padded batch or another: the same scores, in the order they were asked for
     assert together[0] + together[1] == pytest.approx(alone, abs=1e-5)

@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument("--distractors", type=int, default=2000, help="--variants: corpus distractors")
     parser.add_argument("--candidates", type=int, default=10, help="--variants: documents per query")
     parser.add_argument("--rounds", type=int, default=3, help="--variants: timed passes, interleaved")
+    parser.add_argument("--max-padding", type=float,
+                        help="--variants, a cross-encoder: the padding fraction that closes a length group "
+                        "(inf: each query's pairs in one batch, as before 21a7c1d)")  # fmt: skip
     args = parser.parse_args()
     if args.variants:
         compare_variants(args)
@@ -203,6 +206,11 @@ def compare_variants(args: argparse.Namespace) -> None:
     pairs = sum(len(docs) for _, docs in calls)
     rerankers = {v: load_reranker(variant_settings(v, "reranker", model, cache_dir=cache, device=args.device))
                  for v in variants}  # fmt: skip
+    for reranker in rerankers.values():
+        if args.max_padding is not None:
+            if not hasattr(reranker, "max_padding"):
+                raise SystemExit("--max-padding: only a cross-encoder groups its pairs here")
+            reranker.max_padding = args.max_padding
     scores: dict[str, dict[str, list[float]]] = {}
     seconds: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):  # interleaved: each round times every variant once
@@ -233,6 +241,7 @@ def compare_variants(args: argparse.Namespace) -> None:
         "bench": "rerank_throughput", "mode": "variants", "model": args.model, "pairs": pairs,
         "queries": len(calls), "candidates": f"hybrid top {args.candidates} (all-MiniLM-L6-v2 + BM25)",
         "corpus": len(data.corpus), "variants": results, "native_bf16": native_bf16(),
+        "max_padding": getattr(next(iter(rerankers.values())), "max_padding", None),
         **run_info(args.device),
     }))  # fmt: skip
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from sentence_transformers import CrossEncoder
 
-from twostage.retrieval.batching import token_budget_batches
+from twostage.retrieval.batching import MAX_PADDING, token_budget_batches
 from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.model_source import ModelSource, model_identity
 from twostage.retrieval.numerics import numeric_path
@@ -38,6 +38,7 @@ class CrossEncoderReranker(RerankMixin):
         self._model_id = model_id
         self.max_length = int(model.max_length or 512)
         self.batch_tokens = batch_tokens
+        self.max_padding = MAX_PADDING  # a batch closes before its padding passes this fraction
         self.batch_size = max(1, batch_tokens // self.max_length)
         self.use_instruction = use_instruction
         self.probabilities = isinstance(model.activation_fn, torch.nn.Sigmoid)  # a sigmoid head: taken here
@@ -138,7 +139,7 @@ class CrossEncoderReranker(RerankMixin):
             return [list(range(i, min(i + size, len(pairs)))) for i in range(0, len(pairs), size)]
         clipped = [(q, clip_for_tokens(d, self.max_length)) for q, d in pairs]
         lengths = [min(n, self.max_length) for n in self._counter.count(clipped)]
-        return token_budget_batches(lengths, self.batch_tokens)
+        return token_budget_batches(lengths, self.batch_tokens, self.max_padding)
 
     def input_lengths(
         self, query: str, documents: Sequence[str], instruction: str | None = None

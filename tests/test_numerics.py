@@ -255,3 +255,9 @@ def test_calibrated_int8_smooths_outlier_channels_and_keeps_down_projections_out
         assert torch.allclose(unscaled, reference[0].weight, atol=0.05)
         error_plain, error_calibrated = (float((m(x) - expected).abs().mean()) for m in (plain, calibrated))
     assert error_calibrated < 0.5 * error_plain
+    # a reranker's path: the down projection in int8 too, behind its own scales; the head stays fp32
+    all_int8 = copy()
+    numerics.quantize_int8(all_int8, calibrate=lambda: all_int8(x[:16]), int8_down=True)
+    assert isinstance(all_int8[2], numerics.SmoothedLinear) and type(all_int8[3]) is torch.nn.Linear
+    with torch.no_grad():
+        assert float((all_int8(x) - expected).abs().mean()) < error_plain

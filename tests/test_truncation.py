@@ -9,6 +9,7 @@ import torch
 from sentence_transformers import CrossEncoder
 
 from twostage.api.routes.tei import logit
+from twostage.retrieval import numerics
 from twostage.retrieval.cross_encoder_reranker import CrossEncoderReranker
 from twostage.retrieval.embedder import load_embedder
 from twostage.retrieval.errors import TooLarge
@@ -105,6 +106,26 @@ def test_cross_encoder_pairs_are_batched_by_length_across_requests(
     assert [len(s) for s in together] == [5, 3, 0]
     # one padded batch or another: the same scores, in the order they were asked for
     assert together[0] + together[1] == pytest.approx(alone, abs=1e-5)
+
+
+def test_int8_cross_encoder_runs_its_down_projections_in_int8(
+    cross_encoder_dir: Path, model_cache: Path
+) -> None:
+    """quantize=int8 on a cross-encoder: every encoder Linear in int8 behind SmoothQuant scales,
+    the FFN down projections included (an embedder keeps those in bf16), the head in fp32."""
+    settings = Settings(reranker={"model": str(cross_encoder_dir)}, cache_dir=model_cache, device="cpu")
+    fp32 = load_reranker(settings)
+    int8 = load_reranker(settings.model_copy(update={"reranker": settings.reranker.model_copy(
+        update={"quantize": "int8"})}))  # fmt: skip
+    assert isinstance(int8, CrossEncoderReranker) and int8.numerics == "int8-dynamic"
+    bert = int8.model.model
+    layer = bert.bert.encoder.layer[0]
+    assert isinstance(layer.attention.self.query, numerics.SmoothedLinear)
+    assert isinstance(layer.output.dense, numerics.SmoothedLinear)  # the down projection
+    assert type(bert.classifier) is torch.nn.Linear
+    documents = ["a chess engine for the terminal", "apt installs packages", "word " * 300]
+    drift = np.abs(np.subtract(int8.score("chess", documents), fp32.score("chess", documents)))
+    assert 0 < drift.max() < 0.05, drift  # int8 moves scores, a little
 
 
 def test_logit_saturates_instead_of_overflowing() -> None:

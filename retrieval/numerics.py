@@ -213,8 +213,8 @@ def quantize_int8(
     `int8_down` (the cross-encoder's path) puts the down projections in int8 too, with their
     own SmoothQuant scales: a reranker is judged by its ranking, and on 100 debian-ir dev
     queries x hybrid top 10 that path kept nDCG@10 (+0.0018 vs fp32, p = 0.66; scores move up
-    to 0.13) at 1.78x fp32 (7 rounds; 2.14x vs 1.53x with them in bf16 in one same-run A/B),
-    against 1.61x with them in bf16. An embedder's vectors fill an index, whose top-10 overlap
+    to 0.13) at 1.78x fp32, against 1.61x with them in bf16 (`bench/rerank_throughput.py
+    --variants fp32,int8 --rounds 7`). An embedder's vectors fill an index, whose top-10 overlap
     with the fp32-built one needs them in bf16 (README).
 
     Chosen by measurement (README, Numeric paths), MiniLM over 256 debian-ir documents, worst /

@@ -125,7 +125,7 @@ def test_int8_cross_encoder_runs_its_down_projections_in_int8(
     assert type(bert.classifier) is torch.nn.Linear
     documents = ["a chess engine for the terminal", "apt installs packages", "word " * 300]
     drift = np.abs(np.subtract(int8.score("chess", documents), fp32.score("chess", documents)))
-    assert 0 < drift.max() < 0.05, drift  # int8 moves scores, a little
+    assert 0 < drift.max() < 0.01, drift  # int8 moves scores, a little (measured 5e-4)
 
 
 def test_logit_saturates_instead_of_overflowing() -> None:

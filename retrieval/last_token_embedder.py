@@ -17,6 +17,7 @@ from twostage.retrieval.batching import left_pad, token_budget_batches
 from twostage.retrieval.embedder import LocalModelIdentity, QwenQueryPrompt
 from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.model_source import ModelSource, model_identity
+from twostage.retrieval.numerics import bf16_matmuls, causal_lm_dtype
 from twostage.retrieval.prompts import clip_for_tokens, require_text
 from twostage.retrieval.settings import EmbedderSettings
 from twostage.retrieval.tokens import TokenCounter, split_markers_in_text
@@ -71,9 +72,11 @@ class LastTokenEmbedder(QwenQueryPrompt, LocalModelIdentity):
         """Load weights and tokenizer from a resolved model directory."""
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.path)
-            model = AutoModel.from_pretrained(source.path, dtype=dtype).to(device).eval()
+            weights = causal_lm_dtype(dtype, device)
+            model = AutoModel.from_pretrained(source.path, dtype=weights).to(device).eval()
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load embedder {source.name!r} from {source.path}: {exc}") from exc
+        bf16_matmuls(model, dtype, device)
         return cls(
             model,
             tokenizer,

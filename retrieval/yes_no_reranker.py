@@ -36,7 +36,7 @@ from transformers import (
 from twostage.retrieval.batching import right_pad, token_budget_batches
 from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.model_source import ModelSource, model_identity
-from twostage.retrieval.numerics import numeric_path
+from twostage.retrieval.numerics import bf16_matmuls, causal_lm_dtype, numeric_path
 from twostage.retrieval.prompts import (
     DOCUMENT_TAG,
     RERANKER_PREFIX,
@@ -131,9 +131,14 @@ class YesNoReranker(RerankMixin):
         """Load a causal LM from a resolved model directory."""
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.path)
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
+            model = (
+                AutoModelForCausalLM.from_pretrained(source.path, dtype=causal_lm_dtype(dtype, device))
+                .to(device)
+                .eval()
+            )  # type: ignore[arg-type]
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load reranker {source.name!r} from {source.path}: {exc}") from exc
+        bf16_matmuls(model.get_decoder(), dtype, device)  # the head only gives its yes/no rows, in fp32
         return cls(
             model,
             tokenizer,

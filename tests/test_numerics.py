@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from twostage.retrieval import numerics
 from twostage.retrieval.collections import (
@@ -98,20 +99,39 @@ def test_auto_keeps_bf16_only_for_a_model_within_tolerance(
 
 
 def test_bf16_reranker_forms_its_score_in_fp32(tiny_models: TinyModelPaths, tmp_path: Path) -> None:
-    """bf16 weights, fp32 score math: W_yes - W_no is formed in fp32 from the bf16 rows (a bf16
-    subtraction would round it), and the scores stay near the fp32 model's."""
+    """bf16 on a CPU is bf16 matrix products in an fp32 model (`bf16_matmuls`): every Linear of the
+    decoder has bf16 weights, the norms and the score stay fp32, and the scores land nearer fp32
+    than the whole model in bf16 (CUDA's path). There W_yes - W_no is formed in fp32 from the bf16
+    rows, as a bf16 subtraction would round it."""
     half = load_reranker(tiny(tiny_models, tmp_path, dtype="bfloat16", numerics={"strict": False}))
     full = load_reranker(tiny(tiny_models, tmp_path, dtype="float32"))
     if not BF16_HERE:
         assert half.numerics == "float32"  # fell back
         return
-    assert isinstance(half, YesNoReranker) and half.numerics == "bfloat16"
-    weight = half.model.get_output_embeddings().weight.detach()  # type: ignore[union-attr]
-    assert weight.dtype == torch.bfloat16 and half._direction.dtype == torch.float32
-    assert torch.equal(half._direction, weight[half.yes_id].float() - weight[half.no_id].float())
-    rounded = (weight[half.yes_id] - weight[half.no_id]).float()  # what bf16 math would have used
-    assert not torch.equal(half._direction, rounded)
-    assert np.abs(probe_scores(half) - probe_scores(full)).max() < 0.05
+    assert isinstance(half, YesNoReranker) and isinstance(full, YesNoReranker) and half.numerics == "bfloat16"
+    decoder = half.model.get_decoder()
+    assert not any(isinstance(m, torch.nn.Linear) for m in decoder.modules())
+    linears = [m for m in decoder.modules() if isinstance(m, numerics.Bf16Linear)]
+    assert len(linears) == 7 * half.model.config.num_hidden_layers
+    assert all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert all(p.dtype == torch.float32 for p in decoder.parameters())  # embeddings, norms
+    assert half._direction.dtype == torch.float32 and torch.equal(half._direction, full._direction)
+
+    whole = YesNoReranker(
+        AutoModelForCausalLM.from_pretrained(tiny_models.reranker, dtype=torch.bfloat16).eval(),
+        AutoTokenizer.from_pretrained(tiny_models.reranker),
+        model_id="whole-bf16",
+        instruction=half.instruction,
+    )
+    weight = whole.model.get_output_embeddings().weight.detach()  # type: ignore[union-attr]
+    assert weight.dtype == torch.bfloat16 and whole._direction.dtype == torch.float32
+    assert torch.equal(whole._direction, weight[whole.yes_id].float() - weight[whole.no_id].float())
+    rounded = (weight[whole.yes_id] - weight[whole.no_id]).float()  # what bf16 math would have used
+    assert not torch.equal(whole._direction, rounded)
+
+    reference = probe_scores(full)
+    mixed, wholly = (np.abs(probe_scores(r) - reference).max() for r in (half, whole))
+    assert 0 < mixed < wholly < 0.05, (mixed, wholly)
 
 
 def test_a_collection_knows_the_numeric_path_that_built_it(

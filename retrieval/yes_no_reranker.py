@@ -131,11 +131,8 @@ class YesNoReranker(RerankMixin):
         """Load a causal LM from a resolved model directory."""
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.path)
-            model = (
-                AutoModelForCausalLM.from_pretrained(source.path, dtype=causal_lm_dtype(dtype, device))
-                .to(device)
-                .eval()
-            )  # type: ignore[arg-type]
+            weights = causal_lm_dtype(dtype, device)
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=weights).to(device).eval()  # type: ignore[arg-type]
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load reranker {source.name!r} from {source.path}: {exc}") from exc
         bf16_matmuls(model.get_decoder(), dtype, device)  # the head only gives its yes/no rows, in fp32

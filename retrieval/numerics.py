@@ -153,80 +153,6 @@ class SmoothedLinear(torch.nn.Module):
         return self.linear(x * self.inverse_scale).to(self.out_dtype)
 
 
-SHARED_INPUT = ("query", "key", "value")  # BERT-family self-attention: three Linears on one input
-
-
-class SharedInputLinear(torch.nn.Module):
-    """One Linear standing for several that read the same input (attention's query, key and value),
-    answering their outputs in turn: `Slice(i)` returns the i-th part of one product.
-
-    For int8 this is one activation quantization, one SmoothQuant multiply and one GEMM three
-    times as wide instead of three of each: the int8 MiniLM cross-encoder on 100 debian-ir dev
-    queries x hybrid top 10 ran about 6% faster (README, Numeric paths). The library's attention
-    module still calls `query(x)`, `key(x)` and `value(x)`; the first computes all three and keeps
-    them with `x`, and the others take their part when handed the very same tensor (computing
-    afresh otherwise, as in cross-attention). The kept pair is one tuple, replaced whole, so
-    threads sharing the model never read another call's parts.
-    """
-
-    def __init__(self, layer: torch.nn.Module, sizes: list[int]) -> None:
-        super().__init__()
-        self.layer = layer
-        self.sizes = sizes
-        self._last: tuple[torch.Tensor | None, tuple[torch.Tensor, ...]] = (None, ())
-
-    def parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        seen, outputs = self._last
-        if seen is not x:
-            outputs = tuple(self.layer(x).split(self.sizes, dim=-1))
-            self._last = (x, outputs)
-        return outputs
-
-    def forget(self) -> None:
-        self._last = (None, ())
-
-
-class Slice(torch.nn.Module):
-    """The i-th of a `SharedInputLinear`'s outputs, where one of its Linears was."""
-
-    def __init__(self, shared: SharedInputLinear, index: int) -> None:
-        super().__init__()
-        self.shared = shared
-        self.index = index
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        part = self.shared.parts(x)[self.index]
-        if self.index == len(self.shared.sizes) - 1:
-            self.shared.forget()  # the last reader: the input and outputs need not outlive the call
-        return part
-
-
-def _fuse_shared_inputs(module: torch.nn.Module) -> dict[str, tuple[torch.nn.Linear, list[str], list[int]]]:
-    """Each group of `SHARED_INPUT` Linears as one Linear over their stacked weights, keyed by the
-    name of the group's first member (whose input it reads), with the members' names and widths."""
-    groups: dict[str, tuple[torch.nn.Linear, list[str], list[int]]] = {}
-    for name, parent in module.named_modules():
-        members = [getattr(parent, n, None) for n in SHARED_INPUT]
-        linears = [m for m in members if isinstance(m, torch.nn.Linear)]
-        if len(linears) != len(SHARED_INPUT) or len({(m.in_features, m.bias is None) for m in linears}) != 1:
-            continue
-        first = linears[0]
-        fused = torch.nn.Linear(
-            first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None
-        )
-        with torch.no_grad():
-            fused.weight.copy_(torch.cat([m.weight for m in linears]))
-            if first.bias is not None:
-                fused.bias.copy_(torch.cat([m.bias for m in linears]))
-        prefix = f"{name}." if name else ""
-        groups[prefix + SHARED_INPUT[0]] = (
-            fused,
-            [prefix + n for n in SHARED_INPUT],
-            [m.out_features for m in linears],
-        )
-    return groups
-
-
 class Bf16Linear(torch.nn.Module):
     """A Linear run in bf16 and answered in the model's dtype: for the layers int8 cannot hold."""
 
@@ -340,15 +266,6 @@ def quantize_int8(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
-        for first, (fused, names, sizes) in _fuse_shared_inputs(module).items():
-            if first in maxima:  # the group's members read one input: its maxima are theirs
-                layer: torch.nn.Module = SmoothedLinear(fused, maxima[first], quantized, fused.weight.dtype)
-            else:
-                fused.qconfig = _per_channel_qconfig()  # type: ignore[assignment]
-                layer = quantized.from_float(fused)  # type: ignore[attr-defined]
-            shared = SharedInputLinear(layer, sizes)
-            for index, name in enumerate(names):
-                _replace(module, name, Slice(shared, index))
         for name, linear in [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]:
             replacement: torch.nn.Module
             if linear.out_features < HEAD_OUTPUTS:

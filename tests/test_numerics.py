@@ -178,7 +178,7 @@ def test_int8_is_for_the_small_encoders(
     assert int8.numerics == "int8-dynamic" and minilm_embedder.numerics == "float32"
     bf16 = numerics.native_bf16() is not None
     layer = int8.model[0].auto_model.encoder.layer[0]  # type: ignore[attr-defined]
-    assert isinstance(layer.attention.self.query.shared.layer, numerics.SmoothedLinear)  # q, k, v as one
+    assert isinstance(layer.attention.self.query, numerics.SmoothedLinear)
     assert layer.intermediate.dense.out_dtype == (torch.bfloat16 if bf16 else torch.float32)
     assert type(layer.output.dense) is (numerics.Bf16Linear if bf16 else torch.nn.Linear)
     texts = ["apt installs packages", "a chess engine for the terminal", "数据 ünïcödé"]
@@ -281,37 +281,3 @@ def test_calibrated_int8_smooths_outlier_channels_and_keeps_down_projections_out
     assert isinstance(all_int8[2], numerics.SmoothedLinear) and type(all_int8[3]) is torch.nn.Linear
     with torch.no_grad():
         assert float((all_int8(x) - expected).abs().mean()) < error_plain
-
-
-def test_int8_runs_query_key_and_value_as_one_product() -> None:
-    """The three Linears of a self-attention read one input: int8 runs them as one smoothed int8
-    GEMM over their stacked weights, each member answering its part. The same tensor handed to
-    key and value takes the parts of query's product; another tensor (cross-attention) is
-    computed afresh; after the last member the kept tensors are let go."""
-
-    class Attention(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.query, self.key, self.value = (torch.nn.Linear(64, n) for n in (64, 32, 32))
-
-    torch.manual_seed(0)
-    reference = Attention()
-    fused = Attention()
-    fused.load_state_dict(reference.state_dict())
-    x, y = torch.randn(8, 64), torch.randn(8, 64)
-    x[:, :2] *= 30.0  # outlier channels
-    numerics.quantize_int8(fused, calibrate=lambda: fused.query(x))
-    slices = [fused.query, fused.key, fused.value]
-    assert all(isinstance(m, numerics.Slice) for m in slices)
-    shared = fused.query.shared
-    assert all(m.shared is shared for m in slices) and isinstance(shared.layer, numerics.SmoothedLinear)
-    with torch.no_grad():
-        together = shared.layer(x).split([64, 32, 32], dim=-1)
-        parts = [m(x) for m in slices]
-        assert all(torch.equal(a, b) for a, b in zip(parts, together, strict=True))
-        assert shared._last[0] is None  # let go after the value
-        cross = fused.key(y)
-        assert torch.equal(cross, shared.layer(y).split([64, 32, 32], dim=-1)[1])
-        for part, linear in zip(parts, (reference.query, reference.key, reference.value), strict=True):
-            expected = linear(x)
-            assert float((part - expected).abs().max()) < 0.05 * float(expected.abs().max())

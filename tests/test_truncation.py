@@ -120,7 +120,7 @@ def test_int8_cross_encoder_runs_its_down_projections_in_int8(
     assert isinstance(int8, CrossEncoderReranker) and int8.numerics == "int8-dynamic"
     bert = int8.model.model
     layer = bert.bert.encoder.layer[0]
-    assert isinstance(layer.attention.self.query.shared.layer, numerics.SmoothedLinear)  # q, k, v as one
+    assert isinstance(layer.attention.self.query, numerics.SmoothedLinear)
     assert isinstance(layer.output.dense, numerics.SmoothedLinear)  # the down projection
     assert type(bert.classifier) is torch.nn.Linear
     documents = ["a chess engine for the terminal", "apt installs packages", "word " * 300]

@@ -184,9 +184,10 @@ def bf16_matmuls(model: torch.nn.Module, dtype: torch.dtype, device: torch.devic
     products (as `Bf16Linear`, SmolLM2's Linear shapes run 1.93x fp32, `bench/matmul_ceiling.py`),
     while bf16 attention (the flash kernel) is no faster than fp32 and a bf16 residual stream
     rounds at each of the 30 layers' two sums. The embedding table stays fp32 (a lookup, not a
-    product): for Qwen3-0.6B's 151,669 x 1,024 table that is 0.3 GB more than the whole model in bf16. SmolLM2-135M as a yes/no reranker on 100 debian-ir dev queries x
-    hybrid top 10 (README, Numeric paths): the whole model in bf16 ran 1.68x fp32 (one pass) but
-    moved nDCG@10 by -0.0095; this path runs 1.57x (3 rounds) and keeps nDCG@10 at +0.0016.
+    product): for Qwen3-0.6B's 151,669 x 1,024 table, 0.3 GB more than the whole model in bf16.
+    SmolLM2-135M as a yes/no reranker on 100 debian-ir dev queries x hybrid top 10 (README,
+    Numeric paths): the whole model in bf16 ran 1.68x fp32 (one pass) but moved nDCG@10 by
+    -0.0095; this path runs 1.57x (3 rounds) and keeps nDCG@10 at +0.0016.
     A no-op unless `dtype` is bf16 and `device` a CPU (`causal_lm_dtype` loaded it in fp32).
     """
     if dtype != torch.bfloat16 or device.type != "cpu":

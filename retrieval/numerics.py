@@ -154,7 +154,8 @@ class SmoothedLinear(torch.nn.Module):
 
 
 class Bf16Linear(torch.nn.Module):
-    """A Linear run in bf16 and answered in the model's dtype: for the layers int8 cannot hold."""
+    """A Linear run in bf16 and answered in the model's dtype: for the layers int8 cannot hold, and
+    for every decoder Linear of a causal LM on a CPU (`bf16_matmuls`)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -169,10 +170,14 @@ class Bf16Linear(torch.nn.Module):
         return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(self.out_dtype)
 
 
+def _matmuls_only(dtype: torch.dtype, device: torch.device) -> bool:
+    return dtype == torch.bfloat16 and device.type == "cpu"
+
+
 def causal_lm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype a causal LM loads in: fp32 for bf16 on a CPU, where `bf16_matmuls` then puts its
     matrix products (and only those) in bf16."""
-    return torch.float32 if dtype == torch.bfloat16 and device.type == "cpu" else dtype
+    return torch.float32 if _matmuls_only(dtype, device) else dtype
 
 
 def bf16_matmuls(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
@@ -190,7 +195,7 @@ def bf16_matmuls(model: torch.nn.Module, dtype: torch.dtype, device: torch.devic
     -0.0095; this path runs 1.57x (3 rounds) and keeps nDCG@10 at +0.0016.
     A no-op unless `dtype` is bf16 and `device` a CPU (`causal_lm_dtype` loaded it in fp32).
     """
-    if dtype != torch.bfloat16 or device.type != "cpu":
+    if not _matmuls_only(dtype, device):
         return
     for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]:
         _replace(model, name, Bf16Linear(linear))

@@ -170,6 +170,23 @@ class Bf16Linear(torch.nn.Module):
         return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(self.out_dtype)
 
 
+class Bf16Output(torch.nn.Module):
+    """A module whose output is rounded to bf16 once, where only `Bf16Linear` layers read it."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x).to(torch.bfloat16)
+
+
+# Pre-norm decoder layers whose two RMSNorm outputs go only to Linear layers (q/k/v, then gate/up),
+# the residual being taken before each norm: read in transformers' Llama and Qwen3 modeling code.
+PRE_NORM_LAYERS = frozenset({"LlamaDecoderLayer", "Qwen3DecoderLayer"})
+PRE_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
 def _matmuls_only(dtype: torch.dtype, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and device.type == "cpu"
 
@@ -193,12 +210,18 @@ def bf16_matmuls(model: torch.nn.Module, dtype: torch.dtype, device: torch.devic
     SmolLM2-135M as a yes/no reranker on 100 debian-ir dev queries x hybrid top 10 (README,
     Numeric paths): the whole model in bf16 ran 1.68x fp32 (one pass) but moved nDCG@10 by
     -0.0095; this path runs 1.57x (3 rounds) and keeps nDCG@10 at +0.0016.
+    In a Llama or Qwen3 decoder layer each RMSNorm's output is rounded to bf16 once (`Bf16Output`)
+    instead of once per Linear that reads it (q, k, v; gate, up): the same bf16 inputs, so the same
+    scores, with three of the layer's fourteen casts gone (+5% on this path, README).
     A no-op unless `dtype` is bf16 and `device` a CPU (`causal_lm_dtype` loaded it in fp32).
     """
     if not _matmuls_only(dtype, device):
         return
     for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]:
         _replace(model, name, Bf16Linear(linear))
+    for layer in [m for m in model.modules() if type(m).__name__ in PRE_NORM_LAYERS]:
+        for norm in PRE_NORMS:
+            setattr(layer, norm, Bf16Output(getattr(layer, norm)))
 
 
 def _per_channel_qconfig() -> object:

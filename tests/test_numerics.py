@@ -116,6 +116,14 @@ def test_bf16_reranker_forms_its_score_in_fp32(tiny_models: TinyModelPaths, tmp_
     assert all(m.weight.dtype == torch.bfloat16 for m in linears)
     assert all(p.dtype == torch.float32 for p in decoder.parameters())  # embeddings, norms
     assert half._direction.dtype == torch.float32 and torch.equal(half._direction, full._direction)
+    # each pre-norm is rounded to bf16 once for the Linear layers that read it: the same scores
+    # as rounding it in each of them
+    wrapped = [(layer, norm) for layer in decoder.layers for norm in numerics.PRE_NORMS]
+    assert all(isinstance(getattr(layer, norm), numerics.Bf16Output) for layer, norm in wrapped)
+    once = probe_scores(half)
+    for layer, norm in wrapped:
+        setattr(layer, norm, getattr(layer, norm).module)
+    assert np.array_equal(probe_scores(half), once)
 
     whole = YesNoReranker(
         AutoModelForCausalLM.from_pretrained(tiny_models.reranker, dtype=torch.bfloat16).eval(),

@@ -202,17 +202,18 @@ def bf16_matmuls(model: torch.nn.Module, dtype: torch.dtype, device: torch.devic
     Linear of the decoder runs in bf16 (`Bf16Linear`: bf16 weights, its input rounded to bf16,
     fp32 out), while the residual stream, RMSNorm, rotary embedding and attention stay in fp32.
 
-    Why not the whole model in bf16, as on CUDA: on this CPU class bf16 only pays in the matrix
-    products (as `Bf16Linear`, SmolLM2's Linear shapes run 1.93x fp32, `bench/matmul_ceiling.py`),
-    while bf16 attention (the flash kernel) is no faster than fp32 and a bf16 residual stream
-    rounds at each of the 30 layers' two sums. The embedding table stays fp32 (a lookup, not a
-    product): for Qwen3-0.6B's 151,669 x 1,024 table, 0.3 GB more than the whole model in bf16.
-    SmolLM2-135M as a yes/no reranker on 100 debian-ir dev queries x hybrid top 10 (README,
-    Numeric paths): the whole model in bf16 ran 1.68x fp32 (one pass) but moved nDCG@10 by
+    Why not the whole model in bf16, as on CUDA: on an AMD EPYC with avx512_bf16, bf16 only pays in
+    the matrix products (as `Bf16Linear`, SmolLM2's Linear shapes run 1.93x fp32,
+    `bench/matmul_ceiling.py`), while bf16 attention (the flash kernel) is no faster than fp32 and a
+    bf16 residual stream rounds at each of the 30 layers' two sums. The embedding table stays fp32
+    (a lookup, not a product): for Qwen3-0.6B's 151,669 x 1,024 table, 0.3 GB more than the whole
+    model in bf16. SmolLM2-135M as a yes/no reranker on 100 debian-ir dev queries x hybrid top 10
+    (README, Numeric paths): the whole model in bf16 ran 1.68x fp32 (one pass) but moved nDCG@10 by
     -0.0095; this path runs 1.57x (3 rounds) and keeps nDCG@10 at +0.0016.
     In a Llama or Qwen3 decoder layer each RMSNorm's output is rounded to bf16 once (`Bf16Output`)
     instead of once per Linear that reads it (q, k, v; gate, up): the same bf16 inputs, so the same
-    scores, with three of the layer's fourteen casts gone (+5% on this path, README).
+    scores, with three of the layer's fourteen casts gone (SmolLM2 on an AMX Xeon: 1.51x -> 1.68x
+    fp32, one 3-round run each).
     A no-op unless `dtype` is bf16 and `device` a CPU (`causal_lm_dtype` loaded it in fp32).
     """
     if not _matmuls_only(dtype, device):

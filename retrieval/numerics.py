@@ -23,7 +23,7 @@ import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -182,9 +182,43 @@ class Bf16Output(torch.nn.Module):
 
 
 # Pre-norm decoder layers whose two RMSNorm outputs go only to Linear layers (q/k/v, then gate/up),
-# the residual being taken before each norm: read in transformers' Llama and Qwen3 modeling code.
+# the residual being taken before each norm, and whose value projection goes only to attention:
+# read in transformers' Llama and Qwen3 modeling code.
 PRE_NORM_LAYERS = frozenset({"LlamaDecoderLayer", "Qwen3DecoderLayer"})
 PRE_NORMS = ("input_layernorm", "post_attention_layernorm")
+BF16_ATTENTION = "twostage_bf16_sdpa"  # the attention implementation `bf16_matmuls` registers and sets
+
+
+def bf16_sdpa(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' SDPA attention on bf16 query, key and value: torch's CPU flash kernel then runs
+    its two products in bf16 (AMX where the CPU has it) and keeps the softmax in fp32. It answers
+    in bf16, which only the output projection (a `Bf16Linear`) reads. The mask is SDPA's own
+    (`sdpa_mask`, boolean), so it needs no rounding."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bf16 = torch.bfloat16
+    out: tuple[torch.Tensor, torch.Tensor | None] = sdpa_attention_forward(
+        module, query.to(bf16), key.to(bf16), value.to(bf16), attention_mask, **kwargs
+    )
+    return out
+
+
+@functools.cache
+def _bf16_attention() -> str:
+    """`bf16_sdpa`, registered once with transformers under `BF16_ATTENTION`, with SDPA's masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(BF16_ATTENTION, bf16_sdpa)
+    AttentionMaskInterface.register(BF16_ATTENTION, sdpa_mask)
+    return BF16_ATTENTION
 
 
 def _matmuls_only(dtype: torch.dtype, device: torch.device) -> bool:
@@ -220,9 +254,18 @@ def bf16_matmuls(model: torch.nn.Module, dtype: torch.dtype, device: torch.devic
         return
     for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]:
         _replace(model, name, Bf16Linear(linear))
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(_bf16_attention())  # type: ignore[operator]
+    bf16_attention = getattr(config, "_attn_implementation", None) == BF16_ATTENTION
     for layer in [m for m in model.modules() if type(m).__name__ in PRE_NORM_LAYERS]:
         for norm in PRE_NORMS:
             setattr(layer, norm, Bf16Output(getattr(layer, norm)))
+        # gate and up answer in bf16 (their values were rounded to bf16 by the product already), so
+        # SiLU and the product run on half the bytes and the down projection reads them uncast
+        layer.mlp.gate_proj.out_dtype = layer.mlp.up_proj.out_dtype = torch.bfloat16  # type: ignore[union-attr]
+        if bf16_attention:  # the values are only read by attention, in bf16: the same values, two casts fewer
+            layer.self_attn.v_proj.out_dtype = torch.bfloat16  # type: ignore[union-attr]
 
 
 def _per_channel_qconfig() -> object:
@@ -458,6 +501,6 @@ def load_measured(
 
 
 def _verdict_file(cache_dir: Path, model_id: str, dtype: torch.dtype) -> Path:
-    # "matmuls": verdicts from before `bf16_matmuls` measured a causal LM wholly in bf16
-    key = f"{model_id}|{dtype_name(dtype)}|torch {torch.__version__}|matmuls"
+    # "matmuls+attention": verdicts from before `bf16_matmuls` put attention in bf16 measured another path
+    key = f"{model_id}|{dtype_name(dtype)}|torch {torch.__version__}|matmuls+attention"
     return cache_dir / "numerics" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"

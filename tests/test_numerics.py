@@ -100,9 +100,9 @@ def test_auto_keeps_bf16_only_for_a_model_within_tolerance(
 
 def test_bf16_reranker_forms_its_score_in_fp32(tiny_models: TinyModelPaths, tmp_path: Path) -> None:
     """bf16 on a CPU is bf16 matrix products in an fp32 model (`bf16_matmuls`): every Linear of the
-    decoder has bf16 weights, the norms and the score stay fp32, and the scores land nearer fp32
-    than the whole model in bf16 (CUDA's path). There W_yes - W_no is formed in fp32 from the bf16
-    rows, as a bf16 subtraction would round it."""
+    decoder has bf16 weights, attention takes bf16 inputs, the norms and the score stay fp32, and
+    the scores land nearer fp32 than the whole model in bf16 (CUDA's path). There W_yes - W_no is
+    formed in fp32 from the bf16 rows, as a bf16 subtraction would round it."""
     half = load_reranker(tiny(tiny_models, tmp_path, dtype="bfloat16", numerics={"strict": False}))
     full = load_reranker(tiny(tiny_models, tmp_path, dtype="float32"))
     if not BF16_HERE:
@@ -120,10 +120,29 @@ def test_bf16_reranker_forms_its_score_in_fp32(tiny_models: TinyModelPaths, tmp_
     # as rounding it in each of them
     wrapped = [(layer, norm) for layer in decoder.layers for norm in numerics.PRE_NORMS]
     assert all(isinstance(getattr(layer, norm), numerics.Bf16Output) for layer, norm in wrapped)
+    # attention in bf16 (SDPA's boolean masks: documents of two queries batched over left-padded
+    # prefixes score as they do alone), and the values leave their projection in bf16, which
+    # attention would round them to anyway: the same scores
+    assert half.model.config._attn_implementation == numerics.BF16_ATTENTION
+    values = [layer.self_attn.v_proj for layer in decoder.layers]
+    assert all(v.out_dtype == torch.bfloat16 for v in values)
+    swiglu = [proj for layer in decoder.layers for proj in (layer.mlp.gate_proj, layer.mlp.up_proj)]
+    assert all(proj.out_dtype == torch.bfloat16 for proj in swiglu)  # SiLU and the product in bf16
+    requests = [
+        ("chess engine", ["a chess engine", "a text editor"], None),
+        ("editor", ["vim", "a", "b"], None),
+    ]
+    alone = [half.score(q, docs) for q, docs, _ in requests]
+    np.testing.assert_allclose(np.concatenate(half.score_many(requests)), np.concatenate(alone), atol=2e-3)
     once = probe_scores(half)
     for layer, norm in wrapped:
         setattr(layer, norm, getattr(layer, norm).module)
+    for v in values:
+        v.out_dtype = torch.float32
     assert np.array_equal(probe_scores(half), once)
+    half.model.set_attn_implementation("sdpa")  # fp32 attention: not the same scores
+    fp32_attention = probe_scores(half)
+    assert not np.array_equal(fp32_attention, once)
 
     whole = YesNoReranker(
         AutoModelForCausalLM.from_pretrained(tiny_models.reranker, dtype=torch.bfloat16).eval(),
@@ -138,7 +157,7 @@ def test_bf16_reranker_forms_its_score_in_fp32(tiny_models: TinyModelPaths, tmp_
     assert not torch.equal(whole._direction, rounded)
 
     reference = probe_scores(full)
-    mixed, wholly = (np.abs(probe_scores(r) - reference).max() for r in (half, whole))
+    mixed, wholly = (np.abs(scores - reference).max() for scores in (once, probe_scores(whole)))
     assert 0 < mixed < wholly < 0.05, (mixed, wholly)
 
 

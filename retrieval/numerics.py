@@ -10,9 +10,10 @@ the weights (their range, the depth of the network), not of the hardware alone.
 
 Tolerances (`NumericsSettings`, documented in the README): embedder probe vectors keep a cosine
 similarity of at least `embedder_min_cosine` (0.999) with fp32; reranker probe scores, as
-probabilities, move by at most `reranker_max_delta` (0.01). Measured here (avx512_bf16):
-all-MiniLM-L6-v2 0.99994 and a MiniLM cross-encoder 0.0008 keep bf16, and so does SmolLM2-135M
-as a yes/no reranker through `bf16_matmuls` (0.0026; wholly in bf16 it moved 0.0118).
+probabilities, move by at most `reranker_max_delta` (0.01). Measured on an AMD EPYC
+(avx512_bf16): all-MiniLM-L6-v2 0.99994 and a MiniLM cross-encoder 0.0008 keep bf16, and so does
+SmolLM2-135M as a yes/no reranker through `bf16_matmuls` (0.0026; wholly in bf16 it moved 0.0118;
+0.0051 on an Intel Xeon with AMX, where `bf16_matmuls` also puts attention and SwiGLU in bf16).
 """
 
 import functools
@@ -234,38 +235,49 @@ def causal_lm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 def bf16_matmuls(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
     """bf16 on a CPU for a causal LM (yes/no reranker, last-token embedder), in place: every
     Linear of the decoder runs in bf16 (`Bf16Linear`: bf16 weights, its input rounded to bf16,
-    fp32 out), while the residual stream, RMSNorm, rotary embedding and attention stay in fp32.
+    fp32 out), while the residual stream, RMSNorm and the rotary embedding stay in fp32. Where the
+    CPU has AMX, attention takes bf16 inputs too (`bf16_sdpa`) and SwiGLU's SiLU and product run
+    on the bf16 outputs of gate and up.
 
-    Why not the whole model in bf16, as on CUDA: on an AMD EPYC with avx512_bf16, bf16 only pays in
-    the matrix products (as `Bf16Linear`, SmolLM2's Linear shapes run 1.93x fp32,
-    `bench/matmul_ceiling.py`), while bf16 attention (the flash kernel) is no faster than fp32 and a
-    bf16 residual stream rounds at each of the 30 layers' two sums. The embedding table stays fp32
-    (a lookup, not a product): for Qwen3-0.6B's 151,669 x 1,024 table, 0.3 GB more than the whole
-    model in bf16. SmolLM2-135M as a yes/no reranker on 100 debian-ir dev queries x hybrid top 10
-    (README, Numeric paths): the whole model in bf16 ran 1.68x fp32 (one pass) but moved nDCG@10 by
-    -0.0095; this path runs 1.57x (3 rounds) and keeps nDCG@10 at +0.0016.
-    In a Llama or Qwen3 decoder layer each RMSNorm's output is rounded to bf16 once (`Bf16Output`)
-    instead of once per Linear that reads it (q, k, v; gate, up): the same bf16 inputs, so the same
-    scores, with three of the layer's fourteen casts gone (SmolLM2 on an AMX Xeon: 1.51x -> 1.68x
-    fp32, one 3-round run each).
+    Why not the whole model in bf16, as on CUDA: a bf16 residual stream rounds at each of the 30
+    layers' two sums. SmolLM2-135M as a yes/no reranker on 100 debian-ir dev queries x hybrid top 10
+    (README, Numeric paths): the whole model in bf16 ran 1.68x fp32 (one pass, AMD EPYC) but moved
+    nDCG@10 by -0.0095; this path keeps it within 0.005. The embedding table stays fp32 (a lookup,
+    not a product): for Qwen3-0.6B's 151,669 x 1,024 table, 0.3 GB more than the whole model in bf16.
+    On an AMD EPYC with avx512_bf16 (no AMX) bf16 paid only in the matrix products (1.93x fp32 as
+    `Bf16Linear`, `bench/matmul_ceiling.py`; the flash-attention kernel no faster in bf16) and this
+    path ran 1.57x fp32 (3 rounds). On an Intel Xeon with AMX the products run 3.94x fp32 and the
+    rest dominates: each RMSNorm's output is rounded to bf16 once (`Bf16Output`) instead of once per
+    Linear that reads it (q, k, v; gate, up), the same bf16 inputs, so the same scores (1.51x ->
+    1.68x fp32); then bf16 attention and SwiGLU, with the value projection answering in bf16
+    (attention rounds the values to bf16 anyway: the same scores, two casts fewer), 1.91x fp32 with
+    nDCG@10 -0.0010 (95245c4, 3 rounds; probe scores move 0.0051 against 0.0073 without them).
     A no-op unless `dtype` is bf16 and `device` a CPU (`causal_lm_dtype` loaded it in fp32).
     """
     if not _matmuls_only(dtype, device):
         return
     for name, linear in [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]:
         _replace(model, name, Bf16Linear(linear))
+    amx = native_bf16() == "amx_bf16"  # where bf16 attention and SwiGLU were measured to pay
     config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) == "sdpa":
+    if amx and getattr(config, "_attn_implementation", None) == "sdpa":
         model.set_attn_implementation(_bf16_attention())  # type: ignore[operator]
     bf16_attention = getattr(config, "_attn_implementation", None) == BF16_ATTENTION
     for layer in [m for m in model.modules() if type(m).__name__ in PRE_NORM_LAYERS]:
         for norm in PRE_NORMS:
             setattr(layer, norm, Bf16Output(getattr(layer, norm)))
-        # gate and up answer in bf16 (their values were rounded to bf16 by the product already), so
-        # SiLU and the product run on half the bytes and the down projection reads them uncast
-        layer.mlp.gate_proj.out_dtype = layer.mlp.up_proj.out_dtype = torch.bfloat16  # type: ignore[union-attr]
+        if amx:  # gate and up answer in bf16 (the product rounded them so already): SiLU and the
+            # product run on half the bytes, and the down projection reads them uncast
+            _answer_in_bf16(layer, "mlp.gate_proj", "mlp.up_proj")
         if bf16_attention:  # the values are only read by attention, in bf16: the same values, two casts fewer
-            layer.self_attn.v_proj.out_dtype = torch.bfloat16  # type: ignore[union-attr]
+            _answer_in_bf16(layer, "self_attn.v_proj")
+
+
+def _answer_in_bf16(layer: torch.nn.Module, *names: str) -> None:
+    for name in names:
+        projection = layer.get_submodule(name)
+        if isinstance(projection, Bf16Linear):
+            projection.out_dtype = torch.bfloat16
 
 
 def _per_channel_qconfig() -> object:

@@ -98,11 +98,16 @@ def test_auto_keeps_bf16_only_for_a_model_within_tolerance(
     np.testing.assert_array_equal(probe_scores(load_reranker(strict)), probe_scores(load_reranker(exact)))
 
 
-def test_bf16_reranker_forms_its_score_in_fp32(tiny_models: TinyModelPaths, tmp_path: Path) -> None:
+@pytest.mark.parametrize("feature", ["amx_bf16", "avx512_bf16"])
+def test_bf16_reranker_forms_its_score_in_fp32(
+    tiny_models: TinyModelPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, feature: str
+) -> None:
     """bf16 on a CPU is bf16 matrix products in an fp32 model (`bf16_matmuls`): every Linear of the
     decoder has bf16 weights, attention takes bf16 inputs, the norms and the score stay fp32, and
     the scores land nearer fp32 than the whole model in bf16 (CUDA's path). There W_yes - W_no is
     formed in fp32 from the bf16 rows, as a bf16 subtraction would round it."""
+    if BF16_HERE:  # both CPU paths of `bf16_matmuls`, on whichever native bf16 this CPU has
+        monkeypatch.setattr(numerics, "native_bf16", lambda: feature)
     half = load_reranker(tiny(tiny_models, tmp_path, dtype="bfloat16", numerics={"strict": False}))
     full = load_reranker(tiny(tiny_models, tmp_path, dtype="float32"))
     if not BF16_HERE:
@@ -120,14 +125,15 @@ def test_bf16_reranker_forms_its_score_in_fp32(tiny_models: TinyModelPaths, tmp_
     # as rounding it in each of them
     wrapped = [(layer, norm) for layer in decoder.layers for norm in numerics.PRE_NORMS]
     assert all(isinstance(getattr(layer, norm), numerics.Bf16Output) for layer, norm in wrapped)
-    # attention in bf16 (SDPA's boolean masks: documents of two queries batched over left-padded
-    # prefixes score as they do alone), and the values leave their projection in bf16, which
-    # attention would round them to anyway: the same scores
-    assert half.model.config._attn_implementation == numerics.BF16_ATTENTION
+    # with AMX, attention runs in bf16 (SDPA's boolean masks: documents of two queries batched over
+    # left-padded prefixes score as they do alone), and the values leave their projection in bf16,
+    # which attention would round them to anyway: the same scores; so do SwiGLU's gate and up
+    amx = feature == "amx_bf16"
+    bf16_out = torch.bfloat16 if amx else torch.float32
+    assert (half.model.config._attn_implementation == numerics.BF16_ATTENTION) == amx
     values = [layer.self_attn.v_proj for layer in decoder.layers]
-    assert all(v.out_dtype == torch.bfloat16 for v in values)
     swiglu = [proj for layer in decoder.layers for proj in (layer.mlp.gate_proj, layer.mlp.up_proj)]
-    assert all(proj.out_dtype == torch.bfloat16 for proj in swiglu)  # SiLU and the product in bf16
+    assert all(proj.out_dtype == bf16_out for proj in values + swiglu)
     requests = [
         ("chess engine", ["a chess engine", "a text editor"], None),
         ("editor", ["vim", "a", "b"], None),
@@ -140,9 +146,9 @@ def test_bf16_reranker_forms_its_score_in_fp32(tiny_models: TinyModelPaths, tmp_
     for v in values:
         v.out_dtype = torch.float32
     assert np.array_equal(probe_scores(half), once)
-    half.model.set_attn_implementation("sdpa")  # fp32 attention: not the same scores
-    fp32_attention = probe_scores(half)
-    assert not np.array_equal(fp32_attention, once)
+    if amx:
+        half.model.set_attn_implementation("sdpa")  # fp32 attention: not the same scores
+        assert not np.array_equal(probe_scores(half), once)
 
     whole = YesNoReranker(
         AutoModelForCausalLM.from_pretrained(tiny_models.reranker, dtype=torch.bfloat16).eval(),

@@ -513,6 +513,7 @@ def load_measured(
 
 
 def _verdict_file(cache_dir: Path, model_id: str, dtype: torch.dtype) -> Path:
-    # "matmuls+attention": verdicts from before `bf16_matmuls` put attention in bf16 measured another path
-    key = f"{model_id}|{dtype_name(dtype)}|torch {torch.__version__}|matmuls+attention"
+    # the CPU's bf16 feature: with AMX `bf16_matmuls` computes more in bf16 ("+attention": verdicts
+    # from before it did measured another path)
+    key = f"{model_id}|{dtype_name(dtype)}|torch {torch.__version__}|{native_bf16()}|matmuls+attention"
     return cache_dir / "numerics" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"

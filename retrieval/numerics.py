@@ -250,8 +250,8 @@ def bf16_matmuls(model: torch.nn.Module, dtype: torch.dtype, device: torch.devic
     rest dominates: each RMSNorm's output is rounded to bf16 once (`Bf16Output`) instead of once per
     Linear that reads it (q, k, v; gate, up), the same bf16 inputs, so the same scores (1.51x ->
     1.68x fp32); then bf16 attention and SwiGLU, with the value projection answering in bf16
-    (attention rounds the values to bf16 anyway: the same scores, two casts fewer), 1.91x fp32 with
-    nDCG@10 -0.0010 (95245c4, 3 rounds; probe scores move 0.0051 against 0.0073 without them).
+    (attention rounds the values to bf16 anyway: the same scores, two casts fewer), 1.81-1.91x fp32
+    with nDCG@10 -0.0010 (two 3-round runs; probe scores move 0.0051 against 0.0073 without them).
     A no-op unless `dtype` is bf16 and `device` a CPU (`causal_lm_dtype` loaded it in fp32).
     """
     if not _matmuls_only(dtype, device):

@@ -103,8 +103,8 @@ def test_bf16_reranker_forms_its_score_in_fp32(
     tiny_models: TinyModelPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, feature: str
 ) -> None:
     """bf16 on a CPU is bf16 matrix products in an fp32 model (`bf16_matmuls`): every Linear of the
-    decoder has bf16 weights, attention takes bf16 inputs, the norms and the score stay fp32, and
-    the scores land nearer fp32 than the whole model in bf16 (CUDA's path). There W_yes - W_no is
+    decoder has bf16 weights (with AMX attention and SwiGLU run in bf16 too), the norms and the
+    score stay fp32, and the scores land nearer fp32 than the whole model in bf16 (CUDA's path). There W_yes - W_no is
     formed in fp32 from the bf16 rows, as a bf16 subtraction would round it."""
     if BF16_HERE:  # both CPU paths of `bf16_matmuls`, on whichever native bf16 this CPU has
         monkeypatch.setattr(numerics, "native_bf16", lambda: feature)
@@ -126,8 +126,8 @@ def test_bf16_reranker_forms_its_score_in_fp32(
     wrapped = [(layer, norm) for layer in decoder.layers for norm in numerics.PRE_NORMS]
     assert all(isinstance(getattr(layer, norm), numerics.Bf16Output) for layer, norm in wrapped)
     # with AMX, attention runs in bf16 (SDPA's boolean masks: documents of two queries batched over
-    # left-padded prefixes score as they do alone), and the values leave their projection in bf16,
-    # which attention would round them to anyway: the same scores; so do SwiGLU's gate and up
+    # left-padded prefixes score as they do alone), SwiGLU's gate and up answer in bf16, and so do
+    # the values, which attention would round to bf16 anyway: the same scores without that
     amx = feature == "amx_bf16"
     bf16_out = torch.bfloat16 if amx else torch.float32
     assert (half.model.config._attn_implementation == numerics.BF16_ATTENTION) == amx

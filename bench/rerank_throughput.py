@@ -35,6 +35,7 @@ from bench.common import DATA, interleaved_speeds, parse_variants, read_jsonl, r
 from twostage.retrieval.devices import resolve_device
 from twostage.retrieval.model_source import resolve_model
 from twostage.retrieval.numerics import choose_dtype
+from twostage.retrieval.packed_attention import packs_documents
 from twostage.retrieval.prompts import DEFAULT_TASK
 from twostage.retrieval.reference import recipe_rerank
 from twostage.retrieval.settings import RerankerSettings
@@ -96,6 +97,8 @@ def main() -> None:
     parser.add_argument("--max-padding", type=float,
                         help="--variants, a cross-encoder: the padding fraction that closes a length group "
                         "(inf: each query's pairs in one batch, as before 21a7c1d)")  # fmt: skip
+    parser.add_argument("--padded", action="store_true",
+                        help="--variants, yes/no reranker: padded batches, not packed rows")  # fmt: skip
     args = parser.parse_args()
     if args.variants:
         compare_variants(args)
@@ -124,6 +127,7 @@ def main() -> None:
         model_id=model_name,
         batch_tokens=args.batch_tokens,
         instruction=RerankerSettings().instruction,
+        packed=packs_documents(model, device),  # as the service loads it
     )
     crossencoder = CrossEncoder(
         str(model_dir),
@@ -211,6 +215,10 @@ def compare_variants(args: argparse.Namespace) -> None:
             if not hasattr(reranker, "max_padding"):
                 raise SystemExit("--max-padding: only a cross-encoder groups its pairs here")
             reranker.max_padding = args.max_padding
+        if args.padded:
+            if not hasattr(reranker, "packed"):
+                raise SystemExit("--padded: only a yes/no reranker packs its documents")
+            reranker.packed = False
     scores: dict[str, dict[str, list[float]]] = {}
     seconds: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):  # interleaved: each round times every variant once
@@ -242,6 +250,7 @@ def compare_variants(args: argparse.Namespace) -> None:
         "queries": len(calls), "candidates": f"hybrid top {args.candidates} (all-MiniLM-L6-v2 + BM25)",
         "corpus": len(data.corpus), "variants": results, "native_bf16": native_bf16(),
         "max_padding": getattr(next(iter(rerankers.values())), "max_padding", None),
+        "packed": getattr(next(iter(rerankers.values())), "packed", None),
         **run_info(args.device),
     }))  # fmt: skip
 

@@ -43,6 +43,22 @@ def token_budget_batches(
     return batches
 
 
+def token_packs(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices, in order, grouped into packed rows of at most `budget` tokens (no padding, so
+    no sorting); an input longer than the budget on its own still gets a row of one."""
+    if budget < 1:
+        raise ValueError("budget must be positive")
+    packs: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        if not packs or total + n > budget:
+            packs.append([])
+            total = 0
+        packs[-1].append(i)
+        total += n
+    return packs
+
+
 def left_pad(
     rows: Sequence[Sequence[int]], pad_id: int, device: "torch.device"
 ) -> tuple["torch.Tensor", "torch.Tensor"]:

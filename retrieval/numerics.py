@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from twostage.retrieval.errors import ModelLoadError
+from twostage.retrieval.packed_attention import register_packed
 
 log = logging.getLogger(__name__)
 
@@ -213,13 +214,9 @@ def bf16_sdpa(
 
 @functools.cache
 def _bf16_attention() -> str:
-    """`bf16_sdpa`, registered once with transformers under `BF16_ATTENTION`, with SDPA's masks."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(BF16_ATTENTION, bf16_sdpa)
-    AttentionMaskInterface.register(BF16_ATTENTION, sdpa_mask)
-    return BF16_ATTENTION
+    """`bf16_sdpa`, registered once with transformers under `BF16_ATTENTION`, segment-aware for
+    packed rows (`packed_attention`), with SDPA's masks."""
+    return register_packed(BF16_ATTENTION, bf16_sdpa)
 
 
 def _matmuls_only(dtype: torch.dtype, device: torch.device) -> bool:

@@ -33,10 +33,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from twostage.retrieval.batching import right_pad, token_budget_batches
+from twostage.retrieval.batching import right_pad, token_budget_batches, token_packs
 from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.model_source import ModelSource, model_identity
 from twostage.retrieval.numerics import bf16_matmuls, causal_lm_dtype, numeric_path
+from twostage.retrieval.packed_attention import PACK_TOKENS, PACKED_ATTENTION, pack_row, packs_documents
 from twostage.retrieval.prompts import (
     DOCUMENT_TAG,
     RERANKER_PREFIX,
@@ -77,6 +78,16 @@ class PromptTokens:
         return self.shared + self.documents[i] + self.suffix
 
 
+def per_prompt(scores: Sequence[float], prompts: Sequence[PromptTokens]) -> list[list[float]]:
+    """Scores of all prompts' documents, in order, split back per prompt."""
+    out: list[list[float]] = []
+    start = 0
+    for prompt in prompts:
+        out.append(list(scores[start : start + len(prompt.documents)]))
+        start += len(prompt.documents)
+    return out
+
+
 class YesNoReranker(RerankMixin):
     """Causal-LM reranker with the Qwen3-Reranker template and a shared-prefix KV cache."""
 
@@ -92,12 +103,17 @@ class YesNoReranker(RerankMixin):
         max_length: int = 8192,
         batch_tokens: int = 16384,
         instruction: str,
+        packed: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = split_markers_in_text(tokenizer)  # query, instruction, document: text only
         self._model_id = model_id
         self.max_length = max_length
         self.batch_tokens = batch_tokens
+        # documents back to back in rows of up to `pack_tokens` (`packed_attention`): set where
+        # the model's attention is segment-aware; right with any attention, fast only with those
+        self.packed = packed and getattr(model.config, "_attn_implementation", None) in PACKED_ATTENTION
+        self.pack_tokens = PACK_TOKENS
         self.instruction = require_text(instruction, "instruction")
         self.yes_id = single_token_id(tokenizer, "yes", model_id)
         self.no_id = single_token_id(tokenizer, "no", model_id)
@@ -136,6 +152,7 @@ class YesNoReranker(RerankMixin):
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load reranker {source.name!r} from {source.path}: {exc}") from exc
         bf16_matmuls(model.get_decoder(), dtype, device)  # the head only gives its yes/no rows, in fp32
+        packed = packs_documents(model, device)
         return cls(
             model,
             tokenizer,
@@ -143,6 +160,7 @@ class YesNoReranker(RerankMixin):
             max_length=cfg.max_length,
             batch_tokens=cfg.batch_tokens,
             instruction=cfg.instruction,
+            packed=packed,
         )
 
     @property
@@ -191,14 +209,17 @@ class YesNoReranker(RerankMixin):
         prompt = self.prompt_tokens(query, documents, instruction)
         if not prompt.documents:
             return []
-        return self._score(prompt)
+        return self._score_packed([prompt])[0] if self.packed else self._score(prompt)
 
     def score_many(self, requests: Sequence[RerankRequest]) -> list[list[float]]:
         """`[score(q, docs, instruction) for ...]`, with the documents of all requests batched together."""
         prompts = [self.prompt_tokens(q, docs, instruction) for q, docs, instruction in requests]
         live = [k for k, p in enumerate(prompts) if p.documents]
         out: list[list[float]] = [[] for _ in prompts]
-        if len(live) == 1:
+        if self.packed and live:
+            for k, scores in zip(live, self._score_packed([prompts[k] for k in live]), strict=True):
+                out[k] = scores
+        elif len(live) == 1:
             out[live[0]] = self._score(prompts[live[0]])
         elif live:
             for k, scores in zip(live, self._score_across([prompts[k] for k in live]), strict=True):
@@ -250,12 +271,7 @@ class YesNoReranker(RerankMixin):
             z = last.float() @ self._direction.to(device) + self._offset
             for i, s in zip(batch, torch.sigmoid(z.double()).tolist(), strict=True):
                 scores[i] = s
-        out: list[list[float]] = []
-        start = 0
-        for prompt in prompts:
-            out.append(scores[start : start + len(prompt.documents)])
-            start += len(prompt.documents)
-        return out
+        return per_prompt(scores, prompts)
 
     @torch.inference_mode()
     def _score(self, prompt: PromptTokens) -> list[float]:
@@ -280,3 +296,37 @@ class YesNoReranker(RerankMixin):
             for i, s in zip(batch, torch.sigmoid(z.double()).tolist(), strict=True):
                 scores[i] = s
         return scores
+
+    @torch.inference_mode()
+    def _score_packed(self, prompts: Sequence[PromptTokens]) -> list[list[float]]:
+        """The documents of all `prompts` in packed rows of up to `pack_tokens` (never more than
+        `batch_tokens`); each query's prefix is computed once and cached for its documents."""
+        device = self.model.device
+        prefixes = [
+            [(k, v) for k, v, *_ in self._decoder(
+                input_ids=torch.tensor([p.shared], dtype=torch.long, device=device), use_cache=True
+            ).past_key_values]
+            for p in prompts
+        ]  # fmt: skip
+        rows = [(q, doc + p.suffix) for q, p in enumerate(prompts) for doc in p.documents]
+        scores = [0.0] * len(rows)
+        for batch in token_packs([len(t) for _, t in rows], min(self.pack_tokens, self.batch_tokens)):
+            owners = sorted({rows[i][0] for i in batch})  # the prefixes this row's documents read
+            lengths = [len(prompts[q].shared) for q in owners]
+            row = pack_row(lengths, [(owners.index(rows[i][0]), rows[i][1]) for i in batch], device)
+            per_layer = zip(*(prefixes[q] for q in owners), strict=True)
+            cache = DynamicCache(
+                [tuple(torch.cat(parts, 2) for parts in zip(*layer, strict=True)) for layer in per_layer]
+            )
+            hidden = self._decoder(
+                input_ids=row.input_ids,
+                attention_mask=row.attention_mask,
+                position_ids=row.position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                packed_segments=row.segments,
+            ).last_hidden_state
+            z = hidden[0, row.last].float() @ self._direction.to(device) + self._offset
+            for i, s in zip(batch, torch.sigmoid(z.double()).tolist(), strict=True):
+                scores[i] = s
+        return per_prompt(scores, prompts)

@@ -16,6 +16,9 @@ every variant once back to back; the speedup is the median of the per-round rati
 
     python bench/rerank_throughput.py --variants fp32,bf16 --model pypi:SmolLM2-135M-Instruct
     python bench/rerank_throughput.py --variants fp32,bf16,int8 --model DIR/reranker   # a cross-encoder
+
+A yes/no reranker on a CPU packs each pass's documents into one row (`packed_attention`);
+`--padded` runs the padded batches instead (the A/B), `--pack-tokens N` another row size.
 """
 
 import argparse
@@ -97,6 +100,7 @@ def main() -> None:
     parser.add_argument("--max-padding", type=float,
                         help="--variants, a cross-encoder: the padding fraction that closes a length group "
                         "(inf: each query's pairs in one batch, as before 21a7c1d)")  # fmt: skip
+    parser.add_argument("--pack-tokens", type=int, help="--variants, yes/no reranker: tokens per packed row")
     parser.add_argument("--padded", action="store_true",
                         help="--variants, yes/no reranker: padded batches, not packed rows")  # fmt: skip
     args = parser.parse_args()
@@ -215,10 +219,11 @@ def compare_variants(args: argparse.Namespace) -> None:
             if not hasattr(reranker, "max_padding"):
                 raise SystemExit("--max-padding: only a cross-encoder groups its pairs here")
             reranker.max_padding = args.max_padding
-        if args.padded:
+        if args.padded or args.pack_tokens:
             if not hasattr(reranker, "packed"):
-                raise SystemExit("--padded: only a yes/no reranker packs its documents")
-            reranker.packed = False
+                raise SystemExit("--padded, --pack-tokens: only a yes/no reranker packs its documents")
+            reranker.packed = reranker.packed and not args.padded
+            reranker.pack_tokens = args.pack_tokens or reranker.pack_tokens
     scores: dict[str, dict[str, list[float]]] = {}
     seconds: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):  # interleaved: each round times every variant once
@@ -251,6 +256,7 @@ def compare_variants(args: argparse.Namespace) -> None:
         "corpus": len(data.corpus), "variants": results, "native_bf16": native_bf16(),
         "max_padding": getattr(next(iter(rerankers.values())), "max_padding", None),
         "packed": getattr(next(iter(rerankers.values())), "packed", None),
+        "pack_tokens": getattr(next(iter(rerankers.values())), "pack_tokens", None),
         **run_info(args.device),
     }))  # fmt: skip
 

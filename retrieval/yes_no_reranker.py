@@ -10,14 +10,17 @@ Three things make it faster than the recipe without changing a score beyond floa
 * The prompt up to the document (system prefix, instruction, query) is the same for every
   document of a query. It is run once and its key/value cache is shared by all documents,
   so each pair only pays for its own document and the suffix.
-* Documents are sorted by length and grouped under a padded-token budget.
+* On a CPU the documents go back to back in packed rows of up to 2,048 tokens (`packed_attention`):
+  no padding, and matrix products over about 2,000 rows instead of a few hundred, where oneDNN
+  runs faster. Elsewhere (CUDA) they are sorted by length and grouped under a padded-token budget.
 * z_yes - z_no is one dot product of the last hidden state with (W_yes - W_no); no
   vocabulary-sized logits are computed for any position.
 
 `score_many` serves several rerank calls (different queries, as gathered by the service's
-micro-batcher) in shared forward passes: each query's prefix cache is computed once, the
-caches are left-padded to one width and masked, and documents of all queries are batched
-together with their own position ids, so results equal one `score` call per query.
+micro-batcher) in shared forward passes: each query's prefix cache is computed once, the caches
+are laid side by side (packed rows) or left-padded to one width and masked (padded batches), and
+documents of all queries share the passes with their own position ids, so results equal one
+`score` call per query.
 """
 
 from collections.abc import Sequence

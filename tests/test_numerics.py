@@ -125,9 +125,10 @@ def test_bf16_reranker_forms_its_score_in_fp32(
     # as rounding it in each of them
     wrapped = [(layer, norm) for layer in decoder.layers for norm in numerics.PRE_NORMS]
     assert all(isinstance(getattr(layer, norm), numerics.Bf16Output) for layer, norm in wrapped)
-    # with AMX, attention runs in bf16 (SDPA's boolean masks: documents of two queries batched over
-    # left-padded prefixes score as they do alone), SwiGLU's gate and up answer in bf16, and so do
-    # the values, which attention would round to bf16 anyway: the same scores without that
+    # with AMX, attention runs in bf16 (SDPA's boolean masks: documents of two queries in one packed
+    # row, or batched over left-padded prefixes, score as they do alone), SwiGLU's gate and up
+    # answer in bf16, and so do the values, which attention would round to bf16 anyway: the same
+    # scores without that
     amx = feature == "amx_bf16"
     bf16_out = torch.bfloat16 if amx else torch.float32
     assert (half.model.config._attn_implementation == numerics.BF16_ATTENTION) == amx
@@ -138,8 +139,12 @@ def test_bf16_reranker_forms_its_score_in_fp32(
         ("chess engine", ["a chess engine", "a text editor"], None),
         ("editor", ["vim", "a", "b"], None),
     ]
-    alone = [half.score(q, docs) for q, docs, _ in requests]
-    np.testing.assert_allclose(np.concatenate(half.score_many(requests)), np.concatenate(alone), atol=2e-3)
+    for packed in (True, False):  # one packed row for both queries; padded: prefixes left-padded
+        half.packed = packed
+        alone = [half.score(q, docs) for q, docs, _ in requests]
+        np.testing.assert_allclose(
+            np.concatenate(half.score_many(requests)), np.concatenate(alone), atol=2e-3
+        )
     once = probe_scores(half)
     for layer, norm in wrapped:
         setattr(layer, norm, getattr(layer, norm).module)

@@ -120,27 +120,31 @@ def test_split_prompt_tokenizes_like_the_whole_prompt(
             assert prompt.full(i) == whole, (q, d)
 
 
+@pytest.mark.parametrize("packed", [True, False])  # CPU: packed rows; CUDA: padded batches
 @pytest.mark.parametrize("n", [1, 3, 17])
 @pytest.mark.parametrize("batch_tokens", [64, 1 << 20])
 def test_reranker_scores_equal_recipe(
-    reranker: YesNoReranker, reference_reranker: tuple, n: int, batch_tokens: int
+    reranker: YesNoReranker, reference_reranker: tuple, n: int, batch_tokens: int, packed: bool
 ) -> None:
     model, tok = reference_reranker
     docs = mixed_texts(n, seed=n)
-    reranker.batch_tokens = batch_tokens  # 64: one document per forward pass; 1<<20: all in one
+    assert reranker.packed  # loaded on a CPU
+    reranker.batch_tokens = batch_tokens  # 64: one document per forward pass; 1<<20: all in one (or in packs)
+    reranker.packed = packed
     try:
         ours = reranker.score(QUERY, docs, instruction="Given a package synopsis, find its description")
     finally:
-        reranker.batch_tokens = 16384
+        reranker.batch_tokens, reranker.packed = 16384, True
     ref = recipe_rerank(
         model, tok, [(QUERY, d) for d in docs], "Given a package synopsis, find its description"
     )
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("batch_tokens", [64, 1 << 20])
 def test_score_many_across_queries_equals_recipe(
-    reranker: YesNoReranker, reference_reranker: tuple, batch_tokens: int
+    reranker: YesNoReranker, reference_reranker: tuple, batch_tokens: int, packed: bool
 ) -> None:
     """Requests with different queries, instructions and prefix lengths batched together."""
     model, tok = reference_reranker
@@ -151,11 +155,11 @@ def test_score_many_across_queries_equals_recipe(
         ("empty", [], None),
         ("q", mixed_texts(1, seed=3), "短い指示"),
     ]  # fmt: skip
-    reranker.batch_tokens = batch_tokens
+    reranker.batch_tokens, reranker.packed = batch_tokens, packed  # packed: rows mix queries' documents
     try:
         many = reranker.score_many(requests)
     finally:
-        reranker.batch_tokens = 16384
+        reranker.batch_tokens, reranker.packed = 16384, True
     assert [len(m) for m in many] == [5, 9, 0, 1]
     for (query, docs, instruction), scores in zip(requests, many, strict=True):
         if docs:

@@ -1,0 +1,97 @@
+"""Packed rows (`packed_attention`): the layout, its exact mask, and segment-aware attention.
+
+Parity of packed scoring with the official recipe is in `test_qwen3_parity.py` (both layouts)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from twostage.retrieval.batching import token_packs
+from twostage.retrieval.packed_attention import PACKED_SDPA, pack_row, packs_documents
+from twostage.retrieval.reranker import load_reranker
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.tiny_models import TinyModelPaths
+from twostage.retrieval.yes_no_reranker import YesNoReranker
+
+
+def test_token_packs_fill_rows_in_order_up_to_the_budget() -> None:
+    assert token_packs([5, 3, 9, 2, 1, 6], 8) == [[0, 1], [2], [3, 4], [5]]  # 9 alone: over the budget
+    assert token_packs([], 8) == []
+    assert token_packs([1, 1, 1], 100) == [[0, 1, 2]]
+    with pytest.raises(ValueError):
+        token_packs([1], 0)
+
+
+def test_pack_row_lays_documents_after_the_prefixes() -> None:
+    """Two cached prefixes (3 and 2 tokens), three documents: each sees its own query's prefix and,
+    causally, itself; positions restart after its prefix."""
+    row = pack_row([3, 2], [(0, [11, 12]), (1, [21, 22, 23]), (0, [31])], torch.device("cpu"))
+    assert row.input_ids.tolist() == [[11, 12, 21, 22, 23, 31]]
+    assert row.position_ids.tolist() == [[3, 4, 2, 3, 4, 3]]
+    assert row.last.tolist() == [1, 4, 5]
+    expected = [
+        # prefix 0 | prefix 1 | 11 12 21 22 23 31
+        [1, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0],
+        [0, 0, 0, 1, 1, 0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1],
+    ]
+    assert row.attention_mask.shape == (1, 1, 6, 11)
+    assert row.attention_mask[0, 0].int().tolist() == expected
+    assert [(s.prefix_start, s.prefix_end, s.start, s.end) for s in row.segments] == [
+        (0, 3, 0, 2),
+        (3, 5, 2, 5),
+        (0, 3, 5, 6),
+    ]
+
+
+def test_segment_attention_equals_the_dense_mask(tiny_models: TinyModelPaths) -> None:
+    """One packed row through the tiny Qwen3 decoder: the segment-aware attention (one SDPA call
+    per document) gives the hidden states that plain SDPA gives with the dense block mask."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_models.reranker, attn_implementation="sdpa").eval()
+    decoder = model.get_decoder()
+    prefixes = [[5, 6, 7, 8], [9, 10, 11]]
+    rows = [(0, [20, 21, 22]), (1, [30]), (0, [40, 41]), (1, [50, 51, 52, 53, 54])]
+    row = pack_row([len(p) for p in prefixes], rows, torch.device("cpu"))
+
+    def hidden(segments: object) -> torch.Tensor:
+        with torch.inference_mode():
+            caches = [decoder(input_ids=torch.tensor([p]), use_cache=True).past_key_values for p in prefixes]
+            layers = zip(*([(k, v) for k, v, *_ in c] for c in caches), strict=True)
+            cache = DynamicCache(
+                [tuple(torch.cat(parts, 2) for parts in zip(*kv, strict=True)) for kv in layers]
+            )
+            extra = {} if segments is None else {"packed_segments": segments}
+            return decoder(
+                input_ids=row.input_ids,
+                attention_mask=row.attention_mask,
+                position_ids=row.position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                **extra,
+            ).last_hidden_state
+
+    dense = hidden(None)
+    assert packs_documents(model, torch.device("cpu"))
+    assert model.config._attn_implementation == PACKED_SDPA
+    torch.testing.assert_close(hidden(row.segments), dense, atol=1e-5, rtol=0)
+    # each document alone after its own prefix, as a padded batch would score it
+    with torch.inference_mode():
+        for segment, (owner, tokens) in zip(row.segments, rows, strict=True):
+            alone = decoder(input_ids=torch.tensor([prefixes[owner] + tokens])).last_hidden_state
+            torch.testing.assert_close(
+                dense[0, segment.start : segment.end], alone[0, len(prefixes[owner]) :], atol=1e-5, rtol=0
+            )
+
+
+def test_only_a_cpu_reranker_packs(tiny_settings: Settings, tiny_models: TinyModelPaths) -> None:
+    """Packed rows were measured on a CPU; CUDA keeps padded batches (checked without a GPU: the
+    decision is made from the device)."""
+    reranker = load_reranker(tiny_settings)
+    assert isinstance(reranker, YesNoReranker)
+    assert reranker.packed and reranker.model.config._attn_implementation == PACKED_SDPA
+    model = AutoModelForCausalLM.from_pretrained(tiny_models.reranker, attn_implementation="sdpa")
+    assert not packs_documents(model, torch.device("cuda"))
+    assert model.config._attn_implementation == "sdpa"

@@ -11,6 +11,11 @@ products' speedup weighted by their fp32 time. Everything outside the products (
 norms, activations) is taken as unchanged, which is what the served paths do on this CPU.
 
     python bench/matmul_ceiling.py --cross-encoder DIR/reranker --causal pypi:SmolLM2-135M-Instruct
+    python bench/matmul_ceiling.py --rows 64:2112:64    # the causal model's shapes over row counts
+
+`--rows` instead times each Linear shape of the causal model, in fp32 and as `Bf16Linear`, at each
+row count of a range: how fast a product runs depends on how many rows it has, which is why the
+yes/no reranker packs its documents into long rows on a CPU (`retrieval/packed_attention.py`).
 
 The last line is one JSON object with the figures, the commit, the CPU flags and the versions.
 """
@@ -86,6 +91,28 @@ def shape_rates(model: torch.nn.Module, tokens: int, repeats: int) -> dict[str, 
     return {"shapes": shapes, "gemm_speedup": speedups}
 
 
+def row_sweep(model: torch.nn.Module, rows: range, repeats: int) -> dict[str, object]:
+    """GFLOP/s of each distinct Linear shape of `model`, fp32 and `Bf16Linear`, at each row count."""
+    from twostage.retrieval import numerics
+
+    shapes = sorted(
+        {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    )
+    out: dict[str, object] = {"rows": list(rows)}
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for inputs, outputs in shapes:
+            linear = torch.nn.Linear(inputs, outputs, bias=False)
+            for name, layer in (("fp32", linear), ("bf16", numerics.Bf16Linear(linear))):
+                rates = []
+                for n in rows:
+                    x = torch.randn(n, inputs)
+                    t = seconds(lambda layer=layer, x=x: layer(x), repeats)
+                    rates.append(round(2 * n * inputs * outputs / t / 1e9, 1))
+                out[f"{inputs}x{outputs}_{name}_gflops"] = rates
+    return out
+
+
 def bound(share: float, speedup: float) -> float:
     return round(1.0 / (share / speedup + 1.0 - share), 3)
 
@@ -100,11 +127,20 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="rows of each timed product")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--cache-dir", default=".twostage/cache")
+    parser.add_argument("--rows", help="START:STOP:STEP: time the causal model's shapes over row counts")
     args = parser.parse_args()
 
     from twostage.retrieval.reranker import load_reranker
     from twostage.retrieval.settings import Settings
 
+    if args.rows:
+        start, stop, step = (int(v) for v in args.rows.split(":"))
+        settings = Settings(reranker={"model": args.causal}, dtype="float32", cache_dir=Path(args.cache_dir))
+        decoder = load_reranker(settings).model.get_decoder()
+        sweep = row_sweep(decoder, range(start, stop, step), args.repeats)
+        print(json.dumps({"bench": "matmul_ceiling", "mode": "rows", "model": args.causal, **sweep,
+                          **run_info("cpu")}))  # fmt: skip
+        return
     dev = read_jsonl(DATA / "dev.jsonl")[: args.queries]
     corpus = [r["text"] for r in read_jsonl(DATA / "corpus.jsonl", 9 * args.queries)]
     calls = [(r["query"], [r["positive"], *corpus[9 * i : 9 * i + 9]]) for i, r in enumerate(dev)]

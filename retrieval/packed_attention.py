@@ -3,9 +3,10 @@
 Why: on a CPU a matrix product's speed depends on its row count, and padded batches are small.
 Padding costs as much as real tokens, so batches close at 10% padding (`batching.MAX_PADDING`),
 and 100 debian-ir dev queries x 10 candidates made 476 forward passes of 44-1,108 rows (median
-about 250). oneDNN's bf16 products at such row counts run at about half the rate they reach above
-1,300 rows (Intel Xeon with AMX, 2 threads). In one packed row every product sees all the
-documents' tokens and no padding. The figures are in `YesNoReranker`'s docstring and the README.
+about 250). At 256 rows SmolLM2's Linear shapes run at 34-59% of their 2,048-row rate in bf16
+and 78-91% in fp32 (`bench/matmul_ceiling.py --rows`, Intel Xeon with AMX, 2 threads). In one
+packed row every product sees all the documents' tokens and no padding. The figures are in the
+README (Numeric paths, Benchmarks).
 
 How: each document attends to its own query's prompt prefix and causally to itself, as in a
 padded batch. The key/value cache holds the prefixes of the queries in the pass, then the
@@ -148,9 +149,10 @@ def _packed_sdpa() -> str:
 def packs_documents(model: torch.nn.Module, device: torch.device) -> bool:
     """On a CPU, make `model`'s SDPA attention segment-aware; whether its attention now is.
 
-    Only where measured (CPU: packed rows ran 1.21x padded batches in fp32, 1.28x in bf16 with
-    AMX); on CUDA padded batches stay. Not for sliding-window attention, which the packed mask
-    does not express."""
+    Only where measured: on a CPU (Intel Xeon with AMX, SmolLM2-135M, `bench/rerank_throughput.py
+    --variants fp32,bf16` with and without `--padded`) packed rows ran 5.18 against 4.29 pairs/s in
+    fp32 and 11.13 against 8.18 in bf16; on CUDA padded batches stay. Not for sliding-window
+    attention, which the packed mask does not express."""
     config = getattr(model, "config", None)
     if device.type != "cpu" or config is None or getattr(config, "sliding_window", None) is not None:
         return False

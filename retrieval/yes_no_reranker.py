@@ -239,7 +239,7 @@ class YesNoReranker(RerankMixin):
         for q, prompt in enumerate(prompts):  # each prefix exactly as in `_score`, then left-padded
             cache = self._decoder(
                 input_ids=torch.tensor([prompt.shared], dtype=torch.long, device=device), use_cache=True
-            ).past_key_values
+            ).cache
             for layer, (k, v, *_) in enumerate(cache):
                 if q == 0:
                     keys.append(k.new_zeros((len(prompts), *k.shape[1:2], width, k.shape[-1])))
@@ -267,7 +267,7 @@ class YesNoReranker(RerankMixin):
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=prefix_len[:, None] + span[None, :],
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             ).last_hidden_state
             last = hidden[torch.arange(len(tails), device=device), lengths - 1]
@@ -280,7 +280,7 @@ class YesNoReranker(RerankMixin):
     def _score(self, prompt: PromptTokens) -> list[float]:
         device = self.model.device
         shared = torch.tensor([prompt.shared], dtype=torch.long, device=device)
-        prefix_cache = self._decoder(input_ids=shared, use_cache=True).past_key_values
+        prefix_cache = self._decoder(input_ids=shared, use_cache=True).cache
         tails = [doc + prompt.suffix for doc in prompt.documents]
         scores = [0.0] * len(tails)
         for batch in token_budget_batches([len(t) for t in tails], self.batch_tokens):
@@ -292,7 +292,7 @@ class YesNoReranker(RerankMixin):
                 ]
             )
             hidden = self._decoder(
-                input_ids=right_pad(rows, self._pad_id, device), past_key_values=cache, use_cache=True
+                input_ids=right_pad(rows, self._pad_id, device), cache=cache, use_cache=True
             ).last_hidden_state
             last = hidden[torch.arange(len(rows), device=device), torch.tensor([len(r) - 1 for r in rows])]
             z = last.float() @ self._direction.to(device) + self._offset
@@ -308,7 +308,7 @@ class YesNoReranker(RerankMixin):
         prefixes = [
             [(k, v) for k, v, *_ in self._decoder(
                 input_ids=torch.tensor([p.shared], dtype=torch.long, device=device), use_cache=True
-            ).past_key_values]
+            ).cache]
             for p in prompts
         ]  # fmt: skip
         rows = [(q, doc + p.suffix) for q, p in enumerate(prompts) for doc in p.documents]
@@ -325,7 +325,7 @@ class YesNoReranker(RerankMixin):
                 input_ids=row.input_ids,
                 attention_mask=row.attention_mask,
                 position_ids=row.position_ids,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 packed_segments=row.segments,
             ).last_hidden_state

@@ -58,7 +58,7 @@ def test_segment_attention_equals_the_dense_mask(tiny_models: TinyModelPaths) ->
 
     def hidden(segments: object) -> torch.Tensor:
         with torch.inference_mode():
-            caches = [decoder(input_ids=torch.tensor([p]), use_cache=True).past_key_values for p in prefixes]
+            caches = [decoder(input_ids=torch.tensor([p]), use_cache=True).cache for p in prefixes]
             layers = zip(*([(k, v) for k, v, *_ in c] for c in caches), strict=True)
             cache = DynamicCache(
                 [tuple(torch.cat(parts, 2) for parts in zip(*kv, strict=True)) for kv in layers]
@@ -68,7 +68,7 @@ def test_segment_attention_equals_the_dense_mask(tiny_models: TinyModelPaths) ->
                 input_ids=row.input_ids,
                 attention_mask=row.attention_mask,
                 position_ids=row.position_ids,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 **extra,
             ).last_hidden_state

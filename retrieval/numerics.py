@@ -13,7 +13,8 @@ similarity of at least `embedder_min_cosine` (0.999) with fp32; reranker probe s
 probabilities, move by at most `reranker_max_delta` (0.01). Measured on an AMD EPYC
 (avx512_bf16): all-MiniLM-L6-v2 0.99994 and a MiniLM cross-encoder 0.0008 keep bf16, and so does
 SmolLM2-135M as a yes/no reranker through `bf16_matmuls` (0.0026; wholly in bf16 it moved 0.0118;
-0.0051 on an Intel Xeon with AMX, where `bf16_matmuls` also puts attention and SwiGLU in bf16).
+0.0051 on an Intel Xeon with AMX, where `bf16_matmuls` also puts attention and SwiGLU in bf16, and
+0.0093 there once the reranker packs its documents into rows: other product shapes, other roundings).
 """
 
 import functools
@@ -513,6 +514,8 @@ def load_measured(
 
 def _verdict_file(cache_dir: Path, model_id: str, dtype: torch.dtype) -> Path:
     # the CPU's bf16 feature: with AMX `bf16_matmuls` computes more in bf16 ("+attention": verdicts
-    # from before it did measured another path)
-    key = f"{model_id}|{dtype_name(dtype)}|torch {torch.__version__}|{native_bf16()}|matmuls+attention"
+    # from before it did measured another path); a reranker on a CPU now packs its documents
+    # (`packed_attention`), which changes the products' shapes and so their bf16 rounding
+    path = "matmuls+attention|packed-rows"
+    key = f"{model_id}|{dtype_name(dtype)}|torch {torch.__version__}|{native_bf16()}|{path}"
     return cache_dir / "numerics" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"

@@ -112,7 +112,7 @@ class RerankerSettings(BaseModel):
         description="yes-no: causal LM judged by logit(yes)-logit(no); cross-encoder: sentence-transformers",
     )
     max_length: int = Field(8192, ge=64, le=131072)
-    batch_tokens: int = Field(16384, ge=64, description="padded tokens per forward pass")
+    batch_tokens: int = Field(16384, ge=64, description="padded tokens per pass; caps a packed row")
     instruction: str = Field(DEFAULT_TASK, min_length=1, description="default <Instruct> of the prompt")
     quantize: Literal["none", "int8"] = Field(
         "none", description="int8: dynamic int8 Linear layers (cross-encoders, on a CPU)"

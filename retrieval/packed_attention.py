@@ -14,7 +14,8 @@ packed documents. `PackedRow.attention_mask` is the exact dense mask of that lay
 attention implementation computes the right scores from it. The segment-aware implementations
 (`segmented`: `PACKED_SDPA`, and numerics' bf16 one) compute the same attention without the
 blocks the mask rules out: one SDPA call per document, over its prefix and itself. Dense
-attention over a 1,500-token row would cost about 7x that.
+attention would compute far more scores: for ten 150-token documents after a 72-token prefix,
+1,500 x 1,572 against 10 x 150 x 222, about 7x (counted, not timed).
 """
 
 import functools

@@ -219,13 +219,11 @@ class YesNoReranker(RerankMixin):
         prompts = [self.prompt_tokens(q, docs, instruction) for q, docs, instruction in requests]
         live = [k for k, p in enumerate(prompts) if p.documents]
         out: list[list[float]] = [[] for _ in prompts]
-        if self.packed and live:
-            for k, scores in zip(live, self._score_packed([prompts[k] for k in live]), strict=True):
-                out[k] = scores
-        elif len(live) == 1:
+        if len(live) == 1 and not self.packed:
             out[live[0]] = self._score(prompts[live[0]])
         elif live:
-            for k, scores in zip(live, self._score_across([prompts[k] for k in live]), strict=True):
+            across = self._score_packed if self.packed else self._score_across
+            for k, scores in zip(live, across([prompts[k] for k in live]), strict=True):
                 out[k] = scores
         return out
 

@@ -17,8 +17,11 @@ every variant once back to back; the speedup is the median of the per-round rati
     python bench/rerank_throughput.py --variants fp32,bf16 --model pypi:SmolLM2-135M-Instruct
     python bench/rerank_throughput.py --variants fp32,bf16,int8 --model DIR/reranker   # a cross-encoder
 
-A yes/no reranker on a CPU packs each pass's documents into one row (`packed_attention`);
-`--padded` runs the padded batches instead (the A/B), `--pack-tokens N` another row size.
+A reranker on a CPU packs each pass's documents into one row (`packed_attention`: a yes/no
+reranker, or a BERT cross-encoder's pairs); `--padded` runs the padded batches instead (the A/B),
+`--pack-tokens N` another row size. The JSON records the int8 engine (`int8_engine`) and whether
+the allocator settings for CPU inference are in force (`allocator`; any `MALLOC_*` variable, such
+as `MALLOC_PERTURB_=0`, which changes nothing else, runs with glibc's defaults: that A/B).
 """
 
 import argparse
@@ -100,9 +103,9 @@ def main() -> None:
     parser.add_argument("--max-padding", type=float,
                         help="--variants, a cross-encoder: the padding fraction that closes a length group "
                         "(inf: each query's pairs in one batch, as before 21a7c1d)")  # fmt: skip
-    parser.add_argument("--pack-tokens", type=int, help="--variants, yes/no reranker: tokens per packed row")
+    parser.add_argument("--pack-tokens", type=int, help="--variants: tokens per packed row")
     parser.add_argument("--padded", action="store_true",
-                        help="--variants, yes/no reranker: padded batches, not packed rows")  # fmt: skip
+                        help="--variants: padded batches, not packed rows")  # fmt: skip
     args = parser.parse_args()
     if args.variants:
         compare_variants(args)
@@ -192,8 +195,9 @@ def as_run(calls: list[tuple[str, list[str]]], scores: dict[str, list[float]]) -
 
 def compare_variants(args: argparse.Namespace) -> None:
     """Numeric paths of one reranker, loaded by the service's own factory, on the same pairs."""
+    from twostage.retrieval.allocator import keep_freed_memory
     from twostage.retrieval.embedder import load_embedder
-    from twostage.retrieval.numerics import native_bf16
+    from twostage.retrieval.numerics import int8_engine, native_bf16
     from twostage.retrieval.reranker import load_reranker
     from twostage.retrieval.settings import Settings
     from twostage.retrieval.sparse import Rrf
@@ -221,7 +225,7 @@ def compare_variants(args: argparse.Namespace) -> None:
             reranker.max_padding = args.max_padding
         if args.padded or args.pack_tokens:
             if not hasattr(reranker, "packed"):
-                raise SystemExit("--padded, --pack-tokens: only a yes/no reranker packs its documents")
+                raise SystemExit("--padded, --pack-tokens: this reranker does not pack its documents")
             reranker.packed = reranker.packed and not args.padded
             reranker.pack_tokens = args.pack_tokens or reranker.pack_tokens
     scores: dict[str, dict[str, list[float]]] = {}
@@ -257,6 +261,7 @@ def compare_variants(args: argparse.Namespace) -> None:
         "max_padding": getattr(next(iter(rerankers.values())), "max_padding", None),
         "packed": getattr(next(iter(rerankers.values())), "packed", None),
         "pack_tokens": getattr(next(iter(rerankers.values())), "pack_tokens", None),
+        "int8_engine": int8_engine() or torch.backends.quantized.engine, "allocator": keep_freed_memory(),
         **run_info(args.device),
     }))  # fmt: skip
 

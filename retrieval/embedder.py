@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from twostage.retrieval.allocator import keep_freed_memory
 from twostage.retrieval.devices import resolve_device
 from twostage.retrieval.fingerprint import PROBES, Fingerprint
 from twostage.retrieval.model_source import ModelSource, model_identity, resolve_model
@@ -147,6 +148,8 @@ def load_embedder(settings: Settings, remote_metrics: "RemoteMetrics | None" = N
         return RemoteEmbedder(cfg, remote_metrics)
     source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
     device = resolve_device(settings.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # activations' pages stay mapped between passes (allocator)
     choice = choose_dtype(settings.dtype, device, settings.numerics.strict)
     family = detect_embedder_family(source) if cfg.family == "auto" else cfg.family
     if family == "last-token":

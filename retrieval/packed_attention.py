@@ -1,4 +1,4 @@
-"""Packed rows for a causal LM reranker: the documents of a forward pass back to back in one row.
+"""Packed rows for the rerankers on a CPU: the inputs of a forward pass back to back in one row.
 
 Why: on a CPU a matrix product's speed depends on its row count, and padded batches are small.
 Padding costs as much as real tokens, so batches close at 10% padding (`batching.MAX_PADDING`),
@@ -16,6 +16,9 @@ attention implementation computes the right scores from it. The segment-aware im
 blocks the mask rules out: one SDPA call per document, over its prefix and itself. Dense
 attention would compute far more scores: for ten 150-token documents after a 72-token prefix,
 1,500 x 1,572 against 10 x 150 x 222, about 7x (counted, not timed).
+
+A BERT-style cross-encoder packs its (query, document) pairs the same way (`pack_pairs`): no
+prefixes, each pair attending to itself both ways, positions restarting at each pair.
 """
 
 import functools
@@ -38,12 +41,14 @@ Attention = Callable[..., AttentionOutput]
 @dataclass(frozen=True)
 class Segment:
     """One document of a packed row: where its query's prefix sits among the cached prefixes,
-    and which tokens of the row are its own."""
+    and which tokens of the row are its own; a causal one sees its own tokens causally, a
+    bidirectional one (an encoder's pair, with no prefix) all of them."""
 
     prefix_start: int
     prefix_end: int
     start: int
     end: int
+    causal: bool = True
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,40 @@ def pack_row(
     )
 
 
+@dataclass(frozen=True)
+class PairRow:
+    """An encoder's forward pass over packed pairs: a batch of one row, positions restarting at
+    each pair."""
+
+    input_ids: torch.Tensor  # (1, T)
+    token_type_ids: torch.Tensor | None  # (1, T), where the tokenizer gives them
+    position_ids: torch.Tensor  # (1, T)
+    segments: tuple[Segment, ...]
+    first: torch.Tensor  # (pairs,): each pair's first token ([CLS]) in the row
+
+
+def pack_pairs(
+    input_ids: Sequence[Sequence[int]], token_type_ids: Sequence[Sequence[int]] | None, device: torch.device
+) -> PairRow:
+    """Tokenized pairs back to back in one row, each a bidirectional segment of its own."""
+    segments: list[Segment] = []
+    offset = 0
+    for tokens in input_ids:
+        segments.append(Segment(0, 0, offset, offset + len(tokens), causal=False))
+        offset += len(tokens)
+
+    def row(values: Sequence[Sequence[int]]) -> torch.Tensor:
+        return torch.tensor([[v for tokens in values for v in tokens]], dtype=torch.long, device=device)
+
+    return PairRow(
+        input_ids=row(input_ids),
+        token_type_ids=None if token_type_ids is None else row(token_type_ids),
+        position_ids=torch.cat([torch.arange(len(tokens)) for tokens in input_ids])[None].to(device),
+        segments=tuple(segments),
+        first=torch.tensor([s.start for s in segments], device=device),
+    )
+
+
 def attend_segments(
     attend: Attention,
     module: torch.nn.Module,
@@ -101,10 +140,14 @@ def attend_segments(
     cached = key.shape[2] - query.shape[2]  # the prefixes, then the packed tokens
     outputs = []
     for s in segments:
-        n, prefix = s.end - s.start, s.prefix_end - s.prefix_start
-        mask = torch.ones((1, 1, n, prefix + n), dtype=torch.bool, device=query.device).tril(prefix)
-        own, its_prefix = slice(cached + s.start, cached + s.end), slice(s.prefix_start, s.prefix_end)
-        seen = [torch.cat((t[:, :, its_prefix], t[:, :, own]), 2) for t in (key, value)]
+        own = slice(cached + s.start, cached + s.end)
+        if s.causal:
+            n, prefix = s.end - s.start, s.prefix_end - s.prefix_start
+            mask = torch.ones((1, 1, n, prefix + n), dtype=torch.bool, device=query.device).tril(prefix)
+            its_prefix = slice(s.prefix_start, s.prefix_end)
+            seen = [torch.cat((t[:, :, its_prefix], t[:, :, own]), 2) for t in (key, value)]
+        else:  # all of its own tokens, no mask
+            mask, seen = None, [key[:, :, own], value[:, :, own]]
         outputs.append(attend(module, query[:, :, s.start : s.end], *seen, mask, **kwargs)[0])
     return torch.cat(outputs, dim=1), None
 
@@ -141,7 +184,7 @@ def register_packed(name: str, attend: Attention) -> str:
 
 
 @functools.cache
-def _packed_sdpa() -> str:
+def packed_sdpa() -> str:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return register_packed(PACKED_SDPA, sdpa_attention_forward)
@@ -158,5 +201,5 @@ def packs_documents(model: torch.nn.Module, device: torch.device) -> bool:
     if device.type != "cpu" or config is None or getattr(config, "sliding_window", None) is not None:
         return False
     if getattr(config, "_attn_implementation", None) == "sdpa":
-        model.set_attn_implementation(_packed_sdpa())  # type: ignore[operator]
+        model.set_attn_implementation(packed_sdpa())  # type: ignore[operator]
     return getattr(config, "_attn_implementation", None) in PACKED_ATTENTION

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from twostage.retrieval.allocator import keep_freed_memory
 from twostage.retrieval.devices import resolve_device
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.model_source import ModelSource, model_identity, resolve_model
@@ -116,6 +117,8 @@ def load_reranker(settings: Settings, remote_metrics: "RemoteMetrics | None" = N
         return RemoteReranker(cfg, remote_metrics)
     source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
     device = resolve_device(settings.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # activations' pages stay mapped between passes (allocator)
     choice = choose_dtype(settings.dtype, device, settings.numerics.strict)
     family = reranker_family(source, cfg.family)
     if family == "yes-no":

@@ -51,3 +51,18 @@ def minilm_settings(model_cache: Path) -> Settings:
 @pytest.fixture(scope="session")
 def minilm_embedder(minilm_settings: Settings) -> Embedder:
     return load_embedder(minilm_settings)
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_dir(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
+    """MiniLM with a new one-logit head, saved as a CrossEncoder."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from twostage.retrieval.model_source import resolve_model
+
+    base = resolve_model("pypi:all-MiniLM-L6-v2", cache_dir=model_cache).path
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("ce") / "ce"
+    CrossEncoder(str(base), num_labels=1, device="cpu").save(str(out))
+    return out

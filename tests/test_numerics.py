@@ -3,6 +3,7 @@ the manifest's numeric path (a collection built in one dtype queried in another)
 
 import json
 import logging
+import os
 import platform
 from pathlib import Path
 
@@ -319,3 +320,48 @@ def test_calibrated_int8_smooths_outlier_channels_and_keeps_down_projections_out
     assert isinstance(all_int8[2], numerics.SmoothedLinear) and type(all_int8[3]) is torch.nn.Linear
     with torch.no_grad():
         assert float((all_int8(x) - expected).abs().mean()) < error_plain
+
+
+def test_a_reranker_packs_int8_for_onednn_where_the_cpu_has_amx_int8(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN's kernels use AMX-INT8, fbgemm's do not: `int8_engine` picks oneDNN only there. Layers
+    packed for it give the same products as fbgemm's within int8 rounding, and the process-wide
+    engine is back to what it was after packing."""
+    monkeypatch.setattr(numerics, "_cpu_flags", lambda: frozenset({"avx512_vnni", "amx_int8"}))
+    assert numerics.int8_engine() == "onednn"
+    monkeypatch.setattr(numerics, "_cpu_flags", lambda: frozenset({"avx512_vnni"}))
+    assert numerics.int8_engine() is None
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    x = torch.randn(96, 64)
+    before = torch.backends.quantized.engine
+    outputs = {}
+    for engine in ("onednn", None):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+        model.load_state_dict(reference.state_dict())
+        numerics.quantize_int8(model, calibrate=lambda m=model: m(x[:16]), int8_down=True, engine=engine)
+        assert torch.backends.quantized.engine == before
+        assert [m.engine for m in model if isinstance(m, numerics.SmoothedLinear)] == [engine or before] * 2
+        with torch.no_grad():
+            outputs[engine] = model(x)
+    with torch.no_grad():
+        scale = float(reference(x).abs().mean())
+    assert float((outputs["onednn"] - outputs[None]).abs().mean()) < 0.02 * scale
+
+
+def test_cpu_inference_keeps_freed_memory_unless_the_user_tunes_glibc() -> None:
+    """The allocator settings apply in a fresh process on glibc Linux; a `MALLOC_*` variable of the
+    user's turns them off."""
+    import subprocess
+    import sys
+
+    code = "from twostage.retrieval.allocator import keep_freed_memory; print(keep_freed_memory())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    theirs = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env | {"MALLOC_ARENA_MAX": "2"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert (ours.stdout.strip(), theirs.stdout.strip()) == ("True", "False")

@@ -1,13 +1,18 @@
 """Packed rows (`packed_attention`): the layout, its exact mask, and segment-aware attention.
 
-Parity of packed scoring with the official recipe is in `test_qwen3_parity.py` (both layouts)."""
+Parity of packed scoring with the official recipe is in `test_qwen3_parity.py` (both layouts),
+and a packed cross-encoder's with `CrossEncoder.predict` in `test_truncation.py`."""
+
+from pathlib import Path
 
 import pytest
 import torch
+from sentence_transformers import CrossEncoder
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from twostage.retrieval.batching import token_packs
-from twostage.retrieval.packed_attention import PACKED_SDPA, pack_row, packs_documents
+from twostage.retrieval.cross_encoder_reranker import packs_pairs
+from twostage.retrieval.packed_attention import PACKED_SDPA, Segment, pack_pairs, pack_row, packs_documents
 from twostage.retrieval.reranker import load_reranker
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.tiny_models import TinyModelPaths
@@ -95,3 +100,44 @@ def test_only_a_cpu_reranker_packs(tiny_settings: Settings, tiny_models: TinyMod
     model = AutoModelForCausalLM.from_pretrained(tiny_models.reranker, attn_implementation="sdpa")
     assert not packs_documents(model, torch.device("cuda"))
     assert model.config._attn_implementation == "sdpa"
+
+
+CPU = torch.device("cpu")
+
+
+def test_pack_pairs_lays_pairs_back_to_back() -> None:
+    """Each pair a bidirectional segment of its own; positions restart at each pair's [CLS]."""
+    row = pack_pairs([[101, 5, 102, 7, 102], [101, 6, 102]], [[0, 0, 0, 1, 1], [0, 0, 0]], CPU)
+    assert row.input_ids.tolist() == [[101, 5, 102, 7, 102, 101, 6, 102]]
+    assert row.token_type_ids is not None and row.token_type_ids.tolist() == [[0, 0, 0, 1, 1, 0, 0, 0]]
+    assert row.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2]]
+    assert row.first.tolist() == [0, 5]
+    assert row.segments == (Segment(0, 0, 0, 5, causal=False), Segment(0, 0, 5, 8, causal=False))
+    assert pack_pairs([[1, 2]], None, CPU).token_type_ids is None
+
+
+def test_packed_pairs_attend_only_to_themselves(cross_encoder_dir: Path) -> None:
+    """A BERT cross-encoder's packed row: each pair's hidden states equal its forward pass alone."""
+    ce = CrossEncoder(str(cross_encoder_dir), device="cpu")
+    assert packs_pairs(ce, CPU) and ce.model.config._attn_implementation == PACKED_SDPA
+    encoded = ce.tokenizer(["chess", "go", "apt"], ["a chess engine", "pawn " * 40, "installs packages"])
+    ids, types = encoded["input_ids"], encoded["token_type_ids"]
+    row = pack_pairs(ids, types, CPU)
+    bert = ce.model.base_model
+    with torch.inference_mode():
+        packed = bert(
+            input_ids=row.input_ids, token_type_ids=row.token_type_ids, position_ids=row.position_ids,
+            packed_segments=row.segments,
+        ).last_hidden_state[0]  # fmt: skip
+        for segment, tokens, kinds in zip(row.segments, ids, types, strict=True):
+            alone = bert(
+                input_ids=torch.tensor([tokens]), token_type_ids=torch.tensor([kinds])
+            ).last_hidden_state
+            torch.testing.assert_close(packed[segment.start : segment.end], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_only_a_cpu_bert_cross_encoder_packs(cross_encoder_dir: Path) -> None:
+    """Packed pairs were measured on a CPU; on CUDA the model keeps its SDPA and padded batches."""
+    ce = CrossEncoder(str(cross_encoder_dir), device="cpu")
+    assert not packs_pairs(ce, torch.device("cuda"))
+    assert ce.model.config._attn_implementation == "sdpa"

@@ -14,7 +14,6 @@ from twostage.retrieval.cross_encoder_reranker import CrossEncoderReranker
 from twostage.retrieval.embedder import load_embedder
 from twostage.retrieval.errors import TooLarge
 from twostage.retrieval.last_token_embedder import LastTokenEmbedder
-from twostage.retrieval.model_source import resolve_model
 from twostage.retrieval.prompts import embedding_query
 from twostage.retrieval.reranker import load_reranker
 from twostage.retrieval.settings import Settings
@@ -47,23 +46,23 @@ def test_yes_no_input_lengths_are_the_prompt_lengths_and_left_truncation_keeps_t
         fit_texts([long], lengths, 96, truncate=False, side="right", what="texts")
 
 
-@pytest.fixture(scope="module")
-def cross_encoder_dir(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Path:
-    """MiniLM with a new one-logit head, saved as a CrossEncoder."""
-    base = resolve_model("pypi:all-MiniLM-L6-v2", cache_dir=model_cache).path
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("ce") / "ce"
-    CrossEncoder(str(base), num_labels=1, device="cpu").save(str(out))
-    return out
-
-
-def test_cross_encoder_lengths_and_raw_scores(cross_encoder_dir: Path, model_cache: Path) -> None:
-    """Pair lengths match the library's own untruncated encoding; logits come back from the scores."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_cross_encoder_lengths_and_raw_scores(
+    cross_encoder_dir: Path, model_cache: Path, packed: bool
+) -> None:
+    """Pair lengths match the library's own untruncated encoding; logits come back from the scores,
+    equal to `CrossEncoder.predict`'s in packed rows (a CPU's default) and in padded batches."""
     reranker = load_reranker(
         Settings(reranker={"model": str(cross_encoder_dir)}, cache_dir=model_cache, device="cpu")
     )
-    assert reranker.family == "cross-encoder" and reranker.probabilities
-    documents = ["a chess engine for the terminal", HOSTILE, "word " * 300]
+    assert isinstance(reranker, CrossEncoderReranker) and reranker.probabilities and reranker.packed
+    reranker.packed = packed
+    documents = [
+        "a chess engine for the terminal",
+        HOSTILE,
+        "word " * 300,
+        "pawn " * 700,
+    ]  # the last one cut at 512
     model = CrossEncoder(str(cross_encoder_dir), device="cpu")
     expected = [
         int(
@@ -79,10 +78,12 @@ def test_cross_encoder_lengths_and_raw_scores(cross_encoder_dir: Path, model_cac
     assert [logit(s) for s in scores] == pytest.approx(np.asarray(logits, dtype=float).tolist(), abs=1e-5)
 
 
+@pytest.mark.parametrize("packed", [True, False])
 def test_cross_encoder_pairs_are_batched_by_length_across_requests(
-    cross_encoder_dir: Path, model_cache: Path
+    cross_encoder_dir: Path, model_cache: Path, packed: bool
 ) -> None:
-    """Pairs of every request are grouped by length, padding within 10%, scores back in input order."""
+    """Pairs of every request are grouped by length, padding within 10%, or packed into rows of at
+    most `batch_tokens`; scores back in input order, equal to each pair's alone."""
     reranker = load_reranker(
         Settings(
             reranker={"model": str(cross_encoder_dir), "batch_tokens": 1024},
@@ -91,6 +92,7 @@ def test_cross_encoder_pairs_are_batched_by_length_across_requests(
         )
     )
     assert isinstance(reranker, CrossEncoderReranker)
+    reranker.packed = packed
     first = ["word " * n for n in (3, 200, 9, 120, 4)]
     second = ["a chess engine", "pawn " * 400, HOSTILE]
     pairs = [("chess", d) for d in first + second]
@@ -104,7 +106,7 @@ def test_cross_encoder_pairs_are_batched_by_length_across_requests(
     alone = [reranker.score("chess", [d])[0] for d in first] + [reranker.score("go", [d])[0] for d in second]
     together = reranker.score_many([("chess", first, None), ("go", second, None), ("chess", [], None)])
     assert [len(s) for s in together] == [5, 3, 0]
-    # one padded batch or another: the same scores, in the order they were asked for
+    # one padded batch (or packed row) or another: the same scores, in the order they were asked for
     assert together[0] + together[1] == pytest.approx(alone, abs=1e-5)
 
 

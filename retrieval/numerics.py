@@ -112,10 +112,11 @@ def int8_engine() -> str | None:
     """The quantized engine whose int8 kernels a reranker's layers are packed for: oneDNN where
     the CPU has AMX-INT8 (fbgemm's kernels do not use it), else torch's default.
 
-    Measured on an Intel Xeon with AMX, MiniLM's Linear shapes at 1,792 rows: oneDNN's dynamic
-    int8 Linear 526 against fbgemm's 969 us (384 x 384), and the packed MiniLM cross-encoder
-    scored 100 debian-ir dev queries faster with it (README, Numeric paths). Its first call at
-    each new row count builds a kernel (about 1 ms per shape), which packed rows keep few.
+    oneDNN builds a kernel at each new row count (about 1 ms per Linear shape), so it pays only
+    where rows are few and large: a cross-encoder's packed rows (`packs_pairs`). Measured on an
+    Intel Xeon with AMX (`bench/rerank_throughput.py --variants fp32,bf16,int8`, MiniLM-L6
+    cross-encoder, 100 debian-ir dev queries x hybrid top 10): packed rows with oneDNN ran int8 at
+    1.51x fp32; padded batches with oneDNN at 0.95x, below fbgemm's 1.10-1.14x there.
     """
     if "amx_int8" in _cpu_flags() and "onednn" in torch.backends.quantized.supported_engines:
         return "onednn"
@@ -509,9 +510,11 @@ def load_on_path(
         model = load(torch.float32)
         # the reranker's down projections in int8 too: measured on its ranking (quantize_int8)
         encoder = model.model  # type: ignore[attr-defined]
-        reranker = role == "reranker"  # measured on rankings: oneDNN's AMX-INT8 kernels (int8_engine)
+        reranker = role == "reranker"
+        # oneDNN's AMX-INT8 kernels only for packed rows, whose few row counts reuse its kernels (int8_engine)
+        packed = reranker and bool(getattr(model, "packed", False))
         quantize_int8(encoder, calibrate=lambda: probe(model), int8_down=reranker,
-                      engine=int8_engine() if reranker else None)  # fmt: skip
+                      engine=int8_engine() if packed else None)  # fmt: skip
         return model
     return load_measured(load, choice, probe, deviation, tolerance, model_id, cache_dir)[0]
 

@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--pack-tokens", type=int, help="--variants: tokens per packed row")
     parser.add_argument("--padded", action="store_true",
                         help="--variants: padded batches, not packed rows")  # fmt: skip
+    parser.add_argument("--int8-engine", default="auto", choices=["auto", "fbgemm", "onednn"],
+                        help="--variants: whose int8 kernels (settings numerics.int8_engine)")  # fmt: skip
     args = parser.parse_args()
     if args.variants:
         compare_variants(args)
@@ -193,11 +195,22 @@ def as_run(calls: list[tuple[str, list[str]]], scores: dict[str, list[float]]) -
     return {qid: dict(zip(docs, scores[qid], strict=True)) for qid, docs in calls}
 
 
+def int8_layers_engine(reranker: object) -> str | None:
+    """The engine the int8 reranker's layers were packed for, as its layers record it."""
+    from twostage.retrieval.numerics import SmoothedLinear
+
+    model = getattr(reranker, "model", None)
+    engines = (
+        {m.engine for m in model.modules() if isinstance(m, SmoothedLinear)} if model is not None else set()
+    )
+    return ",".join(sorted(engines)) or None
+
+
 def compare_variants(args: argparse.Namespace) -> None:
     """Numeric paths of one reranker, loaded by the service's own factory, on the same pairs."""
     from twostage.retrieval.allocator import keep_freed_memory
     from twostage.retrieval.embedder import load_embedder
-    from twostage.retrieval.numerics import int8_engine, native_bf16
+    from twostage.retrieval.numerics import native_bf16
     from twostage.retrieval.reranker import load_reranker
     from twostage.retrieval.settings import Settings
     from twostage.retrieval.sparse import Rrf
@@ -216,8 +229,9 @@ def compare_variants(args: argparse.Namespace) -> None:
                          rrf=Rrf(60))["hybrid"]  # fmt: skip
     calls = [(qid, sorted(recall[qid], key=lambda d: -recall[qid][d])) for qid in data.queries]
     pairs = sum(len(docs) for _, docs in calls)
-    rerankers = {v: load_reranker(variant_settings(v, "reranker", model, cache_dir=cache, device=args.device))
-                 for v in variants}  # fmt: skip
+    numerics = {"int8_engine": args.int8_engine}
+    rerankers = {v: load_reranker(variant_settings(v, "reranker", model, cache_dir=cache, device=args.device,
+                                                   numerics=numerics)) for v in variants}  # fmt: skip
     for reranker in rerankers.values():
         if args.max_padding is not None:
             if not hasattr(reranker, "max_padding"):
@@ -261,7 +275,7 @@ def compare_variants(args: argparse.Namespace) -> None:
         "max_padding": getattr(next(iter(rerankers.values())), "max_padding", None),
         "packed": getattr(next(iter(rerankers.values())), "packed", None),
         "pack_tokens": getattr(next(iter(rerankers.values())), "pack_tokens", None),
-        "int8_engine": int8_engine() or torch.backends.quantized.engine, "allocator": keep_freed_memory(),
+        "int8_engine": int8_layers_engine(rerankers.get("int8")), "allocator": keep_freed_memory(),
         **run_info(args.device),
     }))  # fmt: skip
 

@@ -4,16 +4,16 @@ Why: glibc's malloc serves a block above its mmap threshold (128 KiB at start, r
 blocks are freed) with a fresh mapping, and gives memory at the top of the heap back to the
 kernel once more than the trim threshold is free. A forward pass allocates and frees
 megabytes of activations per layer, so each pass can fault those pages in again, zeroed by
-the kernel. Measured on an Intel Xeon with AMX (2 threads), MiniLM's int8 Linear at 1,792 x
-384 on a freshly allocated input: 2,409 us against 717 us with this module's settings; the
-MiniLM cross-encoder on 50 debian-ir dev queries x 10 candidates ran 6.81 -> 6.67 s in fp32
-and 4.86 -> 4.39 s in int8 (packed rows; `scratch`, not a shipped bench: `bench/rerank_throughput.py`
-runs with these settings, as the service does). The cost is memory kept: up to the trim
-threshold (256 MiB) of freed heap stays mapped, plus the top pad.
+the kernel. Measured with `bench/rerank_throughput.py --variants fp32,bf16,int8` (MiniLM-L6
+cross-encoder, packed pairs, 100 debian-ir dev queries x hybrid top 10, Intel Xeon with AMX,
+2 threads, cadd4f4) against glibc's defaults: fp32 66.01 -> 71.93 pairs/s, bf16 141.77 -> 158.27,
+int8 92.02 -> 108.97 (int8 allocates most: its quantized inputs and dequantized outputs). The
+cost is memory kept: up to the trim threshold (256 MiB) of freed heap stays mapped, plus the top
+pad (64 MiB).
 
 The settings are process-wide and the process's own: they are applied once, when a CPU model
-loads, and never where the user set glibc's `MALLOC_*` variables (theirs win) or where the C
-library is not glibc.
+loads, and never where the user set any of glibc's `MALLOC_*` variables (theirs win; the bench's
+A/B runs with `MALLOC_PERTURB_=0`, which changes nothing else) or where the C library is not glibc.
 """
 
 import ctypes

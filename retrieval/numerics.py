@@ -130,6 +130,11 @@ _ENGINE_LOCK = threading.Lock()  # torch's quantized engine is process-wide: one
 def _packing_engine(engine: str | None) -> Iterator[None]:
     """torch's quantized engine set to `engine` while layers are packed: packed weights keep the
     engine they were packed for, so only the packing needs it."""
+    supported = torch.backends.quantized.supported_engines
+    if engine is not None and engine not in supported:
+        raise ModelLoadError(
+            f"int8 engine {engine!r} is not in this torch build (it has {', '.join(supported)})"
+        )
     with _ENGINE_LOCK:
         previous = torch.backends.quantized.engine
         if engine is not None:
@@ -502,19 +507,21 @@ def load_on_path(
     model_id: str,
     device: torch.device,
     cache_dir: Path,
+    engine: str = "auto",
 ) -> M:
     """The model on its numeric path: int8 from fp32 weights (whatever `dtype` says), or the
-    chosen dtype, measured against fp32 when `auto` picked bf16 on a CPU."""
+    chosen dtype, measured against fp32 when `auto` picked bf16 on a CPU. `engine`: whose int8
+    kernels a reranker is packed for (`NumericsSettings.int8_engine`)."""
     if quantize == "int8":
         require_int8(role, family, model_id, device)
         model = load(torch.float32)
         # the reranker's down projections in int8 too: measured on its ranking (quantize_int8)
         encoder = model.model  # type: ignore[attr-defined]
         reranker = role == "reranker"
-        # oneDNN's AMX-INT8 kernels only for packed rows, whose few row counts reuse its kernels (int8_engine)
+        # auto: oneDNN's AMX-INT8 kernels only for packed rows, whose few row counts reuse its kernels
         packed = reranker and bool(getattr(model, "packed", False))
-        quantize_int8(encoder, calibrate=lambda: probe(model), int8_down=reranker,
-                      engine=int8_engine() if packed else None)  # fmt: skip
+        chosen = (int8_engine() if packed else None) if engine == "auto" else engine
+        quantize_int8(encoder, calibrate=lambda: probe(model), int8_down=reranker, engine=chosen)
         return model
     return load_measured(load, choice, probe, deviation, tolerance, model_id, cache_dir)[0]
 

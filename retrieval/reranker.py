@@ -133,6 +133,7 @@ def load_reranker(settings: Settings, remote_metrics: "RemoteMetrics | None" = N
         load, role="reranker", family=family, quantize=cfg.quantize, choice=choice, probe=probe_scores,
         deviation=reranker_deviation, tolerance=settings.numerics.reranker_max_delta,
         model_id=model_identity(source, settings.cache_dir), device=device, cache_dir=settings.cache_dir,
+        engine=settings.numerics.int8_engine,
     )  # fmt: skip
     return reranker
 

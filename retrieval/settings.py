@@ -222,6 +222,10 @@ class NumericsSettings(BaseModel):
         False, description="refuse an explicit bfloat16/float16 on a CPU without native bf16 (else: float32 "
         "with one log line)",
     )  # fmt: skip
+    int8_engine: Literal["auto", "fbgemm", "onednn"] = Field(
+        "auto", description="whose int8 kernels quantize=int8 packs a reranker for; auto: oneDNN's "
+        "where the CPU has AMX-INT8 and the reranker packs its pairs, else torch's default (fbgemm)",
+    )  # fmt: skip
 
 
 class ApiSettings(BaseModel):

@@ -128,6 +128,20 @@ def test_int8_cross_encoder_runs_its_down_projections_in_int8(
     documents = ["a chess engine for the terminal", "apt installs packages", "word " * 300]
     drift = np.abs(np.subtract(int8.score("chess", documents), fp32.score("chess", documents)))
     assert 0 < drift.max() < 0.01, drift  # int8 moves scores, a little (measured 5e-4)
+    # auto: oneDNN's kernels where the CPU has AMX-INT8 (the reranker packs its pairs on a CPU); a
+    # setting picks either engine, and the scores stay as close to fp32
+    auto = numerics.int8_engine() or torch.backends.quantized.engine
+    assert {m.engine for m in bert.modules() if isinstance(m, numerics.SmoothedLinear)} == {auto}
+    for engine in ("fbgemm", "onednn"):
+        other = load_reranker(settings.model_copy(update={
+            "reranker": settings.reranker.model_copy(update={"quantize": "int8"}),
+            "numerics": settings.numerics.model_copy(update={"int8_engine": engine})}))  # fmt: skip
+        assert isinstance(other, CrossEncoderReranker)
+        assert {m.engine for m in other.model.model.modules() if isinstance(m, numerics.SmoothedLinear)} == {
+            engine
+        }
+        drift = np.abs(np.subtract(other.score("chess", documents), fp32.score("chess", documents)))
+        assert drift.max() < 0.01, (engine, drift)
 
 
 def test_logit_saturates_instead_of_overflowing() -> None:

@@ -365,3 +365,23 @@ def test_cpu_inference_keeps_freed_memory_unless_the_user_tunes_glibc() -> None:
         check=True,
     )
     assert (ours.stdout.strip(), theirs.stdout.strip()) == ("True", "False")
+
+
+def test_int8_on_a_cpu_with_amx_says_bf16_is_faster(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    cross_encoder_dir: Path,
+    model_cache: Path,
+) -> None:
+    """quantize=int8 still loads int8 where AMX makes bf16 the faster path, with one warning saying so;
+    elsewhere it says nothing."""
+    settings = Settings(
+        reranker={"model": str(cross_encoder_dir), "quantize": "int8"}, cache_dir=model_cache, device="cpu"
+    )
+    monkeypatch.setattr(numerics, "native_bf16", lambda: "amx_bf16")
+    with caplog.at_level(logging.WARNING, logger="twostage.retrieval.numerics"):
+        assert load_reranker(settings).numerics == "int8-dynamic"
+    advice = [r.getMessage() for r in caplog.records if "quantize=int8" in r.getMessage()]
+    assert len(advice) == 1 and "set dtype=bfloat16 and quantize=none" in advice[0], advice
+    monkeypatch.setattr(numerics, "native_bf16", lambda: "avx512_bf16")
+    assert numerics.int8_advice("reranker", "m") is None

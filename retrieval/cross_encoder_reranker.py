@@ -35,7 +35,8 @@ def packs_pairs(model: CrossEncoder, device: torch.device) -> bool:
     matrix product sees all of the pass's tokens and no padding. MiniLM-L6 as a cross-encoder on
     100 debian-ir dev queries x hybrid top 10 (`bench/rerank_throughput.py --variants
     fp32,bf16,int8`, with and without `--padded`; Intel Xeon with AMX, cadd4f4): the same
-    scores, fp32 44.70 -> 71.93 pairs/s, bf16 59.20 -> 158.27, int8 42.29 -> 108.97. Only for
+    scores, fp32 44.70 -> 71.93 pairs/s, bf16 59.20 -> 158.27 (int8 on oneDNN's kernels 42.29 ->
+    108.97; padded batches keep fbgemm's, `numerics.int8_engine`). Only for
     a one-logit sigmoid head of a class in `PACKED_HEADS`, and only on a CPU (where measured).
     """
     hf = model.model
@@ -120,7 +121,7 @@ class CrossEncoderReranker(RerankMixin):
             model_id=model_identity(source, cache_dir),
             batch_tokens=cfg.batch_tokens,
             use_instruction=generative,
-            packed=not generative and packs_pairs(model, device),
+            packed=packs_pairs(model, device),  # never a generative one: not a `PACKED_HEADS` class
         )
 
     @property

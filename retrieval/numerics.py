@@ -133,7 +133,8 @@ def int8_engine() -> str | None:
     where rows are few and large: a cross-encoder's packed rows (`packs_pairs`). Measured on an
     Intel Xeon with AMX (`bench/rerank_throughput.py --variants fp32,bf16,int8`, MiniLM-L6
     cross-encoder, 100 debian-ir dev queries x hybrid top 10): packed rows with oneDNN ran int8 at
-    1.51x fp32; padded batches with oneDNN at 0.95x, below fbgemm's 1.10-1.14x there.
+    1.51x fp32 (cadd4f4; fbgemm's 1.26x, 8e74708); padded batches with oneDNN at 0.95x, below
+    fbgemm's 1.10-1.14x there (3ad84e6).
     """
     if "amx_int8" in _cpu_flags() and "onednn" in torch.backends.quantized.supported_engines:
         return "onednn"
@@ -590,7 +591,8 @@ def load_measured(
 def _verdict_file(cache_dir: Path, model_id: str, dtype: torch.dtype) -> Path:
     # the CPU's bf16 feature: with AMX `bf16_matmuls` computes more in bf16 ("+attention": verdicts
     # from before it did measured another path); a reranker on a CPU now packs its documents
-    # (`packed_attention`), which changes the products' shapes and so their bf16 rounding
-    path = "matmuls+attention|packed-rows"
+    # (`packed_attention`), and so does a BERT cross-encoder its pairs: other products' shapes,
+    # other bf16 rounding
+    path = "matmuls+attention|packed-rows|packed-pairs"
     key = f"{model_id}|{dtype_name(dtype)}|torch {torch.__version__}|{native_bf16()}|{path}"
     return cache_dir / "numerics" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"

@@ -130,3 +130,18 @@ def interleaved_speeds(seconds: dict[str, list[float]], items: int) -> dict[str,
                     "speedup_per_round": [round(r, 2) for r in ratios]}  # fmt: skip
         speeds[variant] = row
     return speeds
+
+
+INT8_ENGINES = ["auto", "fbgemm", "onednn", "onednn-fused"]  # settings numerics.int8_engine
+
+
+def int8_layers_engine(model: object) -> str | None:
+    """Whose kernels run a loaded model's int8 layers, as the layers record it (None: no int8)."""
+    from twostage.retrieval.fused_int8 import FusedInt8Linear
+    from twostage.retrieval.numerics import SmoothedLinear
+
+    modules = model.modules() if isinstance(model, torch.nn.Module) else []
+    return (
+        ",".join(sorted({m.engine for m in modules if isinstance(m, SmoothedLinear | FusedInt8Linear)}))
+        or None
+    )

@@ -27,7 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DATA, interleaved_speeds, parse_variants, run_info, variant_settings
+from bench.common import (
+    DATA,
+    INT8_ENGINES,
+    int8_layers_engine,
+    interleaved_speeds,
+    parse_variants,
+    run_info,
+    variant_settings,
+)
 from twostage.retrieval.chunker import Chunker
 from twostage.retrieval.collections import open_store
 from twostage.retrieval.devices import resolve_device
@@ -67,6 +75,8 @@ def main() -> None:
     parser.add_argument("--variants", help="e.g. fp32,bf16: ingest once per numeric path, fp32 first")
     parser.add_argument("--queries", type=int, default=300, help="--variants: dev queries for the overlap")
     parser.add_argument("--rounds", type=int, default=3, help="--variants: timed ingests, interleaved")
+    parser.add_argument("--int8-engine", default="auto", choices=INT8_ENGINES,
+                        help="--variants: whose int8 kernels (settings numerics.int8_engine)")  # fmt: skip
     args = parser.parse_args()
     if args.variants:
         compare_variants(args)
@@ -126,6 +136,7 @@ def compare_variants(args: argparse.Namespace) -> None:
                 settings = variant_settings(
                     variant, "embedder", args.model, data_dir=Path(tmp) / f"{variant}-{round_}",
                     device=args.device, store={"kind": "embedded"},
+                    numerics={"int8_engine": args.int8_engine},
                 )  # fmt: skip
                 embedder, store, report, elapsed = ingest_once(settings, args)
                 seconds[variant].append(elapsed)
@@ -134,6 +145,8 @@ def compare_variants(args: argparse.Namespace) -> None:
                     vectors = embedder.embed_queries(queries)
                     tops[variant] = [[h.id for h in store.search(report.collection, v, 10)] for v in vectors]
                     rows[variant] = {"numerics": embedder.numerics, "chunks": chunks}
+                    if variant == "int8":
+                        rows[variant]["int8_engine"] = int8_layers_engine(getattr(embedder, "model", None))
                 store.close()
                 print(variant, round_, f"{chunks / elapsed:.1f} chunks/s", file=sys.stderr, flush=True)
     for variant, speed in interleaved_speeds(seconds, chunks).items():

@@ -37,7 +37,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DATA, interleaved_speeds, parse_variants, read_jsonl, run_info, variant_settings
+from bench.common import (
+    DATA,
+    INT8_ENGINES,
+    int8_layers_engine,
+    interleaved_speeds,
+    parse_variants,
+    read_jsonl,
+    run_info,
+    variant_settings,
+)
 from twostage.retrieval.devices import resolve_device
 from twostage.retrieval.model_source import resolve_model
 from twostage.retrieval.numerics import choose_dtype
@@ -106,7 +115,7 @@ def main() -> None:
     parser.add_argument("--pack-tokens", type=int, help="--variants: tokens per packed row")
     parser.add_argument("--padded", action="store_true",
                         help="--variants: padded batches, not packed rows")  # fmt: skip
-    parser.add_argument("--int8-engine", default="auto", choices=["auto", "fbgemm", "onednn"],
+    parser.add_argument("--int8-engine", default="auto", choices=INT8_ENGINES,
                         help="--variants: whose int8 kernels (settings numerics.int8_engine)")  # fmt: skip
     args = parser.parse_args()
     if args.variants:
@@ -195,17 +204,6 @@ def as_run(calls: list[tuple[str, list[str]]], scores: dict[str, list[float]]) -
     return {qid: dict(zip(docs, scores[qid], strict=True)) for qid, docs in calls}
 
 
-def int8_layers_engine(reranker: object) -> str | None:
-    """The engine the int8 reranker's layers were packed for, as its layers record it."""
-    from twostage.retrieval.numerics import SmoothedLinear
-
-    model = getattr(reranker, "model", None)
-    engines = (
-        {m.engine for m in model.modules() if isinstance(m, SmoothedLinear)} if model is not None else set()
-    )
-    return ",".join(sorted(engines)) or None
-
-
 def compare_variants(args: argparse.Namespace) -> None:
     """Numeric paths of one reranker, loaded by the service's own factory, on the same pairs."""
     from twostage.retrieval.allocator import keep_freed_memory
@@ -275,7 +273,8 @@ def compare_variants(args: argparse.Namespace) -> None:
         "max_padding": getattr(next(iter(rerankers.values())), "max_padding", None),
         "packed": getattr(next(iter(rerankers.values())), "packed", None),
         "pack_tokens": getattr(next(iter(rerankers.values())), "pack_tokens", None),
-        "int8_engine": int8_layers_engine(rerankers.get("int8")), "allocator": keep_freed_memory(),
+        "int8_engine": int8_layers_engine(getattr(rerankers.get("int8"), "model", None)),
+        "allocator": keep_freed_memory(),
         **run_info(args.device),
     }))  # fmt: skip
 

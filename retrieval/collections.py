@@ -6,7 +6,7 @@ made, and the refusal to mix embedders. The alias switch itself is the store's a
 """
 
 from twostage.retrieval.embedder import Embedder
-from twostage.retrieval.numerics import INT8_PATH
+from twostage.retrieval.numerics import INT8_FUSED_PATH, INT8_PATH
 from twostage.retrieval.settings import ChunkerSettings, NumericsSettings, Settings
 from twostage.retrieval.sparse import SparseManifest
 from twostage.retrieval.store import (
@@ -84,10 +84,14 @@ def embedder_mismatch(
     if built is not None and now is not None and manifest.embedder_numerics not in (None, path):
         cosine = built.min_cosine(now)
         if cosine < min_cosine:
-            rebuild = (
-                "TWOSTAGE_EMBEDDER__QUANTIZE=int8"
-                if manifest.embedder_numerics == INT8_PATH
-                else f"TWOSTAGE_EMBEDDER__QUANTIZE=none TWOSTAGE_DTYPE={manifest.embedder_numerics}"
+            rebuild = {
+                INT8_PATH: "TWOSTAGE_EMBEDDER__QUANTIZE=int8",
+                INT8_FUSED_PATH: (
+                    "TWOSTAGE_EMBEDDER__QUANTIZE=int8 TWOSTAGE_NUMERICS__INT8_ENGINE=onednn-fused"
+                ),
+            }.get(
+                manifest.embedder_numerics or "",
+                f"TWOSTAGE_EMBEDDER__QUANTIZE=none TWOSTAGE_DTYPE={manifest.embedder_numerics}",
             )
             return (
                 f"collection {manifest.collection} was embedded in {manifest.embedder_numerics}; this "

@@ -45,7 +45,8 @@ class Embedder(Protocol):
 
     @property
     def numerics(self) -> str:
-        """The numeric path that computes the vectors: float32, bfloat16, float16, int8-dynamic, remote."""
+        """The numeric path that computes the vectors: float32, bfloat16, float16, int8-dynamic,
+        int8-fused, remote."""
         ...
 
     @property
@@ -165,5 +166,6 @@ def load_embedder(settings: Settings, remote_metrics: "RemoteMetrics | None" = N
         probe=lambda e: e.embed_documents(list(PROBES)), deviation=embedder_deviation,
         tolerance=1.0 - settings.numerics.embedder_min_cosine,
         model_id=model_identity(source, settings.cache_dir), device=device, cache_dir=settings.cache_dir,
+        engine=settings.numerics.int8_engine,
     )  # fmt: skip
     return embedder

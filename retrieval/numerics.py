@@ -18,6 +18,7 @@ SmolLM2-135M as a yes/no reranker through `bf16_matmuls` (0.0026; wholly in bf16
 """
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
@@ -33,6 +34,16 @@ import numpy as np
 import torch
 
 from twostage.retrieval.errors import ModelLoadError
+from twostage.retrieval.fused_int8 import (
+    FUSED_ENGINE,
+    Fp32Input,
+    FusedInt8Linear,
+    FusedInt8Unavailable,
+    SharedInput,
+    fused_quantizer,
+    fuses_gelu,
+    smoothing_scale,
+)
 from twostage.retrieval.packed_attention import register_packed
 
 log = logging.getLogger(__name__)
@@ -58,14 +69,18 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-INT8_PATH = "int8-dynamic"  # what `numeric_path` calls a model with dynamic int8 layers
+INT8_PATH = "int8-dynamic"  # what `numeric_path` calls a model with torch's dynamic int8 layers
+INT8_FUSED_PATH = "int8-fused"  # ... and one with `FusedInt8Linear` layers in bf16 (other vectors)
 
 
 def numeric_path(model: torch.nn.Module) -> str:
-    """What computes a loaded model's outputs: `int8-dynamic` when its Linear layers are dynamically
-    quantized, else the dtype of its floating-point weights."""
+    """What computes a loaded model's outputs: `int8-dynamic` when its Linear layers are torch's
+    dynamic int8 ones, `int8-fused` when they are `FusedInt8Linear` (bf16 between them), else the
+    dtype of its floating-point weights."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
+    if any(isinstance(module, FusedInt8Linear) for module in model.modules()):
+        return INT8_FUSED_PATH
     if any(isinstance(module, DynamicLinear) for module in model.modules()):
         return INT8_PATH
     if any(isinstance(module, Bf16Linear) for module in model.modules()):
@@ -179,7 +194,6 @@ def _full_range_linear() -> type[torch.nn.Module]:
 
 
 HEAD_OUTPUTS = 64  # a Linear with fewer outputs is a head and stays in fp32
-SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: activation and weight ranges meet halfway
 
 
 class SmoothedLinear(torch.nn.Module):
@@ -200,10 +214,7 @@ class SmoothedLinear(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.out_dtype = out_dtype
-        weight_max = linear.weight.detach().abs().amax(0).clamp(min=1e-5)
-        scale = (
-            activation_max.clamp(min=1e-5) ** SMOOTHING_ALPHA / weight_max ** (1 - SMOOTHING_ALPHA)
-        ).clamp(min=1e-5)
+        scale = smoothing_scale(linear.weight, activation_max)
         smoothed = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
         with torch.no_grad():
             smoothed.weight.copy_(linear.weight * scale[None, :])
@@ -412,6 +423,11 @@ def quantize_int8(
 
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
+    if engine == FUSED_ENGINE:
+        if calibrate is None:
+            raise ModelLoadError(f"int8 engine {FUSED_ENGINE} needs calibration (the load's probes)")
+        _fused_int8(module, _activation_maxima(module, calibrate), int8_down)
+        return
     quantized = _full_range_linear() if int8_full_range() else DynamicLinear
     maxima = _activation_maxima(module, calibrate) if calibrate is not None else {}
     bf16 = native_bf16() is not None
@@ -432,6 +448,81 @@ def quantize_int8(
                 linear.qconfig = _per_channel_qconfig()  # type: ignore[assignment]
                 replacement = quantized.from_float(linear)  # type: ignore[attr-defined]
             _replace(module, name, replacement)
+
+
+def _fused_int8(module: torch.nn.Module, maxima: dict[str, torch.Tensor], int8_down: bool) -> None:
+    """The int8 path of `fused_int8`, in place: the model in bf16, its Linear layers (those the
+    calibration ran) as `FusedInt8Linear`, its heads in fp32 (`Fp32Input`: a pooler, and a Linear
+    with fewer than `HEAD_OUTPUTS` outputs). Every replacement is built from the fp32 weights,
+    before the rest is cast. Layers are found by BERT's names (`query`/`key`/`value`, `*SelfOutput`,
+    `*Intermediate`); another family's run in int8 without the sharing and the bf16 exceptions.
+
+    A self-attention's query and key (and value, where it is int8) share one quantized input
+    (`SharedInput`); an intermediate layer's exact GELU runs inside its product (`fuses_gelu`).
+    Without `int8_down` (an embedder, whose vectors fill an index) the layers whose rounding goes
+    straight into the output stay in bf16: the value and attention-output projections and the
+    down projections. MiniLM, `bench/ingest.py --variants fp32,int8 --limit 3000`, one round each
+    (scratch): top-10 overlap with the fp32-built index 0.9543 at 2.77x fp32 with only the down
+    projections in bf16, 0.9667 at 2.86x with these. A cross-encoder (`int8_down`) is judged by its
+    ranking and runs every encoder Linear in int8 (README, Benchmarks)."""
+    named = dict(module.named_modules())
+    heads = [n for n, m in named.items() if n and (type(m).__name__.endswith("Pooler") or (
+        isinstance(m, torch.nn.Linear) and m.out_features < HEAD_OUTPUTS))]  # fmt: skip
+    heads = [n for n in heads if not any(n.startswith(f"{h}.") for h in heads)]  # the outermost
+    bf16: set[str] = set()
+    if not int8_down:
+        for name, child in named.items():
+            prefix = f"{name}." if name else ""
+            if type(child).__name__.endswith("SelfOutput"):
+                bf16.add(f"{prefix}dense")
+            elif isinstance(named.get(f"{prefix}value"), torch.nn.Linear):
+                bf16.add(f"{prefix}value")
+    in_head = {n for n in named if any(n == h or n.startswith(f"{h}.") for h in heads)}
+    int8 = {
+        n: m for n, m in named.items()
+        if isinstance(m, torch.nn.Linear) and n in maxima and n not in bf16 and n not in in_head
+        and (int8_down or m.in_features <= m.out_features)  # a down projection stays bf16 unless int8_down
+    }  # fmt: skip
+    sharing: dict[str, tuple[SharedInput, torch.Tensor]] = {}
+    for name in named:
+        readers = [p for p in (f"{name}.{x}" if name else x for x in ("query", "key", "value")) if p in int8]
+        if len(readers) > 1:
+            weights = torch.cat([int8[r].weight for r in readers])
+            scale = smoothing_scale(weights, maxima[readers[0]])  # one input, one set of maxima
+            group = SharedInput()
+            sharing.update({r: (group, scale) for r in readers})
+    gelu = {f"{n}.dense" for n, m in named.items() if type(m).__name__.endswith("Intermediate")
+            and fuses_gelu(getattr(m, "intermediate_act_fn", torch.nn.Identity()))}  # fmt: skip
+    replacements: dict[str, torch.nn.Module] = {n: Fp32Input(copy.deepcopy(named[n])) for n in heads}
+    try:
+        for name, linear in int8.items():
+            shared, smoothing = sharing.get(name, (None, None))
+            fused_gelu = name in gelu
+            replacements[name] = FusedInt8Linear(
+                linear, maxima[name], torch.bfloat16, smoothing=smoothing, shared=shared, gelu=fused_gelu
+            )
+            if fused_gelu:  # applied inside the product
+                replacements[f"{name.removesuffix('.dense')}.intermediate_act_fn"] = torch.nn.Identity()
+    except FusedInt8Unavailable as exc:
+        raise ModelLoadError(f"int8 engine {FUSED_ENGINE}: {exc}") from exc
+    module.to(torch.bfloat16)
+    for name, replacement in replacements.items():
+        _replace(module, name, replacement)
+
+
+def auto_int8_engine(packed: bool) -> str | None:
+    """`int8_engine=auto`: on a CPU with AMX-INT8 the fused path (`fused_int8`) where
+    `torch.compile` works, else (one warning) oneDNN's eager kernels for a reranker that packs its
+    pairs, whose few row counts reuse them (`int8_engine`); torch's default (fbgemm) elsewhere.
+    Measured on an Intel Xeon with AMX (README, Benchmarks): see `int8_advice`."""
+    if int8_engine() != "onednn":
+        return None
+    try:
+        fused_quantizer()
+    except FusedInt8Unavailable as exc:
+        log.warning("%s; int8 runs torch's eager kernels, which are slower", exc)
+        return "onednn" if packed else None
+    return FUSED_ENGINE
 
 
 def _replace(module: torch.nn.Module, name: str, replacement: torch.nn.Module) -> None:
@@ -529,7 +620,7 @@ def load_on_path(
 ) -> M:
     """The model on its numeric path: int8 from fp32 weights (whatever `dtype` says), or the
     chosen dtype, measured against fp32 when `auto` picked bf16 on a CPU. `engine`: whose int8
-    kernels a reranker is packed for (`NumericsSettings.int8_engine`)."""
+    kernels run it (`NumericsSettings.int8_engine`)."""
     if quantize == "int8":
         require_int8(role, family, model_id, device)
         advice = int8_advice(role, model_id)
@@ -539,9 +630,8 @@ def load_on_path(
         # the reranker's down projections in int8 too: measured on its ranking (quantize_int8)
         encoder = model.model  # type: ignore[attr-defined]
         reranker = role == "reranker"
-        # auto: oneDNN's AMX-INT8 kernels only for packed rows, whose few row counts reuse its kernels
-        packed = reranker and bool(getattr(model, "packed", False))
-        chosen = (int8_engine() if packed else None) if engine == "auto" else engine
+        packed = reranker and bool(getattr(model, "packed", False))  # for `auto` without a compiler
+        chosen = auto_int8_engine(packed) if engine == "auto" else engine
         quantize_int8(encoder, calibrate=lambda: probe(model), int8_down=reranker, engine=chosen)
         return model
     return load_measured(load, choice, probe, deviation, tolerance, model_id, cache_dir)[0]

@@ -49,7 +49,8 @@ class Reranker(Protocol):
 
     @property
     def numerics(self) -> str:
-        """The numeric path that computes the scores: float32, bfloat16, float16, int8-dynamic, remote."""
+        """The numeric path that computes the scores: float32, bfloat16, float16, int8-dynamic,
+        int8-fused, remote."""
         ...
 
     def score(self, query: str, documents: Sequence[str], instruction: str | None = None) -> list[float]:

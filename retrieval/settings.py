@@ -222,9 +222,11 @@ class NumericsSettings(BaseModel):
         False, description="refuse an explicit bfloat16/float16 on a CPU without native bf16 (else: float32 "
         "with one log line)",
     )  # fmt: skip
-    int8_engine: Literal["auto", "fbgemm", "onednn"] = Field(
-        "auto", description="whose int8 kernels quantize=int8 packs a reranker for; auto: oneDNN's "
-        "where the CPU has AMX-INT8 and the reranker packs its pairs, else torch's default (fbgemm)",
+    int8_engine: Literal["auto", "fbgemm", "onednn", "onednn-fused"] = Field(
+        "auto", description="whose int8 kernels quantize=int8 runs; onednn-fused: oneDNN's products on "
+        "inputs quantized by a compiled kernel, bf16 between them (needs a C++ compiler); auto: "
+        "onednn-fused where the CPU has AMX-INT8 (without a compiler: oneDNN's eager kernels for a "
+        "reranker that packs its pairs), torch's default (fbgemm) elsewhere",
     )  # fmt: skip
 
 

@@ -130,7 +130,8 @@ class CollectionManifest(BaseModel):
         None, description="the embedder's vectors of fixed probes (None: built before they were recorded)"
     )
     embedder_numerics: str | None = Field(
-        None, description="the numeric path that embedded it: float32, bfloat16, int8-dynamic, remote"
+        None,
+        description="the numeric path that embedded it: float32, bfloat16, int8-dynamic, int8-fused, remote",
     )
     dim: int
     distance: Literal["cosine"] = "cosine"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from twostage.retrieval import numerics
+from twostage.retrieval import fused_int8, numerics
 from twostage.retrieval.collections import (
     embedder_mismatch,
     open_store,
@@ -207,13 +207,15 @@ def test_a_collection_knows_the_numeric_path_that_built_it(
 def test_int8_is_for_the_small_encoders(
     tiny_models: TinyModelPaths, minilm_settings: Settings, minilm_embedder: Embedder, tmp_path: Path
 ) -> None:
-    """quantize=int8 runs MiniLM's Linear layers in dynamic int8 (its numeric path says so, its
-    vectors stay near fp32's: SmoothQuant scales and bf16 down projections keep its probes
-    within the default 0.999 cosine), so an index built in float32 accepts it at the default
-    tolerance and refuses it at a stricter one, naming the setting that built it; a Qwen3
-    (last-token / yes-no) model asked for int8 is one clear error naming its family."""
-    int8 = load_embedder(minilm_settings.model_copy(update={"embedder": minilm_settings.embedder.model_copy(
-        update={"quantize": "int8"})}))  # fmt: skip
+    """quantize=int8 on torch's kernels (`int8_engine=fbgemm`) runs MiniLM's Linear layers in dynamic
+    int8 (its numeric path says so, its vectors stay near fp32's: SmoothQuant scales and bf16 down
+    projections keep its probes within the default 0.999 cosine), so an index built in float32
+    accepts it at the default tolerance and refuses it at a stricter one, naming the setting that
+    built it; a Qwen3 (last-token / yes-no) model asked for int8 is one clear error naming its
+    family."""
+    int8 = load_embedder(minilm_settings.model_copy(update={
+        "embedder": minilm_settings.embedder.model_copy(update={"quantize": "int8"}),
+        "numerics": minilm_settings.numerics.model_copy(update={"int8_engine": "fbgemm"})}))  # fmt: skip
     assert int8.numerics == "int8-dynamic" and minilm_embedder.numerics == "float32"
     bf16 = numerics.native_bf16() is not None
     layer = int8.model[0].auto_model.encoder.layer[0]  # type: ignore[attr-defined]
@@ -245,6 +247,117 @@ def test_int8_is_for_the_small_encoders(
         settings = Settings(cache_dir=tmp_path / "cache", device="cpu", **quantized)  # type: ignore[arg-type]
         with pytest.raises(ModelLoadError, match=f"is a {family} {role}, which is not quantized here"):
             (load_embedder if role == "embedder" else load_reranker)(settings)
+
+
+def test_fused_int8_embedder_keeps_the_layers_that_write_its_vectors_in_bf16(
+    minilm_settings: Settings, minilm_embedder: Embedder, tmp_path: Path
+) -> None:
+    """int8_engine=onednn-fused: MiniLM in bf16 with oneDNN's int8 products for the query and key
+    (one shared quantized input) and the intermediate layer (its GELU inside the product); the
+    value, attention-output and down projections, whose rounding goes straight into the vectors,
+    stay bf16, the pooler fp32. Its probes stay within the default 0.999 cosine of fp32's, and an
+    index it built names the setting that rebuilds it."""
+    fused = load_embedder(minilm_settings.model_copy(update={
+        "embedder": minilm_settings.embedder.model_copy(update={"quantize": "int8"}),
+        "numerics": minilm_settings.numerics.model_copy(update={"int8_engine": "onednn-fused"})}))  # fmt: skip
+    assert fused.numerics == "int8-fused"
+    bert = fused.model[0].auto_model  # type: ignore[attr-defined]
+    layer = bert.encoder.layer[0]
+    attention = layer.attention.self
+    assert isinstance(attention.query, fused_int8.FusedInt8Linear) and isinstance(
+        attention.key, fused_int8.FusedInt8Linear
+    )
+    assert attention.query.shared is attention.key.shared is not None
+    assert (
+        isinstance(layer.intermediate.dense, fused_int8.FusedInt8Linear)
+        and layer.intermediate.dense.post_op == "gelu"
+    )
+    assert type(layer.intermediate.intermediate_act_fn) is torch.nn.Identity
+    for bf16 in (attention.value, layer.attention.output.dense, layer.output.dense):
+        assert type(bf16) is torch.nn.Linear and bf16.weight.dtype == torch.bfloat16
+    assert bert.pooler is None or isinstance(bert.pooler, fused_int8.Fp32Input)
+    texts = ["apt installs packages", "a chess engine for the terminal", "数据 ünïcödé"]
+    a, b = fused.embed_documents(texts), minilm_embedder.embed_documents(texts)
+    assert np.all((a * b).sum(1) > 0.99)
+    settings = minilm_settings.model_copy(update={"data_dir": tmp_path / "data"})
+    store = open_store(settings)
+    try:
+        manifest, _ = version_for_ingest(store, "docs", minilm_embedder, settings, new_version=False)
+        assert embedder_mismatch(manifest, fused) is None  # probes within 0.999 (measured 0.99934)
+        fused_built = manifest.model_copy(
+            update={"embedder_numerics": "int8-fused", "embedder_fingerprint": fused.fingerprint}
+        )
+        refused = embedder_mismatch(fused_built, minilm_embedder, min_cosine=0.999999)
+        assert refused is not None and "TWOSTAGE_NUMERICS__INT8_ENGINE=onednn-fused" in refused
+    finally:
+        store.close()
+
+
+def test_fused_int8_linear_is_an_int8_product_of_its_layer() -> None:
+    """A `FusedInt8Linear` answers its Linear's product within int8 rounding, with GELU applied
+    inside when asked; layers reading the same tensor through one `SharedInput` quantize it once,
+    and a new tensor is quantized anew. The quantizer keeps zero exact."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 64)
+    x[:, :3] *= 30.0  # outlier channels
+    linears = [torch.nn.Linear(64, 96) for _ in range(3)]
+    maxima = x.abs().amax(0)
+    shared = fused_int8.SharedInput()
+    scale = fused_int8.smoothing_scale(torch.cat([m.weight for m in linears]), maxima)
+    layers = [
+        fused_int8.FusedInt8Linear(m, maxima, torch.float32, smoothing=scale, shared=shared) for m in linears
+    ]
+    calls = []
+    for layer in layers:
+        quantize = layer.quantize
+        layer.quantize = lambda rows, inverse, q=quantize: calls.append(rows.shape) or q(rows, inverse)  # type: ignore[method-assign]
+    activations = x.bfloat16()  # what a bf16 encoder hands them
+    with torch.no_grad():
+        for layer, linear in zip(layers, linears, strict=True):
+            expected = linear(x)
+            error = float((layer(activations) - expected).abs().mean() / expected.abs().mean())
+            assert 0 < error < 0.03, error
+        assert len(calls) == 1  # the same tensor: quantized once for all three
+        layers[0](x.bfloat16()), layers[1](x.bfloat16())
+        assert len(calls) == 3  # each new tensor once
+        gelu = fused_int8.FusedInt8Linear(linears[0], maxima, torch.float32, gelu=True)
+        expected = torch.nn.functional.gelu(linears[0](x))
+        assert float((gelu(x) - expected).abs().mean() / expected.abs().mean()) < 0.03
+    quantized, step, zero_point = fused_int8.quantize_rows(torch.tensor([[-1.0, 0.0, 3.0]]), torch.ones(3))
+    assert quantized.dtype == torch.uint8 and int(quantized[0, 1]) == int(zero_point)
+    assert torch.allclose(
+        (quantized.float() - zero_point) * step, torch.tensor([[-1.0, 0.0, 3.0]]), atol=float(step)
+    )
+
+
+def test_int8_auto_picks_the_fused_path_where_the_cpu_has_amx_int8(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`int8_engine=auto`: the fused path on a CPU with AMX-INT8, for both roles; where
+    `torch.compile` cannot build its kernel, one warning and oneDNN's eager kernels for a packing
+    reranker, torch's default for the rest; an explicit onednn-fused then fails to load, saying why.
+    Without AMX-INT8, torch's default."""
+    monkeypatch.setattr(numerics, "_cpu_flags", lambda: frozenset({"avx512_vnni", "amx_int8"}))
+    assert numerics.auto_int8_engine(packed=True) == numerics.auto_int8_engine(packed=False) == "onednn-fused"
+
+    def no_compiler() -> None:
+        raise fused_int8.FusedInt8Unavailable(
+            "torch.compile could not build the int8 quantizing kernel: no g++"
+        )
+
+    monkeypatch.setattr(numerics, "fused_quantizer", no_compiler)
+    monkeypatch.setattr(fused_int8, "fused_quantizer", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="twostage.retrieval.numerics"):
+        assert (numerics.auto_int8_engine(packed=True), numerics.auto_int8_engine(packed=False)) == (
+            "onednn",
+            None,
+        )
+    assert sum("no g++" in r.getMessage() for r in caplog.records) == 2
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128))
+    with pytest.raises(ModelLoadError, match=r"int8 engine onednn-fused: torch\.compile could not build"):
+        numerics.quantize_int8(model, calibrate=lambda: model(torch.randn(4, 64)), engine="onednn-fused")
+    monkeypatch.setattr(numerics, "_cpu_flags", lambda: frozenset({"avx512_vnni"}))
+    assert numerics.auto_int8_engine(packed=True) is None
 
 
 def test_int8_activations_keep_eight_bits_where_the_cpu_has_vnni() -> None:
@@ -367,20 +480,20 @@ def test_cpu_inference_keeps_freed_memory_unless_the_user_tunes_glibc() -> None:
     assert (ours.stdout.strip(), theirs.stdout.strip()) == ("True", "False")
 
 
-def test_int8_on_a_cpu_with_amx_says_bf16_is_faster(
+def test_int8_on_a_cpu_with_amx_points_to_bf16(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     cross_encoder_dir: Path,
     model_cache: Path,
 ) -> None:
-    """quantize=int8 still loads int8 where AMX makes bf16 the faster path, with one warning saying so;
-    elsewhere it says nothing."""
+    """quantize=int8 still loads int8 where AMX makes bf16 as fast and closer to fp32, with one
+    warning saying so; elsewhere it says nothing."""
     settings = Settings(
         reranker={"model": str(cross_encoder_dir), "quantize": "int8"}, cache_dir=model_cache, device="cpu"
     )
     monkeypatch.setattr(numerics, "native_bf16", lambda: "amx_bf16")
     with caplog.at_level(logging.WARNING, logger="twostage.retrieval.numerics"):
-        assert load_reranker(settings).numerics == "int8-dynamic"
+        assert load_reranker(settings).numerics.startswith("int8-")
     advice = [r.getMessage() for r in caplog.records if "quantize=int8" in r.getMessage()]
     assert len(advice) == 1 and "set dtype=bfloat16 and quantize=none" in advice[0], advice
     monkeypatch.setattr(numerics, "native_bf16", lambda: "avx512_bf16")

@@ -13,6 +13,7 @@ from twostage.retrieval import numerics
 from twostage.retrieval.cross_encoder_reranker import CrossEncoderReranker
 from twostage.retrieval.embedder import load_embedder
 from twostage.retrieval.errors import TooLarge
+from twostage.retrieval.fused_int8 import FusedInt8Linear
 from twostage.retrieval.last_token_embedder import LastTokenEmbedder
 from twostage.retrieval.prompts import embedding_query
 from twostage.retrieval.reranker import load_reranker
@@ -114,34 +115,36 @@ def test_int8_cross_encoder_runs_its_down_projections_in_int8(
     cross_encoder_dir: Path, model_cache: Path
 ) -> None:
     """quantize=int8 on a cross-encoder: every encoder Linear in int8 behind SmoothQuant scales,
-    the FFN down projections included (an embedder keeps those in bf16), the head in fp32."""
+    the FFN down projections included (an embedder keeps those in bf16), the head in fp32. `auto`
+    runs the fused path where the CPU has AMX-INT8 (`auto_int8_engine`); a setting picks any
+    engine, and the scores stay close to fp32's."""
     settings = Settings(reranker={"model": str(cross_encoder_dir)}, cache_dir=model_cache, device="cpu")
     fp32 = load_reranker(settings)
-    int8 = load_reranker(settings.model_copy(update={"reranker": settings.reranker.model_copy(
-        update={"quantize": "int8"})}))  # fmt: skip
-    assert isinstance(int8, CrossEncoderReranker) and int8.numerics == "int8-dynamic"
-    bert = int8.model.model
-    layer = bert.bert.encoder.layer[0]
-    assert isinstance(layer.attention.self.query, numerics.SmoothedLinear)
-    assert isinstance(layer.output.dense, numerics.SmoothedLinear)  # the down projection
-    assert type(bert.classifier) is torch.nn.Linear
     documents = ["a chess engine for the terminal", "apt installs packages", "word " * 300]
-    drift = np.abs(np.subtract(int8.score("chess", documents), fp32.score("chess", documents)))
-    assert 0 < drift.max() < 0.01, drift  # int8 moves scores, a little (measured 5e-4)
-    # auto: oneDNN's kernels where the CPU has AMX-INT8 (the reranker packs its pairs on a CPU); a
-    # setting picks either engine, and the scores stay as close to fp32
-    auto = numerics.int8_engine() or torch.backends.quantized.engine
-    assert {m.engine for m in bert.modules() if isinstance(m, numerics.SmoothedLinear)} == {auto}
-    for engine in ("fbgemm", "onednn"):
-        other = load_reranker(settings.model_copy(update={
+    reference = fp32.score("chess", documents)
+    auto = numerics.auto_int8_engine(packed=True)
+    for engine in ("auto", "fbgemm", "onednn", "onednn-fused"):
+        int8 = load_reranker(settings.model_copy(update={
             "reranker": settings.reranker.model_copy(update={"quantize": "int8"}),
             "numerics": settings.numerics.model_copy(update={"int8_engine": engine})}))  # fmt: skip
-        assert isinstance(other, CrossEncoderReranker)
-        assert {m.engine for m in other.model.model.modules() if isinstance(m, numerics.SmoothedLinear)} == {
-            engine
+        assert isinstance(int8, CrossEncoderReranker)
+        chosen = auto if engine == "auto" else engine
+        fused = chosen == "onednn-fused"
+        assert int8.numerics == ("int8-fused" if fused else "int8-dynamic")
+        bert = int8.model.model
+        layer = bert.bert.encoder.layer[0]
+        kind = FusedInt8Linear if fused else numerics.SmoothedLinear
+        assert isinstance(layer.attention.self.query, kind)
+        assert isinstance(layer.output.dense, kind)  # the down projection
+        head = bert.classifier.module if fused else bert.classifier
+        assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32
+        assert {m.engine for m in bert.modules() if isinstance(m, kind)} == {
+            chosen or torch.backends.quantized.engine
         }
-        drift = np.abs(np.subtract(other.score("chess", documents), fp32.score("chess", documents)))
-        assert drift.max() < 0.01, (engine, drift)
+        drift = np.abs(np.subtract(int8.score("chess", documents), reference))
+        # int8 moves scores, a little: measured 5e-4 (torch's kernels, fp32 between them) and 0.025
+        # (fused, bf16 between them) on this random head; ranking quality is the bench's to judge
+        assert 0 < drift.max() < (0.05 if fused else 0.01), (engine, drift)
 
 
 def test_logit_saturates_instead_of_overflowing() -> None:

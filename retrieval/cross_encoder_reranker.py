@@ -35,8 +35,8 @@ def packs_pairs(model: CrossEncoder, device: torch.device) -> bool:
     matrix product sees all of the pass's tokens and no padding. MiniLM-L6 as a cross-encoder on
     100 debian-ir dev queries x hybrid top 10 (`bench/rerank_throughput.py --variants
     fp32,bf16,int8`, with and without `--padded`; Intel Xeon with AMX, cadd4f4): the same
-    scores, fp32 44.70 -> 71.93 pairs/s, bf16 59.20 -> 158.27 (int8 on oneDNN's kernels 42.29 ->
-    108.97; padded batches keep fbgemm's, `numerics.int8_engine`). Only for
+    scores, fp32 44.70 -> 71.93 pairs/s, bf16 59.20 -> 158.27 (int8 on oneDNN's eager kernels
+    42.29 -> 108.97; on the fused route, `fused_int8`, 81.26 -> 169.78 at 09f4bbf). Only for
     a one-logit sigmoid head of a class in `PACKED_HEADS`, and only on a CPU (where measured).
     """
     hf = model.model

@@ -108,19 +108,21 @@ def require_int8(role: str, family: str, model: str, device: torch.device) -> No
 
 
 def int8_advice(role: str, model: str) -> str | None:
-    """One line for a user who asked for int8 on a CPU with AMX, where bf16 is the faster path.
+    """One line for a user who asked for int8 on a CPU with AMX, where bf16 is as fast and closer
+    to fp32.
 
-    Measured there (Intel Xeon with AMX, 2 threads; README, Benchmarks): MiniLM ingest
-    (`bench/ingest.py --variants fp32,bf16,int8`, e42f7b9) bf16 2.81x fp32 with top-10 overlap
-    0.987, int8 1.59x with 0.960; the MiniLM cross-encoder (`bench/rerank_throughput.py`, cadd4f4)
-    bf16 2.18x with nDCG@10 unchanged, int8 1.51x. torch's int8 kernels quantize each input
-    apart from the product, while AMX multiplies bf16 as fast as they multiply int8.
+    Measured there (Intel Xeon with AMX, 2 threads; README, Benchmarks), int8 on the fused path
+    (`fused_int8`, 09f4bbf): MiniLM ingest (`bench/ingest.py --variants fp32,bf16,int8`) bf16
+    2.80x fp32 with top-10 overlap 0.987, int8 2.92x with 0.963; the MiniLM cross-encoder
+    (`bench/rerank_throughput.py --variants fp32,bf16,int8`) bf16 2.25x with scores within 0.021
+    and nDCG@10 unchanged, int8 2.06x with scores within 0.33. On torch's eager int8 kernels (no
+    C++ compiler for `torch.compile`) int8 ran 1.5-1.6x (cadd4f4, e42f7b9).
     """
     if native_bf16() != "amx_bf16":
         return None
     return (
-        f"quantize=int8 for the {role} {model} on a CPU with AMX: bf16 is faster here and closer to "
-        "fp32 (MiniLM measured 2.2-2.8x fp32 in bf16, 1.5-1.6x in int8); set dtype=bfloat16 and quantize=none"
+        f"quantize=int8 for the {role} {model} on a CPU with AMX: bf16 is as fast here and closer to fp32 "
+        "(MiniLM measured 2.3-2.8x fp32 in bf16, 2.1-2.9x in int8); set dtype=bfloat16 and quantize=none"
     )
 
 
@@ -141,8 +143,9 @@ def int8_full_range() -> bool:
 
 
 def int8_engine() -> str | None:
-    """The quantized engine whose int8 kernels a reranker's layers are packed for: oneDNN where
-    the CPU has AMX-INT8 (fbgemm's kernels do not use it), else torch's default.
+    """The quantized engine for torch's eager int8 kernels where the CPU has AMX-INT8: oneDNN
+    (fbgemm's kernels do not use it), else None (torch's default). `auto` runs the fused path
+    there instead (`auto_int8_engine`), and these kernels only where `torch.compile` fails.
 
     oneDNN builds a kernel at each new row count (about 1 ms per Linear shape), so it pays only
     where rows are few and large: a cross-encoder's packed rows (`packs_pairs`). Measured on an
@@ -406,7 +409,10 @@ def quantize_int8(
     to 0.13) at 1.78x fp32, against 1.61x with them in bf16 (`bench/rerank_throughput.py
     --variants fp32,int8 --rounds 7`). An embedder's vectors fill an index, whose top-10 overlap
     with the fp32-built one needs them in bf16 (README). `engine` is the quantized engine the
-    layers are packed for (`int8_engine`; None: torch's default, fbgemm on x86).
+    layers are packed for (`int8_engine`; None: torch's default, fbgemm on x86), or
+    `onednn-fused`: the model in bf16 with oneDNN's int8 products on inputs quantized by one
+    compiled kernel (`fused_int8`, `_fused_int8`; needs `calibrate`), the default on a CPU with
+    AMX-INT8 (`auto_int8_engine`).
 
     Chosen by measurement (README, Numeric paths), MiniLM over 256 debian-ir documents, worst /
     mean cosine with fp32: per-tensor weights 0.89; per-channel weights with torch's 7-bit

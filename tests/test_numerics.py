@@ -225,21 +225,10 @@ def test_int8_is_for_the_small_encoders(
     texts = ["apt installs packages", "a chess engine for the terminal", "数据 ünïcödé"]
     a, b = int8.embed_documents(texts), minilm_embedder.embed_documents(texts)
     assert np.all((a * b).sum(1) > 0.9)  # unit vectors: cosine
-    settings = minilm_settings.model_copy(update={"data_dir": tmp_path / "data"})
-    store = open_store(settings)
-    try:
-        manifest, _ = version_for_ingest(store, "docs", minilm_embedder, settings, new_version=False)
-        assert embedder_mismatch(manifest, int8) is None
-        refused = embedder_mismatch(manifest, int8, min_cosine=0.999999)
-        assert refused is not None and f"runs {minilm_embedder.model_id} in int8-dynamic" in refused
-        assert "TWOSTAGE_DTYPE=float32" in refused
-        int8_built = manifest.model_copy(
-            update={"embedder_numerics": "int8-dynamic", "embedder_fingerprint": int8.fingerprint}
-        )
-        refused = embedder_mismatch(int8_built, minilm_embedder, min_cosine=0.999999)
-        assert refused is not None and "TWOSTAGE_EMBEDDER__QUANTIZE=int8" in refused
-    finally:
-        store.close()
+    accepted, refused, rebuild = _int8_against_an_fp32_index(minilm_settings, minilm_embedder, int8, tmp_path)
+    assert accepted and f"runs {minilm_embedder.model_id} in int8-dynamic" in refused
+    assert "TWOSTAGE_DTYPE=float32" in refused
+    assert "TWOSTAGE_EMBEDDER__QUANTIZE=int8" in rebuild
     for role, quantized, family in (
         ("embedder", {"embedder": {"model": str(tiny_models.embedder), "quantize": "int8"}}, "last-token"),
         ("reranker", {"reranker": {"model": str(tiny_models.reranker), "quantize": "int8"}}, "yes-no"),
@@ -279,16 +268,27 @@ def test_fused_int8_embedder_keeps_the_layers_that_write_its_vectors_in_bf16(
     texts = ["apt installs packages", "a chess engine for the terminal", "数据 ünïcödé"]
     a, b = fused.embed_documents(texts), minilm_embedder.embed_documents(texts)
     assert np.all((a * b).sum(1) > 0.99)
-    settings = minilm_settings.model_copy(update={"data_dir": tmp_path / "data"})
+    accepted, _, rebuild = _int8_against_an_fp32_index(minilm_settings, minilm_embedder, fused, tmp_path)
+    assert accepted  # probes within the default 0.999 (measured 0.99934)
+    assert "TWOSTAGE_NUMERICS__INT8_ENGINE=onednn-fused" in rebuild
+
+
+def _int8_against_an_fp32_index(
+    settings: Settings, fp32: Embedder, int8: Embedder, tmp_path: Path
+) -> tuple[bool, str, str]:
+    """Whether an index built by `fp32` accepts `int8` at the default tolerance; why it refuses it at
+    a stricter one; and why `fp32` is refused by an index `int8` built (the setting that rebuilds)."""
+    settings = settings.model_copy(update={"data_dir": tmp_path / "data"})
     store = open_store(settings)
     try:
-        manifest, _ = version_for_ingest(store, "docs", minilm_embedder, settings, new_version=False)
-        assert embedder_mismatch(manifest, fused) is None  # probes within 0.999 (measured 0.99934)
-        fused_built = manifest.model_copy(
-            update={"embedder_numerics": "int8-fused", "embedder_fingerprint": fused.fingerprint}
+        manifest, _ = version_for_ingest(store, "docs", fp32, settings, new_version=False)
+        refused = embedder_mismatch(manifest, int8, min_cosine=0.999999)
+        int8_built = manifest.model_copy(
+            update={"embedder_numerics": int8.numerics, "embedder_fingerprint": int8.fingerprint}
         )
-        refused = embedder_mismatch(fused_built, minilm_embedder, min_cosine=0.999999)
-        assert refused is not None and "TWOSTAGE_NUMERICS__INT8_ENGINE=onednn-fused" in refused
+        rebuild = embedder_mismatch(int8_built, fp32, min_cosine=0.999999)
+        assert refused is not None and rebuild is not None
+        return embedder_mismatch(manifest, int8) is None, refused, rebuild
     finally:
         store.close()
 

@@ -31,13 +31,11 @@ per-channel scales (`smoothing_scale`), as on the eager path.
 `FusedInt8Unavailable` and `auto` keeps the eager kernels (`numerics.auto_int8_engine`).
 """
 
+import contextlib
 import functools
-import logging
 from collections.abc import Callable
 
 import torch
-
-log = logging.getLogger(__name__)
 
 FUSED_ENGINE = "onednn-fused"  # the `numerics.int8_engine` setting that selects this path
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: activation and weight ranges meet halfway
@@ -77,11 +75,17 @@ def quantize_rows(
 @functools.cache
 def fused_quantizer() -> Quantizer:
     """`quantize_rows` compiled once per process for any row count and width (`dynamic=True`), and
-    run once here so that a missing compiler fails at load, not on a request."""
+    run here, so that a missing compiler fails at load and no request waits for a compilation:
+    in each grad mode a model runs in (compiled code is guarded on it: the first call under
+    `inference_mode` recompiled for about a second), for two widths (the second generalizes the
+    shapes)."""
     try:
         compiled: Quantizer = torch.compile(quantize_rows, dynamic=True)
-        for width in (8, 24):  # two widths: the kernel generalizes before the first request
-            compiled(torch.randn(5, width, dtype=torch.bfloat16), torch.ones(width))
+        scales = {width: torch.ones(width) for width in (8, 24)}  # as a layer's buffer: made outside
+        for mode in (contextlib.nullcontext, torch.no_grad, torch.inference_mode):
+            with mode():  # the activations are made inside, as a request's are
+                for width, inverse_scale in scales.items():
+                    compiled(torch.randn(5, width, dtype=torch.bfloat16), inverse_scale)
     except Exception as exc:  # inductor's failures have no common base: any of them means no kernel
         raise FusedInt8Unavailable(
             f"torch.compile could not build the int8 quantizing kernel: {exc}"
@@ -119,7 +123,7 @@ class FusedInt8Linear(torch.nn.Module):
 
     `smoothing`: the SmoothQuant scale when layers share their input (`shared`), else this
     layer's own. `gelu`: oneDNN applies the exact (erf) GELU to the output inside the product, as
-    BERT's intermediate layer does after it (`fuse_gelu`): one pass over the 1,536-wide output
+    BERT's intermediate layer does after it (`fuses_gelu`): one pass over the 1,536-wide output
     fewer."""
 
     engine = FUSED_ENGINE  # as `SmoothedLinear.engine` records whose kernels run it

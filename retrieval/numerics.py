@@ -495,7 +495,7 @@ def _fused_int8(module: torch.nn.Module, maxima: dict[str, torch.Tensor], int8_d
         if len(readers) > 1:
             weights = torch.cat([int8[r].weight for r in readers])
             scale = smoothing_scale(weights, maxima[readers[0]])  # one input, one set of maxima
-            group = SharedInput()
+            group = SharedInput(len(readers))
             sharing.update({r: (group, scale) for r in readers})
     gelu = {f"{n}.dense" for n, m in named.items() if type(m).__name__.endswith("Intermediate")
             and fuses_gelu(getattr(m, "intermediate_act_fn", torch.nn.Identity()))}  # fmt: skip

@@ -296,13 +296,13 @@ def _int8_against_an_fp32_index(
 def test_fused_int8_linear_is_an_int8_product_of_its_layer() -> None:
     """A `FusedInt8Linear` answers its Linear's product within int8 rounding, with GELU applied
     inside when asked; layers reading the same tensor through one `SharedInput` quantize it once,
-    and a new tensor is quantized anew. The quantizer keeps zero exact."""
+    which holds it only until the last of them has read it, and a new tensor is quantized anew. The quantizer keeps zero exact."""
     torch.manual_seed(0)
     x = torch.randn(200, 64)
     x[:, :3] *= 30.0  # outlier channels
     linears = [torch.nn.Linear(64, 96) for _ in range(3)]
     maxima = x.abs().amax(0)
-    shared = fused_int8.SharedInput()
+    shared = fused_int8.SharedInput(readers=3)
     scale = fused_int8.smoothing_scale(torch.cat([m.weight for m in linears]), maxima)
     layers = [
         fused_int8.FusedInt8Linear(m, maxima, torch.float32, smoothing=scale, shared=shared) for m in linears
@@ -317,7 +317,7 @@ def test_fused_int8_linear_is_an_int8_product_of_its_layer() -> None:
             expected = linear(x)
             error = float((layer(activations) - expected).abs().mean() / expected.abs().mean())
             assert 0 < error < 0.03, error
-        assert len(calls) == 1  # the same tensor: quantized once for all three
+        assert len(calls) == 1 and shared._last is None  # quantized once for all three, then let go
         layers[0](x.bfloat16()), layers[1](x.bfloat16())
         assert len(calls) == 3  # each new tensor once
         gelu = fused_int8.FusedInt8Linear(linears[0], maxima, torch.float32, gelu=True)

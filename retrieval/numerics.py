@@ -18,7 +18,6 @@ SmolLM2-135M as a yes/no reranker through `bf16_matmuls` (0.0026; wholly in bf16
 """
 
 import contextlib
-import copy
 import functools
 import hashlib
 import json
@@ -36,12 +35,10 @@ import torch
 from twostage.retrieval.errors import ModelLoadError
 from twostage.retrieval.fused_int8 import (
     FUSED_ENGINE,
-    Fp32Input,
     FusedInt8Linear,
     FusedInt8Unavailable,
-    SharedInput,
+    fuse_int8,
     fused_quantizer,
-    fuses_gelu,
     smoothing_scale,
 )
 from twostage.retrieval.packed_attention import register_packed
@@ -411,7 +408,7 @@ def quantize_int8(
     with the fp32-built one needs them in bf16 (README). `engine` is the quantized engine the
     layers are packed for (`int8_engine`; None: torch's default, fbgemm on x86), or
     `onednn-fused`: the model in bf16 with oneDNN's int8 products on inputs quantized by one
-    compiled kernel (`fused_int8`, `_fused_int8`; needs `calibrate`), the default on a CPU with
+    compiled kernel (`fused_int8.fuse_int8`; needs `calibrate`), the default on a CPU with
     AMX-INT8 (`auto_int8_engine`).
 
     Chosen by measurement (README, Numeric paths), MiniLM over 256 debian-ir documents, worst /
@@ -432,7 +429,12 @@ def quantize_int8(
     if engine == FUSED_ENGINE:
         if calibrate is None:
             raise ModelLoadError(f"int8 engine {FUSED_ENGINE} needs calibration (the load's probes)")
-        _fused_int8(module, _activation_maxima(module, calibrate), int8_down)
+        try:
+            fuse_int8(
+                module, _activation_maxima(module, calibrate), int8_down=int8_down, head_outputs=HEAD_OUTPUTS
+            )
+        except FusedInt8Unavailable as exc:
+            raise ModelLoadError(f"int8 engine {FUSED_ENGINE}: {exc}") from exc
         return
     quantized = _full_range_linear() if int8_full_range() else DynamicLinear
     maxima = _activation_maxima(module, calibrate) if calibrate is not None else {}
@@ -454,66 +456,6 @@ def quantize_int8(
                 linear.qconfig = _per_channel_qconfig()  # type: ignore[assignment]
                 replacement = quantized.from_float(linear)  # type: ignore[attr-defined]
             _replace(module, name, replacement)
-
-
-def _fused_int8(module: torch.nn.Module, maxima: dict[str, torch.Tensor], int8_down: bool) -> None:
-    """The int8 path of `fused_int8`, in place: the model in bf16, its Linear layers (those the
-    calibration ran) as `FusedInt8Linear`, its heads in fp32 (`Fp32Input`: a pooler, and a Linear
-    with fewer than `HEAD_OUTPUTS` outputs). Every replacement is built from the fp32 weights,
-    before the rest is cast. Layers are found by BERT's names (`query`/`key`/`value`, `*SelfOutput`,
-    `*Intermediate`); another family's run in int8 without the sharing and the bf16 exceptions.
-
-    A self-attention's query and key (and value, where it is int8) share one quantized input
-    (`SharedInput`); an intermediate layer's exact GELU runs inside its product (`fuses_gelu`).
-    Without `int8_down` (an embedder, whose vectors fill an index) the layers whose rounding goes
-    straight into the output stay in bf16: the value and attention-output projections and the
-    down projections. MiniLM, `bench/ingest.py --variants fp32,int8 --limit 3000`, one round each
-    (scratch): top-10 overlap with the fp32-built index 0.9543 at 2.77x fp32 with only the down
-    projections in bf16, 0.9667 at 2.86x with these. A cross-encoder (`int8_down`) is judged by its
-    ranking and runs every encoder Linear in int8 (README, Benchmarks)."""
-    named = dict(module.named_modules())
-    heads = [n for n, m in named.items() if n and (type(m).__name__.endswith("Pooler") or (
-        isinstance(m, torch.nn.Linear) and m.out_features < HEAD_OUTPUTS))]  # fmt: skip
-    heads = [n for n in heads if not any(n.startswith(f"{h}.") for h in heads)]  # the outermost
-    bf16: set[str] = set()
-    if not int8_down:
-        for name, child in named.items():
-            prefix = f"{name}." if name else ""
-            if type(child).__name__.endswith("SelfOutput"):
-                bf16.add(f"{prefix}dense")
-            elif isinstance(named.get(f"{prefix}value"), torch.nn.Linear):
-                bf16.add(f"{prefix}value")
-    in_head = {n for n in named if any(n == h or n.startswith(f"{h}.") for h in heads)}
-    int8 = {
-        n: m for n, m in named.items()
-        if isinstance(m, torch.nn.Linear) and n in maxima and n not in bf16 and n not in in_head
-        and (int8_down or m.in_features <= m.out_features)  # a down projection stays bf16 unless int8_down
-    }  # fmt: skip
-    sharing: dict[str, tuple[SharedInput, torch.Tensor]] = {}
-    for name in named:
-        readers = [p for p in (f"{name}.{x}" if name else x for x in ("query", "key", "value")) if p in int8]
-        if len(readers) > 1:
-            weights = torch.cat([int8[r].weight for r in readers])
-            scale = smoothing_scale(weights, maxima[readers[0]])  # one input, one set of maxima
-            group = SharedInput(len(readers))
-            sharing.update({r: (group, scale) for r in readers})
-    gelu = {f"{n}.dense" for n, m in named.items() if type(m).__name__.endswith("Intermediate")
-            and fuses_gelu(getattr(m, "intermediate_act_fn", torch.nn.Identity()))}  # fmt: skip
-    replacements: dict[str, torch.nn.Module] = {n: Fp32Input(copy.deepcopy(named[n])) for n in heads}
-    try:
-        for name, linear in int8.items():
-            shared, smoothing = sharing.get(name, (None, None))
-            fused_gelu = name in gelu
-            replacements[name] = FusedInt8Linear(
-                linear, maxima[name], torch.bfloat16, smoothing=smoothing, shared=shared, gelu=fused_gelu
-            )
-            if fused_gelu:  # applied inside the product
-                replacements[f"{name.removesuffix('.dense')}.intermediate_act_fn"] = torch.nn.Identity()
-    except FusedInt8Unavailable as exc:
-        raise ModelLoadError(f"int8 engine {FUSED_ENGINE}: {exc}") from exc
-    module.to(torch.bfloat16)
-    for name, replacement in replacements.items():
-        _replace(module, name, replacement)
 
 
 def auto_int8_engine(packed: bool) -> str | None:

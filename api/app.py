@@ -20,21 +20,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from twostage.api.micro_batcher import Overloaded
+from twostage.api.errors import answer
 from twostage.api.routes import compat, documents, ops, retrain, search, tei
 from twostage.api.service import Service
-from twostage.retrieval.errors import (
-    InputError,
-    ModelError,
-    ModelLoadError,
-    ModelLoading,
-    ModelOverloaded,
-    RemoteUnavailable,
-    TooLarge,
-    TwostageError,
-)
+from twostage.retrieval.errors import TwostageError
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.store import CollectionNotFound, StoreError, StoreLockedError, StoreUnavailable
 
 STATIC = Path(__file__).resolve().parent / "static"
 access_log = logging.getLogger("twostage.access")
@@ -96,27 +86,8 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> J
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TwostageError)
     async def twostage_error(request: Request, exc: TwostageError) -> JSONResponse:
-        if isinstance(exc, TooLarge):
-            return _error(413, str(exc))
-        if isinstance(exc, InputError):
-            return _error(400, str(exc))
-        if isinstance(exc, ModelOverloaded | ModelLoading):
-            return _error(503, str(exc), headers={"Retry-After": "5"})
-        if isinstance(exc, RemoteUnavailable):
-            return _error(503, str(exc), headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
-        if isinstance(exc, ModelError):
-            return _error(500, str(exc))
-        if isinstance(exc, StoreLockedError | StoreUnavailable | ModelLoadError):
-            return _error(503, str(exc))
-        if isinstance(exc, CollectionNotFound):
-            return _error(404, str(exc))
-        if isinstance(exc, StoreError):
-            return _error(409, str(exc))
-        return _error(400, str(exc))
-
-    @app.exception_handler(Overloaded)
-    async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
-        return _error(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+        status, headers = answer(exc)
+        return _error(status, str(exc), headers=headers or None)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

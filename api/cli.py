@@ -21,13 +21,13 @@ from twostage.retrieval.errors import InputError, TwostageError
 from twostage.retrieval.progress import lines_when_not_a_tty
 
 if TYPE_CHECKING:
-    from twostage.retrieval.ingest import IngestReport
-    from twostage.retrieval.readers import CorpusReader
+    from twostage.retrieval.ingest.pipeline import IngestReport
+    from twostage.retrieval.ingest.readers import CorpusReader
     from twostage.retrieval.settings import Settings
 
 
 def _models_tiny(args: argparse.Namespace) -> int:
-    from twostage.retrieval.tiny_models import write_tiny_models
+    from twostage.oracles.tiny_models import write_tiny_models
 
     paths = write_tiny_models(Path(args.out), seed=args.seed)
     print(f"embedder: {paths.embedder}")
@@ -37,8 +37,8 @@ def _models_tiny(args: argparse.Namespace) -> int:
 
 def _models_check(args: argparse.Namespace) -> int:
     """Load the configured embedder and reranker, run one input through each, say what loaded."""
-    from twostage.retrieval.embedder import load_embedder
-    from twostage.retrieval.reranker import load_reranker
+    from twostage.retrieval.models.embedder import load_embedder
+    from twostage.retrieval.models.reranker import load_reranker
     from twostage.retrieval.settings import Settings
 
     settings = Settings()
@@ -56,9 +56,9 @@ def _ingest(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from twostage.retrieval.readers import CorpusReader
+    from twostage.retrieval.ingest.readers import CorpusReader
     from twostage.retrieval.settings import Settings
-    from twostage.retrieval.store import check_collection_name
+    from twostage.retrieval.store.vector_store import check_collection_name
 
     settings = Settings()
     collection = check_collection_name(args.collection or settings.collection)
@@ -96,11 +96,11 @@ def ingest_local(
 ) -> "IngestReport":
     """Ingest into this process's own store: open it first (a store held by a server is refused
     at once, naming its pid), then load the embedder and run the pipeline with progress."""
-    from twostage.retrieval.chunker import Chunker
-    from twostage.retrieval.collections import open_store
-    from twostage.retrieval.embedder import load_embedder
-    from twostage.retrieval.ingest import Progress, ingest_corpus
-    from twostage.retrieval.tokens import Qwen3Tokens
+    from twostage.retrieval.ingest.chunker import Chunker
+    from twostage.retrieval.ingest.pipeline import Progress, ingest_corpus
+    from twostage.retrieval.models.embedder import load_embedder
+    from twostage.retrieval.models.tokens import Qwen3Tokens
+    from twostage.retrieval.store.collections import open_store
 
     store = open_store(settings)
     try:

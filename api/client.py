@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 
-from twostage.retrieval.documents import BadRecord, Document
 from twostage.retrieval.errors import InputError, TwostageError
+from twostage.retrieval.ingest.documents import BadRecord, Document
 
 _SUMMED = ("documents", "new", "updated", "unchanged", "chunks_embedded", "bad_records")
 

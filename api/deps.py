@@ -3,8 +3,9 @@
 import hmac
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 
+from twostage.api.errors import Forbidden, Unauthorized
 from twostage.api.service import Service
 
 
@@ -39,14 +40,14 @@ def require_read_key(request: Request, service: ServiceDep) -> None:
 def require_write_key(request: Request, service: ServiceDep) -> None:
     """Writes always need a key; with none configured, write routes are disabled."""
     if not service.settings.api.api_keys:
-        raise HTTPException(403, "write routes are disabled: configure TWOSTAGE_API__API_KEYS")
+        raise Forbidden("write routes are disabled: configure TWOSTAGE_API__API_KEYS")
     _check(request, service)
 
 
 def _check(request: Request, service: ServiceDep) -> None:
     presented = _presented_key(request)
     if presented is None or not _key_matches(presented, service):
-        raise HTTPException(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("missing or invalid API key")
 
 
 ReadAccess = Depends(require_read_key)

@@ -3,7 +3,7 @@
 from typing import Any
 
 from twostage.retrieval.errors import InputError
-from twostage.retrieval.store import AnyOf, Condition, Equals, FieldType, Filter, Range
+from twostage.retrieval.store.vector_store import AnyOf, Condition, Equals, FieldType, Filter, Range
 
 _RANGE_OPS = {"gte", "gt", "lte", "lt"}
 

@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from twostage.api.micro_batcher import Overloaded
-from twostage.retrieval.chunker import Chunker
-from twostage.retrieval.documents import BadRecord, Document
-from twostage.retrieval.ingest import Progress, ingest_corpus
-from twostage.retrieval.locks import write_json_atomic
-from twostage.retrieval.store import AnyOf, CollectionNotFound, Filter, StoreError, now_iso
+from twostage.retrieval.errors import Overloaded
+from twostage.retrieval.ingest.chunker import Chunker
+from twostage.retrieval.ingest.documents import BadRecord, Document
+from twostage.retrieval.ingest.pipeline import Progress, ingest_corpus
+from twostage.retrieval.store.locks import write_json_atomic
+from twostage.retrieval.store.vector_store import AnyOf, CollectionNotFound, Filter, StoreError, now_iso
 
 if TYPE_CHECKING:
     from twostage.api.service import Service

@@ -60,7 +60,7 @@ def choose_model(
     role: str, configured: str, *, explicit: bool, revision: str | None, cache_dir: Path
 ) -> ModelChoice:
     """The configured model when it resolves; the offline one when a default model does not."""
-    from twostage.retrieval.model_source import resolve_model
+    from twostage.retrieval.models.source import resolve_model
 
     try:
         source = resolve_model(configured, cache_dir=cache_dir, revision=revision)
@@ -101,7 +101,7 @@ def quickstart(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", HUB_TIMEOUT_S)
     from twostage.api.cli import ingest_local
     from twostage.api.serving import bind, public_url, serve
-    from twostage.retrieval.readers import CorpusReader
+    from twostage.retrieval.ingest.readers import CorpusReader
 
     settings = Settings()
     settings.api.host = args.host or settings.api.host

@@ -18,8 +18,8 @@ def _say(line: str) -> None:
 
 def _retrain(args: argparse.Namespace) -> int:
     """Mine, fine-tune, evaluate deployed vs candidate, and promote only a better pair."""
-    from twostage.retrieval.collections import open_store
     from twostage.retrieval.settings import Settings
+    from twostage.retrieval.store.collections import open_store
     from twostage.training.retrain import RetrainOptions, retrain
 
     settings = Settings()
@@ -48,9 +48,9 @@ def _retrain(args: argparse.Namespace) -> int:
 
 def _versions(args: argparse.Namespace) -> int:
     """List the deployments of a collection with their metrics; the current one is marked."""
-    from twostage.retrieval.collections import open_store
+    from twostage.retrieval.deployments import deployments_table
     from twostage.retrieval.settings import Settings
-    from twostage.training.retrain import deployments_table
+    from twostage.retrieval.store.collections import open_store
 
     settings = Settings()
     if args.collection:
@@ -96,9 +96,9 @@ def _metric(metrics: dict[str, Any], mode: str) -> str:
 
 def _rollback(args: argparse.Namespace) -> int:
     """Switch the alias and the reranker back to a previous deployment (default: the parent)."""
-    from twostage.retrieval.collections import open_store
+    from twostage.retrieval.deployments import rollback
     from twostage.retrieval.settings import Settings
-    from twostage.training.retrain import rollback
+    from twostage.retrieval.store.collections import open_store
 
     settings = Settings()
     if args.collection:

@@ -10,6 +10,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from twostage.api.filters import parse_filter
+from twostage.retrieval.search.two_stage import Deployment, SearchHit, SearchQuery
+
 MAX_QUERY_CHARS = 32_768
 MAX_INSTRUCTION_CHARS = 16_384
 MAX_DOCUMENT_CHARS = 1_000_000
@@ -47,6 +50,15 @@ class SearchRequest(_Strict):
     collection: str | None = Field(None, description="alias to search; default the service's collection")
     group_by_doc: bool = Field(False, description="keep each document's best chunk only")
 
+    def search_query(self, deployment: Deployment) -> SearchQuery:
+        """The search this body asks for, its filter checked against the deployment's indexed fields."""
+        return SearchQuery(
+            query=self.query, top_k=self.top_k, top_n=self.top_n, instruction=self.instruction,
+            filter=parse_filter(self.filter, deployment.manifest.payload_indexes), recall=self.recall,
+            rerank=self.rerank, rerank_k=self.rerank_k, rerank_fusion=self.rerank_fusion,
+            group_by_doc=self.group_by_doc,
+        )  # fmt: skip
+
     @model_validator(mode="after")
     def _top_n_within_top_k(self) -> "SearchRequest":
         if self.top_n > self.top_k:
@@ -56,23 +68,8 @@ class SearchRequest(_Strict):
         return self
 
 
-class HitOut(BaseModel):
-    id: str
-    doc_id: str
-    chunk_index: int
-    text: str
-    title: str
-    source: str
-    metadata: dict[str, Any]
-    start: int
-    end: int
-    recall_score: float
-    rerank_score: float | None
-    rank: int
-
-
 class SearchResponse(BaseModel):
-    hits: list[HitOut]
+    hits: list[SearchHit]
     collection: str = Field(description="the collection version that answered (NAME__vN)")
     embedder: str
     reranker: str | None = Field(description="the reranker that ordered the hits (null: not reranked)")

@@ -81,38 +81,26 @@ def _via_server(url: str, body: dict[str, Any], api_key: str | None) -> dict[str
 
 
 def _embedded(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
-    """The search the service would run, on this process's own store and models."""
+    """The search the service would run, on this process's own store, loading only the models its
+    plan uses (no `Service`: no batchers, refresher or job runner for one query)."""
     from dataclasses import asdict
 
-    from twostage.api.filters import parse_filter
-    from twostage.api.service import Service
-    from twostage.retrieval.collections import active_manifest, open_store
-    from twostage.retrieval.search import plan_search, two_stage_search
+    from twostage.api.schemas import SearchRequest
+    from twostage.retrieval.deployments import load_served
+    from twostage.retrieval.search.two_stage import needs_reranker, search
+    from twostage.retrieval.store.collections import open_store
 
-    collection = body.get("collection") or settings.collection
+    request = SearchRequest.model_validate(body)
     store = open_store(settings)
     try:
-        active_manifest(store, collection)  # no index: say so before loading any model
+        collection = request.collection or settings.collection
+        # rerank=false (asked or configured) loads no reranker
+        deployment = load_served(
+            settings, store, collection, reranker=needs_reranker(settings, request.rerank)
+        )
+        return asdict(search(deployment, store, request.search_query(deployment), settings))
     finally:
         store.close()
-    service = Service(settings)
-    try:
-        service.start()
-        deployment = service.deployment(collection)
-        assert service.store is not None
-        plan = plan_search(
-            deployment, settings, body.get("recall"), body.get("rerank"), body.get("rerank_fusion")
-        )
-        result = two_stage_search(
-            deployment, service.store, body["query"], instruction=body.get("instruction"),
-            top_k=body["top_k"], top_n=body["top_n"], rerank=plan.rerank, recall=plan.recall, rrf=plan.rrf,
-            flt=parse_filter(body.get("filter"), deployment.manifest.payload_indexes),
-            rerank_k=body.get("rerank_k") or settings.api.rerank_k, fusion=plan.fusion,
-        )  # fmt: skip
-    finally:
-        service.close()
-    result.notes += plan.notes
-    return asdict(result)
 
 
 def _table(result: dict[str, Any]) -> str:

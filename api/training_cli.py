@@ -34,11 +34,11 @@ def _examples(path: str) -> "list[Example]":
 
 def _mine(args: argparse.Namespace) -> int:
     """Mine hard negatives for training pairs against a corpus file or a collection's chunks."""
-    from twostage.retrieval.collections import active_manifest, open_store
-    from twostage.retrieval.documents import Document
-    from twostage.retrieval.model_source import model_identity, resolve_model
-    from twostage.retrieval.readers import CorpusReader
+    from twostage.retrieval.ingest.documents import Document
+    from twostage.retrieval.ingest.readers import CorpusReader
+    from twostage.retrieval.models.source import model_identity, resolve_model
     from twostage.retrieval.settings import Settings
+    from twostage.retrieval.store.collections import active_manifest, open_store
     from twostage.training.data import Pair
     from twostage.training.mining import MiningSettings, mine, provenance, with_negatives, write_mined
     from twostage.training.st_model import load_st_embedder
@@ -66,7 +66,7 @@ def _mine(args: argparse.Namespace) -> int:
     )  # fmt: skip
     rescorer, reranker_id = None, None
     if args.rescore:
-        from twostage.retrieval.reranker import load_reranker
+        from twostage.retrieval.models.reranker import load_reranker
         from twostage.training.mining import RerankerScorer
 
         reranker = load_reranker(settings)
@@ -94,8 +94,8 @@ def _train_embedder(args: argparse.Namespace) -> int:
     """Fine-tune the configured embedder on pairs (LoRA by default) and write the merged model."""
     import json
 
-    from twostage.retrieval.devices import resolve_device
-    from twostage.retrieval.model_source import resolve_model
+    from twostage.retrieval.models.devices import resolve_device
+    from twostage.retrieval.models.source import resolve_model
     from twostage.retrieval.settings import Settings
     from twostage.training.data import Pair, mix_general, split_by_query
     from twostage.training.embedder_training import EmbedderTrainSettings, train_embedder
@@ -148,9 +148,9 @@ def _train_reranker(args: argparse.Namespace) -> int:
     """Fine-tune the configured reranker (yes/no LM or seq-cls cross-encoder); write the model."""
     import json
 
-    from twostage.retrieval.devices import resolve_device
-    from twostage.retrieval.model_source import resolve_model
-    from twostage.retrieval.reranker import reranker_family
+    from twostage.retrieval.models.devices import resolve_device
+    from twostage.retrieval.models.reranker import reranker_family
+    from twostage.retrieval.models.source import resolve_model
     from twostage.retrieval.settings import Settings
     from twostage.training.data import split_by_query
     from twostage.training.reranker_training import RerankerTrainSettings, fine_tune_reranker
@@ -187,13 +187,13 @@ def _train_reranker(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     """Dense and two-stage metrics for the configured models and an optional candidate pair."""
-    from twostage.retrieval.documents import Document
-    from twostage.retrieval.embedder import load_embedder
-    from twostage.retrieval.readers import CorpusReader
-    from twostage.retrieval.reranker import load_reranker
-    from twostage.retrieval.search import served_fusion
+    from twostage.retrieval.ingest.documents import Document
+    from twostage.retrieval.ingest.readers import CorpusReader
+    from twostage.retrieval.models.embedder import load_embedder
+    from twostage.retrieval.models.reranker import load_reranker
+    from twostage.retrieval.search.two_stage import served_fusion
     from twostage.retrieval.settings import Settings
-    from twostage.retrieval.sparse import Rrf
+    from twostage.retrieval.store.sparse import Rrf
     from twostage.training.data import Pair
     from twostage.training.evaluation import evaluate, from_pairs, load_beir, table, write_report
 

@@ -137,8 +137,8 @@ INT8_ENGINES = ["auto", "fbgemm", "onednn", "onednn-fused"]  # settings numerics
 
 def int8_layers_engine(model: object) -> str | None:
     """Whose kernels run a loaded model's int8 layers, as the layers record it (None: no int8)."""
-    from twostage.retrieval.fused_int8 import FusedInt8Linear
-    from twostage.retrieval.numerics import SmoothedLinear
+    from twostage.retrieval.models.numerics import SmoothedLinear
+    from twostage.retrieval.models.numerics.fused_int8 import FusedInt8Linear
 
     modules = model.modules() if isinstance(model, torch.nn.Module) else []
     return (

@@ -36,16 +36,16 @@ from bench.common import (
     run_info,
     variant_settings,
 )
-from twostage.retrieval.chunker import Chunker
-from twostage.retrieval.collections import open_store
-from twostage.retrieval.devices import resolve_device
-from twostage.retrieval.documents import Document
-from twostage.retrieval.embedder import Embedder, load_embedder
-from twostage.retrieval.ingest import IngestReport, ingest_corpus
-from twostage.retrieval.readers import CorpusReader
+from twostage.retrieval.ingest.chunker import Chunker
+from twostage.retrieval.ingest.documents import Document
+from twostage.retrieval.ingest.pipeline import IngestReport, ingest_corpus
+from twostage.retrieval.ingest.readers import CorpusReader
+from twostage.retrieval.models.devices import resolve_device
+from twostage.retrieval.models.embedder import Embedder, load_embedder
+from twostage.retrieval.models.tokens import Qwen3Tokens
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.store import VectorStore
-from twostage.retrieval.tokens import Qwen3Tokens
+from twostage.retrieval.store.collections import open_store
+from twostage.retrieval.store.vector_store import VectorStore
 
 
 def ingest_once(

@@ -15,7 +15,7 @@ norms, activations) is taken as unchanged, which is what the served paths do on 
 
 `--rows` instead times each Linear shape of the causal model, in fp32 and as `Bf16Linear`, at each
 row count of a range: how fast a product runs depends on how many rows it has, which is why the
-yes/no reranker packs its documents into long rows on a CPU (`retrieval/packed_attention.py`).
+yes/no reranker packs its documents into long rows on a CPU (`retrieval/models/packed_attention.py`).
 
 The last line is one JSON object with the figures, the commit, the CPU flags and the versions.
 """
@@ -63,7 +63,7 @@ def gemm_share(score: Callable[[], object]) -> float:
 def shape_rates(model: torch.nn.Module, tokens: int, repeats: int) -> dict[str, object]:
     """Each distinct Linear shape timed in fp32, as Bf16Linear and as int8; the products' speedups
     weighted by each shape's count and fp32 time."""
-    from twostage.retrieval import numerics
+    from twostage.retrieval.models import numerics
 
     counts: dict[tuple[int, int], int] = {}
     for module in model.modules():
@@ -93,7 +93,7 @@ def shape_rates(model: torch.nn.Module, tokens: int, repeats: int) -> dict[str, 
 
 def row_sweep(model: torch.nn.Module, rows: range, repeats: int) -> dict[str, object]:
     """GFLOP/s of each distinct Linear shape of `model`, fp32 and `Bf16Linear`, at each row count."""
-    from twostage.retrieval import numerics
+    from twostage.retrieval.models import numerics
 
     shapes = sorted(
         {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}
@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--rows", help="START:STOP:STEP: time the causal model's shapes over row counts")
     args = parser.parse_args()
 
-    from twostage.retrieval.reranker import load_reranker
+    from twostage.retrieval.models.reranker import load_reranker
     from twostage.retrieval.settings import Settings
 
     if args.rows:

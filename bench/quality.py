@@ -45,12 +45,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DATA, read_jsonl, run_info
-from twostage.retrieval.embedder import load_embedder
-from twostage.retrieval.model_source import resolve_model
-from twostage.retrieval.reranker import load_reranker
-from twostage.retrieval.search import served_fusion
+from twostage.retrieval.models.embedder import load_embedder
+from twostage.retrieval.models.reranker import load_reranker
+from twostage.retrieval.models.source import resolve_model
+from twostage.retrieval.search.two_stage import served_fusion
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.sparse import Rrf
+from twostage.retrieval.store.sparse import Rrf
 from twostage.training.data import Example, Pair
 from twostage.training.embedder_training import EmbedderTrainSettings, train_embedder
 from twostage.training.evaluation import best, from_pairs, fused_run, recall_runs, rerank_run, score_run

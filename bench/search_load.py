@@ -11,11 +11,17 @@ level, rps, p50/p95/p99 latency and errors, and the mixed run's figures against 
     python bench/search_load.py                 # ~6 min on 2 cores
     python bench/search_load.py --docs 5000 --seconds 30 --rerank
     python bench/search_load.py --reranker tiny --retrain 64 --levels 16   # + a reranker retrain and switch
+    python bench/search_load.py --rerank --levels 16 --compare REV --rounds 3  # this tree vs commit REV
+
+`--compare REV` serves the same index with the code of commit REV and with this tree, in turns
+(REV, tree, REV, tree, ...: `--rounds` each, so drift hits both), and reports each side's median
+rps and p99 at every level with the tree's ratio to REV; it skips the other runs.
 """
 
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -145,11 +151,13 @@ def main() -> None:
         "--retrain", type=int, default=0, metavar="PAIRS",
         help="also run a reranker-only retrain of PAIRS train pairs (and its switch) in the mixed run",
     )  # fmt: skip
+    parser.add_argument("--compare", metavar="REV", help="commit to compare this tree with (batched mode)")
+    parser.add_argument("--rounds", type=int, default=3, help="--compare: runs of each side")
     args = parser.parse_args()
 
     reranker, tiny_training = args.reranker, {}
     if reranker == "tiny":  # the tiny random Qwen3 reranker: a retrain in minutes on two cores
-        from twostage.retrieval.tiny_models import write_tiny_models
+        from twostage.oracles.tiny_models import write_tiny_models
 
         reranker = str(write_tiny_models(Path(args.cache_dir) / "bench-tiny").reranker)
         tiny_training = {  # what the retrain tests use: a random tiny model learns only at this rate
@@ -181,6 +189,14 @@ def main() -> None:
             env=env, check=True, stdout=sys.stderr,
         )  # fmt: skip
         ingest_s = round(time.perf_counter() - started, 1)
+        if args.compare:
+            compared = compare(args, env, base, queries, rerank)
+            print(json.dumps({
+                "bench": "search_load", "embedder": args.embedder, "reranker": reranker, "docs": args.docs,
+                "rerank": "forced" if args.rerank else "service default", "seconds_per_level": args.seconds,
+                **compared, **run_info("cpu"),
+            }))  # fmt: skip
+            return
         results: dict[str, list[dict[str, Any]]] = {}
         mixed: dict[str, Any] = {}
         for mode, batching in (("unbatched", "false"), ("batched", "true")):
@@ -217,6 +233,58 @@ def main() -> None:
         + (mixed["search"]["errors"] if mixed else 0),
         **run_info("cpu"),
     }))  # fmt: skip
+
+
+def compare(
+    args: argparse.Namespace, env: dict[str, str], base: Path, queries: list[str], rerank: bool | None
+) -> dict[str, Any]:
+    """The batched service of commit `args.compare` against this tree's, in alternating rounds."""
+    root = Path(__file__).resolve().parent.parent
+    checkout = base / "rev"
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", "-q", str(checkout), args.compare],
+                   check=True)  # fmt: skip
+    try:
+        # the installed `twostage` is this tree (editable); REV's packages come first on its server's path
+        namespace = base / "rev-path" / "twostage"
+        namespace.mkdir(parents=True)
+        for package in ("retrieval", "training", "api"):
+            (namespace / package).symlink_to(checkout / package)
+        if (checkout / "tests" / "oracles").is_dir():
+            (namespace / "oracles").symlink_to(checkout / "tests" / "oracles")
+        sides = {args.compare: {"PYTHONPATH": str(namespace.parent)}, "tree": {}}
+        runs: dict[str, list[list[dict[str, Any]]]] = {side: [] for side in sides}
+        for round_ in range(args.rounds):
+            for side, extra in sides.items():
+                server, url = start_server({**env, **extra}, base / f"server-{round_}.log")
+                try:
+                    drive(url, queries, 4, 3, rerank)  # warm up
+                    runs[side].append([drive(url, queries, c, args.seconds, rerank) for c in args.levels])
+                    print(side, json.dumps(runs[side][-1]), file=sys.stderr, flush=True)
+                finally:
+                    server.terminate()
+                    server.wait(timeout=120)
+    finally:
+        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(checkout)], check=False)
+        shutil.rmtree(checkout, ignore_errors=True)
+
+    def median(side: str, level: int, key: str) -> float:
+        return float(np.median([rows[level][key] for rows in runs[side]]))
+
+    summary = {}
+    for k, clients in enumerate(args.levels):
+        row: dict[str, Any] = {side: {key: median(side, k, key) for key in ("rps", "p50_ms", "p99_ms")}
+                               for side in sides}  # fmt: skip
+        row["tree_vs_rev_rps"] = round(row["tree"]["rps"] / row[args.compare]["rps"], 3)
+        row["tree_vs_rev_p99"] = round(row["tree"]["p99_ms"] / row[args.compare]["p99_ms"], 3)
+        summary[str(clients)] = row
+    errors = sum(r["errors"] for side in runs.values() for rows in side for r in rows)
+    return {
+        "compare": args.compare,
+        "rounds": args.rounds,
+        "by_clients": summary,
+        "runs": runs,
+        "errors": errors,
+    }
 
 
 def mixed_run(

@@ -25,11 +25,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DATA, read_jsonl, run_info
-from twostage.retrieval.edge_store import EdgeStore
-from twostage.retrieval.embedder import load_embedder
-from twostage.retrieval.qdrant_store import QdrantStore
+from twostage.retrieval.models.embedder import load_embedder
 from twostage.retrieval.settings import Settings, StoreSettings
-from twostage.retrieval.store import CollectionManifest, Point, VectorStore
+from twostage.retrieval.store.edge import EdgeStore
+from twostage.retrieval.store.qdrant import QdrantStore
+from twostage.retrieval.store.vector_store import CollectionManifest, Point, VectorStore
 
 
 def real_vectors(model: str, cache_dir: Path, n_queries: int) -> tuple[np.ndarray, np.ndarray]:

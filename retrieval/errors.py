@@ -39,3 +39,19 @@ class RemoteUnavailable(TwostageError):
     def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class NotFound(TwostageError):
+    """A job, document or other named thing the request refers to does not exist (HTTP 404)."""
+
+
+class Overloaded(TwostageError):
+    """A queue is full (a model's batcher, the job queue): the caller should retry after
+    `retry_after_s` seconds (HTTP 503 + Retry-After); nothing of the request was admitted."""
+
+    def __init__(self, name: str, retry_after_s: int, waiting: int, limit: int) -> None:
+        super().__init__(
+            f"{name} is busy: {waiting} items queued, at most {limit} (api.max_pending); "
+            f"retry in {retry_after_s}s"
+        )
+        self.retry_after_s = retry_after_s

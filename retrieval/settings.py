@@ -16,8 +16,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from twostage.retrieval.prompts import DEFAULT_TASK
-from twostage.retrieval.sparse import Bm25Params
+from twostage.retrieval.models.prompts import DEFAULT_TASK
+from twostage.retrieval.store.sparse import Bm25Params
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"] | str
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]

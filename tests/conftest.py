@@ -1,19 +1,15 @@
 """Shared fixtures: tiny Qwen3 models written once per session, and settings pointing at them."""
 
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import hermetic  # noqa: F401  (first: the environment, before any library reads it)
 import pytest
+from helpers import Served, model_server_settings, serve
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# parity with the official fp32 recipes is what most tests pin; dtype=auto (bf16 where this CPU
-# has it, per measured model) has its own tests in test_numerics.py, which set dtype explicitly
-os.environ.setdefault("TWOSTAGE_DTYPE", "float32")
-
-from twostage.retrieval.embedder import Embedder, load_embedder
+from twostage.oracles.tiny_models import TinyModelPaths, write_tiny_models
+from twostage.retrieval.models.embedder import Embedder, load_embedder
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.tiny_models import TinyModelPaths, write_tiny_models
 
 
 @pytest.fixture(scope="session")
@@ -59,10 +55,18 @@ def cross_encoder_dir(tmp_path_factory: pytest.TempPathFactory, model_cache: Pat
     import torch
     from sentence_transformers import CrossEncoder
 
-    from twostage.retrieval.model_source import resolve_model
+    from twostage.retrieval.models.source import resolve_model
 
     base = resolve_model("pypi:all-MiniLM-L6-v2", cache_dir=model_cache).path
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("ce") / "ce"
     CrossEncoder(str(base), num_labels=1, device="cpu").save(str(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def model_server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModelPaths, model_cache: Path
+) -> Iterator[Served]:
+    """A second twostage serving the tiny Qwen3 pair: the model server of the remote backends."""
+    yield from serve(model_server_settings(tmp_path_factory.mktemp("model-server"), tiny_models, model_cache))

@@ -7,9 +7,17 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvicorn
+
+from twostage.api.app import create_app
+from twostage.api.service import Service
+from twostage.retrieval.settings import Settings
+
+DEBIAN_IR = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"  # the shared data set
 
 
 def free_port() -> int:
@@ -46,3 +54,25 @@ def running(app: Any, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@dataclass
+class Served:
+    url: str
+    service: Service
+    settings: Settings
+
+
+def serve(settings: Settings, service: Service | None = None, port: int | None = None) -> Iterator[Served]:
+    """The app for `settings` served on a loopback port (a generator, for fixtures)."""
+    app = create_app(settings, service)
+    with running(app, port) as url:
+        yield Served(url, app.state.service, settings)
+
+
+def model_server_settings(data_dir: Path, models: Any, cache: Path) -> Settings:
+    """A twostage serving the tiny Qwen3 pair `models` (a `TinyModelPaths`) as a model server."""
+    return Settings(
+        data_dir=data_dir, cache_dir=cache, device="cpu", embedder={"model": str(models.embedder)},
+        reranker={"model": str(models.reranker)}, api={"batch_wait_ms": 1},
+    )  # fmt: skip

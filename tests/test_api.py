@@ -19,7 +19,6 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import cohere
@@ -28,32 +27,24 @@ import huggingface_hub
 import numpy as np
 import openai
 import pytest
-from helpers import free_port, running
+from helpers import DEBIAN_IR, Served, free_port, serve
 from huggingface_hub import InferenceClient
 
-from twostage.api.app import create_app
 from twostage.api.filters import parse_filter
 from twostage.api.service import Service
-from twostage.retrieval.chunker import Chunker
-from twostage.retrieval.collections import open_store
-from twostage.retrieval.documents import Document
-from twostage.retrieval.embedder import load_embedder
-from twostage.retrieval.ingest import ingest_corpus
+from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.retrieval.ingest.chunker import Chunker
+from twostage.retrieval.ingest.documents import Document
+from twostage.retrieval.ingest.pipeline import ingest_corpus
+from twostage.retrieval.models.embedder import load_embedder
+from twostage.retrieval.models.tokens import Qwen3Tokens
 from twostage.retrieval.settings import Settings, StoreSettings
-from twostage.retrieval.sparse import Bm25Encoder, Rrf
-from twostage.retrieval.store import AnyOf, Filter
-from twostage.retrieval.tiny_models import TinyModelPaths
-from twostage.retrieval.tokens import Qwen3Tokens
+from twostage.retrieval.store.collections import open_store
+from twostage.retrieval.store.sparse import Bm25Encoder, Rrf
+from twostage.retrieval.store.vector_store import AnyOf, Filter
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir" / "corpus.jsonl"
+DATA = DEBIAN_IR / "corpus.jsonl"
 INSTRUCTION = "Given a question about Debian, retrieve the package description that answers it"
-
-
-@dataclass
-class Served:
-    url: str
-    service: Service
-    settings: Settings
 
 
 def sample_settings(data_dir: Path, tiny_models: TinyModelPaths, model_cache: Path, docs: int) -> Settings:
@@ -92,12 +83,6 @@ def api_settings(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModelPaths, model_cache: Path
 ) -> Settings:
     return sample_settings(tmp_path_factory.mktemp("api-data"), tiny_models, model_cache, 150)
-
-
-def serve(settings: Settings, service: Service | None = None, port: int | None = None) -> Iterator[Served]:
-    app = create_app(settings, service)
-    with running(app, port) as url:
-        yield Served(url, app.state.service, settings)
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from twostage.retrieval.embedder import Embedder, load_embedder
 from twostage.retrieval.errors import InputError, ModelLoadError
-from twostage.retrieval.model_source import resolve_model
-from twostage.retrieval.reranker import Reranker, load_reranker
+from twostage.retrieval.models.embedder import Embedder, load_embedder
+from twostage.retrieval.models.reranker import Reranker, load_reranker
+from twostage.retrieval.models.source import resolve_model
 from twostage.retrieval.settings import Settings
 
 
@@ -89,7 +89,7 @@ def test_non_yes_no_model_is_refused(tiny_models, tmp_path: Path) -> None:
     """A causal LM whose 'yes' is not one token cannot be a yes/no reranker."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from twostage.retrieval.yes_no_reranker import YesNoReranker
+    from twostage.retrieval.models.yes_no_reranker import YesNoReranker
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models.reranker)
     broken = AutoTokenizer.from_pretrained(tiny_models.reranker)

@@ -7,15 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import DEBIAN_IR
 
-from twostage.retrieval.chunker import Chunker
-from twostage.retrieval.documents import BadRecord, Document, chunk_point_id
 from twostage.retrieval.errors import InputError
-from twostage.retrieval.readers import CorpusReader
+from twostage.retrieval.ingest.chunker import Chunker
+from twostage.retrieval.ingest.documents import BadRecord, Document, chunk_point_id
+from twostage.retrieval.ingest.readers import CorpusReader
+from twostage.retrieval.models.tokens import Qwen3Tokens
 from twostage.retrieval.settings import ChunkerSettings
-from twostage.retrieval.tokens import Qwen3Tokens
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir" / "corpus.jsonl"
+DATA = DEBIAN_IR / "corpus.jsonl"
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
+from twostage.oracles.tiny_models import QWEN3_TOKENIZER_JSON_SHA256
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.tiny_models import QWEN3_TOKENIZER_JSON_SHA256
 
 
 def test_models_tiny_command_writes_loadable_models(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_nested_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_auto_device_on_this_machine() -> None:
     import torch
 
-    from twostage.retrieval.devices import resolve_device
+    from twostage.retrieval.models.devices import resolve_device
 
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import DEBIAN_IR
 
-from twostage.retrieval.embedder import load_embedder
+from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.retrieval.models.embedder import load_embedder
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.tiny_models import TinyModelPaths
 from twostage.training.st_model import load_st_embedder
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
+DATA = DEBIAN_IR
 
 
 def test_lora_training_merges_into_a_model_inference_serves(
@@ -65,7 +66,7 @@ def test_masking_false_negatives_is_mnrl_without_the_in_batch_duplicates(minilm_
     right answer (here: the same passage) is left out instead of pushed away."""
     import torch
 
-    from twostage.retrieval.model_source import resolve_model
+    from twostage.retrieval.models.source import resolve_model
     from twostage.training.embedder_training import EmbedderTrainSettings, contrastive_loss
 
     model = load_st_embedder(resolve_model("pypi:all-MiniLM-L6-v2", cache_dir=minilm_settings.cache_dir).path,

@@ -6,15 +6,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from twostage.retrieval.fusion import RerankFusion, rerank_order
-from twostage.retrieval.model_source import resolve_model
+from helpers import DEBIAN_IR
+
+from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.retrieval.models.source import resolve_model
+from twostage.retrieval.search.fusion import RerankFusion, rerank_order
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.tiny_models import TinyModelPaths
 from twostage.training.data import Pair
 from twostage.training.evaluation import from_pairs, fused_run
 from twostage.training.st_model import load_st_embedder
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
+DATA = DEBIAN_IR
 
 
 def test_evaluate_dense_and_two_stage_report_and_chart(

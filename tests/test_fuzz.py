@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from test_api import Served, sample_settings, serve
 
-from twostage.retrieval.tiny_models import TinyModelPaths
+from twostage.oracles.tiny_models import TinyModelPaths
 
 pytestmark = pytest.mark.slow
 KEY = {"Authorization": "Bearer secret-key"}

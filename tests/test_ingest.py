@@ -16,20 +16,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import DEBIAN_IR
 
-from twostage.retrieval.chunker import Chunker
-from twostage.retrieval.collections import active_manifest
-from twostage.retrieval.documents import BadRecord, Document, chunk_point_id
-from twostage.retrieval.edge_store import EdgeStore
-from twostage.retrieval.embedder import Embedder, load_embedder
 from twostage.retrieval.errors import InputError
-from twostage.retrieval.ingest import IngestReport, ingest_corpus
-from twostage.retrieval.qdrant_store import QdrantStore
+from twostage.retrieval.ingest.chunker import Chunker
+from twostage.retrieval.ingest.documents import BadRecord, Document, chunk_point_id
+from twostage.retrieval.ingest.pipeline import IngestReport, ingest_corpus
+from twostage.retrieval.models.embedder import Embedder, load_embedder
+from twostage.retrieval.models.tokens import Qwen3Tokens
 from twostage.retrieval.settings import ChunkerSettings, Settings, StoreSettings
-from twostage.retrieval.store import Equals, Filter, StoreError, VectorStore
-from twostage.retrieval.tokens import Qwen3Tokens
+from twostage.retrieval.store.collections import active_manifest
+from twostage.retrieval.store.edge import EdgeStore
+from twostage.retrieval.store.qdrant import QdrantStore
+from twostage.retrieval.store.vector_store import Equals, Filter, StoreError, VectorStore
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir" / "corpus.jsonl"
+DATA = DEBIAN_IR / "corpus.jsonl"
 
 
 def debian_docs(n: int, start: int = 0) -> list[Document]:

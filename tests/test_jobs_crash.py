@@ -10,16 +10,16 @@ import time
 from pathlib import Path
 
 import httpx
-from helpers import free_port
+from helpers import DEBIAN_IR, free_port
 
-from twostage.retrieval.chunker import Chunker
-from twostage.retrieval.edge_store import EdgeStore
-from twostage.retrieval.embedder import Embedder
+from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.retrieval.ingest.chunker import Chunker
+from twostage.retrieval.models.embedder import Embedder
+from twostage.retrieval.models.tokens import Qwen3Tokens
 from twostage.retrieval.settings import ChunkerSettings
-from twostage.retrieval.tiny_models import TinyModelPaths
-from twostage.retrieval.tokens import Qwen3Tokens
+from twostage.retrieval.store.edge import EdgeStore
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir" / "corpus.jsonl"
+DATA = DEBIAN_IR / "corpus.jsonl"
 KEY = {"Authorization": "Bearer k"}
 
 

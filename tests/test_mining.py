@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import DEBIAN_IR
+
 from twostage.retrieval.settings import Settings
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
+DATA = DEBIAN_IR
 
 
 def test_mine_writes_negatives_with_false_negative_guard_and_settings(
@@ -51,8 +53,8 @@ def test_mine_rescore_drops_candidates_the_reranker_scores_above_the_positive(
 ) -> None:
     """`--rescore`: the margin applies to the configured reranker's scores (here the tiny Qwen3
     yes/no reranker, scored through the serving code), not to the embedder's."""
-    from twostage.retrieval.model_source import resolve_model
-    from twostage.retrieval.reranker import load_reranker
+    from twostage.retrieval.models.reranker import load_reranker
+    from twostage.retrieval.models.source import resolve_model
     from twostage.training.data import Pair
     from twostage.training.mining import MiningSettings, mine
     from twostage.training.st_model import load_st_embedder

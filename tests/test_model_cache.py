@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from twostage.retrieval.errors import ModelLoadError
-from twostage.retrieval.model_cache import ModelCache, pair_keys
+from twostage.retrieval.models.cache import ModelCache, pair_keys
 from twostage.retrieval.settings import Settings
 
 

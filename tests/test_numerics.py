@@ -12,24 +12,31 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from twostage.retrieval import fused_int8, numerics
-from twostage.retrieval.collections import (
+from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.retrieval.errors import ModelLoadError
+from twostage.retrieval.models import numerics
+from twostage.retrieval.models.embedder import Embedder, load_embedder
+from twostage.retrieval.models.numerics import choose_dtype, cpu, fused_int8, native_bf16
+from twostage.retrieval.models.reranker import load_reranker, probe_scores
+from twostage.retrieval.models.yes_no_reranker import YesNoReranker
+from twostage.retrieval.settings import Settings
+from twostage.retrieval.store.collections import (
     embedder_mismatch,
     open_store,
     require_same_builder,
     version_for_ingest,
 )
-from twostage.retrieval.embedder import Embedder, load_embedder
-from twostage.retrieval.errors import ModelLoadError
-from twostage.retrieval.numerics import choose_dtype, native_bf16
-from twostage.retrieval.reranker import load_reranker, probe_scores
-from twostage.retrieval.settings import Settings
-from twostage.retrieval.store import StoreError
-from twostage.retrieval.tiny_models import TinyModelPaths
-from twostage.retrieval.yes_no_reranker import YesNoReranker
+from twostage.retrieval.store.vector_store import StoreError
 
 CPU = torch.device("cpu")
 BF16_HERE = native_bf16() is not None
+
+
+def pretend_cpu(monkeypatch: pytest.MonkeyPatch, *features: str) -> None:
+    """The hardware probe answers `features` alone: for the decision rules (which engine, which
+    path), whatever this CPU is. Kernels that would fault without a feature never run under it."""
+    monkeypatch.delenv(cpu.FEATURES_ENV, raising=False)
+    monkeypatch.setattr(cpu, "detected_features", lambda: frozenset(features))
 
 
 def tiny(tiny_models: TinyModelPaths, cache: Path, **extra: object) -> Settings:
@@ -42,12 +49,21 @@ def tiny(tiny_models: TinyModelPaths, cache: Path, **extra: object) -> Settings:
     )
 
 
-def test_native_bf16_is_read_from_the_cpu_flags() -> None:
-    """x86 Linux: torch's cpuinfo probe agrees with the kernel's flags (avx512_bf16 or amx_bf16)."""
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    """x86 Linux: torch's cpuinfo probe agrees with the kernel's flags (avx512_bf16 or amx_bf16);
+    `TWOSTAGE_CPU_FEATURES` narrows what the project sees to the features it names, never more."""
     if platform.machine() != "x86_64" or not Path("/proc/cpuinfo").exists():
         pytest.skip("the flags are checked against /proc/cpuinfo on x86-64 Linux")
     flags = set(Path("/proc/cpuinfo").read_text().split())
+    monkeypatch.delenv(cpu.FEATURES_ENV, raising=False)
     assert (native_bf16() is not None) == bool({"avx512_bf16", "amx_bf16"} & flags)
+    assert numerics.int8_full_range() == bool(cpu.VNNI_FEATURES & flags)
+    monkeypatch.setenv(cpu.FEATURES_ENV, "avx2")
+    assert (native_bf16(), numerics.int8_full_range(), cpu.amx_int8()) == (None, False, False)
+    assert cpu.cpu_features() == cpu.detected_features() & {"avx2"}
+    monkeypatch.setenv(cpu.FEATURES_ENV, "avx2, AVX512_VNNI,amx_bf16")  # what the CPU lacks stays off
+    assert numerics.int8_full_range() == ("avx512_vnni" in flags)
+    assert (native_bf16() == "amx_bf16") == ("amx_bf16" in cpu.detected_features())
 
 
 def test_dtype_choice(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -63,9 +79,9 @@ def test_dtype_choice(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCapture
         choose_dtype("int4", CPU)
     # a CPU without native bf16 (the hardware probe answers no): auto is fp32; an explicit bf16
     # falls back to fp32 with one log line, or is refused under numerics.strict
-    monkeypatch.setattr(numerics, "native_bf16", lambda: None)
+    monkeypatch.setenv(cpu.FEATURES_ENV, "avx2")
     assert choose_dtype("auto", CPU).dtype == torch.float32
-    with caplog.at_level(logging.WARNING, logger="twostage.retrieval.numerics"):
+    with caplog.at_level(logging.WARNING, logger="twostage.retrieval.models.numerics"):
         fallback = choose_dtype("bfloat16", CPU)
     assert fallback.dtype == torch.float32 and not fallback.measured
     assert [r.message for r in caplog.records] == [
@@ -108,7 +124,7 @@ def test_bf16_reranker_forms_its_score_in_fp32(
     score stay fp32, and the scores land nearer fp32 than the whole model in bf16 (CUDA's path). There W_yes - W_no is
     formed in fp32 from the bf16 rows, as a bf16 subtraction would round it."""
     if BF16_HERE:  # both CPU paths of `bf16_matmuls`, on whichever native bf16 this CPU has
-        monkeypatch.setattr(numerics, "native_bf16", lambda: feature)
+        pretend_cpu(monkeypatch, feature)
     half = load_reranker(tiny(tiny_models, tmp_path, dtype="bfloat16", numerics={"strict": False}))
     full = load_reranker(tiny(tiny_models, tmp_path, dtype="float32"))
     if not BF16_HERE:
@@ -226,7 +242,10 @@ def test_int8_is_for_the_small_encoders(
     a, b = int8.embed_documents(texts), minilm_embedder.embed_documents(texts)
     assert np.all((a * b).sum(1) > 0.9)  # unit vectors: cosine
     accepted, refused, rebuild = _int8_against_an_fp32_index(minilm_settings, minilm_embedder, int8, tmp_path)
-    assert accepted and f"runs {minilm_embedder.model_id} in int8-dynamic" in refused
+    # 8-bit activations (VNNI, AMX-INT8) keep MiniLM's probes within the default 0.999 cosine, so an
+    # fp32-built index accepts them; fbgemm's 7-bit activations elsewhere do not (an AVX2-only EPYC)
+    assert accepted == numerics.int8_full_range()
+    assert f"runs {minilm_embedder.model_id} in int8-dynamic" in refused
     assert "TWOSTAGE_DTYPE=float32" in refused
     assert "TWOSTAGE_EMBEDDER__QUANTIZE=int8" in rebuild
     for role, quantized, family in (
@@ -269,7 +288,8 @@ def test_fused_int8_embedder_keeps_the_layers_that_write_its_vectors_in_bf16(
     a, b = fused.embed_documents(texts), minilm_embedder.embed_documents(texts)
     assert np.all((a * b).sum(1) > 0.99)
     accepted, _, rebuild = _int8_against_an_fp32_index(minilm_settings, minilm_embedder, fused, tmp_path)
-    assert accepted  # probes within the default 0.999 (measured 0.99934)
+    # probes within the default 0.999 (measured 0.99934) on 8-bit activations; not on 7 (no VNNI)
+    assert accepted == numerics.int8_full_range()
     assert "TWOSTAGE_NUMERICS__INT8_ENGINE=onednn-fused" in rebuild
 
 
@@ -337,7 +357,7 @@ def test_int8_auto_picks_the_fused_path_where_the_cpu_has_amx_int8(
     `torch.compile` cannot build its kernel, one warning and oneDNN's eager kernels for a packing
     reranker, torch's default for the rest; an explicit onednn-fused then fails to load, saying why.
     Without AMX-INT8, torch's default."""
-    monkeypatch.setattr(numerics, "_cpu_flags", lambda: frozenset({"avx512_vnni", "amx_int8"}))
+    pretend_cpu(monkeypatch, "avx512_vnni", "amx_int8")
     assert numerics.auto_int8_engine(packed=True) == numerics.auto_int8_engine(packed=False) == "onednn-fused"
 
     def no_compiler() -> None:
@@ -345,9 +365,8 @@ def test_int8_auto_picks_the_fused_path_where_the_cpu_has_amx_int8(
             "torch.compile could not build the int8 quantizing kernel: no g++"
         )
 
-    monkeypatch.setattr(numerics, "fused_quantizer", no_compiler)
     monkeypatch.setattr(fused_int8, "fused_quantizer", no_compiler)
-    with caplog.at_level(logging.WARNING, logger="twostage.retrieval.numerics"):
+    with caplog.at_level(logging.WARNING, logger="twostage.retrieval.models.numerics"):
         assert (numerics.auto_int8_engine(packed=True), numerics.auto_int8_engine(packed=False)) == (
             "onednn",
             None,
@@ -356,7 +375,7 @@ def test_int8_auto_picks_the_fused_path_where_the_cpu_has_amx_int8(
     model = torch.nn.Sequential(torch.nn.Linear(64, 128))
     with pytest.raises(ModelLoadError, match=r"int8 engine onednn-fused: torch\.compile could not build"):
         numerics.quantize_int8(model, calibrate=lambda: model(torch.randn(4, 64)), engine="onednn-fused")
-    monkeypatch.setattr(numerics, "_cpu_flags", lambda: frozenset({"avx512_vnni"}))
+    pretend_cpu(monkeypatch, "avx512_vnni")
     assert numerics.auto_int8_engine(packed=True) is None
 
 
@@ -367,9 +386,7 @@ def test_int8_activations_keep_eight_bits_where_the_cpu_has_vnni() -> None:
     the 7-bit path's."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-    vnni = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    assert numerics.int8_full_range() == vnni
+    vnni = numerics.int8_full_range()  # the VNNI flags, narrowed by TWOSTAGE_CPU_FEATURES
     torch.manual_seed(0)
     reference = torch.nn.Sequential(torch.nn.Linear(384, 256))
     x = torch.randn(64, 384) * torch.linspace(0.1, 4.0, 384)  # uneven channels, as real activations
@@ -439,9 +456,9 @@ def test_a_reranker_packs_int8_for_onednn_where_the_cpu_has_amx_int8(monkeypatch
     """oneDNN's kernels use AMX-INT8, fbgemm's do not: `int8_engine` picks oneDNN only there. Layers
     packed for it give the same products as fbgemm's within int8 rounding, and the process-wide
     engine is back to what it was after packing."""
-    monkeypatch.setattr(numerics, "_cpu_flags", lambda: frozenset({"avx512_vnni", "amx_int8"}))
+    pretend_cpu(monkeypatch, "avx512_vnni", "amx_int8")
     assert numerics.int8_engine() == "onednn"
-    monkeypatch.setattr(numerics, "_cpu_flags", lambda: frozenset({"avx512_vnni"}))
+    pretend_cpu(monkeypatch, "avx512_vnni")
     assert numerics.int8_engine() is None
     torch.manual_seed(0)
     reference = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
@@ -467,7 +484,7 @@ def test_cpu_inference_keeps_freed_memory_unless_the_user_tunes_glibc() -> None:
     import subprocess
     import sys
 
-    code = "from twostage.retrieval.allocator import keep_freed_memory; print(keep_freed_memory())"
+    code = "from twostage.retrieval.models.allocator import keep_freed_memory; print(keep_freed_memory())"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     ours = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     theirs = subprocess.run(
@@ -491,10 +508,10 @@ def test_int8_on_a_cpu_with_amx_points_to_bf16(
     settings = Settings(
         reranker={"model": str(cross_encoder_dir), "quantize": "int8"}, cache_dir=model_cache, device="cpu"
     )
-    monkeypatch.setattr(numerics, "native_bf16", lambda: "amx_bf16")
-    with caplog.at_level(logging.WARNING, logger="twostage.retrieval.numerics"):
+    pretend_cpu(monkeypatch, "amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni")
+    with caplog.at_level(logging.WARNING, logger="twostage.retrieval.models.numerics"):
         assert load_reranker(settings).numerics.startswith("int8-")
     advice = [r.getMessage() for r in caplog.records if "quantize=int8" in r.getMessage()]
     assert len(advice) == 1 and "set dtype=bfloat16 and quantize=none" in advice[0], advice
-    monkeypatch.setattr(numerics, "native_bf16", lambda: "avx512_bf16")
+    pretend_cpu(monkeypatch, "avx512_bf16", "avx512_vnni")
     assert numerics.int8_advice("reranker", "m") is None

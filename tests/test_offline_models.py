@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from twostage.retrieval.embedder import load_embedder
-from twostage.retrieval.model_source import resolve_model
-from twostage.retrieval.prompts import DEFAULT_TASK
-from twostage.retrieval.reference import recipe_rerank
-from twostage.retrieval.reranker import load_reranker
+from twostage.oracles.reference import recipe_rerank
+from twostage.retrieval.models.embedder import load_embedder
+from twostage.retrieval.models.prompts import DEFAULT_TASK
+from twostage.retrieval.models.reranker import load_reranker
+from twostage.retrieval.models.source import resolve_model
+from twostage.retrieval.models.st_embedder import SentenceTransformerEmbedder
+from twostage.retrieval.models.yes_no_reranker import YesNoReranker
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.st_embedder import SentenceTransformerEmbedder
-from twostage.retrieval.yes_no_reranker import YesNoReranker
 
 pytestmark = pytest.mark.slow
 

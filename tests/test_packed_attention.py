@@ -10,13 +10,19 @@ import torch
 from sentence_transformers import CrossEncoder
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from twostage.retrieval.batching import token_packs
-from twostage.retrieval.cross_encoder_reranker import packs_pairs
-from twostage.retrieval.packed_attention import PACKED_SDPA, Segment, pack_pairs, pack_row, packs_documents
-from twostage.retrieval.reranker import load_reranker
+from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.retrieval.models.batching import token_packs
+from twostage.retrieval.models.cross_encoder_reranker import packs_pairs
+from twostage.retrieval.models.packed_attention import (
+    PACKED_SDPA,
+    Segment,
+    pack_pairs,
+    pack_row,
+    packs_documents,
+)
+from twostage.retrieval.models.reranker import load_reranker
+from twostage.retrieval.models.yes_no_reranker import YesNoReranker
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.tiny_models import TinyModelPaths
-from twostage.retrieval.yes_no_reranker import YesNoReranker
 
 
 def test_token_packs_fill_rows_in_order_up_to_the_budget() -> None:

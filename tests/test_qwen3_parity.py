@@ -13,20 +13,20 @@ import torch
 from sentence_transformers import CrossEncoder
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from twostage.retrieval.embedder import load_embedder
-from twostage.retrieval.last_token_embedder import LastTokenEmbedder
-from twostage.retrieval.prompts import (
+from twostage.oracles.reference import recipe_embed, recipe_rerank
+from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.retrieval.models.embedder import load_embedder
+from twostage.retrieval.models.last_token_embedder import LastTokenEmbedder
+from twostage.retrieval.models.prompts import (
     DEFAULT_TASK,
     RERANKER_PREFIX,
     RERANKER_SUFFIX,
     embedding_query,
     reranker_body,
 )
-from twostage.retrieval.reference import recipe_embed, recipe_rerank
-from twostage.retrieval.reranker import load_reranker
+from twostage.retrieval.models.reranker import load_reranker
+from twostage.retrieval.models.yes_no_reranker import YesNoReranker
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.tiny_models import TinyModelPaths
-from twostage.retrieval.yes_no_reranker import YesNoReranker
 
 QUERY = "What is the capital of China?"
 DOC = "The capital of China is Beijing."

@@ -17,18 +17,23 @@ import pytest
 from test_api import Served, serve
 
 from twostage.api.service import Service
-from twostage.retrieval.chunker import Chunker
-from twostage.retrieval.collections import open_store
-from twostage.retrieval.documents import Document
-from twostage.retrieval.embedder import load_embedder
-from twostage.retrieval.ingest import ingest_corpus
-from twostage.retrieval.qdrant_store import REGISTRY_COLLECTION, QdrantStore
-from twostage.retrieval.registry import FileRegistryBackend, Registry
+from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.retrieval.deployments import (
+    FileRegistryBackend,
+    Registry,
+    current_deployment,
+    deployments_table,
+    rollback,
+)
+from twostage.retrieval.ingest.chunker import Chunker
+from twostage.retrieval.ingest.documents import Document
+from twostage.retrieval.ingest.pipeline import ingest_corpus
+from twostage.retrieval.models.embedder import load_embedder
+from twostage.retrieval.models.tokens import Qwen3Tokens
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.store import VectorStore
-from twostage.retrieval.tiny_models import TinyModelPaths
-from twostage.retrieval.tokens import Qwen3Tokens
-from twostage.training.retrain import current_deployment, deployments_table, rollback
+from twostage.retrieval.store.collections import open_store
+from twostage.retrieval.store.qdrant import REGISTRY_COLLECTION, QdrantStore
+from twostage.retrieval.store.vector_store import VectorStore
 
 DOCS = ["chess engine for the terminal", "image viewer", "strategy game", "JSON parser", "text editor"]
 

@@ -8,13 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from twostage.retrieval.reranker import load_reranker
+from helpers import DEBIAN_IR
+
+from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.retrieval.models.reranker import load_reranker
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.tiny_models import TinyModelPaths
 from twostage.training.data import load_examples
 from twostage.training.reranker_training import judgements
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
+DATA = DEBIAN_IR
 
 
 def test_training_changes_what_inference_serves(

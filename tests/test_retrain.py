@@ -20,17 +20,18 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import free_port, run_cli
+from helpers import DEBIAN_IR, free_port, run_cli
 
-from twostage.retrieval.collections import open_store
-from twostage.retrieval.embedder import load_embedder
-from twostage.retrieval.registry import Registry
-from twostage.retrieval.reranker import load_reranker
-from twostage.retrieval.search import Deployment, two_stage_search
+from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.retrieval.deployments import Registry
+from twostage.retrieval.models.embedder import load_embedder
+from twostage.retrieval.models.reranker import load_reranker
+from twostage.retrieval.search.two_stage import Deployment, SearchPlan, SearchQuery, run_plan
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.tiny_models import TinyModelPaths
+from twostage.retrieval.store.collections import open_store
+from twostage.retrieval.store.sparse import Rrf
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
+DATA = DEBIAN_IR
 TRAINING = {  # enough steps for the tiny models to memorise the pairs, and no more (CI time)
     "TWOSTAGE_RETRAIN__EMBEDDER_EPOCHS": "4", "TWOSTAGE_RETRAIN__RERANKER_EPOCHS": "4",
     "TWOSTAGE_RETRAIN__EMBEDDER_LR": "2e-3", "TWOSTAGE_RETRAIN__RERANKER_LR": "2e-3",
@@ -105,7 +106,8 @@ def _search(settings: Settings, queries: list[str]) -> tuple[str, list[list[tupl
         assert collection is not None and (record is None or record.collection == collection)
         deployment = Deployment(store.read_manifest(collection), load_embedder(system), load_reranker(system))
         results = [
-            two_stage_search(deployment, store, q, instruction=None, top_k=10, top_n=5) for q in queries
+            run_plan(deployment, store, SearchQuery(q, top_k=10, top_n=5), SearchPlan("dense", True, Rrf(60)))
+            for q in queries
         ]
         return collection, [
             [(h.doc_id, round(float(h.rerank_score or 0), 6)) for h in r.hits] for r in results
@@ -385,7 +387,7 @@ def test_a_disk_full_while_storing_a_model_leaves_no_partial_copy(tmp_path: Path
     code = """
 import resource, signal, sys
 from pathlib import Path
-from twostage.retrieval.store import StoreError
+from twostage.retrieval.store.vector_store import StoreError
 from twostage.training.retrain import copy_model
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))

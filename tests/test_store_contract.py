@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import DEBIAN_IR
 
-from twostage.retrieval.documents import chunk_point_id
-from twostage.retrieval.edge_store import EdgeStore
-from twostage.retrieval.qdrant_store import QdrantStore
+from twostage.retrieval.ingest.documents import chunk_point_id
 from twostage.retrieval.settings import StoreSettings
-from twostage.retrieval.sparse import Bm25Encoder, Rrf, SparseManifest, SparseVec
-from twostage.retrieval.store import (
+from twostage.retrieval.store.edge import EdgeStore
+from twostage.retrieval.store.qdrant import QdrantStore
+from twostage.retrieval.store.sparse import Bm25Encoder, Rrf, SparseManifest, SparseVec
+from twostage.retrieval.store.vector_store import (
     AnyOf,
     CollectionManifest,
     Equals,
@@ -35,7 +36,7 @@ from twostage.retrieval.store import (
     parse_versioned_name,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir" / "corpus.jsonl"
+DATA = DEBIAN_IR / "corpus.jsonl"
 StoreFactory = Callable[[], VectorStore]
 
 
@@ -195,8 +196,8 @@ def test_edge_shard_is_owned_by_one_process(tmp_path: Path, corpus_vectors) -> N
     store.upsert("docs__v1", points(rows, vectors))
     other = textwrap.dedent(
         f"""
-        from twostage.retrieval.edge_store import EdgeStore
-        from twostage.retrieval.store import StoreLockedError
+        from twostage.retrieval.store.edge import EdgeStore
+        from twostage.retrieval.store.vector_store import StoreLockedError
         try:
             EdgeStore({str(tmp_path)!r}).count("docs__v1")
         except StoreLockedError as exc:
@@ -227,7 +228,7 @@ def _closed_port() -> int:
 @pytest.mark.parametrize("prefer_grpc", [True, False])
 def test_an_unreachable_server_is_one_clear_error(prefer_grpc: bool) -> None:
     """A Qdrant server that is down: StoreUnavailable naming the server, not a gRPC/httpx trace."""
-    from twostage.retrieval.store import StoreUnavailable
+    from twostage.retrieval.store.vector_store import StoreUnavailable
 
     port = _closed_port()
     store = QdrantStore(StoreSettings(

@@ -6,10 +6,10 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from twostage.retrieval.prompts import MAX_CHARS_PER_TOKEN
-from twostage.retrieval.qwen_vocab import load_ranks
-from twostage.retrieval.tiny_models import QWEN3_TOKENIZER_JSON_SHA256, TinyModelPaths
-from twostage.retrieval.tokens import Qwen3Tokens
+from twostage.oracles.tiny_models import QWEN3_TOKENIZER_JSON_SHA256, TinyModelPaths
+from twostage.retrieval.models.prompts import MAX_CHARS_PER_TOKEN
+from twostage.retrieval.models.qwen_vocab import load_ranks
+from twostage.retrieval.models.tokens import Qwen3Tokens
 
 MIXED_TEXTS = [
     "Qdrant is a vector database & vector similarity search engine.",

@@ -93,8 +93,8 @@ def test_sentence_transformer_view_embeds_like_the_inference_embedder(
 
     import numpy as np
 
-    from twostage.retrieval.embedder import load_embedder
-    from twostage.retrieval.tiny_models import qwen3_tokenizer_json
+    from twostage.oracles.tiny_models import qwen3_tokenizer_json
+    from twostage.retrieval.models.embedder import load_embedder
     from twostage.training.st_model import load_st_embedder
 
     model_dir = tiny_models.embedder
@@ -156,8 +156,8 @@ def test_a_pairs_instruction_reaches_mining_training_and_evaluation_as_serving_u
 ) -> None:
     import numpy as np
 
-    from twostage.retrieval.embedder import load_embedder
-    from twostage.retrieval.model_source import resolve_model
+    from twostage.retrieval.models.embedder import load_embedder
+    from twostage.retrieval.models.source import resolve_model
     from twostage.training.data import Pair
     from twostage.training.embedder_training import training_datasets
     from twostage.training.evaluation import from_pairs, recall_runs

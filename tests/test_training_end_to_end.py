@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import DEBIAN_IR
 
+from twostage.oracles.tiny_models import TinyModelPaths
 from twostage.retrieval.errors import InputError
-from twostage.retrieval.model_source import resolve_model
-from twostage.retrieval.reranker import load_reranker
+from twostage.retrieval.models.reranker import load_reranker
+from twostage.retrieval.models.source import resolve_model
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.tiny_models import TinyModelPaths
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"
+DATA = DEBIAN_IR
 
 
 def _rows(name: str, n: int, skip: int = 0) -> list[dict[str, Any]]:

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from twostage.retrieval.model_cache import ModelCache
-from twostage.retrieval.reranker import Reranker, load_reranker
+from twostage.retrieval.models.cache import ModelCache
+from twostage.retrieval.models.reranker import Reranker, load_reranker
+from twostage.retrieval.search.trust import judge_reranker
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.trust import judge_reranker
 from twostage.training.reranker_choice import reranker_start
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from twostage.retrieval.errors import InputError
-from twostage.retrieval.tokens import split_markers_in_text
+from twostage.retrieval.models.tokens import split_markers_in_text
 from twostage.training.data import Example
 from twostage.training.reranker_training import RerankerTrainSettings, bce_judgements
 from twostage.training.runs import last_checkpoint, run_arguments

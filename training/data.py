@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twostage.retrieval.documents import BadRecord
 from twostage.retrieval.errors import InputError
+from twostage.retrieval.ingest.documents import BadRecord
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from twostage.retrieval.embedder import Embedder
 from twostage.retrieval.errors import InputError
-from twostage.retrieval.fusion import RerankFusion, rerank_order
+from twostage.retrieval.models.embedder import Embedder
+from twostage.retrieval.models.reranker import Reranker
 from twostage.retrieval.progress import progress
-from twostage.retrieval.reranker import Reranker
-from twostage.retrieval.search import Deployment, two_stage_search
-from twostage.retrieval.sparse import Bm25Params, RecallMode, Rrf, SparseManifest, sparse_encoder_of
-from twostage.retrieval.store import CollectionManifest, Point, VectorStore
+from twostage.retrieval.search.fusion import RerankFusion, rerank_order
+from twostage.retrieval.search.two_stage import Deployment, SearchPlan, SearchQuery, run_plan
+from twostage.retrieval.store.sparse import Bm25Params, RecallMode, Rrf, SparseManifest, sparse_encoder_of
+from twostage.retrieval.store.vector_store import CollectionManifest, Point, VectorStore
 from twostage.training.data import Pair
 
 METRICS = ("nDCG@10", "RR@10", "R@10", "R@100", "AP")
@@ -127,7 +127,7 @@ def recall_runs(
     bm25: Bm25Params | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """recall -> (query -> {doc: score}) over the whole corpus, top `top_k` per query."""
-    from twostage.retrieval.edge_store import EdgeStore
+    from twostage.retrieval.store.edge import EdgeStore
 
     doc_ids = list(data.corpus)
     sparse = SparseManifest(params=bm25 or Bm25Params()) if set(recalls) - {"dense"} else None
@@ -249,7 +249,7 @@ def evaluate_index(
     fusion: RerankFusion | None = None,
     rerank_k: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """The same metrics end to end through the index: `two_stage_search` as `/v1/search` runs it,
+    """The same metrics end to end through the index: the search component as `/v1/search` runs it,
     one hit per document (`group_by_doc`), judged by document id: `relevant[i]` is the id of
     the document that holds pair i's positive passage. Modes: `recall` and its reranked mode.
     """
@@ -257,13 +257,18 @@ def evaluate_index(
         raise InputError("no dev pairs to evaluate with")
     qrels = {f"q{i}": {doc_id: 1} for i, doc_id in enumerate(relevant)}
     first, second = recall, reranked_mode(recall)
+    rerank = deployment.reranker is not None
+    plan = SearchPlan(recall, rerank, rrf or Rrf(60), fusion=fusion, rerank_k=rerank_k)
     runs: dict[str, dict[str, dict[str, float]]] = {first: {}, second: {}}
     for i, pair in enumerate(dev):
-        result = two_stage_search(
-            deployment, store, pair.query, instruction=pair.instruction or instruction, top_k=top_k,
-            top_n=top_k, group_by_doc=True, recall=recall, rrf=rrf, rerank=deployment.reranker is not None,
-            fusion=fusion, rerank_k=rerank_k,
-        )  # fmt: skip
+        request = SearchQuery(
+            pair.query,
+            top_k=top_k,
+            top_n=top_k,
+            instruction=pair.instruction or instruction,
+            group_by_doc=True,
+        )
+        result = run_plan(deployment, store, request, plan)
         runs[first][f"q{i}"] = {h.doc_id: h.recall_score for h in result.hits}
         runs[second][f"q{i}"] = {h.doc_id: float(len(result.hits) - h.rank) for h in result.hits}
     return {mode: score_run(qrels, run) for mode, run in runs.items()}

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from twostage.retrieval.settings import RetrainSettings
-from twostage.retrieval.sparse import RecallMode
+from twostage.retrieval.store.sparse import RecallMode
 from twostage.training.evaluation import reranked_mode
 from twostage.training.paired import paired_test
 

@@ -14,12 +14,12 @@ decoder) there is no encoder to start from, and the yes/no objective is kept.
 
 from dataclasses import dataclass
 
-from twostage.retrieval.embedder import detect_embedder_family
-from twostage.retrieval.model_cache import ModelCache
-from twostage.retrieval.model_source import resolve_model
-from twostage.retrieval.registry import DeploymentRecord
+from twostage.retrieval.deployments import DeploymentRecord
+from twostage.retrieval.models.cache import ModelCache
+from twostage.retrieval.models.embedder import detect_embedder_family
+from twostage.retrieval.models.source import resolve_model
+from twostage.retrieval.search.trust import judge_reranker
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.trust import judge_reranker
 
 FROM_EMBEDDER = "cross-encoder from the embedder"
 

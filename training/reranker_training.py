@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from twostage.retrieval.batching import left_pad
 from twostage.retrieval.errors import InputError
-from twostage.retrieval.yes_no_reranker import YesNoReranker
+from twostage.retrieval.models.batching import left_pad
+from twostage.retrieval.models.yes_no_reranker import YesNoReranker
 from twostage.training.data import Example, Graded, Pair
 from twostage.training.lora import add_lora, lora_targets, merge_lora
 from twostage.training.runs import check_memory, last_checkpoint, run_arguments

@@ -32,17 +32,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from twostage.retrieval.collections import active_manifest, create_version
-from twostage.retrieval.embedder import Embedder
+from twostage.retrieval.deployments import (
+    DeploymentRecord,
+    Registry,
+    clean_pending,
+    current_deployment,
+    switch,
+)
 from twostage.retrieval.errors import InputError
-from twostage.retrieval.locks import write_json_atomic
-from twostage.retrieval.model_cache import ModelCache, pair_keys
-from twostage.retrieval.model_source import resolve_model
-from twostage.retrieval.registry import DeploymentRecord, Registry
-from twostage.retrieval.search import Deployment, served_fusion
+from twostage.retrieval.models.cache import ModelCache, pair_keys
+from twostage.retrieval.models.embedder import Embedder
+from twostage.retrieval.models.source import resolve_model
+from twostage.retrieval.search.two_stage import Deployment, served_fusion
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.sparse import RecallMode, Rrf, sparse_encoder
-from twostage.retrieval.store import CollectionManifest, Point, StoreError, VectorStore, now_iso
+from twostage.retrieval.store.collections import active_manifest, create_version
+from twostage.retrieval.store.locks import write_json_atomic
+from twostage.retrieval.store.sparse import RecallMode, Rrf, sparse_encoder
+from twostage.retrieval.store.vector_store import CollectionManifest, Point, StoreError, VectorStore, now_iso
 from twostage.training.data import Pair, load_examples, split_by_query
 from twostage.training.reranker_choice import RerankerStart, reranker_start
 
@@ -100,38 +106,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def current_deployment(registry: Registry, store: VectorStore, settings: Settings) -> DeploymentRecord:
-    """The deployed pair; before the first retrain, the alias plus the configured models
-    (recorded then as deployment 1, so there is something to roll back to)."""
-    record = registry.current()
-    if record is not None:
-        return record
-    manifest = active_manifest(store, registry.name)
-    record = DeploymentRecord(
-        id=registry.next_id(),
-        collection=manifest.collection,
-        embedder=settings.embedder.model,
-        embedder_id=manifest.embedder,
-        reranker=settings.reranker.model,
-    )
-    registry.add(record)
-    registry.point_to(record)
-    return record
-
-
-def clean_pending(registry: Registry, store: VectorStore, say: Say) -> None:
-    """Remove the collection version a crashed run left half-built (never a deployed one)."""
-    pending = registry.pending()
-    if pending is None:
-        return
-    deployed = {r.collection for r in registry.records()}
-    collection = pending["collection"]
-    if collection not in deployed and collection in store.list_collections():
-        say(f"removing {collection}, left unfinished by run {pending.get('run')}")
-        store.delete_collection(collection)
-    registry.set_pending(None)
-
-
 def load_pairs(path: Path, say: Say) -> list[Pair]:
     loaded = load_examples(path)
     for bad in loaded.bad:
@@ -185,7 +159,7 @@ def _system(settings: Settings, embedder: str, reranker: str) -> Settings:
 
 
 def _train_embedder(settings: Settings, base: str, train: list[Pair], dev: list[Pair], out: Path) -> Path:
-    from twostage.retrieval.devices import resolve_device
+    from twostage.retrieval.models.devices import resolve_device
     from twostage.training.embedder_training import EmbedderTrainSettings, train_embedder
     from twostage.training.st_model import load_st_embedder
 
@@ -211,8 +185,8 @@ def _train_embedder(settings: Settings, base: str, train: list[Pair], dev: list[
 def _train_reranker(
     settings: Settings, base: str, family: str, train: list[Pair], dev: list[Pair], out: Path, max_length: int
 ) -> Path:
-    from twostage.retrieval.devices import resolve_device
-    from twostage.retrieval.reranker import reranker_family
+    from twostage.retrieval.models.devices import resolve_device
+    from twostage.retrieval.models.reranker import reranker_family
     from twostage.training.reranker_training import RerankerTrainSettings, fine_tune_reranker
 
     cfg = settings.retrain
@@ -541,8 +515,7 @@ def _cycle(
             )
     with manifest.step("switch", say):
         registry.add(record)
-        registry.point_to(record)
-        store.set_alias(registry.name, record.collection)
+        switch(registry, store, record)
         registry.set_pending(None)
     manifest.data["deployment"] = record.model_dump(mode="json")
     return _finish(manifest, "promoted", f"promoted: deployment d{record.id} ({record.collection}) "
@@ -560,38 +533,3 @@ def _finish(
     manifest.save()
     say(summary + "\n  " + "\n  ".join(reasons) + f"\n  run: {manifest.path.parent}")
     return manifest.data
-
-
-def rollback(
-    settings: Settings, store: VectorStore, to: int | None = None, say: Say = print
-) -> DeploymentRecord:
-    """Point the registry and the alias back at deployment `to` (default: the current one's parent)."""
-    registry = Registry(settings, store=store)
-    with registry.lock():
-        current = registry.current()
-        if current is None:
-            raise InputError(f"{registry.name!r} has no registered deployments (nothing was retrained yet)")
-        if to is None:
-            if current.parent is None:
-                raise InputError(f"deployment d{current.id} has no previous deployment to roll back to")
-            to = current.parent
-        target = registry.get(to)
-        if target.collection not in store.list_collections():
-            raise StoreError(f"deployment d{target.id}'s collection {target.collection} no longer exists")
-        registry.point_to(target)
-        store.set_alias(registry.name, target.collection)
-        say(f"rolled back {registry.name}: d{current.id} -> d{target.id} ({target.collection}, "
-            f"embedder {target.embedder}, reranker {target.reranker})")  # fmt: skip
-        return target
-
-
-def deployments_table(settings: Settings, store: VectorStore | None = None) -> list[dict[str, Any]]:
-    """`twostage versions`: every deployment with its metrics, marked when current."""
-    registry = Registry(settings, store=store)
-    current = registry.current()
-    rows = []
-    for record in registry.records():
-        row = record.model_dump(mode="json")
-        row["current"] = current is not None and record.id == current.id
-        rows.append(row)
-    return rows

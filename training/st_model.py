@@ -16,11 +16,11 @@ from typing import TypeVar
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.models import Normalize, Pooling, Transformer
 
-from twostage.retrieval.embedder import detect_embedder_family
-from twostage.retrieval.model_source import ModelSource
-from twostage.retrieval.prompts import embedding_query
+from twostage.retrieval.models.embedder import detect_embedder_family
+from twostage.retrieval.models.prompts import embedding_query
+from twostage.retrieval.models.source import ModelSource
+from twostage.retrieval.models.tokens import append_end_of_text, split_markers_in_text
 from twostage.retrieval.settings import Settings
-from twostage.retrieval.tokens import append_end_of_text, split_markers_in_text
 
 T = TypeVar("T")
 

@@ -47,7 +47,7 @@ async def _rerank(service: Service, body: RerankRequest) -> tuple[list[dict[str,
     if body.max_tokens_per_doc is not None:
         ids = [d[: body.max_tokens_per_doc] for d in ids]
         documents = [service.tokens.decode(d) for d in ids]
-    scores = await service.score(body.query, documents, body.instruction)
+    scores = await service.score_documents(body.query, documents, body.instruction)
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: body.top_n]
     results: list[dict[str, Any]] = [{"index": i, "relevance_score": scores[i]} for i in order]
     if body.return_documents:

@@ -2,14 +2,15 @@
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from twostage.api.deps import ServiceDep, WriteAccess
-from twostage.retrieval.documents import BadRecord, Document
-from twostage.retrieval.readers import make_document
-from twostage.retrieval.store import check_collection_name
+from twostage.retrieval.errors import InputError, NotFound
+from twostage.retrieval.ingest.documents import BadRecord, Document
+from twostage.retrieval.ingest.readers import make_document
+from twostage.retrieval.store.vector_store import check_collection_name
 
 router = APIRouter(tags=["documents"], dependencies=[WriteAccess])
 
@@ -37,7 +38,7 @@ async def upsert_documents(body: DocumentsRequest, service: ServiceDep) -> dict[
     ]
     rejected = [str(r) for r in records if isinstance(r, BadRecord)]
     if len(rejected) == len(records):
-        raise HTTPException(400, f"no valid documents: {'; '.join(rejected[:5])}")
+        raise InputError(f"no valid documents: {'; '.join(rejected[:5])}")
     assert service.jobs is not None
     job = service.jobs.submit(collection, records)
     return {"job_id": job.id, "status": job.status, "documents": job.documents, "rejected": rejected}
@@ -48,7 +49,7 @@ async def get_job(job_id: str, service: ServiceDep) -> dict[str, Any]:
     assert service.jobs is not None
     job = service.jobs.get(job_id)
     if job is None:
-        raise HTTPException(404, f"no job {job_id!r} (the newest 1000 jobs are kept)")
+        raise NotFound(f"no job {job_id!r} (the newest 1000 jobs are kept)")
     return job.public()
 
 
@@ -58,5 +59,5 @@ async def delete_document(doc_id: str, service: ServiceDep, collection: str | No
     assert service.jobs is not None
     removed = await run_in_threadpool(service.jobs.delete_document, name, doc_id)
     if not removed:
-        raise HTTPException(404, f"document {doc_id!r} is not in {name}")
+        raise NotFound(f"document {doc_id!r} is not in {name}")
     return {"doc_id": doc_id, "deleted_chunks": removed}

@@ -10,14 +10,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from twostage.api.deps import ServiceDep, WriteAccess
 from twostage.api.jobs import Job
-from twostage.retrieval.registry import Registry
-from twostage.retrieval.store import check_collection_name
+from twostage.retrieval.deployments import Registry
+from twostage.retrieval.errors import InputError
+from twostage.retrieval.store.vector_store import check_collection_name
 from twostage.training.data import Pair, parse_example
 
 router = APIRouter(tags=["retrain"], dependencies=[WriteAccess])
@@ -48,7 +49,7 @@ def _write_pairs(rows: list[dict[str, Any]], path: Path, field: str) -> list[str
             continue
         kept.append(json.dumps(row, ensure_ascii=False))
     if not kept:
-        raise HTTPException(400, f"no usable {field}: {'; '.join(rejected[:5])}")
+        raise InputError(f"no usable {field}: {'; '.join(rejected[:5])}")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(kept) + "\n", encoding="utf-8")
     return rejected

@@ -20,7 +20,7 @@ from twostage.api.deps import ReadAccess, ServiceDep
 from twostage.api.routes.compat import check_batch
 from twostage.api.schemas import TeiEmbedRequest, TeiRerankRequest
 from twostage.retrieval.errors import InputError
-from twostage.retrieval.truncation import fit_texts
+from twostage.retrieval.models.truncation import fit_texts
 
 router = APIRouter(tags=["text-embeddings-inference"])
 
@@ -45,7 +45,7 @@ async def tei_rerank(body: TeiRerankRequest, service: ServiceDep) -> list[dict[s
         fit_texts, body.texts, lengths, reranker.max_length,
         truncate=body.truncate is not False, side=body.truncation_direction, what="texts",
     )  # fmt: skip
-    scores = await service.score(body.query, texts, body.instruction)
+    scores = await service.score_documents(body.query, texts, body.instruction)
     raw = body.raw_scores and reranker.probabilities
     results: list[dict[str, Any]] = []
     for i in sorted(range(len(scores)), key=lambda i: (-scores[i], i)):

@@ -1,0 +1,171 @@
+"""The `Embedder` protocol and the factory that picks an implementation for a model.
+
+Implementations: `LastTokenEmbedder` (Qwen3-Embedding semantics) and
+`SentenceTransformerEmbedder` (any sentence-transformers model with its own pooling).
+"""
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from twostage.retrieval.models.allocator import keep_freed_memory
+from twostage.retrieval.models.devices import resolve_device
+from twostage.retrieval.models.fingerprint import PROBES, Fingerprint
+from twostage.retrieval.models.numerics import choose_dtype, embedder_deviation, load_on_path, numeric_path
+from twostage.retrieval.models.prompts import embedding_queries, require_texts
+from twostage.retrieval.models.source import ModelSource, model_identity, resolve_model
+from twostage.retrieval.settings import Settings
+
+if TYPE_CHECKING:
+    from twostage.retrieval.models.remote import RemoteMetrics
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns text into L2-normalised float32 vectors; queries get the task instruction."""
+
+    @property
+    def model_id(self) -> str:
+        """`name@content-hash`: what a collection records to refuse vectors from another model."""
+        ...
+
+    @property
+    def dim(self) -> int:
+        """Length of the returned vectors (after any Matryoshka truncation)."""
+        ...
+
+    @property
+    def fingerprint(self) -> Fingerprint | None:
+        """The model's vectors of fixed probes (`fingerprint.py`): a remote model's identity, and for
+        a local one what tells whether another numeric path stays close to the one that built an index."""
+        ...
+
+    @property
+    def numerics(self) -> str:
+        """The numeric path that computes the vectors: float32, bfloat16, float16, int8-dynamic,
+        int8-fused, remote."""
+        ...
+
+    @property
+    def pooling(self) -> str:
+        """How token states become one vector (`last_token`, `mean`, `cls`, ...), as TEI's `/info` says."""
+        ...
+
+    def embed_queries(
+        self, queries: Sequence[str], instruction: str | None = None, *, normalize: bool = True
+    ) -> np.ndarray:
+        """Vectors of search queries, shape (len(queries), dim), in input order.
+
+        `normalize=False` returns the pooled vectors as the model gives them (TEI's `/embed`
+        offers it; a model that normalises inside, like all-MiniLM-L6-v2 with its Normalize
+        module, gives unit vectors either way); search always uses the normalised ones.
+        """
+        ...
+
+    def embed_documents(self, documents: Sequence[str], *, normalize: bool = True) -> np.ndarray:
+        """Vectors of documents (no instruction), shape (len(documents), dim), in input order."""
+        ...
+
+    @property
+    def max_length(self) -> int:
+        """Tokens the model reads of one input; the rest is cut off (so chunks must fit in it)."""
+        ...
+
+    def document_lengths(self, documents: Sequence[str]) -> list[int]:
+        """Tokens each document takes in the model's input, untruncated, special tokens included."""
+        ...
+
+    def query_lengths(self, queries: Sequence[str], instruction: str | None = None) -> list[int]:
+        """Tokens each query takes in the model's input with its prompt, untruncated."""
+        ...
+
+
+class QwenQueryPrompt:
+    """Qwen3-Embedding's query side for any implementation that embeds text as it is given.
+
+    Queries become `Instruct: {task}\nQuery:{query}` (the call's instruction, else the default
+    task), documents are embedded bare; lengths are those of the prompted text. Implementations
+    provide `_embed` and `document_lengths`.
+    """
+
+    instruction: str
+
+    def _embed(self, texts: list[str], normalize: bool) -> np.ndarray:
+        raise NotImplementedError
+
+    def document_lengths(self, documents: Sequence[str]) -> list[int]:
+        raise NotImplementedError
+
+    def embed_queries(
+        self, queries: Sequence[str], instruction: str | None = None, *, normalize: bool = True
+    ) -> np.ndarray:
+        return self._embed(embedding_queries(queries, instruction, self.instruction), normalize)
+
+    def embed_documents(self, documents: Sequence[str], *, normalize: bool = True) -> np.ndarray:
+        return self._embed(require_texts(documents, "documents"), normalize)
+
+    def query_lengths(self, queries: Sequence[str], instruction: str | None = None) -> list[int]:
+        return self.document_lengths(embedding_queries(queries, instruction, self.instruction))
+
+
+class LocalModelIdentity:
+    """`fingerprint` and `numerics` of an embedder whose weights are in this process."""
+
+    model: Any  # the implementation's torch module
+    _probed: Fingerprint | None = None
+
+    def embed_documents(self, documents: Sequence[str], *, normalize: bool = True) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        if self._probed is None:  # computed once; two threads racing compute the same value
+            self._probed = Fingerprint.of(self.embed_documents(list(PROBES)))
+        return self._probed
+
+    @property
+    def numerics(self) -> str:
+        return numeric_path(self.model)
+
+
+def detect_embedder_family(source: ModelSource) -> str:
+    """`last-token` for Qwen-style decoder embedders, else `sentence-transformers`."""
+    pooling = source.path / "1_Pooling" / "config.json"
+    if pooling.exists() and json.loads(pooling.read_text()).get("pooling_mode_lasttoken"):
+        return "last-token"
+    config = json.loads((source.path / "config.json").read_text())
+    return "last-token" if config.get("model_type") in {"qwen3", "qwen2"} else "sentence-transformers"
+
+
+def load_embedder(settings: Settings, remote_metrics: "RemoteMetrics | None" = None) -> Embedder:
+    """Resolve, load and warm the configured embedder (the only place that picks the family)."""
+    cfg = settings.embedder
+    if cfg.backend == "remote":
+        from twostage.retrieval.models.remote_embedder import RemoteEmbedder
+
+        return RemoteEmbedder(cfg, remote_metrics)
+    source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
+    device = resolve_device(settings.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # activations' pages stay mapped between passes (allocator)
+    choice = choose_dtype(settings.dtype, device, settings.numerics.strict)
+    family = detect_embedder_family(source) if cfg.family == "auto" else cfg.family
+    if family == "last-token":
+        from twostage.retrieval.models.last_token_embedder import LastTokenEmbedder as Family
+    else:
+        from twostage.retrieval.models.st_embedder import SentenceTransformerEmbedder as Family  # type: ignore[assignment]
+
+    def load(dtype: torch.dtype) -> Embedder:
+        return Family.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
+
+    embedder = load_on_path(
+        load, role="embedder", family=family, quantize=cfg.quantize, choice=choice,
+        probe=lambda e: e.embed_documents(list(PROBES)), deviation=embedder_deviation,
+        tolerance=1.0 - settings.numerics.embedder_min_cosine,
+        model_id=model_identity(source, settings.cache_dir), device=device, cache_dir=settings.cache_dir,
+        engine=settings.numerics.int8_engine,
+    )  # fmt: skip
+    return embedder

@@ -1,15 +1,34 @@
 """Shared fixtures: tiny Qwen3 models written once per session, and settings pointing at them."""
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import hermetic  # noqa: F401  (first: the environment, before any library reads it)
+import hermetic  # first: the environment, before any library reads it
 import pytest
 from helpers import Served, model_server_settings, serve
 
 from twostage.oracles.tiny_models import TinyModelPaths, write_tiny_models
 from twostage.retrieval.models.embedder import Embedder, load_embedder
 from twostage.retrieval.settings import Settings
+
+# the files that take longest (minutes each), started first: under `--dist loadfile` a file runs on
+# one worker, and one started last keeps the others idle while it finishes
+LONGEST_FIRST = ("test_retrain.py", "test_quickstart.py", "test_training_end_to_end.py", "test_evaluation.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    names = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: names.get(item.path.name, len(names)))  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def in_a_fresh_directory() -> Iterator[None]:
+    """Every test runs in `hermetic.HOME`: relative defaults (`.twostage/...`) never reach the checkout."""
+    previous = os.getcwd()
+    os.chdir(hermetic.HOME)
+    yield
+    os.chdir(previous)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Small helpers several test files share (imported as `helpers`: pytest puts tests/ on the path)."""
 
+import json
 import socket
 import subprocess
 import sys
@@ -18,6 +19,17 @@ from twostage.api.service import Service
 from twostage.retrieval.settings import Settings
 
 DEBIAN_IR = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"  # the shared data set
+
+
+def debian_rows(name: str, n: int) -> list[dict[str, Any]]:
+    """The first `n` records of a debian-ir file (`train.jsonl`, `dev.jsonl`, `corpus.jsonl`)."""
+    with (DEBIAN_IR / name).open() as handle:
+        return [json.loads(next(handle)) for _ in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def free_port() -> int:

@@ -11,11 +11,18 @@ from pathlib import Path
 # the hub cache. Subprocesses inherit all of it.
 for name in [n for n in os.environ if n.startswith("TWOSTAGE_") and n != "TWOSTAGE_CPU_FEATURES"]:
     del os.environ[name]
-HOME = Path(tempfile.mkdtemp(prefix="twostage-tests-"))
-os.chdir(HOME)
+HOME = Path(tempfile.mkdtemp(prefix="twostage-tests-"))  # conftest runs the tests in it (after collection,
+# so paths on the command line, `--ignore` ones too, still mean what they say)
 os.environ["HF_HOME"] = str(HOME / "hf-home")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # parity with the official fp32 recipes is what most tests pin; dtype=auto (bf16 where this CPU
 # has it, per measured model) has its own tests in test_numerics.py, which set dtype explicitly
 os.environ["TWOSTAGE_DTYPE"] = "float32"
+# Under pytest-xdist (`-n N`) each worker takes an equal share of the cores for torch's threads,
+# in this process and in the CLI subprocesses its tests start: two workers of one thread each
+# keep both cores busy through the single-threaded stretches (imports, model loading, servers
+# starting) that a lone two-thread process leaves one core idle in.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))

@@ -9,21 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import DEBIAN_IR
+from helpers import debian_rows
 
 from twostage.oracles.tiny_models import TinyModelPaths
 from twostage.retrieval.models.embedder import load_embedder
 from twostage.retrieval.settings import Settings
 from twostage.training.st_model import load_st_embedder
 
-DATA = DEBIAN_IR
-
 
 def test_lora_training_merges_into_a_model_inference_serves(
     tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
 ) -> None:
-    with (DATA / "train.jsonl").open() as handle:
-        rows = [json.loads(next(handle)) for _ in range(96)]
+    rows = debian_rows("train.jsonl", 96)
     train = tmp_path / "train.jsonl"
     train.write_text(
         "".join(json.dumps({"query": r["query"], "positive": r["positive"]}) + "\n" for r in rows)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import DEBIAN_IR
+from helpers import DEBIAN_IR, debian_rows
 
 from twostage.oracles.tiny_models import TinyModelPaths
 from twostage.retrieval.models.source import resolve_model
@@ -22,8 +22,7 @@ DATA = DEBIAN_IR
 def test_evaluate_dense_and_two_stage_report_and_chart(
     tmp_path: Path, tiny_models: TinyModelPaths, minilm_settings: Settings
 ) -> None:
-    with (DATA / "dev.jsonl").open() as handle:
-        rows = [json.loads(next(handle)) for _ in range(60)]
+    rows = debian_rows("dev.jsonl", 60)
     dev = tmp_path / "dev.jsonl"
     dev.write_text("".join(json.dumps({"query": r["query"], "positive": r["positive"]}) + "\n" for r in rows))
     distractors = tmp_path / "corpus.jsonl"

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import DEBIAN_IR
+from helpers import DEBIAN_IR, debian_rows
 
 from twostage.retrieval.settings import Settings
 
@@ -17,8 +17,7 @@ def test_mine_writes_negatives_with_false_negative_guard_and_settings(
     tmp_path: Path, minilm_settings: Settings
 ) -> None:
     pairs = tmp_path / "pairs.jsonl"
-    with (DATA / "train.jsonl").open() as handle:
-        rows = [json.loads(next(handle)) for _ in range(40)]
+    rows = debian_rows("train.jsonl", 40)
     pairs.write_text(
         "".join(json.dumps({"query": r["query"], "positive": r["positive"]}) + "\n" for r in rows)
     )
@@ -59,8 +58,7 @@ def test_mine_rescore_drops_candidates_the_reranker_scores_above_the_positive(
     from twostage.training.mining import MiningSettings, mine
     from twostage.training.st_model import load_st_embedder
 
-    with (DATA / "train.jsonl").open() as handle:
-        rows = [json.loads(next(handle)) for _ in range(24)]
+    rows = debian_rows("train.jsonl", 24)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(
         "".join(json.dumps({"query": r["query"], "positive": r["positive"]}) + "\n" for r in rows)

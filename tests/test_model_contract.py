@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from helpers import Served
 
-from twostage.oracles.tiny_models import TinyModelPaths
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.models.embedder import Embedder, load_embedder
 from twostage.retrieval.models.fingerprint import PROBES, Fingerprint
@@ -33,26 +32,17 @@ TEXTS = [
 QUERY = "which program plays chess"
 
 
-def _tiny(tiny_models: TinyModelPaths, model_cache: Path) -> Settings:
-    return Settings(
-        embedder={"model": str(tiny_models.embedder)},
-        reranker={"model": str(tiny_models.reranker)},
-        cache_dir=model_cache,
-        device="cpu",
-    )
-
-
 EMBEDDERS = ["last-token", "sentence-transformers", "remote"]
 RERANKERS = ["yes-no", "cross-encoder", "remote"]
 
 
 @pytest.fixture(scope="module")
 def embedders(
-    tiny_models: TinyModelPaths, model_cache: Path, minilm_embedder: Embedder, model_server: Served
+    tiny_settings: Settings, minilm_embedder: Embedder, model_server: Served
 ) -> dict[str, Callable[[], Embedder]]:
     remote = EmbedderSettings(model="tiny-embedder", backend="remote", remote={"url": model_server.url})
     return {
-        "last-token": lambda: load_embedder(_tiny(tiny_models, model_cache)),
+        "last-token": lambda: load_embedder(tiny_settings),
         "sentence-transformers": lambda: minilm_embedder,
         "remote": lambda: RemoteEmbedder(remote),
     }
@@ -60,12 +50,12 @@ def embedders(
 
 @pytest.fixture(scope="module")
 def rerankers(
-    tiny_models: TinyModelPaths, model_cache: Path, cross_encoder_dir: Path, model_server: Served
+    tiny_settings: Settings, model_cache: Path, cross_encoder_dir: Path, model_server: Served
 ) -> dict[str, Callable[[], Reranker]]:
     cross_encoder = Settings(reranker={"model": str(cross_encoder_dir)}, cache_dir=model_cache, device="cpu")
     remote = RerankerSettings(model="tiny-reranker", backend="remote", remote={"url": model_server.url})
     return {
-        "yes-no": lambda: load_reranker(_tiny(tiny_models, model_cache)),
+        "yes-no": lambda: load_reranker(tiny_settings),
         "cross-encoder": lambda: load_reranker(cross_encoder),
         "remote": lambda: RemoteReranker(remote),
     }

@@ -225,10 +225,10 @@ def test_int8_is_for_the_small_encoders(
 ) -> None:
     """quantize=int8 on torch's kernels (`int8_engine=fbgemm`) runs MiniLM's Linear layers in dynamic
     int8 (its numeric path says so, its vectors stay near fp32's: SmoothQuant scales and bf16 down
-    projections keep its probes within the default 0.999 cosine), so an index built in float32
-    accepts it at the default tolerance and refuses it at a stricter one, naming the setting that
-    built it; a Qwen3 (last-token / yes-no) model asked for int8 is one clear error naming its
-    family."""
+    projections keep its probes within the default 0.999 cosine where activations keep 8 bits), so
+    an index built in float32 accepts it at the default tolerance there (not on 7 bits, without
+    VNNI) and refuses it at a stricter one, naming the setting that built it; a Qwen3 (last-token /
+    yes-no) model asked for int8 is one clear error naming its family."""
     int8 = load_embedder(minilm_settings.model_copy(update={
         "embedder": minilm_settings.embedder.model_copy(update={"quantize": "int8"}),
         "numerics": minilm_settings.numerics.model_copy(update={"int8_engine": "fbgemm"})}))  # fmt: skip
@@ -263,7 +263,8 @@ def test_fused_int8_embedder_keeps_the_layers_that_write_its_vectors_in_bf16(
     """int8_engine=onednn-fused: MiniLM in bf16 with oneDNN's int8 products for the query and key
     (one shared quantized input) and the intermediate layer (its GELU inside the product); the
     value, attention-output and down projections, whose rounding goes straight into the vectors,
-    stay bf16, the pooler fp32. Its probes stay within the default 0.999 cosine of fp32's, and an
+    stay bf16, the pooler fp32. With 8-bit activations (VNNI) its probes stay within the default
+    0.999 cosine of fp32's, so an fp32-built index accepts it (7-bit elsewhere: refused), and an
     index it built names the setting that rebuilds it."""
     fused = load_embedder(minilm_settings.model_copy(update={
         "embedder": minilm_settings.embedder.model_copy(update={"quantize": "int8"}),

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers import DEBIAN_IR
+from helpers import debian_rows
 
 from twostage.oracles.tiny_models import TinyModelPaths
 from twostage.retrieval.models.reranker import load_reranker
@@ -16,14 +16,11 @@ from twostage.retrieval.settings import Settings
 from twostage.training.data import load_examples
 from twostage.training.reranker_training import judgements
 
-DATA = DEBIAN_IR
-
 
 def test_training_changes_what_inference_serves(
     tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
 ) -> None:
-    with (DATA / "train.jsonl").open() as handle:
-        rows = [json.loads(next(handle)) for _ in range(60)]
+    rows = debian_rows("train.jsonl", 60)
     records = [{"query": r["query"], "positive": r["positive"], "negatives": [rows[(i + 7) % 60]["positive"]]}
                for i, r in enumerate(rows)]  # fmt: skip
     train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
@@ -70,8 +67,7 @@ def test_listwise_loss_is_what_inference_ranks_by(
     from twostage.training.data import Pair
     from twostage.training.reranker_training import RerankerTrainSettings, train_reranker
 
-    with (DATA / "train.jsonl").open() as handle:
-        rows = [json.loads(next(handle)) for _ in range(40)]
+    rows = debian_rows("train.jsonl", 40)
     pairs = [Pair(r["query"], r["positive"], tuple(rows[(i + k) % 40]["positive"] for k in (3, 11, 17)))
              for i, r in enumerate(rows)]  # fmt: skip
     pairs.append(Pair("a query with one negative", "doc", ("other",)))  # too few negatives: left out

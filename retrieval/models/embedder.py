@@ -9,14 +9,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
-from twostage.retrieval.models.allocator import keep_freed_memory
-from twostage.retrieval.models.devices import resolve_device
 from twostage.retrieval.models.fingerprint import PROBES, Fingerprint
-from twostage.retrieval.models.numerics import choose_dtype, embedder_deviation, load_on_path, numeric_path
+from twostage.retrieval.models.loading import FamilyLoader, load_local
+from twostage.retrieval.models.numerics import embedder_deviation, numeric_path
 from twostage.retrieval.models.prompts import embedding_queries, require_texts
-from twostage.retrieval.models.source import ModelSource, model_identity, resolve_model
+from twostage.retrieval.models.source import ModelSource
 from twostage.retrieval.settings import Settings
 
 if TYPE_CHECKING:
@@ -147,25 +145,18 @@ def load_embedder(settings: Settings, remote_metrics: "RemoteMetrics | None" = N
         from twostage.retrieval.models.remote_embedder import RemoteEmbedder
 
         return RemoteEmbedder(cfg, remote_metrics)
-    source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
-    device = resolve_device(settings.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # activations' pages stay mapped between passes (allocator)
-    choice = choose_dtype(settings.dtype, device, settings.numerics.strict)
-    family = detect_embedder_family(source) if cfg.family == "auto" else cfg.family
-    if family == "last-token":
-        from twostage.retrieval.models.last_token_embedder import LastTokenEmbedder as Family
-    else:
-        from twostage.retrieval.models.st_embedder import SentenceTransformerEmbedder as Family  # type: ignore[assignment]
 
-    def load(dtype: torch.dtype) -> Embedder:
-        return Family.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
+    def family(source: ModelSource) -> "FamilyLoader[Embedder]":
+        name = detect_embedder_family(source) if cfg.family == "auto" else cfg.family
+        if name == "last-token":
+            from twostage.retrieval.models.last_token_embedder import LastTokenEmbedder
 
-    embedder = load_on_path(
-        load, role="embedder", family=family, quantize=cfg.quantize, choice=choice,
-        probe=lambda e: e.embed_documents(list(PROBES)), deviation=embedder_deviation,
-        tolerance=1.0 - settings.numerics.embedder_min_cosine,
-        model_id=model_identity(source, settings.cache_dir), device=device, cache_dir=settings.cache_dir,
-        engine=settings.numerics.int8_engine,
+            return name, LastTokenEmbedder.load
+        from twostage.retrieval.models.st_embedder import SentenceTransformerEmbedder
+
+        return name, SentenceTransformerEmbedder.load
+
+    return load_local(
+        settings, "embedder", cfg, family, probe=lambda e: e.embed_documents(list(PROBES)),
+        deviation=embedder_deviation, tolerance=1.0 - settings.numerics.embedder_min_cosine,
     )  # fmt: skip
-    return embedder

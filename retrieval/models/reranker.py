@@ -11,13 +11,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 
 from twostage.retrieval.errors import InputError
-from twostage.retrieval.models.allocator import keep_freed_memory
-from twostage.retrieval.models.devices import resolve_device
-from twostage.retrieval.models.numerics import RERANK_PROBES, choose_dtype, load_on_path, reranker_deviation
-from twostage.retrieval.models.source import ModelSource, model_identity, resolve_model
+from twostage.retrieval.models.loading import FamilyLoader, load_local
+from twostage.retrieval.models.numerics import RERANK_PROBES, reranker_deviation
+from twostage.retrieval.models.source import ModelSource
 from twostage.retrieval.settings import Settings
 
 if TYPE_CHECKING:
@@ -116,27 +114,21 @@ def load_reranker(settings: Settings, remote_metrics: "RemoteMetrics | None" = N
         from twostage.retrieval.models.remote_reranker import RemoteReranker
 
         return RemoteReranker(cfg, remote_metrics)
-    source = resolve_model(cfg.model, cache_dir=settings.cache_dir, revision=cfg.revision)
-    device = resolve_device(settings.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # activations' pages stay mapped between passes (allocator)
-    choice = choose_dtype(settings.dtype, device, settings.numerics.strict)
-    family = reranker_family(source, cfg.family)
-    if family == "yes-no":
-        from twostage.retrieval.models.yes_no_reranker import YesNoReranker as Family
-    else:
-        from twostage.retrieval.models.cross_encoder_reranker import CrossEncoderReranker as Family  # type: ignore[assignment]
 
-    def load(dtype: torch.dtype) -> Reranker:
-        return Family.load(source, cfg, device=device, dtype=dtype, cache_dir=settings.cache_dir)
+    def family(source: ModelSource) -> "FamilyLoader[Reranker]":
+        name = reranker_family(source, cfg.family)
+        if name == "yes-no":
+            from twostage.retrieval.models.yes_no_reranker import YesNoReranker
 
-    reranker = load_on_path(
-        load, role="reranker", family=family, quantize=cfg.quantize, choice=choice, probe=probe_scores,
-        deviation=reranker_deviation, tolerance=settings.numerics.reranker_max_delta,
-        model_id=model_identity(source, settings.cache_dir), device=device, cache_dir=settings.cache_dir,
-        engine=settings.numerics.int8_engine,
+            return name, YesNoReranker.load
+        from twostage.retrieval.models.cross_encoder_reranker import CrossEncoderReranker
+
+        return name, CrossEncoderReranker.load
+
+    return load_local(
+        settings, "reranker", cfg, family, probe=probe_scores, deviation=reranker_deviation,
+        tolerance=settings.numerics.reranker_max_delta,
     )  # fmt: skip
-    return reranker
 
 
 def probe_scores(reranker: Reranker) -> np.ndarray:

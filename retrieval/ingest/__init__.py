@@ -1,0 +1,1 @@
+"""The ingest path: documents read, cut into token windows, embedded and written, idempotently."""

@@ -1,0 +1,1 @@
+"""Embedders and rerankers: the Protocols, one family per module, loading, numerics, tokenizers."""

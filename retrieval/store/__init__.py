@@ -1,0 +1,1 @@
+"""Vector stores: the `VectorStore` Protocol, Qdrant Edge (embedded) and Qdrant (server), collections."""

@@ -14,6 +14,9 @@ for name in [n for n in os.environ if n.startswith("TWOSTAGE_") and n != "TWOSTA
 HOME = Path(tempfile.mkdtemp(prefix="twostage-tests-"))  # conftest runs the tests in it (after collection,
 # so paths on the command line, `--ignore` ones too, still mean what they say)
 os.environ["HF_HOME"] = str(HOME / "hf-home")
+# torch.compile's kernels too: a cache an earlier run filled served another function's kernel once
+# (`fused_int8._BY_LEVELS`)
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(HOME / "inductor")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 # parity with the official fp32 recipes is what most tests pin; dtype=auto (bf16 where this CPU

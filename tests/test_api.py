@@ -850,3 +850,63 @@ def test_a_dense_only_collection_keeps_working_and_says_so(served: Served) -> No
         time.sleep(0.2)
     assert body["collection"] == "legacy__v2" and body["recall"] == "hybrid", body
     assert not any("built without BM25" in n for n in body["notes"])
+
+
+def test_batcher_takes_items_from_worker_threads_directly() -> None:
+    """`run` (what a search's worker thread calls): items from several threads share batches, each
+    thread gets its own answer, failures reach only their caller, and admission is per call."""
+    from twostage.api.micro_batcher import MicroBatcher, Overloaded
+
+    sizes: list[int] = []
+
+    def double(items: object) -> list[int]:
+        sizes.append(len(items))  # type: ignore[arg-type]
+        if -1 in items:  # type: ignore[operator]
+            raise ValueError("bad item")
+        time.sleep(0.05)
+        return [2 * i for i in items]  # type: ignore[attr-defined]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        "embedder", double, lambda _: 1, budget=100, max_wait_s=0.2, max_pending=8
+    )
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(batcher.run, range(8))) == [2 * i for i in range(8)]
+        assert max(sizes) > 1 and batcher.admitted == 0  # threads' items were batched together
+        with pytest.raises(ValueError, match="bad item"):
+            batcher.run(-1)
+        assert batcher.run(5) == 10 and batcher.admitted == 0
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(batcher.run, 1, 6)  # weighs 6 of the 8 admitted items
+            time.sleep(0.05)
+            with pytest.raises(Overloaded, match="6 items queued, at most 8"):
+                batcher.run(2, 3)
+            assert first.result() == 2
+    finally:
+        batcher.close()
+
+
+def test_every_error_kind_has_one_status() -> None:
+    """The error table (`api/errors.py`): the most specific class decides, whatever the table's
+    order; every 503 says when to retry."""
+    from twostage.api.errors import ERRORS, Forbidden, Unauthorized, answer
+    from twostage.retrieval.errors import (
+        InputError,
+        ModelLoading,
+        NotFound,
+        Overloaded,
+        RemoteUnavailable,
+        TooLarge,
+    )
+    from twostage.retrieval.store.vector_store import CollectionNotFound, InvalidCollectionName, StoreError
+
+    assert answer(InputError("x")) == (400, {})
+    assert answer(TooLarge("x")) == (413, {})  # an InputError, answered by its own entry
+    assert answer(InvalidCollectionName("x")) == (400, {})  # a StoreError (409) and an InputError
+    assert answer(StoreError("x")) == (409, {}) and answer(CollectionNotFound("x")) == (404, {})
+    assert answer(NotFound("x")) == (404, {}) and answer(Forbidden("x")) == (403, {})
+    assert answer(Unauthorized("x")) == (401, {"WWW-Authenticate": "Bearer"})
+    assert answer(Overloaded("embedder", 1, 9, 8)) == (503, {"Retry-After": "1"})
+    assert answer(RemoteUnavailable("down", retry_after_s=12)) == (503, {"Retry-After": "12"})
+    assert answer(ModelLoading("x")) == (503, {"Retry-After": "5"})
+    assert all(kind.__module__.startswith("twostage.") for kind in ERRORS)

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import debian_rows, free_port, run_cli, write_jsonl
 
-from twostage.oracles.tiny_models import QWEN3_TOKENIZER_JSON_SHA256
+from twostage.oracles.tiny_models import QWEN3_TOKENIZER_JSON_SHA256, TinyModelPaths
 from twostage.retrieval.settings import Settings
 
 
@@ -166,3 +166,28 @@ def test_unusable_rrf_weights_are_one_line_naming_the_setting(tmp_path: Path, we
         f"twostage: error: invalid settings: TWOSTAGE_RECALL: recall.rrf_weights {list(map(float, json.loads(weights)))} "
         "must be non-negative and not all zero"
     ]
+
+
+def test_search_loads_only_the_models_its_plan_uses(
+    tmp_path: Path, tiny_models: TinyModelPaths, model_cache: Path
+) -> None:
+    """`twostage search` on the embedded store builds no service and loads what its plan runs: with
+    rerank=false a reranker that does not even exist is never loaded; asked to rerank, it is one
+    line naming it."""
+    env = {
+        **os.environ, "TWOSTAGE_DATA_DIR": str(tmp_path / "data"), "TWOSTAGE_CACHE_DIR": str(model_cache),
+        "TWOSTAGE_DEVICE": "cpu", "TWOSTAGE_EMBEDDER__MODEL": str(tiny_models.embedder),
+        "TWOSTAGE_RERANKER__MODEL": str(tmp_path / "no-such-reranker"), "TWOSTAGE_API__PORT": str(free_port()),
+    }  # fmt: skip
+    corpus = [{"_id": r["_id"], "text": r["text"]} for r in debian_rows("corpus.jsonl", 20)]
+    ingested = run_cli(["ingest", str(write_jsonl(tmp_path / "corpus.jsonl", corpus)), "--quiet"], env)
+    assert ingested.returncode == 0, ingested.stderr[-2000:]
+    plain = run_cli(
+        ["search", "a chess engine", "--json", "--top-n", "3"], env | {"TWOSTAGE_API__RERANK": "false"}
+    )
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    result = json.loads(plain.stdout)
+    assert len(result["hits"]) == 3 and result["stages"] == ["embed", "recall"] and result["reranker"] is None
+    assert "not reranked: TWOSTAGE_API__RERANK=false" in result["notes"]
+    forced = run_cli(["search", "a chess engine", "--rerank"], env | {"TWOSTAGE_API__RERANK": "false"})
+    assert forced.returncode == 2 and "no-such-reranker" in forced.stderr and "Traceback" not in forced.stderr

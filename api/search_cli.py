@@ -85,12 +85,18 @@ def _embedded(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
     plan uses (no `Service`: no batchers, refresher or job runner for one query)."""
     from dataclasses import asdict
 
+    from pydantic import ValidationError
+
     from twostage.api.schemas import SearchRequest
     from twostage.retrieval.deployments import load_served
     from twostage.retrieval.search.two_stage import needs_reranker, search
     from twostage.retrieval.store.collections import open_store
 
-    request = SearchRequest.model_validate(body)
+    try:
+        request = SearchRequest.model_validate(body)
+    except ValidationError as exc:  # what /v1/search would answer with 422, as one line
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InputError(f"the search is not valid: {problems}") from None
     store = open_store(settings)
     try:
         collection = request.collection or settings.collection

@@ -191,3 +191,9 @@ def test_search_loads_only_the_models_its_plan_uses(
     assert "not reranked: TWOSTAGE_API__RERANK=false" in result["notes"]
     forced = run_cli(["search", "a chess engine", "--rerank"], env | {"TWOSTAGE_API__RERANK": "false"})
     assert forced.returncode == 2 and "no-such-reranker" in forced.stderr and "Traceback" not in forced.stderr
+    listed = run_cli(
+        ["search", "chess", "--filter", '{"source": [1, 2]}'], env | {"TWOSTAGE_API__RERANK": "false"}
+    )
+    assert listed.returncode == 2 and "the search is not valid: filter.source" in listed.stderr, (
+        listed.stderr[-2000:]
+    )

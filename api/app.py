@@ -62,7 +62,9 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["Server-Timing", "X-Request-ID"],
         )
-    app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.api.max_body_bytes, upload_bytes=settings.api.max_upload_bytes
+    )
     app.add_middleware(RequestLog, service=app.state.service)
     _add_error_handlers(app)
     app.include_router(search.router)
@@ -97,19 +99,30 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 class BodyLimit:
-    """413 for bodies over `max_bytes`, by Content-Length or while streaming a chunked body."""
+    """413 for bodies over `max_bytes`, by Content-Length or while streaming a chunked body.
 
-    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_bytes: int) -> None:
+    File uploads (multipart bodies of `POST /v1/documents`) have their own, larger limit.
+    """
+
+    UPLOADS = ("/v1/documents",)
+
+    def __init__(
+        self, app: Callable[[Scope, Receive, Send], Awaitable[None]], max_bytes: int, upload_bytes: int
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_bytes = upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _reject(send, self.max_bytes)
+        headers = dict(scope["headers"])
+        upload = scope["path"] in self.UPLOADS and headers.get(b"content-type", b"").startswith(b"multipart/")
+        limit = self.upload_bytes if upload else self.max_bytes
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _reject(send, limit)
             return
         seen = 0
 
@@ -117,14 +130,14 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
+            if seen > limit:
                 raise _TooLarge
             return message
 
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await _reject(send, self.max_bytes)
+            await _reject(send, limit)
 
 
 class _TooLarge(Exception):

@@ -56,7 +56,7 @@ def _ingest(args: argparse.Namespace) -> int:
     import json
     from dataclasses import asdict
 
-    from twostage.retrieval.ingest.readers import CorpusReader
+    from twostage.retrieval.ingest.readers import CorpusReader, parse_shard
     from twostage.retrieval.settings import Settings
     from twostage.retrieval.store.vector_store import check_collection_name
 
@@ -65,7 +65,18 @@ def _ingest(args: argparse.Namespace) -> int:
     batch_tokens = args.batch_tokens or settings.ingest.batch_tokens
     if batch_tokens:
         settings.embedder.batch_tokens = batch_tokens
-    reader = CorpusReader(args.path, settings.ingest.max_document_chars)  # fails fast on a missing path
+    shard = parse_shard(args.shard) if args.shard else None
+    if shard is not None and shard[1] > 1 and args.sync:
+        raise InputError(
+            f"--sync with --shard {args.shard}: this run reads only its shard, so every document of the "
+            "other shards would look deleted; run --sync once without --shard after the shards are done"
+        )
+    reader = CorpusReader(
+        args.path,
+        settings.ingest.max_document_chars,
+        workers=args.workers or settings.ingest.workers,
+        shard=shard,
+    )  # fails fast on a missing path
     if args.server:
         from twostage.api.client import ingest_via_server
 
@@ -80,6 +91,7 @@ def _ingest(args: argparse.Namespace) -> int:
         settings, reader, collection, sync=args.sync, strict=args.strict, new_version=args.new_version,
         quiet=args.quiet,
     )  # fmt: skip
+    report.shard = args.shard
     print(json.dumps(asdict(report)) if args.json else report.summary())
     return 0
 
@@ -106,7 +118,7 @@ def ingest_local(
     try:
         store.list_collections()  # an unreachable server fails here, before the model loads
         embedder = load_embedder(settings)
-        return ingest_corpus(
+        report = ingest_corpus(
             reader,
             store=store,
             embedder=embedder,
@@ -117,8 +129,10 @@ def ingest_local(
             strict=strict,
             new_version=new_version,
             progress=Progress(reader.bytes_total, settings.ingest.progress_interval_s, enabled=not quiet),
-            bytes_read=lambda: reader.bytes_read,
+            bytes_passed=lambda: reader.bytes_passed,
         )
+        report.hidden_files = reader.hidden
+        return report
     finally:
         store.close()
 
@@ -155,13 +169,27 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_models_check)
 
     ingest = commands.add_parser("ingest", help="chunk, embed and upsert a corpus (idempotent, resumable)")
-    ingest.add_argument("path", help="JSONL file, directory of .txt/.md/.html files, or - for JSONL on stdin")
+    ingest.add_argument(
+        "path", help="a folder of documents (PDF, .docx, HTML, Markdown, reST, text, JSONL), one such file, "
+        "or - for JSONL on stdin",
+    )  # fmt: skip
     ingest.add_argument("--collection", help="collection (alias) name; default TWOSTAGE_COLLECTION")
     ingest.add_argument("--batch-tokens", type=positive_int, help="embedder token budget per forward pass")
     ingest.add_argument("--sync", action="store_true", help="delete documents that are gone from the source")
     ingest.add_argument(
-        "--strict", action="store_true", help="fail on the first bad record instead of skipping"
-    )
+        "--strict", action="store_true", help="exit with status 2 at the first file or record that cannot be "
+        "ingested, instead of reporting it and going on",
+    )  # fmt: skip
+    ingest.add_argument(
+        "--shard", metavar="I/N", help="ingest only shard I of N (by a stable hash of each document id), so "
+        "N "
+        "machines can split one corpus into the same Qdrant collection",
+    )  # fmt: skip
+    ingest.add_argument(
+        "--workers", type=positive_int, help="processes extracting documents (default "
+        "TWOSTAGE_INGEST__WORKERS: "
+        "the cores)",
+    )  # fmt: skip
     ingest.add_argument(
         "--new-version",
         action="store_true",
@@ -217,8 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"twostage: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # Ctrl-C ends the process now: `finally` blocks have closed the store, and waiting at exit
+        # for worker threads (a model still loading, an executor's queue) could take minutes
         print("twostage: interrupted", file=sys.stderr)
-        return 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     except Exception as exc:  # a library's error (transformers, peft, torch...): one line, not a traceback
         if isinstance(exc, ValidationError) and exc.title == "Settings":  # the environment, settings.env
             print(f"twostage: error: invalid settings: {_settings_problems(exc)}", file=sys.stderr)

@@ -133,9 +133,9 @@ def quickstart(args: argparse.Namespace) -> int:
             settings.store.payload_indexes.setdefault("metadata.section", "keyword")
         with as_file(files("twostage.api") / "samples" / SAMPLE) as sample:
             path = args.path or str(sample)
-            reader = CorpusReader(path, settings.ingest.max_document_chars)
+            reader = CorpusReader(path, settings.ingest.max_document_chars, workers=settings.ingest.workers)
             if reader.bytes_total == 0:
-                raise InputError(f"corpus path {path!r} is empty (no JSONL lines, no .txt/.md/.html files)")
+                raise InputError(f"corpus path {path!r} is empty (no JSONL lines, no documents we read)")
             print(f"ingesting {'the Debian sample (3,000 package descriptions)' if not args.path else path} "
                   f"into {settings.collection}", flush=True)  # fmt: skip
             report = ingest_local(settings, reader, settings.collection, quiet=args.quiet)

@@ -92,6 +92,10 @@ class RerankRequest(BaseModel):
     )
     top_n: int | None = Field(None, ge=1)
     max_tokens_per_doc: int | None = Field(None, ge=1, le=32768, description="Qwen3 tokens kept per document")
+    truncation: bool | None = Field(
+        None, description="true: a document longer than the reranker reads is cut to its beginning; default: "
+        "it is scored in overlapping windows and gets its best window's score",
+    )  # fmt: skip
     return_documents: bool = False
     instruction: str | None = Field(None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
 
@@ -128,22 +132,42 @@ TruncationSide = Annotated[Literal["left", "right"], BeforeValidator(_side)]
 
 
 class TeiRerankRequest(BaseModel):
-    """Text Embeddings Inference `POST /rerank` (unknown fields are accepted and ignored)."""
+    """Text Embeddings Inference `POST /rerank` (unknown fields are accepted and ignored).
+
+    The Cohere/Jina body (`documents`, `top_n`) is accepted here too, and answered in the
+    Jina/Cohere shape, for clients configured with a base URL whose rerank path is `/rerank`.
+    """
 
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
-    texts: list[str] = Field(
-        min_length=1, description="at most api.max_client_batch (2,048) texts; more get 413"
+    texts: list[str] | None = Field(
+        None, min_length=1, description="at most api.max_client_batch (2,048) texts; more get 413"
     )
+    documents: list[str | dict[str, Any]] | None = Field(
+        None,
+        min_length=1,
+        description="the Cohere/Jina body instead of texts: answered as /v1/rerank answers",
+    )
+    top_n: int | None = Field(None, ge=1, description="with documents: how many results")
+    max_tokens_per_doc: int | None = Field(
+        None, ge=1, le=32768, description="with documents: as in /v1/rerank"
+    )
+    return_documents: bool = Field(True, description="with documents: as in /v1/rerank")
     raw_scores: bool = Field(False, description="logits instead of probabilities")
     return_text: bool = False
     truncate: bool | None = Field(
-        None, description="cut texts that do not fit the model (default: yes, /info says auto_truncate); "
-        "false: 413 for a text that does not fit",
+        None, description="true: cut texts that do not fit the model (truncation_direction says which end "
+        "stays); default: a text that does not fit is scored in overlapping windows, its best window counts",
     )  # fmt: skip
     truncation_direction: TruncationSide = Field(
         "right", description="right keeps a text's beginning, left its end (the prompt and query are kept)"
     )
     instruction: str | None = Field(None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
+
+    @model_validator(mode="after")
+    def _texts_or_documents(self) -> "TeiRerankRequest":
+        if (self.texts is None) == (self.documents is None):
+            raise ValueError("send either texts (TEI) or documents (Cohere/Jina), not both or neither")
+        return self
 
 
 class TeiEmbedRequest(BaseModel):

@@ -109,6 +109,16 @@ def _embedded(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
         store.close()
 
 
+def citation(hit: dict[str, Any]) -> str:
+    """Where a hit comes from, as a reader cites it: 'manual.pdf, p. 12-13 · Guide > Install'."""
+    where = hit.get("source") or hit.get("doc_id", "")
+    page, last = hit.get("page"), hit.get("page_end")
+    if page is not None:
+        where += f", p. {page}" + (f"-{last}" if last not in (None, page) else "")
+    headings = " > ".join(hit.get("headings") or [])
+    return f"{where} · {headings}" if headings else where
+
+
 def _table(result: dict[str, Any]) -> str:
     """Rank, doc id, recall and rerank scores, the first line of text; then timings and notes."""
     width = max(shutil.get_terminal_size((120, 20)).columns, 80)
@@ -120,6 +130,8 @@ def _table(result: dict[str, Any]) -> str:
         lines.append(
             f"{hit['rank']:>4}  {hit['doc_id'][:28]:<28}  {hit['recall_score']:>7.4f}  {rerank:>7}  {text}"
         )
+        if hit.get("page") is not None or hit.get("headings"):
+            lines.append(f"{'':>6}{citation(hit)}")
     if not result["hits"]:
         lines.append("   (no hits)")
     timings = ", ".join(f"{k} {v:.1f} ms" for k, v in result["timings_ms"].items())

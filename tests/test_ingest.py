@@ -271,7 +271,9 @@ def test_kill_9_mid_ingest_then_rerun_ends_with_exactly_the_right_points(
         points = stored_points(store, "docs__v1")
         assert store.count("docs__v1") == len(points)
         assert set(points) == expected_ids(docs, chunker)
-        hashes = {Document(d.id, d.text, d.title, str(corpus), {}).content_hash for d in docs}
+        hashes = {
+            Document(d.id, d.text, d.title, corpus.name, {}).content_hash for d in docs
+        }  # cited by name
         assert {p["doc_hash"] for p in points.values()} == hashes
         assert active_manifest(store, "docs").documents == len(docs)
     finally:

@@ -40,6 +40,7 @@ from twostage.retrieval.deployments import (
     switch,
 )
 from twostage.retrieval.errors import InputError
+from twostage.retrieval.ingest.documents import embedded_text
 from twostage.retrieval.models.cache import ModelCache, pair_keys
 from twostage.retrieval.models.embedder import Embedder
 from twostage.retrieval.models.source import resolve_model
@@ -226,7 +227,7 @@ def reindex(store: VectorStore, source: str, target: str, embedder: Embedder, sa
 
     def flush() -> None:
         nonlocal done
-        texts = [str(r.payload.get("text", "")) for r in batch]
+        texts = [embedded_text(r.payload) for r in batch]
         vectors = embedder.embed_documents(texts)
         sparse = encoder.embed_documents(texts) if encoder else [None] * len(texts)
         points = [Point(r.id, v, r.payload, sv) for r, v, sv in zip(batch, vectors, sparse, strict=True)]
@@ -531,5 +532,10 @@ def _finish(
 ) -> dict[str, Any]:
     manifest.data.update(decision=decision, summary=summary, finished_at=now_iso())
     manifest.save()
-    say(summary + "\n  " + "\n  ".join(reasons) + f"\n  run: {manifest.path.parent}")
+    run_dir = manifest.path.parent
+    # relative to the data directory: this line reaches API clients, the server's paths do not
+    shown = next(
+        (run_dir.relative_to(p.parent) for p in run_dir.parents if p.name == "registry"), run_dir.name
+    )
+    say(summary + "\n  " + "\n  ".join(reasons) + f"\n  run: {shown} (in the data directory)")
     return manifest.data

@@ -1,22 +1,28 @@
 """Endpoints clients already speak, as thin adapters over the service's rerank/embed calls.
 
 Cohere `POST /v2/rerank`, Jina/vLLM `POST /v1/rerank`, OpenAI `POST /v1/embeddings`.
-Each accepts an optional `instruction` (the Qwen3 task) on top of its usual fields.
+Each accepts an optional `instruction` (the Qwen3 task) on top of its usual fields. A document
+longer than the reranker reads is scored in overlapping windows, its best window counting, as
+Cohere documents; `truncation: true` cuts it to its beginning instead.
 """
 
 import base64
 import uuid
+from functools import partial
 from typing import Any
 
 import numpy as np
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
 
 from twostage.api.deps import ReadAccess, ServiceDep
 from twostage.api.schemas import CohereRerankRequest, EmbeddingsRequest, JinaRerankRequest, RerankRequest
 from twostage.api.service import Service
 from twostage.retrieval.errors import InputError, TooLarge
+from twostage.retrieval.models.truncation import windows
 
 router = APIRouter(tags=["compatible"])
+_WINDOWS_PER_DOCUMENT = 8  # on average, over a request: bounds the work one request can ask for
 
 
 def _texts(documents: list[str | dict[str, Any]]) -> list[str]:
@@ -38,7 +44,7 @@ def check_batch(service: Service, count: int, what: str) -> None:
         )
 
 
-async def _rerank(service: Service, body: RerankRequest) -> tuple[list[dict[str, Any]], int]:
+async def rerank_documents(service: Service, body: RerankRequest) -> tuple[list[dict[str, Any]], int]:
     """Results best first (cut to top_n, with documents if asked) and the Qwen3 tokens scored."""
     check_batch(service, len(body.documents), "documents")
     originals = _texts(body.documents)
@@ -47,7 +53,10 @@ async def _rerank(service: Service, body: RerankRequest) -> tuple[list[dict[str,
     if body.max_tokens_per_doc is not None:
         ids = [d[: body.max_tokens_per_doc] for d in ids]
         documents = [service.tokens.decode(d) for d in ids]
-    scores = await service.score_documents(body.query, documents, body.instruction)
+    if body.truncation:
+        scores = await service.score_documents(body.query, documents, body.instruction)
+    else:
+        scores = await best_window_scores(service, body.query, documents, body.instruction)
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: body.top_n]
     results: list[dict[str, Any]] = [{"index": i, "relevance_score": scores[i]} for i in order]
     if body.return_documents:
@@ -57,9 +66,35 @@ async def _rerank(service: Service, body: RerankRequest) -> tuple[list[dict[str,
     return results, used
 
 
+async def best_window_scores(
+    service: Service, query: str, documents: list[str], instruction: str | None
+) -> list[float]:
+    """Each document's score: its own, or the best of its overlapping windows when it is longer
+    than the reranker reads. All windows of all documents are scored in one call."""
+    reranker = service.reranker
+    assert reranker is not None
+    lengths = partial(reranker.input_lengths, query, instruction=instruction)
+    split = await run_in_threadpool(
+        lambda: [windows(d, lengths, reranker.max_length, service.tokens) for d in documents]
+    )
+    total = sum(len(w) for w in split)
+    limit = _WINDOWS_PER_DOCUMENT * service.settings.api.max_client_batch
+    if total > limit:
+        raise TooLarge(
+            f"the documents make {total} windows of {reranker.max_length} tokens, more than {limit}: send "
+            "fewer or shorter documents, or max_tokens_per_doc / truncation=true"
+        )
+    flat = await service.score_documents(query, [w for ws in split for w in ws], instruction)
+    scores, at = [], 0
+    for ws in split:
+        scores.append(max(flat[at : at + len(ws)]))
+        at += len(ws)
+    return scores
+
+
 @router.post("/v2/rerank", dependencies=[ReadAccess])
 async def cohere_rerank(body: CohereRerankRequest, service: ServiceDep) -> dict[str, Any]:
-    results, _ = await _rerank(service, body)
+    results, _ = await rerank_documents(service, body)
     return {
         "id": str(uuid.uuid4()),
         "results": results,
@@ -69,7 +104,13 @@ async def cohere_rerank(body: CohereRerankRequest, service: ServiceDep) -> dict[
 
 @router.post("/v1/rerank", dependencies=[ReadAccess])
 async def jina_rerank(body: JinaRerankRequest, service: ServiceDep) -> dict[str, Any]:
-    results, used = await _rerank(service, body)
+    return jina_answer(service, body, *(await rerank_documents(service, body)))
+
+
+def jina_answer(
+    service: Service, body: RerankRequest, results: list[dict[str, Any]], used: int
+) -> dict[str, Any]:
+    """The Jina/vLLM response body."""
     assert service.reranker is not None
     return {
         "id": str(uuid.uuid4()),

@@ -17,8 +17,8 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from twostage.api.deps import ReadAccess, ServiceDep
-from twostage.api.routes.compat import check_batch
-from twostage.api.schemas import TeiEmbedRequest, TeiRerankRequest
+from twostage.api.routes.compat import best_window_scores, check_batch, jina_answer, rerank_documents
+from twostage.api.schemas import JinaRerankRequest, TeiEmbedRequest, TeiRerankRequest
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.models.truncation import fit_texts
 
@@ -35,17 +35,28 @@ def logit(p: float) -> float:
 
 
 @router.post("/rerank", dependencies=[ReadAccess])
-async def tei_rerank(body: TeiRerankRequest, service: ServiceDep) -> list[dict[str, Any]]:
-    """Texts scored against the query, best first: `[{index, score, text?}]`."""
+async def tei_rerank(body: TeiRerankRequest, service: ServiceDep) -> list[dict[str, Any]] | dict[str, Any]:
+    """Texts scored against the query, best first: `[{index, score, text?}]`.
+
+    A Cohere/Jina body (`documents`) is answered as `/v1/rerank` answers it.
+    """
+    if body.documents is not None:
+        given = body.model_dump(exclude={"texts", "truncate"}, exclude_none=True)
+        jina = JinaRerankRequest.model_validate({**given, "truncation": body.truncate})
+        return jina_answer(service, jina, *(await rerank_documents(service, jina)))
+    assert body.texts is not None
     check_batch(service, len(body.texts), "texts")
     reranker = service.reranker
     assert reranker is not None
-    lengths = partial(reranker.input_lengths, body.query, instruction=body.instruction)
-    texts = await run_in_threadpool(
-        fit_texts, body.texts, lengths, reranker.max_length,
-        truncate=body.truncate is not False, side=body.truncation_direction, what="texts",
-    )  # fmt: skip
-    scores = await service.score_documents(body.query, texts, body.instruction)
+    if body.truncate:
+        lengths = partial(reranker.input_lengths, body.query, instruction=body.instruction)
+        texts = await run_in_threadpool(
+            fit_texts, body.texts, lengths, reranker.max_length,
+            truncate=True, side=body.truncation_direction, what="texts",
+        )  # fmt: skip
+        scores = await service.score_documents(body.query, texts, body.instruction)
+    else:
+        scores = await best_window_scores(service, body.query, list(body.texts), body.instruction)
     raw = body.raw_scores and reranker.probabilities
     results: list[dict[str, Any]] = []
     for i in sorted(range(len(scores)), key=lambda i: (-scores[i], i)):

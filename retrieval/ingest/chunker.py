@@ -16,13 +16,14 @@ its first half only, and its second half could never be found by dense recall. W
 all fit is chunked again with a window shrunk in proportion, until every chunk fits.
 """
 
+import bisect
 import itertools
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from twostage.retrieval.ingest.documents import Chunk
+from twostage.retrieval.ingest.documents import Chunk, Document, Section
 from twostage.retrieval.models.tokens import Qwen3Tokens
 from twostage.retrieval.settings import ChunkerSettings
 
@@ -65,20 +66,40 @@ class Chunker:
         return cls(tokens, settings, TokenLimit(embedder.max_length, embedder.document_lengths))
 
     def chunk(self, doc_id: str, text: str) -> list[Chunk]:
-        """The chunks of one document, in order, indexed from 0 (each within `limit`, if any)."""
+        """The chunks of a plain text, in order, indexed from 0 (each within `limit`, if any)."""
+        return self.chunk_document(Document(doc_id, text))
+
+    def chunk_document(self, doc: Document) -> list[Chunk]:
+        """The chunks of a document: its sections first (a chunk never spans two), then token
+        windows; each chunk carries its heading path and page span."""
+        sections = doc.sections or (Section(0, len(doc.text)),)
+        chunks: list[Chunk] = []
+        for section in sections:
+            for chunk in self._fitted(doc, section):
+                page, page_end = _page_span(doc.pages, chunk.start, chunk.end)
+                chunks.append(Chunk(doc.id, len(chunks), chunk.text, chunk.start, chunk.end, section.headings,
+                                    page, page_end, chunk.context))  # fmt: skip
+        return chunks
+
+    def _fitted(self, doc: Document, section: Section) -> list[Chunk]:
+        """One section's chunks, re-cut with a smaller window until the embedder reads each whole."""
         cfg = self.settings
+        context = " > ".join(section.headings) if cfg.heading_context else ""
         while True:
-            chunks = self._chunk(doc_id, text, cfg)
+            chunks = self._chunk(doc.id, doc.text, section.start, section.end, cfg, context)
             if self.limit is None or not chunks:
                 return chunks
-            worst = max(n / self.limit.max_tokens for n in self.limit.count([c.text for c in chunks]))
+            counts = self.limit.count([c.embed_text for c in chunks])
+            worst = max(n / self.limit.max_tokens for n in counts)
             if worst <= 1 or cfg.tokens <= _MIN_WINDOW:
                 return chunks
             size = max(_MIN_WINDOW, min(cfg.tokens - 1, int(cfg.tokens / worst * 0.95)))
             cfg = cfg.model_copy(update={"tokens": size, "overlap": min(cfg.overlap, size // 4)})
 
-    def _chunk(self, doc_id: str, text: str, cfg: ChunkerSettings) -> list[Chunk]:
-        windows = self._windows(text, self._pieces(text, 0, len(text), 0, cfg), cfg)
+    def _chunk(
+        self, doc_id: str, text: str, begin: int, finish: int, cfg: ChunkerSettings, context: str
+    ) -> list[Chunk]:
+        windows = self._windows(text, self._pieces(text, begin, finish, 0, cfg), cfg)
         chunks: list[Chunk] = []
         for start, end in windows:
             body = text[start:end]
@@ -86,7 +107,7 @@ class Chunker:
             if not stripped:
                 continue
             start += len(body) - len(body.lstrip())
-            chunks.append(Chunk(doc_id, len(chunks), stripped, start, start + len(stripped)))
+            chunks.append(Chunk(doc_id, len(chunks), stripped, start, start + len(stripped), context=context))
         return chunks
 
     def _pieces(self, text: str, start: int, end: int, level: int, cfg: ChunkerSettings) -> list[Piece]:
@@ -149,3 +170,10 @@ class Chunker:
     def _count(self, text: str, pieces: list[Piece]) -> int:
         """Tokens of the window the pieces make, as stored (whitespace trimmed)."""
         return self.tokens.count(text[pieces[0][0] : pieces[-1][1]].strip())
+
+
+def _page_span(pages: tuple[int, ...], start: int, end: int) -> tuple[int | None, int | None]:
+    """1-based first and last page of text[start:end], given the offsets where pages start."""
+    if not pages:
+        return None, None
+    return bisect.bisect_right(pages, start), bisect.bisect_right(pages, max(start, end - 1))

@@ -39,6 +39,7 @@ from twostage.retrieval.store.vector_store import (
 
 _DONE = object()
 _MAX_EXAMPLES = 20
+_MAX_SKIPPED = 10_000  # every skipped file is listed up to here; the count is always exact
 
 
 @dataclass
@@ -54,6 +55,11 @@ class IngestReport:
     chunks_embedded: int = 0
     bad_records: int = 0
     bad_examples: list[str] = field(default_factory=list)
+    formats: dict[str, int] = field(default_factory=dict)  # documents read, by format
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {location, kind, reason}, each one
+    skipped_by_kind: dict[str, int] = field(default_factory=dict)
+    hidden_files: int = 0  # files under hidden names in a folder (.git, .DS_Store): not read
+    shard: str | None = None
     sync_note: str | None = None
     elapsed_s: float = 0.0
     embed_s: float = 0.0
@@ -64,15 +70,33 @@ class IngestReport:
     def chunks_per_s(self) -> float:
         return self.chunks_embedded / self.elapsed_s if self.elapsed_s else 0.0
 
+    def skip(self, record: BadRecord) -> None:
+        self.bad_records += 1
+        self.skipped_by_kind[record.kind] = self.skipped_by_kind.get(record.kind, 0) + 1
+        if len(self.skipped) < _MAX_SKIPPED:
+            self.skipped.append({"location": record.location, "kind": record.kind, "reason": record.reason})
+        if len(self.bad_examples) < _MAX_EXAMPLES:
+            self.bad_examples.append(str(record))
+
     def summary(self) -> str:
+        """One line of counts, then one line per skipped file or record (path and reason)."""
+        formats = ", ".join(f"{fmt} {n}" for fmt, n in sorted(self.formats.items()))
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.skipped_by_kind.items()))
         parts = [
-            f"{self.collection}: {self.documents} documents read",
+            f"{self.collection}: {self.documents} documents read" + (f" ({formats})" if formats else ""),
             f"{self.new} new, {self.updated} updated, {self.unchanged} unchanged, {self.deleted} deleted",
             f"{self.chunks_embedded} chunks embedded in {self.elapsed_s:.1f}s ({self.chunks_per_s:.1f}/s)",
-            f"{self.bad_records} bad records skipped",
+            f"{self.bad_records} bad records skipped" + (f" ({kinds})" if kinds else ""),
             f"index now {self.total_documents} documents / {self.total_chunks} chunks",
         ]
-        return "; ".join(parts) + (f"; {self.sync_note}" if self.sync_note else "")
+        if self.shard:
+            parts.insert(1, f"shard {self.shard}")
+        if self.hidden_files:
+            parts.append(f"{self.hidden_files} hidden files (names starting with '.') not read")
+        line = "; ".join(parts) + (f"; {self.sync_note}" if self.sync_note else "")
+        more = self.bad_records - len(self.skipped)
+        lines = [f"  skipped {s['location']}: {s['reason']}" for s in self.skipped]
+        return "\n".join([line, *lines, *([f"  ... and {more} more"] if more > 0 else [])])
 
 
 @dataclass
@@ -83,7 +107,12 @@ class _Work:
 
 
 class Progress:
-    """Docs, chunks, chunks/s and ETA: a tqdm bar on a terminal, a line every few seconds otherwise."""
+    """Docs, chunks, chunks/s and ETA: a tqdm bar on a terminal, a line every few seconds otherwise.
+
+    Progress is measured in source bytes of work finished: documents whose chunks are all
+    written (or found unchanged), plus input that needs no writing (bad records, other
+    shards). Bytes merely read ahead sit in queues and say nothing about the time left.
+    """
 
     def __init__(self, total_bytes: int | None, interval_s: float, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -97,23 +126,26 @@ class Progress:
             self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="ingest", file=sys.stderr)
         self.total_bytes = total_bytes
 
-    def update(self, bytes_read: int, documents: int, chunks: int) -> None:
+    def update(self, done_bytes: int, documents: int, chunks: int) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
         rate = chunks / max(now - self.start, 1e-9)
         if self._bar is not None:
-            self._bar.n = bytes_read
+            self._bar.n = done_bytes
             self._bar.set_postfix(docs=documents, chunks=chunks, chunks_s=f"{rate:.1f}", refresh=True)
         elif now - self._last >= self.interval_s:
             self._last = now
-            eta = ""
-            if self.total_bytes and bytes_read:
-                eta = f", ETA {(now - self.start) * (self.total_bytes - bytes_read) / bytes_read:.0f}s"
-            print(
-                f"ingest: {documents} docs, {chunks} chunks written, {rate:.1f} chunks/s{eta}",
-                file=sys.stderr,
-            )
+            print(f"ingest: {documents} docs, {chunks} chunks written, {rate:.1f} chunks/s"
+                  f"{self.eta(done_bytes, now)}", file=sys.stderr)  # fmt: skip
+
+    def eta(self, done_bytes: int, now: float) -> str:
+        """', ETA Ns' from the rate of finished work, or '' before any is finished."""
+        if not self.total_bytes or done_bytes <= 0:
+            return ""
+        left = max(self.total_bytes - done_bytes, 0)
+        done = 100 * min(done_bytes / self.total_bytes, 1)
+        return f", {done:.0f}% done, ETA {(now - self.start) * left / done_bytes:.0f}s"
 
     def close(self) -> None:
         if self._bar is not None:
@@ -138,6 +170,16 @@ class Ingestor:
         self.progress = progress or Progress(None, settings.progress_interval_s, enabled=False)
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
+        self._done_lock = threading.Lock()  # the reader (unchanged documents) and the writer both add
+        self._done_bytes = 0
+        self._unidentified = 0  # bad records whose document id is unknown (--sync cannot be sure)
+        self._passed: Callable[[], int] = lambda: 0
+
+    def _finished(self, size: int) -> int:
+        """Add a finished document's source bytes; the bytes of work finished so far."""
+        with self._done_lock:
+            self._done_bytes += size
+            return self._done_bytes + self._passed()
 
     def run(
         self,
@@ -146,10 +188,15 @@ class Ingestor:
         *,
         sync: bool = False,
         strict: bool = False,
-        bytes_read: Callable[[], int] | None = None,
+        bytes_passed: Callable[[], int] | None = None,
     ) -> IngestReport:
-        """Ingest `records` into `manifest.collection`; counts in the manifest are updated at the end."""
+        """Ingest `records` into `manifest.collection`; counts in the manifest are updated at the end.
+
+        `bytes_passed` says how many source bytes the reader consumed without yielding a
+        document to write (progress counts them as finished).
+        """
         report = IngestReport(collection=manifest.collection)
+        self._passed = bytes_passed or (lambda: 0)
         started = time.monotonic()
         to_embed: queue.Queue[Any] = queue.Queue(self.settings.queue_batches)
         to_write: queue.Queue[Any] = queue.Queue(self.settings.queue_batches)
@@ -162,7 +209,7 @@ class Ingestor:
         )
         writer = threading.Thread(
             target=self._guard,
-            args=(self._write, manifest.collection, sparse_encoder(manifest), to_write, report, bytes_read),
+            args=(self._write, manifest.collection, sparse_encoder(manifest), to_write, report),
             name="ingest-write",
             daemon=True,
         )
@@ -258,18 +305,24 @@ class Ingestor:
         for record in records:
             if isinstance(record, Document) and record.id in seen:
                 record = BadRecord(
-                    record.source or "input", f"duplicate id {record.id!r} in this run; skipped"
+                    record.source or "input",
+                    f"duplicate id {record.id!r} in this run; skipped",
+                    "duplicate",
+                    record.id,
                 )
             if isinstance(record, BadRecord):
                 if strict:
                     raise InputError(f"{record} (--strict)")
-                report.bad_records += 1
-                if len(report.bad_examples) < _MAX_EXAMPLES:
-                    report.bad_examples.append(str(record))
+                report.skip(record)
+                if record.doc_id is not None:  # still there, unreadable now: --sync must not delete it
+                    seen.add(record.doc_id)
+                else:
+                    self._unidentified += 1
                 print(f"twostage: skipped {record}", file=sys.stderr)
                 continue
             seen.add(record.id)
             report.documents += 1
+            report.formats[record.format] = report.formats.get(record.format, 0) + 1
             yield record
 
     def _plan(
@@ -297,12 +350,13 @@ class Ingestor:
             old = stored.get(doc.id, [])
             if old and _complete(old, doc_hash):
                 report.unchanged += 1
+                self.progress.update(self._finished(doc.size), report.documents, report.chunks_embedded)
                 continue
             if old:
                 report.updated += 1
             else:
                 report.new += 1
-            chunks = self.chunker.chunk(doc.id, doc.text)
+            chunks = self.chunker.chunk_document(doc)
             pending += [(doc, doc_hash, len(chunks), c) for c in chunks]
             while len(pending) >= per_batch:
                 self._put(out, _Work(pending[:per_batch]))
@@ -312,7 +366,7 @@ class Ingestor:
     def _embed(self, inbox: "queue.Queue[Any]", outbox: "queue.Queue[Any]", report: IngestReport) -> None:
         while (work := self._get(inbox)) is not _DONE:
             started = time.monotonic()
-            vectors = self.embedder.embed_documents([item[3].text for item in work.items])
+            vectors = self.embedder.embed_documents([item[3].embed_text for item in work.items])
             report.embed_s += time.monotonic() - started
             self._put(outbox, (work, vectors))
 
@@ -322,12 +376,11 @@ class Ingestor:
         encoder: Bm25Encoder | None,
         inbox: "queue.Queue[Any]",
         report: IngestReport,
-        bytes_read: Callable[[], int] | None,
     ) -> None:
         remaining: dict[str, int] = {}
         while (entry := self._get(inbox)) is not _DONE:
             work, vectors = entry
-            texts = [item[3].text for item in work.items]
+            texts = [item[3].embed_text for item in work.items]
             sparse = encoder.embed_documents(texts) if encoder else [None] * len(texts)
             points = [
                 Point(chunk.point_id, vector, chunk_payload(doc, chunk, doc_hash, n), sv)
@@ -335,6 +388,7 @@ class Ingestor:
             ]
             self.store.upsert(collection, points)
             report.chunks_embedded += len(points)
+            finished = 0
             for doc, doc_hash, n, _ in work.items:
                 remaining[doc.id] = remaining.get(doc.id, n) - 1
                 if remaining[doc.id] == 0:  # all new chunks stored: now the old ones may go
@@ -343,11 +397,17 @@ class Ingestor:
                         collection,
                         Filter(must=(Equals("doc_id", doc.id),), must_not=(Equals("doc_hash", doc_hash),)),
                     )
-            self.progress.update(bytes_read() if bytes_read else 0, report.documents, report.chunks_embedded)
+                    finished += doc.size
+            self.progress.update(self._finished(finished), report.documents, report.chunks_embedded)
 
     def _sync(self, collection: str, seen: set[str], report: IngestReport) -> None:
-        """Delete documents that are no longer in the source (only after a clean read)."""
-        if report.bad_records:
+        """Delete documents that are no longer in the source.
+
+        A file that exists but could not be read keeps what was indexed from it (its id is in
+        `seen`). A bad JSONL record without a usable id could be any document, so then nothing
+        is deleted.
+        """
+        if self._unidentified:
             report.sync_note = (
                 f"--sync skipped: {report.bad_records} bad records, so vanished documents cannot be told "
                 "from unreadable ones; fix them and rerun"
@@ -382,7 +442,7 @@ def ingest_corpus(
     strict: bool = False,
     new_version: bool = False,
     progress: Progress | None = None,
-    bytes_read: Callable[[], int] | None = None,
+    bytes_passed: Callable[[], int] | None = None,
 ) -> IngestReport:
     """Pick (or create) the collection version, ingest, and switch the alias when the version is new.
 
@@ -403,7 +463,7 @@ def ingest_corpus(
     manifest, switch = version_for_ingest(store, collection, embedder, settings, new_version)
     ingestor = Ingestor(store, embedder, chunker, settings.ingest, progress)
     report = ingestor.run(
-        itertools.chain(head, stream), manifest, sync=sync, strict=strict, bytes_read=bytes_read
+        itertools.chain(head, stream), manifest, sync=sync, strict=strict, bytes_passed=bytes_passed
     )
     if switch:
         manifest.status = "ready"

@@ -6,10 +6,18 @@ suffix of the caller's text whose whole model input (prompt, instruction and que
 still fits, found by a binary search over start offsets, measured with the model's own
 tokenizer. The prompt is never cut: only the caller's text is. `truncate=False` refuses an
 input that does not fit (413, naming it and the limit) rather than scoring a part of it.
+
+`windows` is the other answer for a reranker: a document longer than the model reads is cut
+into overlapping windows that each fit, to be scored separately and given the best window's
+score (what Cohere documents for long documents), so nothing past the window is ignored.
 """
 
+import unicodedata
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from twostage.retrieval.models.tokens import Qwen3Tokens
 
 from twostage.retrieval.errors import TooLarge
 from twostage.retrieval.models.prompts import MAX_CHARS_PER_TOKEN
@@ -64,3 +72,36 @@ def fit_texts(
             )
         out[i] = keep_tail(text, lambda tail: lengths([tail])[0] <= limit, limit)
     return out
+
+
+WINDOW_OVERLAP = 0.25  # of a window, repeated at the start of the next one
+_MIN_WINDOW = 8
+
+
+def windows(text: str, lengths: Lengths, limit: int, tokens: "Qwen3Tokens") -> list[str]:
+    """`text` itself when its whole model input fits `limit`, else overlapping windows that do.
+
+    Windows are cut at Qwen3 token boundaries, sized from the room the prompt and query leave
+    and shrunk until the model's own tokenizer (through `lengths`) counts every one within
+    `limit`. When the query alone leaves no room, the text is returned whole (the model
+    truncates it, as it would without windows).
+    """
+    if lengths([text])[0] <= limit:
+        return [text]
+    room = limit - lengths([""])[0]
+    if room < _MIN_WINDOW:
+        return [text]
+    text = unicodedata.normalize("NFC", text)  # the offsets below index the NFC text
+    ids = tokens.encode(text)
+    _, offsets = tokens.encoding.decode_with_offsets(ids)
+    size = room
+    while True:
+        step = max(1, int(size * (1 - WINDOW_OVERLAP)))
+        starts = list(range(0, max(len(ids) - size, 0) + 1, step))
+        if starts[-1] + size < len(ids):
+            starts.append(len(ids) - size)
+        cut = [text[offsets[a] : offsets[a + size] if a + size < len(ids) else len(text)] for a in starts]
+        worst = max(lengths(cut))
+        if worst <= limit or size <= _MIN_WINDOW:
+            return cut
+        size = max(_MIN_WINDOW, min(size - 1, int(size * room / max(worst - (limit - room), 1) * 0.95)))

@@ -108,6 +108,9 @@ class SearchHit:
     metadata: dict[str, Any]
     start: int
     end: int
+    page: int | None
+    page_end: int | None
+    headings: list[str]
     recall_score: float
     rerank_score: float | None
     rank: int
@@ -124,6 +127,11 @@ class SearchResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     stages: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+def _page(value: Any) -> int | None:
+    """A stored page number (chunks written before pages were recorded have none)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def best_chunk_per_document(hits: list[Hit]) -> list[Hit]:
@@ -224,6 +232,9 @@ def run_plan(
                 metadata=dict(p.get("metadata") or {}),
                 start=int(p.get("start", 0)),
                 end=int(p.get("end", 0)),
+                page=_page(p.get("page")),
+                page_end=_page(p.get("page_end")),
+                headings=[str(h) for h in p.get("headings") or []],
                 recall_score=hits[i].score,
                 rerank_score=rerank_scores[i],
                 rank=rank,

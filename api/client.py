@@ -20,15 +20,23 @@ _SUMMED = ("documents", "new", "updated", "unchanged", "chunks_embedded", "bad_r
 
 
 def _batches(
-    records: Iterable[Document | BadRecord], docs: int, max_bytes: int
+    records: Iterable[Document | BadRecord], docs: int, max_bytes: int, skipped: list[BadRecord]
 ) -> Iterator[list[dict[str, Any]]]:
+    """Documents as the JSON body of POST /v1/documents, with what citations need (source,
+    sections, pages); records that cannot be sent are reported and collected in `skipped`."""
     batch: list[dict[str, Any]] = []
     size = 0
     for record in records:
         if isinstance(record, BadRecord):
             print(f"twostage: skipped {record}", file=sys.stderr)
+            skipped.append(record)
             continue
-        item = {"id": record.id, "text": record.text, "title": record.title, "metadata": record.metadata}
+        item = {
+            "id": record.id, "text": record.text, "title": record.title, "metadata": record.metadata,
+            "source": record.source, "format": record.format, "pages": list(record.pages),
+            "sections": [{"start": s.start, "end": s.end, "headings": list(s.headings)}
+                         for s in record.sections],
+        }  # fmt: skip
         item_size = len(json.dumps(item, ensure_ascii=False).encode())
         if batch and (len(batch) >= docs or size + item_size > max_bytes):
             yield batch
@@ -52,8 +60,9 @@ def ingest_via_server(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     totals: dict[str, Any] = dict.fromkeys(_SUMMED, 0)
     sent = 0
+    skipped: list[BadRecord] = []
     with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120) as client:
-        for batch in _batches(records, batch_docs, max_bytes):
+        for batch in _batches(records, batch_docs, max_bytes, skipped):
             job = request_json(
                 client, "POST", "/v1/documents", {"collection": collection, "documents": batch}
             )
@@ -74,6 +83,8 @@ def ingest_via_server(
             )
     if not sent:
         raise InputError("no documents to ingest")
+    totals["bad_records"] += len(skipped)  # read here and never sent: counted like the server's
+    totals["skipped"] = [{"location": r.location, "kind": r.kind, "reason": r.reason} for r in skipped]
     return totals
 
 

@@ -494,12 +494,14 @@ def test_documents_api_jobs_delete_and_cli_through_the_server(served: Served, tm
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     totals = json.loads(result.stdout)
-    assert (totals["new"], totals["collection"]) == (5, "docs__v1")
+    assert (totals["new"], totals["collection"], totals["bad_records"]) == (5, "docs__v1", 1)
     assert f"{corpus}:6: invalid JSON" in result.stderr
-    count = served.service.store.count(
-        "docs__v1", Filter(must=(AnyOf("doc_id", tuple(f"cli-{i}" for i in range(5))),))
-    )
-    assert count == 5
+    sent = Filter(must=(AnyOf("doc_id", tuple(f"cli-{i}" for i in range(5))),))
+    assert served.service.store.count("docs__v1", sent) == 5
+    # cited by the file's name, as a local ingest cites it: the client's paths stay with the client
+    assert {r.payload["source"] for r in served.service.store.scroll("docs__v1", sent, ["source"])} == {
+        "more.jsonl"
+    }
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

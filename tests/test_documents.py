@@ -21,12 +21,12 @@ from helpers import Served, run_cli, serve
 
 from twostage.oracles.tiny_models import TinyModelPaths
 from twostage.retrieval.ingest.chunker import Chunker
-from twostage.retrieval.ingest.documents import BadRecord, Document
+from twostage.retrieval.ingest.documents import BadRecord, Document, Section, chunk_payload, embedded_text
 from twostage.retrieval.ingest.pipeline import IngestReport, Progress, ingest_corpus
 from twostage.retrieval.ingest.readers import CorpusReader, in_shard
 from twostage.retrieval.models.embedder import Embedder
 from twostage.retrieval.models.tokens import Qwen3Tokens
-from twostage.retrieval.settings import Settings, StoreSettings
+from twostage.retrieval.settings import ChunkerSettings, Settings, StoreSettings
 from twostage.retrieval.store.collections import open_store
 from twostage.retrieval.store.edge import EdgeStore
 from twostage.retrieval.store.qdrant import QdrantStore
@@ -165,7 +165,9 @@ def test_each_format_keeps_its_structure(folder: Path) -> None:
     readme = docs["README.md"]
     assert ("Shared MIME Info", "Installation") in [s.headings for s in readme.sections]
     assert docs["notes.txt"].sections == () and docs["notes.txt"].title == "notes"
-    pooled = [r for r in CorpusReader(str(folder), 10**7, workers=2)]  # the process pool: same, in order
+    pooled = list(
+        CorpusReader(str(folder), 10**7, workers=2, pool_min_bytes=0)
+    )  # the process pool: same, in order
     assert [r for r in pooled if isinstance(r, Document)] == list(docs.values())
     assert [str(r) for r in pooled if isinstance(r, BadRecord)] == [
         str(r) for r in CorpusReader(str(folder), 10**7) if isinstance(r, BadRecord)
@@ -388,3 +390,19 @@ def test_long_documents_are_reranked_by_their_best_window(doc_server: Served) ->
         f"{doc_server.url}/rerank", json={"query": query, "texts": [short], "documents": [short]}
     )
     assert both.status_code == 422 and "not both" in both.text
+
+
+def test_contextual_headers_are_embedded_and_fit_the_embedder(minilm_embedder: Embedder) -> None:
+    text = "Intro line of the guide.\n\nRun the installer and answer its questions. " * 30
+    sections = (Section(0, 24, ("Guide",)), Section(26, len(text), ("Guide", "Install")))
+    doc = Document("g.md", text, sections=sections)
+    window = ChunkerSettings(tokens=128, overlap=16)
+    on = Chunker.for_embedder(Qwen3Tokens(), window, minilm_embedder).chunk_document(doc)
+    off = Chunker.for_embedder(
+        Qwen3Tokens(), window.model_copy(update={"heading_context": False}), minilm_embedder
+    )
+    assert on[0].embed_text == "Guide\n\nIntro line of the guide." and on[1].context == "Guide > Install"
+    assert all(c.context == "" and c.embed_text == c.text for c in off.chunk_document(doc))
+    assert max(minilm_embedder.document_lengths([c.embed_text for c in on])) <= minilm_embedder.max_length
+    stored = chunk_payload(doc, on[1], doc.content_hash, len(on))
+    assert embedded_text(stored) == on[1].embed_text  # what a reindex embeds is what the ingest did

@@ -35,6 +35,9 @@ from twostage.retrieval.ingest.formats import (
 )
 
 Record = Document | BadRecord
+# Starting worker processes costs a second or two (each imports the readers' libraries): below
+# this many bytes of documents one process extracts faster than a pool (bench/documents.py).
+POOL_MIN_BYTES = 16 * 2**20
 _MIN_WORDS = 3  # a part with fewer words (a page number, a lone heading line) joins its neighbour
 
 
@@ -78,11 +81,18 @@ class CorpusReader:
     """
 
     def __init__(
-        self, path: str, max_document_chars: int, *, workers: int = 1, shard: tuple[int, int] | None = None
+        self,
+        path: str,
+        max_document_chars: int,
+        *,
+        workers: int = 1,
+        shard: tuple[int, int] | None = None,
+        pool_min_bytes: int = POOL_MIN_BYTES,
     ) -> None:
         self.path = path
         self.max_document_chars = max_document_chars
         self.workers = max(1, workers)
+        self.pool_min_bytes = pool_min_bytes
         self.shard = shard
         self.bytes_passed = 0
         self.hidden = 0  # files under a hidden name (.git, .DS_Store) in a folder: not read, counted
@@ -155,7 +165,8 @@ class CorpusReader:
     def _flush(self, documents: list[tuple[Path, str]]) -> Iterator[Record]:
         """Extract the files, in a process pool when there are several workers, in order."""
         limit = self.max_document_chars
-        if self.workers == 1 or len(documents) < 2:
+        small = sum(file.stat().st_size for file, _ in documents) < self.pool_min_bytes
+        if self.workers == 1 or len(documents) < 2 or small:
             for file, rel in documents:
                 record = extract_file(str(file), rel, limit)
                 self.bytes_passed += self._size(file) if isinstance(record, BadRecord) else 0

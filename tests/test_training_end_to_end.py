@@ -156,8 +156,8 @@ def test_cross_encoder_reranker_trains_with_cross_encoder_trainer(tmp_path: Path
     env = {**os.environ, "TWOSTAGE_CACHE_DIR": str(model_cache), "TWOSTAGE_DEVICE": "cpu",
            "TWOSTAGE_RERANKER__MODEL": str(base)}  # fmt: skip
     out = tmp_path / "ce"
-    _run(["train", "reranker", "--train", str(train), "--dev", str(dev), "--out", str(out), "--epochs", "3",
-          "--batch-size", "8", "--eval-steps", "5", "--lr", "3e-4", "--max-length", "256"], env)  # fmt: skip
+    _run(["train", "reranker", "--train", str(train), "--dev", str(dev), "--out", str(out), "--epochs", "2",
+          "--batch-size", "8", "--eval-steps", "5", "--lr", "3e-4", "--max-length", "128"], env)  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     assert report["family"] == "cross-encoder" and report["best_dev_loss"] < report["base_dev_loss"]
     served = load_reranker(

@@ -65,7 +65,9 @@ def recipe_rerank(
         inputs["input_ids"][i] = prefix_tokens + ele + suffix_tokens
     inputs = tokenizer.pad(inputs, padding=True, return_tensors="pt", max_length=max_length)
     inputs = inputs.to(model.device)
-    batch_scores = model(**inputs).logits[:, -1, :]
+    # The model card keeps only the last position's logits; logits_to_keep=1 computes just those
+    # (the same values) instead of a (batch, length, 151,669) tensor it would throw away.
+    batch_scores = model(**inputs, logits_to_keep=1).logits[:, -1, :]
     true_vector = batch_scores[:, token_true_id]
     false_vector = batch_scores[:, token_false_id]
     batch_scores = torch.stack([false_vector, true_vector], dim=1)

@@ -7,7 +7,8 @@ the Markdown READMEs, and Word files made from the HTML manuals' sections with p
 (Debian ships no .docx). Three measurements, last line one JSON object:
 
 1. per format: pages/s (PDF) or files/s of extraction alone on one core, and chunks/s end to end
-   (read, chunk, embed with all-MiniLM-L6-v2, upsert into Qdrant Edge);
+   (read, chunk, embed with all-MiniLM-L6-v2, upsert into Qdrant Edge); and PDFium against pypdf
+   on the same PDFs (pages/s, characters extracted);
 2. extraction of the PDF folder through `CorpusReader` with 1 and 2 worker processes;
 3. retrieval with and without the heading path embedded in front of each chunk, paired: the
    queries are the section titles of the valgrind manual's outline and the shared-mime-info
@@ -111,6 +112,33 @@ def extraction_speed(formats: dict[str, list[Path]]) -> dict[str, dict[str, floa
             pages = pdf_pages(paths)
             entry |= {"pages": pages, "pages_per_s": round(pages / seconds, 1)}
         out[fmt] = entry
+    return out
+
+
+def pdf_libraries(paths: list[Path]) -> dict[str, Any]:
+    """PDFium (what the reader uses) against pypdf (pure Python, the other permissive choice) on the
+    same PDFs, one process: pages/s and characters of text extracted (fidelity: they should agree)."""
+    import pypdfium2 as pdfium
+
+    out: dict[str, Any] = {}
+    started = time.perf_counter()
+    pages = chars = 0
+    for path in paths:
+        pdf = pdfium.PdfDocument(str(path))
+        for i in range(len(pdf)):
+            chars += len(pdf[i].get_textpage().get_text_bounded())
+            pages += 1
+        pdf.close()
+    out["pypdfium2"] = {"pages_per_s": round(pages / (time.perf_counter() - started), 1), "chars": chars}
+    try:
+        import pypdf
+    except ImportError:  # a test dependency: installed with .[test]
+        return out
+    started = time.perf_counter()
+    chars = 0
+    for path in paths:
+        chars += sum(len(page.extract_text() or "") for page in pypdf.PdfReader(str(path)).pages)
+    out["pypdf"] = {"pages_per_s": round(pages / (time.perf_counter() - started), 1), "chars": chars}
     return out
 
 
@@ -257,6 +285,7 @@ def main() -> None:
         result: dict[str, Any] = {"bench": "documents", **run_info("cpu"), "model": MODEL,
                                   "set": {f: len(p) for f, p in formats.items()}}  # fmt: skip
         result["extraction"] = extraction_speed(formats)
+        result["pdf_libraries"] = pdf_libraries(formats["pdf"])
         print(json.dumps({"extraction": result["extraction"]}), file=sys.stderr)
         result["workers"] = workers_speed(root / "pdf", result["extraction"]["pdf"]["pages"], args.copies)
         print(json.dumps({"workers": result["workers"]}), file=sys.stderr)

@@ -199,6 +199,11 @@ class RecallSettings(BaseModel):
         return self
 
 
+def _cores() -> int:
+    """CPUs this process may run on (its affinity where the OS says, else all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class IngestSettings(BaseModel):
     """How `twostage ingest` reads, batches and reports."""
 
@@ -208,7 +213,7 @@ class IngestSettings(BaseModel):
     max_document_chars: int = Field(5_000_000, ge=1000, description="larger documents are reported, skipped")
     progress_interval_s: float = Field(5.0, gt=0, description="seconds between progress lines (no tty)")
     workers: int = Field(
-        default_factory=lambda: len(os.sched_getaffinity(0)), ge=1, le=256,
+        default_factory=_cores, ge=1, le=256,
         description="processes extracting documents (PDF, Word, HTML) from a folder (default: the cores)",
     )  # fmt: skip
     optimize_after: int = Field(

@@ -527,6 +527,7 @@ def test_search_page_in_headless_chromium(served: Served, tmp_path: Path) -> Non
     assert f"5 results from {expected['collection']}" in dom
     for hit in expected["hits"]:
         assert f"rerank {hit['rerank_score']:.4f} · recall {hit['recall_score']:.4f}" in dom
+        assert f'<div class="meta cite">{hit["source"]}</div>' in dom  # each hit says where it is from
     for stage in ("embed", "recall", "rerank", "total"):
         assert f'<span class="timing">{stage} ' in dom
 

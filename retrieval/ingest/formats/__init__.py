@@ -6,6 +6,7 @@ the ingest report counts (unsupported, empty, no-text-layer, encrypted, unreadab
 line of reason; nothing a document contains is ever executed, fetched or opened as a path.
 """
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,55 +41,19 @@ class Unreadable(Exception):
 
 Reader = Callable[[Path], Extracted]
 
-
-def _pdf(path: Path) -> Extracted:
-    from twostage.retrieval.ingest.formats.pdf import read_pdf
-
-    return read_pdf(path)
-
-
-def _docx(path: Path) -> Extracted:
-    from twostage.retrieval.ingest.formats.word import read_docx
-
-    return read_docx(path)
-
-
-def _html(path: Path) -> Extracted:
-    from twostage.retrieval.ingest.formats.web import read_html
-
-    return read_html(path)
-
-
-def _markdown(path: Path) -> Extracted:
-    from twostage.retrieval.ingest.formats.text import read_markdown
-
-    return read_markdown(path)
-
-
-def _rst(path: Path) -> Extracted:
-    from twostage.retrieval.ingest.formats.text import read_rst
-
-    return read_rst(path)
-
-
-def _plain(path: Path) -> Extracted:
-    from twostage.retrieval.ingest.formats.text import read_plain
-
-    return read_plain(path)
-
-
-# suffix -> (format name in the report, reader); libraries are imported by the reader that needs them
-FORMATS: dict[str, tuple[str, Reader]] = {
-    ".pdf": ("pdf", _pdf),
-    ".docx": ("docx", _docx),
-    ".html": ("html", _html),
-    ".htm": ("html", _html),
-    ".xhtml": ("html", _html),
-    ".md": ("markdown", _markdown),
-    ".markdown": ("markdown", _markdown),
-    ".rst": ("rst", _rst),
-    ".txt": ("text", _plain),
-    ".text": ("text", _plain),
+# suffix -> (format name in the report, module, function); a reader's library is imported only
+# when a file of its format is read
+FORMATS: dict[str, tuple[str, str, str]] = {
+    ".pdf": ("pdf", "pdf", "read_pdf"),
+    ".docx": ("docx", "word", "read_docx"),
+    ".html": ("html", "web", "read_html"),
+    ".htm": ("html", "web", "read_html"),
+    ".xhtml": ("html", "web", "read_html"),
+    ".md": ("markdown", "text", "read_markdown"),
+    ".markdown": ("markdown", "text", "read_markdown"),
+    ".rst": ("rst", "text", "read_rst"),
+    ".txt": ("text", "text", "read_plain"),
+    ".text": ("text", "text", "read_plain"),
 }
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")
 # formats people keep beside their documents that we do not read: named in the skip reason
@@ -110,8 +75,9 @@ def read_document(path: Path) -> Extracted:
     if entry is None:
         what = KNOWN_ELSEWHERE.get(path.suffix.lower(), f"'{path.suffix or path.name}' files")
         raise Unreadable("unsupported", f"unsupported type: {what} are not read")
+    reader: Reader = getattr(importlib.import_module(f"{__name__}.{entry[1]}"), entry[2])
     try:
-        extracted = entry[1](path)
+        extracted = reader(path)
     except Unreadable:
         raise
     except MemoryError:

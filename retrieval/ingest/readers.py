@@ -132,7 +132,7 @@ class CorpusReader:
         p = Path(self.path)
         if p.is_dir():
             yield from self._folder(p)
-        elif is_jsonl(p):
+        elif format_of(p) is None:  # a file given by name and not a document format: JSONL, as always
             yield from self._jsonl_file(p, p.name)
         else:
             record = extract_file(str(p), p.name, self.max_document_chars)

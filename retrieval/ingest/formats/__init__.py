@@ -55,7 +55,9 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     ".txt": ("text", "text", "read_plain"),
     ".text": ("text", "text", "read_plain"),
 }
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")
+# JSONL inside a folder (a file given by name is JSONL unless its suffix names a document format;
+# a folder's .json files are usually something else: configs, package manifests)
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
 # formats people keep beside their documents that we do not read: named in the skip reason
 KNOWN_ELSEWHERE = {
     ".doc": "legacy Word .doc (save it as .docx)", ".odt": "OpenDocument text (save it as .docx)",

@@ -52,6 +52,14 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         summary="Two-stage retrieval (Qwen3 embedder + Qdrant + Qwen3 reranker) for RAG chatbots",
         lifespan=lifespan,
     )
+    plain_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = plain_openapi()
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(documents.openapi_schemas())
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.service = service or Service(settings)
     app.state.settings = settings
     if settings.api.cors_origins:

@@ -52,8 +52,9 @@ class DocumentsRequest(BaseModel):
     documents: list[DocumentIn] = Field(min_length=1, max_length=1000)
 
 
+_REF = "#/components/schemas/{model}"
 _BODIES = {
-    "application/json": {"schema": {"$ref": "#/components/schemas/DocumentsRequest"}},
+    "application/json": {"schema": {"$ref": _REF.format(model="DocumentsRequest")}},
     "multipart/form-data": {
         "schema": {
             "type": "object",
@@ -65,6 +66,13 @@ _BODIES = {
         }
     },
 }
+
+
+def openapi_schemas() -> dict[str, Any]:
+    """The JSON body's schemas, for the app's OpenAPI components (the route reads its body itself,
+    JSON or multipart, so FastAPI does not list them)."""
+    schema = DocumentsRequest.model_json_schema(ref_template=_REF)
+    return {"DocumentsRequest": {k: v for k, v in schema.items() if k != "$defs"}, **schema.get("$defs", {})}
 
 
 @router.post(

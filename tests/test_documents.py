@@ -10,6 +10,7 @@ import bisect
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,8 +313,6 @@ def _wait(served: Served, job_id: str) -> dict[str, object]:
         job = httpx.get(f"{served.url}/v1/jobs/{job_id}", headers={"Authorization": "Bearer k"}).json()
         if job["status"] in {"succeeded", "failed"}:
             return dict(job)
-        import time
-
         time.sleep(0.1)
     raise AssertionError("job did not finish")
 

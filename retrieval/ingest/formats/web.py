@@ -109,7 +109,6 @@ class _Walker:
                 self.line.append(" | ")
             elif block:
                 self._break()
-        return
 
     def _heading(self, level: int, text: str) -> None:
         self._break()

@@ -1,6 +1,7 @@
 """Small helpers several test files share (imported as `helpers`: pytest puts tests/ on the path)."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import uvicorn
 
 from twostage.api.app import create_app
 from twostage.api.service import Service
+from twostage.retrieval.models.numerics.cpu import FEATURES_ENV
 from twostage.retrieval.settings import Settings
 
 DEBIAN_IR = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"  # the shared data set
@@ -30,6 +32,14 @@ def debian_rows(name: str, n: int) -> list[dict[str, Any]]:
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def user_env() -> dict[str, str]:
+    """This process's environment as a user's shell would hand it to `twostage`: none of the
+    tests' own `TWOSTAGE_*` settings (dtype float32 and the like), but the machine the suite acts
+    as (`TWOSTAGE_CPU_FEATURES`), so a run that emulates an AVX2-only CPU emulates it in its
+    subprocesses too."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("TWOSTAGE_") or k == FEATURES_ENV}
 
 
 def free_port() -> int:

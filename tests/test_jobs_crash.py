@@ -2,7 +2,6 @@
 reported failed with what to do, and submitting it again ends with exactly the right points."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
-from helpers import DEBIAN_IR, free_port
+from helpers import DEBIAN_IR, free_port, user_env
 
 from twostage.oracles.tiny_models import TinyModelPaths
 from twostage.retrieval.ingest.chunker import Chunker
@@ -54,7 +53,7 @@ def test_a_job_killed_with_the_server_is_reported_and_resubmitting_it_loses_and_
     chunker = ChunkerSettings(tokens=128, overlap=16)
     port = free_port()
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("TWOSTAGE_")},
+        **user_env(),
         "TWOSTAGE_DATA_DIR": str(tmp_path / "data"), "TWOSTAGE_CACHE_DIR": str(model_cache),
         "TWOSTAGE_DEVICE": "cpu", "TWOSTAGE_EMBEDDER__MODEL": "pypi:all-MiniLM-L6-v2",
         "TWOSTAGE_RERANKER__MODEL": str(tiny_models.reranker), "TWOSTAGE_API__API_KEYS": '["k"]',

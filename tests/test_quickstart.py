@@ -11,7 +11,6 @@ checks what a second run and a search without a server do.
 
 import gzip
 import json
-import os
 import re
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import free_port, run_cli
+from helpers import free_port, run_cli, user_env
 
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.collections import open_store
@@ -65,7 +64,7 @@ class Quickstart:
 
 def _env(data_dir: Path, model_cache: Path, port: int) -> dict[str, str]:
     """A user's environment: nothing configured but where data lives (and no hub)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TWOSTAGE_")}
+    env = user_env()
     return {
         **env,
         "HF_HUB_OFFLINE": "1",

@@ -141,9 +141,12 @@ def test_int8_cross_encoder_runs_its_down_projections_in_int8(
         assert {m.engine for m in bert.modules() if isinstance(m, kind)} == {
             chosen or torch.backends.quantized.engine
         }
+        # without native bf16 the fused path's bf16 between products runs on oneDNN's reference
+        # kernels (a minute for the 512-token document on an AVX2-only core): the short ones there
+        scored = documents if not fused or numerics.native_bf16() else documents[:2]
         with torch._dynamo.config.patch(error_on_recompile=fused):  # the load warmed every grad mode
-            scores = int8.score("chess", documents)
-        drift = np.abs(np.subtract(scores, reference))
+            scores = int8.score("chess", scored)
+        drift = np.abs(np.subtract(scores, reference[: len(scored)]))
         # int8 moves scores, a little: measured 5e-4 (torch's kernels, fp32 between them) and 0.025
         # (fused, bf16 between them) on this random head; ranking quality is the bench's to judge
         assert 0 < drift.max() < (0.05 if fused else 0.01), (engine, drift)

@@ -152,3 +152,13 @@ def retrain_via_server(
             if state["status"] == "failed":
                 raise TwostageError(f"retrain job {job['job_id']} failed: {state['error']}")
             time.sleep(1.0)
+
+
+def calibrate_via_server(
+    url: str, collection: str, judgements: list[dict[str, Any]], source: str, api_key: str | None
+) -> dict[str, Any]:
+    """`twostage calibrate` through a running service (`POST /v1/calibrate`)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=3600) as client:
+        body = {"collection": collection, "judgements": judgements, "source": source}
+        return request_json(client, "POST", "/v1/calibrate", body)

@@ -1,4 +1,4 @@
-"""`twostage retrain`, `twostage versions` and `twostage rollback`.
+"""`twostage retrain`, `twostage calibrate`, `twostage versions` and `twostage rollback`.
 
 The commands open the store themselves (embedded: the shard lock refuses while a server holds
 it, naming its pid; retrain through the server with `--server URL` then).
@@ -9,7 +9,10 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from twostage.training.data import Judgement
 
 
 def _say(line: str) -> None:
@@ -80,6 +83,7 @@ def _versions(args: argparse.Namespace) -> int:
             f"{('d' + str(row['parent'])) if row['parent'] else '-':<8}{dense:>14}{hybrid:>8}{staged:>10}"
             f"  {row['created_at']}  {row['embedder']} | {row['reranker']}"
         )
+        print(f"{'':15}{_calibration_line(row.get('calibration'))}")
         for role, decision in (row.get("gate") or {}).items():  # why the gate decided as it did
             verdict = "promoted" if decision["promote"] else "kept"
             print(
@@ -87,6 +91,73 @@ def _versions(args: argparse.Namespace) -> int:
                 + "; ".join(r for r in decision["reasons"][1:] or decision["reasons"])
             )
     return 0
+
+
+def _calibration_line(calibration: dict[str, Any] | None) -> str:
+    """How a deployment's relevance is calibrated, for `twostage versions`."""
+    if not calibration:
+        return "relevance: uncalibrated (`twostage calibrate --pairs DEV`)"
+    r = calibration["reliability"]
+    return (
+        f"relevance: calibrated on {r['judgements']} judged hits of {r['queries']} queries, held-out ECE "
+        f"{r['ece']:.4f}, Brier {r['brier']:.4f} ({calibration['source']})"
+    )
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """Fit the current deployment's calibrated relevance on judged queries and store it in its record."""
+    import os
+
+    from twostage.api.search_cli import find_server
+    from twostage.retrieval.errors import InputError
+    from twostage.retrieval.settings import Settings
+    from twostage.training.data import parse_judgement, parse_lines
+
+    settings = Settings()
+    if args.collection:
+        settings.collection = args.collection
+    path = Path(args.pairs)
+    if not path.is_file():
+        raise InputError(f"judgements file {args.pairs!r} does not exist")
+    with path.open(encoding="utf-8") as handle:
+        judgements, bad = parse_lines(handle, path.name, parse_judgement, what="judgements")
+    for skipped in bad:
+        _say(f"skipped {skipped}")
+    source = f"{len(judgements)} judgements from {path.name}"
+    url = args.server or find_server(settings)
+    if url:
+        from twostage.api.client import calibrate_via_server
+
+        key = args.api_key or os.environ.get("TWOSTAGE_API_KEY")
+        rows = [_judgement_row(j) for j in judgements]
+        answer = calibrate_via_server(url, settings.collection, rows, source, key)
+        for line in answer["said"]:
+            _say(line)
+        calibration = answer["calibration"]  # its line is among what the service said
+    else:
+        from twostage.retrieval.store.collections import open_store
+        from twostage.training.calibration import calibrate
+
+        store = open_store(settings)
+        try:
+            record = calibrate(settings, store, judgements, source, say=_say)
+        finally:
+            store.close()
+        assert record.calibration is not None
+        calibration = record.calibration.model_dump(mode="json")
+    if args.json:
+        print(json.dumps(calibration, indent=2))
+    return 0
+
+
+def _judgement_row(judgement: "Judgement") -> dict[str, Any]:
+    """A parsed judgement as the JSON record `POST /v1/calibrate` reads."""
+    row: dict[str, Any] = {"query": judgement.query}
+    for key, value in (("doc_id", judgement.doc_id), ("id", judgement.chunk_id),
+                       ("positive", judgement.positive), ("instruction", judgement.instruction)):  # fmt: skip
+        if value is not None:
+            row[key] = value
+    return row
 
 
 def _metric(metrics: dict[str, Any], mode: str) -> str:
@@ -139,6 +210,21 @@ def add_retrain_commands(commands: Any) -> None:
     retrain.add_argument("--api-key", help="bearer key for --server (default: $TWOSTAGE_API_KEY)")
     retrain.add_argument("--json", action="store_true", help="print the run manifest as JSON")
     retrain.set_defaults(handler=_retrain)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="fit the current deployment's calibrated relevance (0-1) on judged queries"
+    )
+    calibrate.add_argument(
+        "--pairs", required=True,
+        help="JSONL judgements about indexed documents: {query, doc_id}, {query, id} (a chunk) or "
+        "{query, positive}; instruction optional",
+    )  # fmt: skip
+    calibrate.add_argument("--collection", help="default TWOSTAGE_COLLECTION")
+    calibrate.add_argument("--server", help="fit it inside the service at this URL (default: the one "
+                           "holding this data directory, as `twostage search` finds it)")  # fmt: skip
+    calibrate.add_argument("--api-key", help="bearer key for the server (default: $TWOSTAGE_API_KEY)")
+    calibrate.add_argument("--json", action="store_true", help="print the calibration as JSON")
+    calibrate.set_defaults(handler=_calibrate)
 
     versions = commands.add_parser("versions", help="list deployments (collection, models, metrics)")
     versions.add_argument("--collection", help="default TWOSTAGE_COLLECTION")

@@ -49,6 +49,10 @@ class SearchRequest(_Strict):
     )  # fmt: skip
     collection: str | None = Field(None, description="alias to search; default the service's collection")
     group_by_doc: bool = Field(False, description="keep each document's best chunk only")
+    min_relevance: float | None = Field(
+        None, ge=0, le=1, description="drop hits whose calibrated relevance is below it; none left: the "
+        "notes say nothing relevant was found (ignored, with a note, where the deployment is uncalibrated)",
+    )  # fmt: skip
 
     def search_query(self, deployment: Deployment) -> SearchQuery:
         """The search this body asks for, its filter checked against the deployment's indexed fields."""
@@ -56,7 +60,7 @@ class SearchRequest(_Strict):
             query=self.query, top_k=self.top_k, top_n=self.top_n, instruction=self.instruction,
             filter=parse_filter(self.filter, deployment.manifest.payload_indexes), recall=self.recall,
             rerank=self.rerank, rerank_k=self.rerank_k, rerank_fusion=self.rerank_fusion,
-            group_by_doc=self.group_by_doc,
+            group_by_doc=self.group_by_doc, min_relevance=self.min_relevance,
         )  # fmt: skip
 
     @model_validator(mode="after")
@@ -98,6 +102,10 @@ class RerankRequest(BaseModel):
     )  # fmt: skip
     return_documents: bool = False
     instruction: str | None = Field(None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
+    raw_scores: bool = Field(
+        False, description="relevance_score is the reranker's own probability, not the calibrated relevance "
+        "(which is served where the deployment has a calibration)",
+    )  # fmt: skip
 
 
 class CohereRerankRequest(RerankRequest):
@@ -152,7 +160,10 @@ class TeiRerankRequest(BaseModel):
         None, ge=1, le=32768, description="with documents: as in /v1/rerank"
     )
     return_documents: bool = Field(True, description="with documents: as in /v1/rerank")
-    raw_scores: bool = Field(False, description="logits instead of probabilities")
+    raw_scores: bool = Field(
+        False, description="the reranker's logits instead of probabilities (calibrated where the deployment "
+        "has a calibration); with documents, the reranker's own probabilities",
+    )  # fmt: skip
     return_text: bool = False
     truncate: bool | None = Field(
         None, description="true: cut texts that do not fit the model (truncation_direction says which end "

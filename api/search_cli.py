@@ -44,6 +44,10 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         body["rerank_fusion"] = args.rerank_fusion
     if args.collection:
         body["collection"] = args.collection
+    if args.min_relevance is not None:
+        if not 0 <= args.min_relevance <= 1:
+            raise InputError(f"--min-relevance must be within [0, 1], got {args.min_relevance}")
+        body["min_relevance"] = args.min_relevance
     if args.filter:
         try:
             body["filter"] = json.loads(args.filter)
@@ -122,13 +126,15 @@ def citation(hit: dict[str, Any]) -> str:
 def _table(result: dict[str, Any]) -> str:
     """Rank, doc id, recall and rerank scores, the first line of text; then timings and notes."""
     width = max(shutil.get_terminal_size((120, 20)).columns, 80)
-    lines = [f"{'rank':>4}  {'doc id':<28}  {'recall':>7}  {'rerank':>7}  text"]
+    lines = [f"{'rank':>4}  {'doc id':<28}  {'recall':>7}  {'rerank':>7}  {'relev.':>6}  text"]
     for hit in result["hits"]:
         rerank = "-" if hit["rerank_score"] is None else f"{hit['rerank_score']:.4f}"
+        relevance = "-" if hit.get("relevance") is None else f"{hit['relevance']:.3f}"
         first = (hit["text"].strip().splitlines() or [""])[0]
-        text = first[: width - 56] + ("…" if len(first) > width - 56 else "")
+        text = first[: width - 64] + ("…" if len(first) > width - 64 else "")
         lines.append(
-            f"{hit['rank']:>4}  {hit['doc_id'][:28]:<28}  {hit['recall_score']:>7.4f}  {rerank:>7}  {text}"
+            f"{hit['rank']:>4}  {hit['doc_id'][:28]:<28}  {hit['recall_score']:>7.4f}  {rerank:>7}  "
+            f"{relevance:>6}  {text}"
         )
         if hit.get("page") is not None or hit.get("headings"):
             lines.append(f"{'':>6}{citation(hit)}")
@@ -180,5 +186,9 @@ def add_search_command(commands: Any) -> None:
         "reranker alone (none); default: the service's (TWOSTAGE_RERANKER__FUSION, rrf)",
     )  # fmt: skip
     search.add_argument("--filter", help='payload filter as JSON, e.g. \'{"source": {"any": ["a", "b"]}}\'')
+    search.add_argument(
+        "--min-relevance", type=float, metavar="P",
+        help="drop hits whose calibrated relevance (0-1) is below P (a calibrated deployment only)",
+    )  # fmt: skip
     search.add_argument("--json", action="store_true", help="print the response as JSON")
     search.set_defaults(handler=search_command)

@@ -28,6 +28,7 @@ from twostage.retrieval.models.embedder import Embedder
 from twostage.retrieval.models.remote import RemoteMetrics
 from twostage.retrieval.models.reranker import Reranker
 from twostage.retrieval.models.tokens import Qwen3Tokens
+from twostage.retrieval.search.calibration import Calibration
 from twostage.retrieval.search.two_stage import Deployment
 from twostage.retrieval.settings import RemoteSettings, Settings
 from twostage.retrieval.store.collections import open_store
@@ -182,6 +183,11 @@ class Service:
     def reranker(self) -> Reranker | None:
         """The default collection's reranker (what the compatible rerank routes serve)."""
         return self.served.reranker if self.served is not None else None
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The default deployment's calibration (what the compatible rerank routes apply)."""
+        return self.served.calibration if self.served is not None else None
 
     @property
     def load_error(self) -> str | None:

@@ -2,7 +2,8 @@
 
 A directory per collection name, no server:
 
-    DATA/registry/NAME/deployments/dN.json   one record per deployment (never rewritten)
+    DATA/registry/NAME/deployments/dN.json   one record per deployment (rewritten only to refit
+                                             its calibration: `twostage calibrate`)
     DATA/registry/NAME/models/dN/embedder    merged models of deployment N (when it trained them)
     DATA/registry/NAME/models/dN/reranker
     DATA/registry/NAME/current.json          {"deployment": N}: the one pointer the API follows
@@ -27,6 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,6 +38,7 @@ from twostage.retrieval.errors import InputError, ModelLoading, RemoteUnavailabl
 from twostage.retrieval.models.cache import ModelCache, pair_keys
 from twostage.retrieval.models.embedder import Embedder
 from twostage.retrieval.models.reranker import Reranker
+from twostage.retrieval.search.calibration import Calibration
 from twostage.retrieval.search.trust import judge_reranker
 from twostage.retrieval.search.two_stage import Deployment
 from twostage.retrieval.settings import Settings
@@ -67,6 +70,13 @@ class DeploymentRecord(BaseModel):
     run: str | None = Field(None, description="the retrain run that produced it (None: bootstrap)")
     metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
     gate: dict[str, Any] = Field(default_factory=dict, description="the gate's decisions and why")
+    calibration: Calibration | None = Field(
+        None, description="served score -> P(relevant), fitted on judged dev queries (None: uncalibrated)"
+    )
+    comparison: dict[str, Any] = Field(
+        default_factory=dict,
+        description="per-query gate metric of this deployment and its parent on the dev set",
+    )
     created_at: str = Field(default_factory=now_iso)
 
 
@@ -167,6 +177,13 @@ class Registry:
         if self.backend.read(key) is not None:
             raise StoreError(f"deployment d{record.id} of {self.name!r} already exists")
         self.backend.write(key, record.model_dump(mode="json"))
+
+    def set_calibration(self, deployment: int, calibration: Calibration) -> DeploymentRecord:
+        """Store a refitted calibration in a record (the one field a record's rewrite may change;
+        the service picks it up within `api.alias_refresh_s`)."""
+        record = self.get(deployment).model_copy(update={"calibration": calibration})
+        self.backend.write(f"deployments/d{deployment}", record.model_dump(mode="json"))
+        return record
 
     def point_to(self, record: DeploymentRecord) -> None:
         """Make `record` the deployment (one atomic write; the API follows it)."""
@@ -287,7 +304,7 @@ def load_served(
     )
     served = models.reranker(names[1]) if reranker else None
     trust = judge_reranker(served, record.metrics) if served is not None and record is not None else None
-    return Deployment(manifest, embedder, served, trust)
+    return Deployment(manifest, embedder, served, trust, record.calibration if record else None)
 
 
 def warm_pair(models: ModelCache, names: tuple[str, str]) -> tuple[Embedder, Reranker]:
@@ -318,6 +335,7 @@ class ServedDeployments:
         self.embedder: Embedder | None = None  # the default collection's pair (the compatible routes')
         self.reranker: Reranker | None = None
         self.load_error: str | None = None  # why the default collection cannot be served (/readyz)
+        self.calibration: Calibration | None = None  # the default deployment's (the rerank routes')
         self._deployments: dict[str, Deployment] = {}
         self._records: dict[str, int] = {}  # registry deployment id behind each cached deployment
         # the (embedder, reranker) names of each (collection, deployment id) whose models are loaded
@@ -336,7 +354,7 @@ class ServedDeployments:
         except TwostageError as exc:  # a server-mode registry lives in Qdrant, which may be down: serve
             record, self.load_error = None, str(exc)  # anyway with the configured models; /readyz says why
         if record is not None:  # a retrained deployment: its models, not the configured ones
-            names = (record.embedder, record.reranker)
+            names, self.calibration = (record.embedder, record.reranker), record.calibration
             self._pairs[(self.settings.collection, record.id)] = names
         else:
             names = (self.settings.embedder.model, self.settings.reranker.model)
@@ -369,6 +387,12 @@ class ServedDeployments:
             return cached
         with self._state_lock:
             return self._deployments.get(collection) or self._resolve(collection)
+
+    def refresh(self, collection: str) -> Deployment:
+        """Resolve `collection` now rather than at the refresher's next turn (after a change this
+        process made itself, such as a refitted calibration)."""
+        with self._state_lock:
+            return self._resolve(collection)
 
     def _resolve(self, collection: str) -> Deployment:
         """Look the deployment up in the registry and the store (with `_state_lock` held)."""
@@ -403,6 +427,11 @@ class ServedDeployments:
     def _registered(self, collection: str, record: DeploymentRecord, cached: Deployment | None) -> Deployment:
         """The registry's deployment once its models are loaded and warm; until then the old one."""
         if cached is not None and self._records.get(collection) == record.id:
+            if cached.calibration != record.calibration:  # refitted (`twostage calibrate`): same models
+                cached = replace(cached, calibration=record.calibration)
+                self._deployments[collection] = cached
+                if collection == self.settings.collection:
+                    self.calibration = record.calibration
             return cached
         key, names = (collection, record.id), (record.embedder, record.reranker)
         if key not in self._pairs and not pair_keys([names]) <= self.models.loaded():
@@ -415,10 +444,12 @@ class ServedDeployments:
         embedder, reranker = self.models.pair(*names)  # loaded: no wait
         manifest = self.store.read_manifest(record.collection)
         check_built_by(manifest, embedder, self.settings, f"deployment d{record.id} ({record.embedder}): ")
-        deployment = Deployment(manifest, embedder, reranker, judge_reranker(reranker, record.metrics))
+        trust = judge_reranker(reranker, record.metrics)
+        deployment = Deployment(manifest, embedder, reranker, trust, record.calibration)
         self._deployments[collection], self._records[collection] = deployment, record.id
         if collection == self.settings.collection:
             self.embedder, self.reranker, self.load_error = embedder, reranker, None
+            self.calibration = record.calibration
             in_use = set(self._records.items())
             self._pairs = {k: v for k, v in self._pairs.items() if k in in_use}
             # the old pair's memory goes with its last request; a rollback loads it again

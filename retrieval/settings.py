@@ -317,6 +317,16 @@ class RetrainSettings(BaseModel):
     reranker_max_length: int = Field(1024, ge=64, description="prompt tokens in reranker training")
 
 
+class CalibrationSettings(BaseModel):
+    """Calibrated relevance (`retrieval.search.calibration`): what a fit judges and needs."""
+
+    depth: int = Field(10, ge=1, le=100, description="hits per judged query labelled for the fit")
+    min_judgements: int = Field(
+        200, ge=20, description="judged hits a fit needs; fewer is refused (retrain keeps the record "
+        "uncalibrated and says so)",
+    )  # fmt: skip
+
+
 class Settings(BaseSettings):
     """The root of the settings tree."""
 
@@ -343,6 +353,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
 
     @classmethod
     def settings_customise_sources(

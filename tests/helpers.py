@@ -17,8 +17,15 @@ import uvicorn
 
 from twostage.api.app import create_app
 from twostage.api.service import Service
+from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.retrieval.ingest.chunker import Chunker
+from twostage.retrieval.ingest.documents import Document
+from twostage.retrieval.ingest.pipeline import ingest_corpus
+from twostage.retrieval.models.embedder import load_embedder
 from twostage.retrieval.models.numerics.cpu import FEATURES_ENV
+from twostage.retrieval.models.tokens import Qwen3Tokens
 from twostage.retrieval.settings import Settings
+from twostage.retrieval.store.collections import open_store
 
 DEBIAN_IR = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"  # the shared data set
 
@@ -98,3 +105,34 @@ def model_server_settings(data_dir: Path, models: Any, cache: Path) -> Settings:
         data_dir=data_dir, cache_dir=cache, device="cpu", embedder={"model": str(models.embedder)},
         reranker={"model": str(models.reranker)}, api={"batch_wait_ms": 1},
     )  # fmt: skip
+
+
+def sample_settings(data_dir: Path, tiny_models: TinyModelPaths, model_cache: Path, docs: int) -> Settings:
+    """Settings for MiniLM + tiny Qwen3 reranker, with `docs` debian-ir documents ingested."""
+    settings = Settings(
+        data_dir=data_dir,
+        cache_dir=model_cache,
+        device="cpu",
+        embedder={"model": "pypi:all-MiniLM-L6-v2"},
+        reranker={"model": str(tiny_models.reranker), "batch_tokens": 4096},
+        chunker={"tokens": 128, "overlap": 16},
+        store={"payload_indexes": {"metadata.section": "keyword"}},
+        api={"api_keys": ["secret-key"], "batch_wait_ms": 20, "max_body_bytes": 200_000},
+    )
+    with (DEBIAN_IR / "corpus.jsonl").open() as handle:
+        rows = [json.loads(next(handle)) for _ in range(docs)]
+    documents = [
+        Document(r["_id"], r["text"], r["title"], "corpus.jsonl", {"section": r["section"]}) for r in rows
+    ]
+    store = open_store(settings)
+    embedder = load_embedder(settings)
+    ingest_corpus(
+        documents,
+        store=store,
+        embedder=embedder,
+        chunker=Chunker.for_embedder(Qwen3Tokens(), settings.chunker, embedder),
+        settings=settings,
+        collection="docs",
+    )
+    store.close()
+    return settings

@@ -27,7 +27,7 @@ import huggingface_hub
 import numpy as np
 import openai
 import pytest
-from helpers import DEBIAN_IR, Served, free_port, serve
+from helpers import DEBIAN_IR, Served, free_port, sample_settings, serve
 from huggingface_hub import InferenceClient
 
 from twostage.api.filters import parse_filter
@@ -36,46 +36,13 @@ from twostage.oracles.tiny_models import TinyModelPaths
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.ingest.documents import Document
 from twostage.retrieval.ingest.pipeline import ingest_corpus
-from twostage.retrieval.models.embedder import load_embedder
 from twostage.retrieval.models.tokens import Qwen3Tokens
 from twostage.retrieval.settings import Settings, StoreSettings
-from twostage.retrieval.store.collections import open_store
 from twostage.retrieval.store.sparse import Bm25Encoder, Rrf
 from twostage.retrieval.store.vector_store import AnyOf, Filter
 
 DATA = DEBIAN_IR / "corpus.jsonl"
 INSTRUCTION = "Given a question about Debian, retrieve the package description that answers it"
-
-
-def sample_settings(data_dir: Path, tiny_models: TinyModelPaths, model_cache: Path, docs: int) -> Settings:
-    """Settings for MiniLM + tiny Qwen3 reranker, with `docs` debian-ir documents ingested."""
-    settings = Settings(
-        data_dir=data_dir,
-        cache_dir=model_cache,
-        device="cpu",
-        embedder={"model": "pypi:all-MiniLM-L6-v2"},
-        reranker={"model": str(tiny_models.reranker), "batch_tokens": 4096},
-        chunker={"tokens": 128, "overlap": 16},
-        store={"payload_indexes": {"metadata.section": "keyword"}},
-        api={"api_keys": ["secret-key"], "batch_wait_ms": 20, "max_body_bytes": 200_000},
-    )
-    with DATA.open() as handle:
-        rows = [json.loads(next(handle)) for _ in range(docs)]
-    documents = [
-        Document(r["_id"], r["text"], r["title"], "corpus.jsonl", {"section": r["section"]}) for r in rows
-    ]
-    store = open_store(settings)
-    embedder = load_embedder(settings)
-    ingest_corpus(
-        documents,
-        store=store,
-        embedder=embedder,
-        chunker=Chunker.for_embedder(Qwen3Tokens(), settings.chunker, embedder),
-        settings=settings,
-        collection="docs",
-    )
-    store.close()
-    return settings
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import hashlib
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.ingest.documents import BadRecord
@@ -47,6 +47,7 @@ class Graded:
 
 
 Example = Pair | Graded
+T = TypeVar("T")
 
 
 @dataclass
@@ -62,29 +63,71 @@ def load_examples(path: Path, *, strict: bool = False) -> LoadReport:
     """Every example in a JSONL file, whatever the (line by line detected) format."""
     if not path.exists():
         raise InputError(f"training data {str(path)!r} does not exist")
-    report = LoadReport()
     with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            location = f"{path}:{line_no}"
-            try:
-                example = parse_example(json.loads(line))
-            except json.JSONDecodeError as exc:
-                example = BadRecord(location, f"invalid JSON ({exc.msg} at column {exc.colno})")
-            except ValueError as exc:
-                example = BadRecord(location, str(exc))
-            if isinstance(example, BadRecord):
-                if strict:
-                    raise InputError(str(example))
-                report.bad.append(
-                    example if example.location == location else BadRecord(location, example.reason)
-                )
-            else:
-                report.examples.append(example)
-    if not report.examples:
-        raise InputError(f"no usable examples in {path} ({len(report.bad)} bad lines)")
-    return report
+        examples, bad = parse_lines(handle, str(path), parse_example, strict, "examples")
+    return LoadReport(cast(list[Example], examples), bad)
+
+
+def parse_lines(
+    lines: Iterable[str],
+    name: str,
+    parse: Callable[[Any], T | BadRecord],
+    strict: bool = False,
+    what: str = "records",
+) -> tuple[list[T], list[BadRecord]]:
+    """Each JSON line through `parse`; a bad one is reported with `name:line` and skipped (raised
+    when `strict`). No usable line at all is an error."""
+    parsed: list[T] = []
+    bad: list[BadRecord] = []
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        location = f"{name}:{line_no}"
+        try:
+            item = parse(json.loads(line))
+        except json.JSONDecodeError as exc:
+            item = BadRecord(location, f"invalid JSON ({exc.msg} at column {exc.colno})")
+        except ValueError as exc:
+            item = BadRecord(location, str(exc))
+        if isinstance(item, BadRecord):
+            if strict:
+                raise InputError(str(item))
+            bad.append(item if item.location == location else BadRecord(location, item.reason))
+        else:
+            parsed.append(item)
+    if not parsed:
+        raise InputError(f"no usable {what} in {name} ({len(bad)} bad lines)")
+    return parsed, bad
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A query and what answers it, named by id (`doc_id`, or a chunk's `id`) or by its text."""
+
+    query: str
+    doc_id: str | None = None
+    chunk_id: str | None = None
+    positive: str | None = None
+    instruction: str | None = None
+
+
+def parse_judgement(record: Any) -> Judgement | BadRecord:
+    """`{query, doc_id}`, `{query, id}` (a chunk) or a `{query, positive}` pair, `instruction`?"""
+    if isinstance(record, dict) and "positive" not in record and ({"doc_id", "id"} & set(record)):
+        key = "doc_id" if "doc_id" in record else "id"
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
+            raise ValueError(f"'{key}' must be a non-empty string or an integer")
+        query, instruction = _text(record, "query"), _optional_text(record, "instruction")
+        return Judgement(query, str(value) if key == "doc_id" else None, str(value) if key == "id" else None,
+                         instruction=instruction)  # fmt: skip
+    example = parse_example(record)
+    if isinstance(example, Pair):
+        return Judgement(example.query, positive=example.positive, instruction=example.instruction)
+    if isinstance(example, Graded):
+        return BadRecord("", "a graded {query, document, label} record; judgements name what answers a "
+                         "query: {query, doc_id}, {query, id} or {query, positive}")  # fmt: skip
+    return BadRecord("", "expected {query, doc_id}, {query, id} (a chunk) or {query, positive}")
 
 
 def parse_example(record: Any) -> Example | BadRecord:

@@ -28,9 +28,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twostage.retrieval.deployments import (
     DeploymentRecord,
@@ -44,14 +44,19 @@ from twostage.retrieval.ingest.documents import embedded_text
 from twostage.retrieval.models.cache import ModelCache, pair_keys
 from twostage.retrieval.models.embedder import Embedder
 from twostage.retrieval.models.source import resolve_model
+from twostage.retrieval.search.trust import judge_reranker
 from twostage.retrieval.search.two_stage import Deployment, served_fusion
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.collections import active_manifest, create_version
 from twostage.retrieval.store.locks import write_json_atomic
 from twostage.retrieval.store.sparse import RecallMode, Rrf, sparse_encoder
 from twostage.retrieval.store.vector_store import CollectionManifest, Point, StoreError, VectorStore, now_iso
-from twostage.training.data import Pair, load_examples, split_by_query
+from twostage.training.calibration import describe, fit_calibration, judged_queries, served_observations
+from twostage.training.data import Judgement, Pair, load_examples, split_by_query
 from twostage.training.reranker_choice import RerankerStart, reranker_start
+
+if TYPE_CHECKING:
+    from twostage.training.evaluation import EvalSet, PairRuns
 
 Say = Callable[[str], None]
 _REINDEX_BATCH = 256
@@ -450,8 +455,10 @@ def _cycle(
     record = deployed.model_copy(update={
         "id": new_id, "parent": deployed.id, "run": run_id_of(manifest),
         "metrics": results.get("promoted", results["candidate"]),
-        "gate": {role: {"promote": d.promote, "reasons": d.reasons}
+        "gate": {role: {"promote": d.promote, "reasons": d.reasons, "tests": d.tests}
                  for role, d in (("embedder", decision.embedder), ("reranker", decision.reranker))},
+        "comparison": _comparison(runs, data, deployed, decision.pair, served, decision.reranker.promote,
+                                  cfg.gate_metric),
         "created_at": now_iso(),
     })  # fmt: skip
     promoted_embedder, promoted_reranker = decision.pair
@@ -514,6 +521,23 @@ def _cycle(
                 f"through the new index {mode}/{metric} is {after[mode][metric]:.4f}, below the "
                 f"deployed index's {before[mode][metric]:.4f}; not switching"
             )
+    with manifest.step("calibrate", say) as step:  # P(relevant) of what the new deployment will serve
+        served_pair = replace(new_pair, trust=judge_reranker(new_reranker, record.metrics))
+        judgements = [
+            Judgement(p.query, doc_id=d, instruction=p.instruction)
+            for p, d in zip(dev, relevant, strict=True)
+        ]
+        try:
+            judged = judged_queries(store, record.collection, judgements, say)
+            plan, observed = served_observations(served_pair, store, settings, judged)
+            record.calibration = fit_calibration(
+                observed, plan, settings, f"retrain run {run_id_of(manifest)} dev pairs"
+            )
+            step["reliability"] = record.calibration.reliability.model_dump(exclude={"bins"})
+            say(describe(record.calibration, f"deployment d{record.id}"))
+        except InputError as exc:
+            step["skipped"] = str(exc)
+            say(f"deployment d{record.id} stays uncalibrated: {exc}")
     with manifest.step("switch", say):
         registry.add(record)
         switch(registry, store, record)
@@ -521,6 +545,27 @@ def _cycle(
     manifest.data["deployment"] = record.model_dump(mode="json")
     return _finish(manifest, "promoted", f"promoted: deployment d{record.id} ({record.collection}) "
                    f"replaces d{deployed.id}", reasons, say)  # fmt: skip
+
+
+def _comparison(
+    runs: "PairRuns",
+    data: "EvalSet",
+    deployed: DeploymentRecord,
+    pair: tuple[str, str],
+    served: RecallMode,
+    reranked: bool,
+    metric: str,
+) -> dict[str, Any]:
+    """Per-query `metric` of the promoted pair and the deployed one on the dev set, in the mode the
+    new deployment serves (the quality page's wins and losses)."""
+    from twostage.training.evaluation import reranked_mode
+
+    mode = reranked_mode(served) if reranked else served
+    parent = runs.per_query(deployed.embedder, deployed.reranker, mode, metric)
+    this = runs.per_query(*pair, mode, metric)
+    return {"metric": metric, "mode": mode, "parent": deployed.id, "queries": [
+        {"query": data.queries[q], "parent": round(parent.get(q, 0.0), 4), "this": round(this.get(q, 0.0), 4)}
+        for q in data.queries]}  # fmt: skip
 
 
 def run_id_of(manifest: RunManifest) -> str:

@@ -1,7 +1,10 @@
 """Endpoints clients already speak, as thin adapters over the service's rerank/embed calls.
 
 Cohere `POST /v2/rerank`, Jina/vLLM `POST /v1/rerank`, OpenAI `POST /v1/embeddings`.
-Each accepts an optional `instruction` (the Qwen3 task) on top of its usual fields. A document
+Each accepts an optional `instruction` (the Qwen3 task) on top of its usual fields. Where the
+default deployment has a calibration, `relevance_score` is its calibrated relevance (0-1,
+`retrieval.search.calibration`), else the reranker's probability; `raw_scores: true` asks for
+the latter either way. A document
 longer than the reranker reads is scored in overlapping windows, its best window counting, as
 Cohere documents; `truncation: true` cuts it to its beginning instead.
 """
@@ -58,12 +61,23 @@ async def rerank_documents(service: Service, body: RerankRequest) -> tuple[list[
     else:
         scores = await best_window_scores(service, body.query, documents, body.instruction)
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: body.top_n]
-    results: list[dict[str, Any]] = [{"index": i, "relevance_score": scores[i]} for i in order]
+    served = scores if body.raw_scores else calibrated(service, scores)
+    results: list[dict[str, Any]] = [{"index": i, "relevance_score": served[i]} for i in order]
     if body.return_documents:
         for r in results:
             r["document"] = {"text": originals[r["index"]]}
     used = service.tokens.count(body.query) * len(documents) + sum(len(d) for d in ids)
     return results, used
+
+
+def calibrated(service: Service, scores: list[float]) -> list[float]:
+    """The reranker's scores as the default deployment's calibrated relevance, where it has one
+    fitted on reranked searches; else as they are. Order is decided on the raw scores (the map is
+    monotone, but flat in places)."""
+    calibration = service.calibration
+    if calibration is None or calibration.reranker is None:
+        return scores
+    return [calibration.rerank_relevance(s) or 0.0 for s in scores]
 
 
 async def best_window_scores(

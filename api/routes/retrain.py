@@ -1,4 +1,5 @@
-"""`POST /v1/retrain`: the retrain cycle run inside the service, which owns the embedded store.
+"""`POST /v1/retrain`: the retrain cycle run inside the service, which owns the embedded store;
+`POST /v1/calibrate`: the current deployment's calibration fitted on judged queries, likewise.
 
 The pairs travel in the request (validated here, bad lines listed) and are written to the
 registry's uploads folder, then the cycle runs as a background job on the same worker as
@@ -82,3 +83,44 @@ async def start_retrain(body: RetrainRequest, service: ServiceDep) -> dict[str, 
 
     job = service.jobs.submit_work(name, "retrain", work)
     return {"job_id": job.id, "status": job.status, "rejected": rejected}
+
+
+class CalibrateRequest(BaseModel):
+    collection: str | None = None
+    judgements: list[dict[str, Any]] = Field(
+        min_length=1, max_length=100_000,
+        description="{query, doc_id}, {query, id} (a chunk) or {query, positive}, instruction?",
+    )  # fmt: skip
+    source: str = Field("judgements sent to /v1/calibrate", max_length=500, description="named in the record")
+
+
+@router.post("/v1/calibrate")
+async def calibrate_route(body: CalibrateRequest, service: ServiceDep) -> dict[str, Any]:
+    """Fit the current deployment's calibrated relevance (`twostage calibrate` through the server):
+    the judged queries are searched as the service serves them, through its own models."""
+    from twostage.training.calibration import calibrate
+    from twostage.training.data import Judgement, parse_judgement
+
+    name = check_collection_name(body.collection or service.settings.collection)
+    settings = service.settings.model_copy(deep=True)
+    settings.collection = name
+    judgements, said = [], []
+    for i, row in enumerate(body.judgements):
+        try:
+            parsed = parse_judgement(row)
+        except ValueError as exc:
+            said.append(f"skipped judgements[{i}]: {exc}")
+            continue
+        if isinstance(parsed, Judgement):
+            judgements.append(parsed)
+        else:
+            said.append(f"skipped judgements[{i}]: {parsed.reason}")
+    if not judgements:
+        raise InputError(f"no usable judgements: {'; '.join(said[:5])}")
+    assert service.store is not None and service.served is not None
+    record = await run_in_threadpool(
+        calibrate, settings, service.store, judgements, body.source, said.append,
+        lambda _: service.deployment(name), service,
+    )  # fmt: skip
+    await run_in_threadpool(service.served.refresh, name)  # served from the next request on
+    return {"deployment": record.id, "calibration": record.calibration, "said": said}

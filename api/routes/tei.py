@@ -17,7 +17,13 @@ from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
 from twostage.api.deps import ReadAccess, ServiceDep
-from twostage.api.routes.compat import best_window_scores, check_batch, jina_answer, rerank_documents
+from twostage.api.routes.compat import (
+    best_window_scores,
+    calibrated,
+    check_batch,
+    jina_answer,
+    rerank_documents,
+)
 from twostage.api.schemas import JinaRerankRequest, TeiEmbedRequest, TeiRerankRequest
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.models.truncation import fit_texts
@@ -58,9 +64,10 @@ async def tei_rerank(body: TeiRerankRequest, service: ServiceDep) -> list[dict[s
     else:
         scores = await best_window_scores(service, body.query, list(body.texts), body.instruction)
     raw = body.raw_scores and reranker.probabilities
+    served = scores if body.raw_scores else calibrated(service, scores)
     results: list[dict[str, Any]] = []
     for i in sorted(range(len(scores)), key=lambda i: (-scores[i], i)):
-        result: dict[str, Any] = {"index": i, "score": logit(scores[i]) if raw else scores[i]}
+        result: dict[str, Any] = {"index": i, "score": logit(scores[i]) if raw else served[i]}
         if body.return_text:
             result["text"] = body.texts[i]
         results.append(result)

@@ -14,7 +14,7 @@ query be embedded by one model and searched in an index built by another.
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Literal, Protocol
 
@@ -23,6 +23,7 @@ import numpy as np
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.models.embedder import Embedder
 from twostage.retrieval.models.reranker import Reranker
+from twostage.retrieval.search.calibration import Calibration
 from twostage.retrieval.search.fusion import FusionName, RerankFusion, choose_fusion, rerank_order
 from twostage.retrieval.search.trust import RerankTrust, judge_reranker
 from twostage.retrieval.settings import Settings
@@ -72,6 +73,7 @@ class SearchQuery:
     group_by_doc: bool = False
     hnsw_ef: int | None = None
     exact: bool = False
+    min_relevance: float | None = None  # drop hits whose calibrated relevance is below it
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Deployment:
     embedder: Embedder
     reranker: Reranker | None
     trust: RerankTrust | None = None  # from the deployment record; None: judged by the model alone
+    calibration: Calibration | None = None  # from the deployment record; None: uncalibrated
 
     @property
     def collection(self) -> str:
@@ -114,6 +117,7 @@ class SearchHit:
     recall_score: float
     rerank_score: float | None
     rank: int
+    relevance: float | None = None  # calibrated P(relevant); None: the deployment has no calibration
 
 
 @dataclass
@@ -240,8 +244,13 @@ def run_plan(
                 rank=rank,
             )
         )
+    notes = _calibrate(result_hits, deployment.calibration, plan, reranker is not None)
+    if request.min_relevance is not None:
+        result_hits, dropped = _at_least(result_hits, request.min_relevance, notes)
+        notes += dropped
     return SearchResult(
         hits=result_hits,
+        notes=notes,
         collection=deployment.collection,
         embedder=deployment.embedder.model_id,
         reranker=reranker.model_id if reranker is not None else None,
@@ -250,6 +259,40 @@ def run_plan(
         timings_ms=timings,
         stages=["embed", "recall", "rerank"] if reranker is not None else ["embed", "recall"],
     )
+
+
+def _calibrate(
+    hits: list[SearchHit], calibration: Calibration | None, plan: "SearchPlan", reranked: bool
+) -> list[str]:
+    """Fill each hit's `relevance` from the deployment's calibration; the reason when it cannot
+    (a calibration fitted on a differently planned search)."""
+    if calibration is None:
+        return []
+    fusion = ("rrf" if plan.fusion else "none") if reranked else None
+    why = calibration.mismatch(plan.recall, reranked, fusion)
+    if why is not None:
+        return [f"relevance: null, {why}"]
+    for i, hit in enumerate(hits):
+        hits[i] = replace(hit, relevance=calibration.relevance(hit.rank, hit.recall_score, hit.rerank_score))
+    return []
+
+
+def _at_least(hits: list[SearchHit], minimum: float, notes: list[str]) -> tuple[list[SearchHit], list[str]]:
+    """The hits whose relevance reaches `minimum` (one whose relevance is unknown does not), and
+    what the caller should know about the rest. Without relevance at all, nothing is dropped."""
+    if not any(hit.relevance is not None for hit in hits) and hits:
+        why = (
+            "the deployment has no calibration (`twostage calibrate --pairs DEV`)"
+            if not notes
+            else ("relevance is unknown for this search")
+        )
+        return hits, [f"min_relevance {minimum} not applied: {why}"]
+    kept = [hit for hit in hits if hit.relevance is not None and hit.relevance >= minimum]
+    if kept or not hits:
+        below = len(hits) - len(kept)
+        return kept, [f"min_relevance {minimum}: {below} of {len(hits)} hits were below it"] if below else []
+    best = max(hit.relevance or 0.0 for hit in hits)
+    return [], [f"nothing relevant: no hit reaches min_relevance {minimum} (the best has {best:.3f})"]
 
 
 @dataclass(frozen=True)

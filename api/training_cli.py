@@ -195,7 +195,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     from twostage.retrieval.settings import Settings
     from twostage.retrieval.store.sparse import Rrf
     from twostage.training.data import Pair
-    from twostage.training.evaluation import evaluate, from_pairs, load_beir, table, write_report
+    from twostage.training.evaluation import (
+        comparison_table,
+        comparisons,
+        evaluation_runs,
+        from_pairs,
+        load_beir,
+        score_run,
+        table,
+        write_report,
+    )
+    from twostage.training.paired import PRIMARY
 
     settings = Settings()
     if args.beir:
@@ -213,23 +223,31 @@ def _evaluate(args: argparse.Namespace) -> int:
         candidate.embedder.model = args.candidate_embedder or settings.embedder.model
         candidate.reranker.model = args.candidate_reranker or settings.reranker.model
         systems["candidate"] = candidate
-    results = {}
+    runs = {}
     for name, system in systems.items():
         reranker = None if args.dense_only else load_reranker(system)
-        results[name] = evaluate(
+        runs[name] = evaluation_runs(
             data, load_embedder(system), reranker, top_k=args.top_k, recalls=args.recall,
             rrf=Rrf(settings.recall.rrf_k, settings.recall.rrf_weights), bm25=settings.recall.bm25,
             fusion=served_fusion(settings), rerank_k=settings.api.rerank_k,
         )  # fmt: skip
+    results = {
+        name: {m: score_run(data.qrels, run) for m, run in modes.items()} for name, modes in runs.items()
+    }
+    paired = comparisons(data.qrels, runs, PRIMARY)
     models = {n: {"embedder": s.embedder.model, "reranker": s.reranker.model} for n, s in systems.items()}
     context = {
         "systems": models,
         "queries": len(data.queries),
         "corpus": len(data.corpus),
         "top_k": args.top_k,
+        "comparisons": paired,
     }
     chart = write_report(results, Path(args.out), context)
     print(table(results))
+    print(f"\npaired over the same {len(data.queries)} queries (per-query {PRIMARY}: bootstrap 95% CI, "
+          "randomization p):")  # fmt: skip
+    print(comparison_table(paired))
     print(f"report: {Path(args.out) / 'report.json'}, chart: {chart}")
     return 0
 

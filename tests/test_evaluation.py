@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import DEBIAN_IR, debian_rows
 
 from twostage.oracles.tiny_models import TinyModelPaths
@@ -13,7 +14,7 @@ from twostage.retrieval.models.source import resolve_model
 from twostage.retrieval.search.fusion import RerankFusion, rerank_order
 from twostage.retrieval.settings import Settings
 from twostage.training.data import Pair
-from twostage.training.evaluation import from_pairs, fused_run
+from twostage.training.evaluation import chart_title, from_pairs, fused_run
 from twostage.training.st_model import load_st_embedder
 
 DATA = DEBIAN_IR
@@ -50,6 +51,21 @@ def test_evaluate_dense_and_two_stage_report_and_chart(
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "two-stage" in result.stdout and "hybrid+rerank" in result.stdout and "nDCG@10" in result.stdout
     assert results["base"]["sparse"] != dense and results["base"]["hybrid"] != dense
+    # every comparison the report draws is paired over the same queries, as the gate compares
+    paired = {(c["baseline_run"], c["candidate_run"]): c for c in report["comparisons"]}
+    assert {("base/dense", "base/sparse"), ("base/dense", "base/hybrid"), ("base/dense", "base/two-stage"),
+            ("base/hybrid", "base/hybrid+rerank"), ("base/hybrid", "candidate/hybrid")} <= set(paired)  # fmt: skip
+    hybrid = paired["base/dense", "base/hybrid"]
+    assert hybrid["queries"] == 40 and hybrid["ci_low"] <= hybrid["gain"] <= hybrid["ci_high"]
+    assert hybrid["gain"] == pytest.approx(results["base"]["hybrid"]["nDCG@10"] - dense["nDCG@10"], abs=1e-6)
+    same = paired["base/hybrid+rerank", "candidate/hybrid+rerank"]
+    assert (same["gain"], same["p_value"]) == (0.0, 1.0)  # the same models: no difference, p = 1
+    assert "paired over the same 40 queries" in result.stdout and "[" in result.stdout.split("paired")[-1]
+    title = chart_title(results)
+    assert (
+        title.startswith("retrieval quality: dense vs two-stage vs sparse") and "(base vs candidate)" in title
+    )
+    assert chart_title({"base": {"dense": dense}}) == "retrieval quality: dense"  # not "dense vs two-stage"
     # progress, as plain lines in a log (stderr is a pipe here): each bar's final state is one line
     # the reranker sees the served depth, api.rerank_k (5)
     progress = [ln for ln in result.stderr.splitlines() if ln.startswith(("embed ", "rerank top 5"))]

@@ -99,17 +99,72 @@ def evaluate(
     Recall runs in a throwaway Qdrant Edge shard with exact dense search, so BM25 statistics,
     RRF and filters are the engine's own, as `/v1/search` computes them.
     """
+    runs = evaluation_runs(data, embedder, reranker, top_k=top_k, instruction=instruction, recalls=recalls,
+                           rrf=rrf, bm25=bm25, fusion=fusion, rerank_k=rerank_k)  # fmt: skip
+    return {mode: score_run(data.qrels, run) for mode, run in runs.items()}
+
+
+def evaluation_runs(
+    data: EvalSet,
+    embedder: Embedder,
+    reranker: Reranker | None,
+    *,
+    top_k: int = 100,
+    instruction: str | None = None,
+    recalls: Sequence[RecallMode] = ("dense",),
+    rrf: Rrf | None = None,
+    bm25: Bm25Params | None = None,
+    fusion: RerankFusion | None = None,
+    rerank_k: int | None = None,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """The runs `evaluate` scores (mode -> query -> {doc: score}), for per-query comparisons."""
     if not data.queries:
         raise InputError("the evaluation set has no queries")
     runs = recall_runs(data, embedder, recalls, top_k=top_k, instruction=instruction, rrf=rrf, bm25=bm25)
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, dict[str, float]]] = {}
     for recall, run in runs.items():
-        out[recall] = score_run(data.qrels, run)
+        out[recall] = run
         if reranker is not None:
             desc = _rerank_desc(rerank_k or top_k, recall)
             scores = rerank_run(data, best(run, rerank_k), reranker, instruction, desc)
-            out[reranked_mode(recall)] = score_run(data.qrels, fused_run(run, scores, fusion, rerank_k))
+            out[reranked_mode(recall)] = fused_run(run, scores, fusion, rerank_k)
     return out
+
+
+def comparisons(
+    qrels: dict[str, dict[str, int]], runs: dict[str, dict[str, dict[str, dict[str, float]]]], measure: str
+) -> list[dict[str, Any]]:
+    """Paired tests (`training.paired`) of every comparison a report can draw from `runs` (system ->
+    mode -> run): within a system, each recall against the first one (dense vs hybrid) and each
+    recall against itself reranked (hybrid vs hybrid+rerank); across systems, each mode of each
+    later system against the first system's (base vs candidate)."""
+    from twostage.training.paired import paired_test, per_query
+
+    scored = {(s, m): per_query(qrels, run, measure) for s, modes in runs.items() for m, run in modes.items()}
+    pairs: list[tuple[tuple[str, str], tuple[str, str]]] = []
+    for system, modes in runs.items():
+        recalls = [m for m in modes if m in ("dense", "sparse", "hybrid")]
+        pairs += [((system, recalls[0]), (system, m)) for m in recalls[1:]]
+        pairs += [((system, m), (system, reranked_mode(m))) for m in recalls if reranked_mode(m) in modes]
+    first, *others = runs
+    pairs += [((first, m), (other, m)) for other in others for m in runs[other] if m in runs[first]]
+    out = []
+    for a, b in pairs:
+        test = paired_test(scored[a], scored[b])
+        out.append({"baseline_run": "/".join(a), "candidate_run": "/".join(b), "measure": measure,
+                    **test.as_dict(), "summary": test.summary(measure)})  # fmt: skip
+    return out
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """One line per paired comparison: gain, its 95% interval and p."""
+    lines = [f"{'baseline':<26}{'candidate':<26}{'gain':>9}{'95% CI':>22}{'p':>9}"]
+    for r in rows:
+        ci = f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
+        lines.append(
+            f"{r['baseline_run']:<26}{r['candidate_run']:<26}{r['gain']:>+9.4f}{ci:>22}{r['p_value']:>9.4f}"
+        )
+    return "\n".join(lines)
 
 
 def reranked_mode(recall: str) -> str:
@@ -355,6 +410,13 @@ def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def chart_title(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """What the chart compares: its modes (dense vs hybrid vs hybrid+rerank), and its systems."""
+    modes = list(dict.fromkeys(m for modes in results.values() for m in modes))
+    title = "retrieval quality: " + " vs ".join(modes)
+    return title + (f"\n({' vs '.join(results)})" if len(results) > 1 else "")
+
+
 def write_report(
     results: dict[str, dict[str, dict[str, float]]], out_dir: Path, context: dict[str, Any]
 ) -> Path:
@@ -376,7 +438,7 @@ def write_report(
     ax.set_ylim(0, 1)
     ax.set_ylabel("score")
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title("retrieval quality: dense vs two-stage")
+    ax.set_title(chart_title(results), fontsize=10)
     fig.tight_layout()
     chart = out_dir / "report.png"
     fig.savefig(chart, dpi=110)

@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from twostage.api.errors import answer
-from twostage.api.routes import compat, documents, ops, retrain, search, tei
+from twostage.api.routes import compat, documents, ops, quality, retrain, search, tei
 from twostage.api.service import Service
 from twostage.retrieval.errors import TwostageError
 from twostage.retrieval.settings import Settings
@@ -81,6 +81,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     app.include_router(documents.router)
     app.include_router(retrain.router)
     app.include_router(ops.router)
+    app.include_router(quality.router)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from twostage.api.interrupts import exit_at_once, interrupted
 from twostage.api.retrain_cli import add_retrain_commands
 from twostage.api.search_cli import add_search_command
 from twostage.api.training_cli import add_training_commands, positive_int
@@ -236,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     # libraries' deprecation notices (transformers renaming a keyword) are for us, not the user
     warnings.filterwarnings("ignore", category=FutureWarning)
+    exit_at_once()  # Ctrl-C ends a command now, whatever its main thread is in (`interrupts`)
     try:
         from twostage.retrieval.settings import Settings
 
@@ -245,12 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"twostage: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # Ctrl-C ends the process now: `finally` blocks have closed the store, and waiting at exit
-        # for worker threads (a model still loading, an executor's queue) could take minutes
-        print("twostage: interrupted", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+        # Ctrl-C ends the process now: waiting at exit for worker threads (a model still loading,
+        # an executor's queue) could take minutes
+        interrupted()
     except Exception as exc:  # a library's error (transformers, peft, torch...): one line, not a traceback
         if isinstance(exc, ValidationError) and exc.title == "Settings":  # the environment, settings.env
             print(f"twostage: error: invalid settings: {_settings_problems(exc)}", file=sys.stderr)

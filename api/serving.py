@@ -16,6 +16,7 @@ import socket
 import sys
 from typing import Any
 
+from twostage.api.interrupts import graceful
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.settings import Settings
 
@@ -87,6 +88,7 @@ def serve(settings: Settings, sock: socket.socket, *, announce: list[str] | None
         access_log=False,
         timeout_graceful_shutdown=settings.api.shutdown_timeout_s,
     )
+    graceful()  # from here Ctrl-C drains in-flight requests (uvicorn), rather than ending at once
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:

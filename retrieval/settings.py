@@ -119,7 +119,7 @@ class RerankerSettings(BaseModel):
     )
     fusion: Literal["rrf", "none"] = Field(
         "rrf", description="how reranked hits are ordered: rrf fuses the reranker's rank with the recall "
-        "rank (measured better here, README), none orders by the reranker alone; a request may say",
+        "rank (measured better here, docs/benchmarks.md), none orders by the reranker alone; a request may say",
     )  # fmt: skip
     fusion_k: int = Field(60, ge=1, description="RRF k of the rerank fusion")
     fusion_weight: float = Field(
@@ -265,7 +265,7 @@ class ApiSettings(BaseModel):
     )  # fmt: skip
     rerank_k: int | None = Field(
         5, ge=1, description="recalled chunks /v1/search reranks, the rest follow in recall order (null: all "
-        "top_k); a request may say. 5: measured by bench/rerank_depth.py (README)",
+        "top_k); a request may say. 5: measured by bench/rerank_depth.py (docs/benchmarks.md)",
     )  # fmt: skip
     max_client_batch: int = Field(
         2048, ge=1, description="inputs or documents in one request; more get 413 (TEI and vLLM say 2048 too)"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -136,3 +137,22 @@ def sample_settings(data_dir: Path, tiny_models: TinyModelPaths, model_cache: Pa
     )
     store.close()
     return settings
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def page_dom(url: str, profile: Path) -> str:
+    """The DOM a page of ours leaves once its own JavaScript has run (it sets `data-state="done"`
+    on the body), in Debian's headless chromium."""
+    assert CHROMIUM is not None
+    result = subprocess.run(
+        [
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={profile}", "--virtual-time-budget=30000", "--dump-dom", url,
+        ],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert 'data-state="done"' in result.stdout, (result.stdout[-2000:], result.stderr[-2000:])
+    return result.stdout

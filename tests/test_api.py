@@ -10,7 +10,6 @@ import base64
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import huggingface_hub
 import numpy as np
 import openai
 import pytest
-from helpers import DEBIAN_IR, Served, free_port, sample_settings, serve
+from helpers import CHROMIUM, DEBIAN_IR, Served, free_port, page_dom, sample_settings, serve
 from huggingface_hub import InferenceClient
 
 from twostage.api.filters import parse_filter
@@ -471,24 +470,12 @@ def test_documents_api_jobs_delete_and_cli_through_the_server(served: Served, tm
     }
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (.ci/run installs it)")
 def test_search_page_in_headless_chromium(served: Served, tmp_path: Path) -> None:
     """The page's own JavaScript runs in a real browser: it calls /v1/search and renders hits."""
     query = "real-time strategy game of ancient warfare"
     url = f"{served.url}/?{urllib.parse.urlencode({'q': query, 'top_n': 5, 'instruction': INSTRUCTION})}"
-    result = subprocess.run(
-        [
-            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--dump-dom", url,
-        ],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    dom = result.stdout
-    assert 'data-state="done"' in dom, (dom[-2000:], result.stderr[-2000:])
+    dom = page_dom(url, tmp_path / "profile")
     expected = post(served, "/v1/search", {"query": query, "top_n": 5, "instruction": INSTRUCTION}).json()
     assert dom.count('<li class="hit">') == 5
     assert f"5 results from {expected['collection']}" in dom

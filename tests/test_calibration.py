@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import DEBIAN_IR, Served, run_cli, sample_settings, serve
+from helpers import CHROMIUM, DEBIAN_IR, Served, page_dom, run_cli, sample_settings, serve
 
 from twostage.oracles.tiny_models import TinyModelPaths
 from twostage.retrieval.errors import InputError
@@ -188,3 +188,14 @@ def test_calibrate_through_the_server_then_relevance_thresholds_and_rerank_route
     assert out_of_range.returncode == 2 and "--min-relevance must be within [0, 1]" in out_of_range.stderr
     versions = run_cli(["versions"], env)  # the registry is files in the data directory
     assert f"relevance: calibrated on {DOCS * 10} judged hits of {DOCS} queries" in versions.stdout
+
+    # the quality page, in a real browser: the deployment, its calibration and reliability diagram
+    if CHROMIUM is not None:  # .ci/run installs it
+        dom = page_dom(f"{served.url}/quality", tmp_path / "profile")
+        assert "1 deployments of docs" in dom and "d1 (current)" in dom
+        assert f"calibrated: ECE {calibration.reliability.ece:.4f}" in dom
+        assert 'id="reliability"' in dom and dom.count('class="bin"') == sum(
+            1 for b in calibration.reliability.bins if b.count
+        )
+        assert "first deployment: nothing to compare" in dom and "has no previous one" in dom
+        assert str(served.settings.data_dir) not in dom  # no server path reaches the page

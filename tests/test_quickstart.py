@@ -182,7 +182,7 @@ def test_search_cli_goes_through_the_running_server(quickstart: Quickstart) -> N
     result = run_cli(["search", QUERY, "--top-n", "3"], quickstart.env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["rank", "doc", "id", "recall", "rerank", "text"] and len(lines) >= 5
+    assert lines[0].split() == ["rank", "doc", "id", "recall", "rerank", "relev.", "text"] and len(lines) >= 5
     assert lines[1].split()[0] == "1" and "docs__v1 · embed → recall" in result.stdout
     assert '"path": "/v1/search"' in quickstart.log.read_text()  # the server answered it
 

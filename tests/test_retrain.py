@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import debian_rows, free_port, run_cli, write_jsonl
+from helpers import CHROMIUM, debian_rows, free_port, page_dom, run_cli, write_jsonl
 
 from twostage.oracles.tiny_models import TinyModelPaths
 from twostage.retrieval.deployments import Registry
@@ -337,6 +337,25 @@ def test_full_cycle_through_the_server_under_load(
         stop.set()
         for t in threads:
             t.join(timeout=60)
+        # the promoted deployment was calibrated on the dev pairs: its hits carry relevance
+        hits = httpx.post(f"{url}/v1/search", json={"query": "a lightweight text editor"}, timeout=60).json()
+        assert all(0 <= h["relevance"] <= 1 for h in hits["hits"]), hits
+        quality = httpx.get(f"{url}/v1/quality", timeout=60).json()
+        d2 = quality["deployments"][0]
+        assert (d2["id"], d2["current"], d2["gate"]["embedder"]["promote"]) == (2, True, True)
+        assert d2["embedder"] == "registry/docs/models/d2/embedder"  # not the server's absolute path
+        test = next(iter(d2["gate"]["embedder"]["tests"].values()))
+        assert test["ci_low"] <= test["gain"] <= test["ci_high"] and 0 < test["p_value"] < 0.05
+        comparison = d2["comparison"]
+        assert (
+            comparison["parent"] == 1
+            and comparison["queries"] == 40
+            and comparison["won"] > comparison["lost"]
+        )
+        if CHROMIUM is not None:  # the page renders the gate's evidence and the wins
+            dom = page_dom(f"{url}/quality", tmp_path / "profile")
+            assert "d2 (current) ← d1" in dom and "embedder promoted" in dom and "95% CI [" in dom
+            assert f"{comparison['won']} won, {comparison['lost']} lost" in dom and 'id="reliability"' in dom
     finally:
         stop.set()
         server.send_signal(signal.SIGTERM)

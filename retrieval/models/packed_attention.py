@@ -6,7 +6,7 @@ and 100 debian-ir dev queries x 10 candidates made 476 forward passes of 44-1,10
 about 250). At 256 rows SmolLM2's Linear shapes run at 34-59% of their 2,048-row rate in bf16
 and 78-91% in fp32 (`bench/matmul_ceiling.py --rows`, Intel Xeon with AMX, 2 threads). In one
 packed row every product sees all the documents' tokens and no padding. The figures are in the
-README (Numeric paths, Benchmarks).
+docs/models.md (Numeric paths) and docs/benchmarks.md.
 
 How: each document attends to its own query's prompt prefix and causally to itself, as in a
 padded batch. The key/value cache holds the prefixes of the queries in the pass, then the

@@ -1,6 +1,6 @@
 """PDF: the text layer page by page (PDFium, through pypdfium2), headings from the outline.
 
-PDFium was chosen by measurement (README, "Documents"): on five Debian manuals it extracted
+PDFium was chosen by measurement (docs/ingestion.md, "Documents"): on five Debian manuals it extracted
 the same text as pypdf (within 2% of characters) at 10-30x the pages per second. A PDF's
 bookmarks name its sections and the page each starts on; where the title is also a line of
 that page's text, the section starts at that line, else at the top of the page.

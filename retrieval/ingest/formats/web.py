@@ -6,7 +6,7 @@ main, and elements whose class or id names navigation, menus, breadcrumbs, cooki
 banners, sidebars or footers. The content is `<main>` (or role=main, or the only `<article>`)
 when the page marks one, else the body. trafilatura was measured first and not taken: on the
 Debian HTML manuals it dropped the section headings (DocBook `<h2><a name>` titles, texinfo
-`<h3>`), which citations need (README, "Documents").
+`<h3>`), which citations need (docs/ingestion.md, "Documents").
 
 Nothing is fetched: links, images, frames and `<base>` are ignored; scripts are dropped unread.
 """

@@ -8,7 +8,7 @@ the first load measures it on fixed probes (both dtypes loaded once, compared, t
 cached by the model's content hash and torch version), because the deviation is a property of
 the weights (their range, the depth of the network), not of the hardware alone.
 
-Tolerances (`NumericsSettings`, documented in the README): embedder probe vectors keep a cosine
+Tolerances (`NumericsSettings`, documented in docs/models.md): embedder probe vectors keep a cosine
 similarity of at least `embedder_min_cosine` (0.999) with fp32; reranker probe scores, as
 probabilities, move by at most `reranker_max_delta` (0.01). Measured on an AMD EPYC
 (avx512_bf16): all-MiniLM-L6-v2 0.99994 and a MiniLM cross-encoder 0.0008 keep bf16, and so does

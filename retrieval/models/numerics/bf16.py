@@ -95,7 +95,7 @@ def bf16_matmuls(model: torch.nn.Module, dtype: torch.dtype, device: torch.devic
 
     Why not the whole model in bf16, as on CUDA: a bf16 residual stream rounds at each of the 30
     layers' two sums. SmolLM2-135M as a yes/no reranker on 100 debian-ir dev queries x hybrid top 10
-    (README, Numeric paths): the whole model in bf16 ran 1.68x fp32 (one pass, AMD EPYC) but moved
+    (docs/models.md, Numeric paths): the whole model in bf16 ran 1.68x fp32 (one pass, AMD EPYC) but moved
     nDCG@10 by -0.0095; this path keeps it within 0.005. The embedding table stays fp32 (a lookup,
     not a product): for Qwen3-0.6B's 151,669 x 1,024 table, 0.3 GB more than the whole model in bf16.
     On an AMD EPYC with avx512_bf16 (no AMX) bf16 paid only in the matrix products (1.93x fp32 as

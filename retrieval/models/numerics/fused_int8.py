@@ -19,7 +19,7 @@ ops (absolute maximum, divide, round, clamp, cast: a pass each) cost 2,216 us, a
 - everything between the products (embeddings, LayerNorm, attention) runs in bf16, as on the
   bf16 path, while the pooler and the classifier (the score) stay in fp32 (`Fp32Input`).
 
-End to end on that CPU (09f4bbf; README, Benchmarks): the MiniLM cross-encoder 2.06x fp32 pairs/s
+End to end on that CPU (09f4bbf; docs/benchmarks.md): the MiniLM cross-encoder 2.06x fp32 pairs/s
 (nDCG@10 +0.0052, p = 0.35; torch's eager int8 1.51x), MiniLM ingest 2.92x chunks/s (top-10
 overlap 0.963; eager 1.59x); bf16 2.25x and 2.80x.
 
@@ -253,7 +253,7 @@ def fuse_int8(
     down projections. MiniLM, `bench/ingest.py --variants fp32,int8 --limit 3000`, one round each
     (scratch): top-10 overlap with the fp32-built index 0.9543 at 2.77x fp32 with only the down
     projections in bf16, 0.9667 at 2.86x with these. A cross-encoder (`int8_down`) is judged by its
-    ranking and runs every encoder Linear in int8 (README, Benchmarks)."""
+    ranking and runs every encoder Linear in int8 (docs/benchmarks.md)."""
     named = dict(module.named_modules())
     heads = [n for n, m in named.items() if n and (type(m).__name__.endswith("Pooler") or (
         isinstance(m, torch.nn.Linear) and m.out_features < head_outputs))]  # fmt: skip

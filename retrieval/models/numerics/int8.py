@@ -40,7 +40,7 @@ def int8_advice(role: str, model: str) -> str | None:
     """One line for a user who asked for int8 on a CPU with AMX, where bf16 is as fast and closer
     to fp32.
 
-    Measured there (Intel Xeon with AMX, 2 threads; README, Benchmarks), int8 on the fused path
+    Measured there (Intel Xeon with AMX, 2 threads; docs/benchmarks.md), int8 on the fused path
     (`fused_int8`, 09f4bbf): MiniLM ingest (`bench/ingest.py --variants fp32,bf16,int8`) bf16
     2.80x fp32 with top-10 overlap 0.987, int8 2.92x with 0.963; the MiniLM cross-encoder
     (`bench/rerank_throughput.py --variants fp32,bf16,int8`) bf16 2.25x with scores within 0.021
@@ -197,13 +197,13 @@ def quantize_int8(
     queries x hybrid top 10 that path kept nDCG@10 (+0.0018 vs fp32, p = 0.66; scores move up
     to 0.13) at 1.78x fp32, against 1.61x with them in bf16 (`bench/rerank_throughput.py
     --variants fp32,int8 --rounds 7`). An embedder's vectors fill an index, whose top-10 overlap
-    with the fp32-built one needs them in bf16 (README). `engine` is the quantized engine the
+    with the fp32-built one needs them in bf16 (docs/models.md). `engine` is the quantized engine the
     layers are packed for (`int8_engine`; None: torch's default, fbgemm on x86), or
     `onednn-fused`: the model in bf16 with oneDNN's int8 products on inputs quantized by one
     compiled kernel (`fused_int8.fuse_int8`; needs `calibrate`), the default on a CPU with
     AMX-INT8 (`auto_int8_engine`).
 
-    Chosen by measurement (README, Numeric paths), MiniLM over 256 debian-ir documents, worst /
+    Chosen by measurement (docs/models.md, Numeric paths), MiniLM over 256 debian-ir documents, worst /
     mean cosine with fp32: per-tensor weights 0.89; per-channel weights with torch's 7-bit
     activations 0.963 / 0.981; with 8-bit activations on VNNI (`int8_full_range`) 0.988 / 0.994
     at 2.0-2.2x fp32; SmoothQuant alone 0.977 (the FFN output is what int8 loses); FFN output
@@ -254,7 +254,7 @@ def auto_int8_engine(packed: bool) -> str | None:
     """`int8_engine=auto`: on a CPU with AMX-INT8 the fused path (`fused_int8`) where
     `torch.compile` works, else (one warning) oneDNN's eager kernels for a reranker that packs its
     pairs, whose few row counts reuse them (`int8_engine`); torch's default (fbgemm) elsewhere.
-    Measured on an Intel Xeon with AMX (README, Benchmarks): see `int8_advice`."""
+    Measured on an Intel Xeon with AMX (docs/benchmarks.md): see `int8_advice`."""
     if int8_engine() != "onednn":
         return None
     try:

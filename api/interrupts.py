@@ -20,13 +20,14 @@ import os
 import signal
 import sys
 import threading
+from typing import NoReturn
 
 _lock = threading.Lock()
 _watcher: "_Watcher | None" = None
 _exiting = threading.Lock()
 
 
-def interrupted() -> None:
+def interrupted() -> NoReturn:
     """Say so and end the process now (exit status 130, as a shell reports Ctrl-C); once."""
     _exiting.acquire()  # a second caller (the main thread's KeyboardInterrupt) waits for the exit
     print("twostage: interrupted", file=sys.stderr)

@@ -119,7 +119,7 @@ class RerankerSettings(BaseModel):
     )
     fusion: Literal["rrf", "none"] = Field(
         "rrf", description="how reranked hits are ordered: rrf fuses the reranker's rank with the recall "
-        "rank (measured better here, docs/benchmarks.md), none orders by the reranker alone; a request may say",
+        "rank (measured better, docs/benchmarks.md), none orders by the reranker alone; a request may say",
     )  # fmt: skip
     fusion_k: int = Field(60, ge=1, description="RRF k of the rerank fusion")
     fusion_weight: float = Field(

@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
+from helpers import Served, sample_settings, serve
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
-from test_api import Served, sample_settings, serve
 
 from twostage.oracles.tiny_models import TinyModelPaths
 

@@ -36,6 +36,7 @@ from twostage.retrieval.search.two_stage import (
     run_plan,
 )
 from twostage.retrieval.settings import Settings
+from twostage.retrieval.store.collections import active_manifest
 from twostage.retrieval.store.vector_store import VectorStore, now_iso
 from twostage.training.data import Judgement
 
@@ -258,7 +259,7 @@ def calibrate(
     judgements: Sequence[Judgement],
     source: str,
     say: Say = print,
-    served: Callable[[DeploymentRecord], Deployment] | None = None,
+    served: Callable[[DeploymentRecord | None], Deployment] | None = None,
     calls: ModelCalls | None = None,
 ) -> DeploymentRecord:
     """`twostage calibrate`: fit the current deployment's calibration and store it in its record.
@@ -268,15 +269,17 @@ def calibrate(
     rollback does, so the record calibrated is the one still current when it is written."""
     registry = Registry(settings, store=store)
     with registry.lock():
-        record = current_deployment(registry, store, settings)
-        deployment = served(record) if served else load_served(settings, store, registry.name)
-        if deployment.collection != record.collection:
-            raise InputError(f"the service still serves {deployment.collection}, not deployment "
-                             f"d{record.id}'s {record.collection}; try again in a moment")  # fmt: skip
-        judged = judged_queries(store, record.collection, judgements, say)
+        current = registry.current()
+        collection = current.collection if current else active_manifest(store, registry.name).collection
+        judged = judged_queries(store, collection, judgements, say)
+        deployment = served(current) if served else load_served(settings, store, registry.name)
+        if deployment.collection != collection:
+            raise InputError(f"the service still serves {deployment.collection}, not the current "
+                             f"{collection}; try again in a moment")  # fmt: skip
         plan, observed = served_observations(deployment, store, settings, judged, calls)
         calibration = fit_calibration(observed, plan, settings, source)
-        record = registry.set_calibration(record.id, calibration)
+        # before the first retrain the deployment is recorded now (as retrain does), once it fitted
+        record = registry.set_calibration(current_deployment(registry, store, settings).id, calibration)
     say(describe(calibration, f"deployment d{record.id} ({record.collection})"))
     return record
 

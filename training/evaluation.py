@@ -78,32 +78,6 @@ def load_beir(folder: Path, split: str = "test") -> EvalSet:
     return EvalSet(queries, corpus, qrels)
 
 
-def evaluate(
-    data: EvalSet,
-    embedder: Embedder,
-    reranker: Reranker | None,
-    *,
-    top_k: int = 100,
-    instruction: str | None = None,
-    recalls: Sequence[RecallMode] = ("dense",),
-    rrf: Rrf | None = None,
-    bm25: Bm25Params | None = None,
-    fusion: RerankFusion | None = None,
-    rerank_k: int | None = None,
-) -> dict[str, dict[str, float]]:
-    """Metrics per mode for one (embedder, reranker) pair: each recall in `recalls` ("dense",
-    "sparse", "hybrid") and, with a reranker, the same recall reranked ("two-stage" is dense
-    reranked, the name the gate has always used; "sparse+rerank", "hybrid+rerank"), ordered
-    as `/v1/search` orders them (the first `rerank_k` reranked, in `fusion`'s order).
-
-    Recall runs in a throwaway Qdrant Edge shard with exact dense search, so BM25 statistics,
-    RRF and filters are the engine's own, as `/v1/search` computes them.
-    """
-    runs = evaluation_runs(data, embedder, reranker, top_k=top_k, instruction=instruction, recalls=recalls,
-                           rrf=rrf, bm25=bm25, fusion=fusion, rerank_k=rerank_k)  # fmt: skip
-    return {mode: score_run(data.qrels, run) for mode, run in runs.items()}
-
-
 def evaluation_runs(
     data: EvalSet,
     embedder: Embedder,
@@ -117,7 +91,15 @@ def evaluation_runs(
     fusion: RerankFusion | None = None,
     rerank_k: int | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """The runs `evaluate` scores (mode -> query -> {doc: score}), for per-query comparisons."""
+    """Runs (mode -> query -> {doc: score}) of one (embedder, reranker) pair, for `score_run` and
+    per-query comparisons: each recall in `recalls` ("dense",
+    "sparse", "hybrid") and, with a reranker, the same recall reranked ("two-stage" is dense
+    reranked, the name the gate has always used; "sparse+rerank", "hybrid+rerank"), ordered
+    as `/v1/search` orders them (the first `rerank_k` reranked, in `fusion`'s order).
+
+    Recall runs in a throwaway Qdrant Edge shard with exact dense search, so BM25 statistics,
+    RRF and filters are the engine's own, as `/v1/search` computes them.
+    """
     if not data.queries:
         raise InputError("the evaluation set has no queries")
     runs = recall_runs(data, embedder, recalls, top_k=top_k, instruction=instruction, rrf=rrf, bm25=bm25)

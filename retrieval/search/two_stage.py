@@ -280,13 +280,9 @@ def _calibrate(
 def _at_least(hits: list[SearchHit], minimum: float, notes: list[str]) -> tuple[list[SearchHit], list[str]]:
     """The hits whose relevance reaches `minimum` (one whose relevance is unknown does not), and
     what the caller should know about the rest. Without relevance at all, nothing is dropped."""
-    if not any(hit.relevance is not None for hit in hits) and hits:
-        why = (
-            "the deployment has no calibration (`twostage calibrate --pairs DEV`)"
-            if not notes
-            else ("relevance is unknown for this search")
-        )
-        return hits, [f"min_relevance {minimum} not applied: {why}"]
+    if hits and all(hit.relevance is None for hit in hits):
+        why = "relevance is unknown for this search" if notes else "the deployment has no calibration"
+        return hits, [f"min_relevance {minimum} not applied: {why} (`twostage calibrate --pairs DEV`)"]
     kept = [hit for hit in hits if hit.relevance is not None and hit.relevance >= minimum]
     if kept or not hits:
         below = len(hits) - len(kept)

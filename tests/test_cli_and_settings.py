@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,29 @@ def test_search_loads_only_the_models_its_plan_uses(
     assert listed.returncode == 2 and "the search is not valid: filter.source" in listed.stderr, (
         listed.stderr[-2000:]
     )
+
+
+def test_ctrl_c_ends_a_command_whose_main_thread_is_stuck_in_native_code() -> None:
+    """SIGINT reaches a command whose main thread cannot run Python (here: blocked on an event, with
+    SIGINT masked, so the kernel hands the signal to another thread and the wait is never broken;
+    a long forward pass keeps the main thread out of the interpreter the same way). Without the
+    watcher the process would wait forever; with it, it ends at once, as the main thread would."""
+    script = (
+        "import signal, sys, threading\n"
+        "from twostage.api.interrupts import exit_at_once\n"
+        "exit_at_once()\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n"
+        "print('ready', flush=True)\n"
+        "threading.Event().wait()\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 130
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.stderr is not None and process.stderr.read().strip() == "twostage: interrupted"

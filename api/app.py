@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from twostage.api.errors import answer
+from twostage.api.interrupts import graceful
 from twostage.api.routes import compat, documents, ops, quality, retrain, search, tei
 from twostage.api.service import Service
 from twostage.retrieval.errors import TwostageError
@@ -42,6 +43,9 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
         own = app.state.service
         if not own.ready:
             await run_in_threadpool(own.start)
+        # uvicorn handles SIGINT from here (it installed its handlers before the lifespan began):
+        # a drain, not the immediate exit a command gets while it loads (`interrupts`)
+        graceful()
         try:
             yield
         finally:

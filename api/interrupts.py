@@ -11,9 +11,11 @@ and ends the process on SIGINT, as the main thread would (message, exit status 1
 Work needs no cleanup to be safe to stop: ingestion and retrain are idempotent and survive
 `kill -9` (their tests), the embedded store's lock is an flock the kernel drops.
 
-A server is different: there Ctrl-C means a graceful drain, which uvicorn does, so `serve`
-hands SIGINT back (`graceful`) before it starts serving. Signals belong to the process, so
-the watcher is one per process, kept here.
+A server is different: there Ctrl-C means a graceful drain, which uvicorn does, so the app's
+lifespan hands SIGINT back (`graceful`) once uvicorn's handlers are in place; until then (the
+models loading, uvicorn and asyncio starting) the watcher ends the process, so there is no
+moment at which a Ctrl-C is nobody's to handle. Signals belong to the process, so the watcher
+is one per process, kept here.
 """
 
 import os

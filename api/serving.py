@@ -16,7 +16,6 @@ import socket
 import sys
 from typing import Any
 
-from twostage.api.interrupts import graceful
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.settings import Settings
 
@@ -88,8 +87,7 @@ def serve(settings: Settings, sock: socket.socket, *, announce: list[str] | None
         access_log=False,
         timeout_graceful_shutdown=settings.api.shutdown_timeout_s,
     )
-    graceful()  # from here Ctrl-C drains in-flight requests (uvicorn), rather than ending at once
-    try:
+    try:  # Ctrl-C ends the process at once until the app's lifespan hands it to uvicorn (a drain)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         with contextlib.suppress(OSError):

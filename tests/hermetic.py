@@ -1,6 +1,7 @@
 """The test process's environment, set before any library reads it (conftest imports this first)."""
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -29,3 +30,8 @@ os.environ["TWOSTAGE_DTYPE"] = "float32"
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))
+# Ctrl-C as a terminal gives it, to the CLI subprocesses the Ctrl-C tests interrupt: a runner started
+# in the background by a script (`.ci/run &`) has SIGINT ignored, which its children would inherit
+# through exec (a caught signal is reset to the default there; an ignored one stays ignored)
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)

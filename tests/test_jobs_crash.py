@@ -88,6 +88,7 @@ def test_a_job_killed_with_the_server_is_reported_and_resubmitting_it_loses_and_
 
         server = _start(env, log)
         interrupted = httpx.get(f"{url}/v1/jobs/{first['job_id']}", headers=KEY).json()
+        assert "status" in interrupted, interrupted  # what the restarted server answered instead
         assert interrupted["status"] == "failed" and interrupted["error"].startswith(
             "interrupted: the server stopped while this job was running; submit it again"
         )

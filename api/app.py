@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from twostage.api.errors import answer
 from twostage.api.interrupts import graceful
-from twostage.api.routes import compat, documents, ops, quality, retrain, search, tei
+from twostage.api.routes import compat, documents, feedback, ops, quality, retrain, search, tei
 from twostage.api.service import Service
 from twostage.retrieval.errors import TwostageError
 from twostage.retrieval.settings import Settings
@@ -80,6 +80,7 @@ def create_app(settings: Settings, service: Service | None = None) -> FastAPI:
     app.add_middleware(RequestLog, service=app.state.service)
     _add_error_handlers(app)
     app.include_router(search.router)
+    app.include_router(feedback.router)
     app.include_router(compat.router)
     app.include_router(tei.router)
     app.include_router(documents.router)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from twostage.api.feedback_cli import add_feedback_commands
 from twostage.api.interrupts import exit_at_once, interrupted
 from twostage.api.retrain_cli import add_retrain_commands
 from twostage.api.search_cli import add_search_command
@@ -207,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_command(commands)
     add_training_commands(commands)
     add_retrain_commands(commands)
+    add_feedback_commands(commands)
 
     serve = commands.add_parser("serve", help="serve /v1/search and the compatible endpoints (uvicorn)")
     serve.add_argument("--host", help="default TWOSTAGE_API__HOST (127.0.0.1)")

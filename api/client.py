@@ -120,19 +120,18 @@ def retrain_via_server(
     url: str, options: Any, collection: str, api_key: str | None, say: Callable[[str], None]
 ) -> dict[str, Any]:
     """Send the pairs to `POST /v1/retrain`, relay the job's progress lines, return its report."""
+    from twostage.training.data import pair_row
     from twostage.training.retrain import load_pairs
 
     def rows(path: Any) -> list[dict[str, Any]]:
-        return [
-            {"query": p.query, "positive": p.positive, "negatives": list(p.negatives)}
-            for p in load_pairs(path, say)
-        ]
+        return [pair_row(p) for p in load_pairs(path, say)]
 
     body = {
         "collection": collection, "pairs": rows(options.pairs),
         "dev": rows(options.dev) if options.dev else None, "from_base": options.from_base,
         "skip_embedder": options.skip_embedder, "skip_reranker": options.skip_reranker,
         "promote": options.promote, "dry_run": options.dry_run,
+        "source": options.source or options.pairs.name,
     }  # fmt: skip
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120) as client:

@@ -17,7 +17,7 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def _presented_key(request: Request) -> str | None:
+def presented_key(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
@@ -45,7 +45,7 @@ def require_write_key(request: Request, service: ServiceDep) -> None:
 
 
 def _check(request: Request, service: ServiceDep) -> None:
-    presented = _presented_key(request)
+    presented = presented_key(request)
     if presented is None or not _key_matches(presented, service):
         raise Unauthorized("missing or invalid API key")
 

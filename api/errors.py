@@ -7,7 +7,7 @@ must answer differently from its parents gets an entry of its own (`InvalidColle
 errors, never an ad hoc `HTTPException`; errors outside `TwostageError` are bugs: a 500 with a
 request id, the traceback only in the log.
 
-503 means "retry": every 503 carries `Retry-After` (the error's own `retry_after_s` where it
+503 and 429 mean "retry": each carries `Retry-After` (the error's own `retry_after_s` where it
 knows better, e.g. a model server's answer, else `RETRY_AFTER_S`). A full queue is a 503 too,
 like out of memory and loading models: the server is busy, not the client over a quota.
 """
@@ -22,6 +22,7 @@ from twostage.retrieval.errors import (
     ModelOverloaded,
     NotFound,
     Overloaded,
+    RateLimited,
     RemoteUnavailable,
     TooLarge,
     TwostageError,
@@ -54,7 +55,7 @@ class Answer:
 
     @property
     def retry(self) -> bool:
-        return self.status == 503
+        return self.status in (429, 503)
 
 
 ERRORS: dict[type[TwostageError], Answer] = {
@@ -67,6 +68,7 @@ ERRORS: dict[type[TwostageError], Answer] = {
     CollectionNotFound: Answer(404),
     StoreError: Answer(409),  # the store's state refuses it: another embedder's index, a running job
     TooLarge: Answer(413),
+    RateLimited: Answer(429),  # one client over its rate (a flood of feedback)
     # the service's own failures
     ModelError: Answer(500),  # a model failed on the batch or answered NaN
     # busy or not ready: retry

@@ -7,12 +7,10 @@ it, naming its pid; retrain through the server with `--server URL` then).
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from twostage.training.data import Judgement
+from typing import Any
 
 
 def _say(line: str) -> None:
@@ -21,6 +19,7 @@ def _say(line: str) -> None:
 
 def _retrain(args: argparse.Namespace) -> int:
     """Mine, fine-tune, evaluate deployed vs candidate, and promote only a better pair."""
+    from twostage.retrieval.errors import InputError
     from twostage.retrieval.settings import Settings
     from twostage.retrieval.store.collections import open_store
     from twostage.training.retrain import RetrainOptions, retrain
@@ -28,15 +27,25 @@ def _retrain(args: argparse.Namespace) -> int:
     settings = Settings()
     if args.collection:
         settings.collection = args.collection
+    sources = [*([args.pairs] if args.pairs else []), *(args.pairs_from or [])]
+    if not sources:
+        raise InputError("say what to learn from: --pairs FILE or --pairs-from feedback|sample|FILE")
+    if len(sources) == 1 and args.pairs:
+        pairs, source = Path(args.pairs), None
+    else:
+        from twostage.api.feedback_cli import gather_pairs
+
+        pairs, source = gather_pairs(sources, settings.data_dir)
     options = RetrainOptions(
-        pairs=Path(args.pairs), dev=Path(args.dev) if args.dev else None, from_base=args.from_base,
+        pairs=pairs, dev=Path(args.dev) if args.dev else None, from_base=args.from_base,
         skip_embedder=args.skip_embedder, skip_reranker=args.skip_reranker, promote=not args.no_promote,
-        dry_run=args.dry_run,
+        dry_run=args.dry_run, source=source,
     )  # fmt: skip
     if args.server:
         from twostage.api.client import retrain_via_server
 
-        result = retrain_via_server(args.server, options, settings.collection, args.api_key, _say)
+        key = args.api_key or os.environ.get("TWOSTAGE_API_KEY")
+        result = retrain_via_server(args.server, options, settings.collection, key, _say)
     else:
         store = open_store(settings)
         try:  # trainers print their logs on stdout; keep stdout for the result
@@ -106,30 +115,31 @@ def _calibration_line(calibration: dict[str, Any] | None) -> str:
 
 def _calibrate(args: argparse.Namespace) -> int:
     """Fit the current deployment's calibrated relevance on judged queries and store it in its record."""
-    import os
-
     from twostage.api.search_cli import find_server
     from twostage.retrieval.errors import InputError
     from twostage.retrieval.settings import Settings
-    from twostage.training.data import parse_judgement, parse_lines
+    from twostage.training.data import pair_row, parse_judgement, parse_lines
 
     settings = Settings()
     if args.collection:
         settings.collection = args.collection
-    path = Path(args.pairs)
-    if not path.is_file():
-        raise InputError(f"judgements file {args.pairs!r} does not exist")
-    with path.open(encoding="utf-8") as handle:
-        judgements, bad = parse_lines(handle, path.name, parse_judgement, what="judgements")
-    for skipped in bad:
-        _say(f"skipped {skipped}")
-    source = f"{len(judgements)} judgements from {path.name}"
+    if args.from_feedback:
+        judgements, source = _feedback_judgements()
+    else:
+        path = Path(args.pairs)
+        if not path.is_file():
+            raise InputError(f"judgements file {args.pairs!r} does not exist")
+        with path.open(encoding="utf-8") as handle:
+            judgements, bad = parse_lines(handle, path.name, parse_judgement, what="judgements")
+        for skipped in bad:
+            _say(f"skipped {skipped}")
+        source = f"{len(judgements)} judgements from {path.name}"
     url = args.server or find_server(settings)
     if url:
         from twostage.api.client import calibrate_via_server
 
         key = args.api_key or os.environ.get("TWOSTAGE_API_KEY")
-        rows = [_judgement_row(j) for j in judgements]
+        rows = [pair_row(j) for j in judgements]
         answer = calibrate_via_server(url, settings.collection, rows, source, key)
         for line in answer["said"]:
             _say(line)
@@ -150,14 +160,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _judgement_row(judgement: "Judgement") -> dict[str, Any]:
-    """A parsed judgement as the JSON record `POST /v1/calibrate` reads."""
-    row: dict[str, Any] = {"query": judgement.query}
-    for key, value in (("doc_id", judgement.doc_id), ("id", judgement.chunk_id),
-                       ("positive", judgement.positive), ("instruction", judgement.instruction)):  # fmt: skip
-        if value is not None:
-            row[key] = value
-    return row
+def _feedback_judgements() -> "tuple[list[Any], str]":
+    """The positives users' feedback names, as judgements (`training.feedback_pairs`)."""
+    from twostage.api.feedback_cli import logged_pairs
+
+    made = logged_pairs("calibrate --from-feedback")
+    return made.pairs, f"{len(made.pairs)} positives from the feedback of {made.with_feedback} searches"
 
 
 def _metric(metrics: dict[str, Any], mode: str) -> str:
@@ -195,8 +203,13 @@ def add_retrain_commands(commands: Any) -> None:
         "retrain", help="mine, fine-tune both models, evaluate, promote only a better pair (reindex + switch)"
     )
     retrain.add_argument(
-        "--pairs", required=True, help="JSONL {query, positive} pairs about indexed documents"
+        "--pairs", help="JSONL pairs about indexed documents: {query, positive} or {query, doc_id | id}"
     )
+    retrain.add_argument(
+        "--pairs-from", action="append", metavar="SOURCE",
+        help="feedback (pairs from the search log), sample (the quickstart sample's 500 labelled queries) "
+        "or a FILE; repeat to combine. The gate's dev set is held-out queries of these, or --dev",
+    )  # fmt: skip
     retrain.add_argument("--dev", help="held-out pairs (default: a query-level split of --pairs)")
     retrain.add_argument("--collection", help="default TWOSTAGE_COLLECTION")
     retrain.add_argument("--from-base", action="store_true", help="start from the configured base models")
@@ -214,10 +227,16 @@ def add_retrain_commands(commands: Any) -> None:
     calibrate = commands.add_parser(
         "calibrate", help="fit the current deployment's calibrated relevance (0-1) on judged queries"
     )
-    calibrate.add_argument(
-        "--pairs", required=True,
+    judged = calibrate.add_mutually_exclusive_group(required=True)
+    judged.add_argument(
+        "--pairs",
         help="JSONL judgements about indexed documents: {query, doc_id}, {query, id} (a chunk) or "
         "{query, positive}; instruction optional",
+    )  # fmt: skip
+    judged.add_argument(
+        "--from-feedback", action="store_true",
+        help="judgements from the search log: the hits users cited, clicked or liked (as `twostage pairs "
+        "from-feedback` finds them)",
     )  # fmt: skip
     calibrate.add_argument("--collection", help="default TWOSTAGE_COLLECTION")
     calibrate.add_argument("--server", help="fit it inside the service at this URL (default: the one "

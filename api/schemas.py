@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from twostage.api.filters import parse_filter
-from twostage.retrieval.search.two_stage import Deployment, SearchHit, SearchQuery
+from twostage.retrieval.search.two_stage import Deployment, SearchHit, SearchQuery, SearchResult
+from twostage.retrieval.traffic.log import LoggedSearch
 
 MAX_QUERY_CHARS = 32_768
 MAX_INSTRUCTION_CHARS = 16_384
@@ -53,6 +54,10 @@ class SearchRequest(_Strict):
         None, ge=0, le=1, description="drop hits whose calibrated relevance is below it; none left: the "
         "notes say nothing relevant was found (ignored, with a note, where the deployment is uncalibrated)",
     )  # fmt: skip
+    session: str | None = Field(
+        None, min_length=1, max_length=256, description="the client's opaque session id, kept in the search "
+        "log with the search (feedback, and a canary's share, follow sessions)",
+    )  # fmt: skip
 
     def search_query(self, deployment: Deployment) -> SearchQuery:
         """The search this body asks for, its filter checked against the deployment's indexed fields."""
@@ -62,6 +67,11 @@ class SearchRequest(_Strict):
             rerank=self.rerank, rerank_k=self.rerank_k, rerank_fusion=self.rerank_fusion,
             group_by_doc=self.group_by_doc, min_relevance=self.min_relevance,
         )  # fmt: skip
+
+    def logged(self, search_id: str, result: SearchResult, deployment: Deployment) -> LoggedSearch:
+        """What the search log keeps of this search, answered with `result`."""
+        return LoggedSearch.of(search_id, self.query, self.instruction, self.filter, self.session, result,
+                               deployment.record)  # fmt: skip
 
     @model_validator(mode="after")
     def _top_n_within_top_k(self) -> "SearchRequest":
@@ -73,6 +83,7 @@ class SearchRequest(_Strict):
 
 
 class SearchResponse(BaseModel):
+    search_id: str = Field(description="names this search in feedback events (POST /v1/feedback)")
     hits: list[SearchHit]
     collection: str = Field(description="the collection version that answered (NAME__vN)")
     embedder: str

@@ -44,6 +44,8 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         body["rerank_fusion"] = args.rerank_fusion
     if args.collection:
         body["collection"] = args.collection
+    if args.session:
+        body["session"] = args.session
     if args.min_relevance is not None:
         if not 0 <= args.min_relevance <= 1:
             raise InputError(f"--min-relevance must be within [0, 1], got {args.min_relevance}")
@@ -95,6 +97,7 @@ def _embedded(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
     from twostage.retrieval.deployments import load_served
     from twostage.retrieval.search.two_stage import needs_reranker, search
     from twostage.retrieval.store.collections import open_store
+    from twostage.retrieval.traffic.log import TrafficLog, new_search_id
 
     try:
         request = SearchRequest.model_validate(body)
@@ -108,7 +111,14 @@ def _embedded(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
         deployment = load_served(
             settings, store, collection, reranker=needs_reranker(settings, request.rerank)
         )
-        return asdict(search(deployment, store, request.search_query(deployment), settings))
+        result = search(deployment, store, request.search_query(deployment), settings)
+        search_id = new_search_id()
+        traffic = TrafficLog(settings.data_dir, settings.feedback)
+        try:  # logged as the server logs it, so feedback may name it
+            traffic.log_search(request.logged(search_id, result, deployment))
+        finally:
+            traffic.close()
+        return {"search_id": search_id, **asdict(result)}
     finally:
         store.close()
 
@@ -190,5 +200,6 @@ def add_search_command(commands: Any) -> None:
         "--min-relevance", type=float, metavar="P",
         help="drop hits whose calibrated relevance (0-1) is below P (a calibrated deployment only)",
     )  # fmt: skip
-    search.add_argument("--json", action="store_true", help="print the response as JSON")
+    search.add_argument("--session", help="the session this search belongs to (kept in the search log)")
+    search.add_argument("--json", action="store_true", help="print the response as JSON (with its search_id)")
     search.set_defaults(handler=search_command)

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from twostage.api.jobs import JobRunner
 from twostage.api.micro_batcher import MicroBatcher
+from twostage.api.rate_limit import RateLimiter
 from twostage.retrieval.deployments import ServedDeployments
 from twostage.retrieval.errors import (
     ModelError,
@@ -33,6 +34,7 @@ from twostage.retrieval.search.two_stage import Deployment
 from twostage.retrieval.settings import RemoteSettings, Settings
 from twostage.retrieval.store.collections import open_store
 from twostage.retrieval.store.vector_store import VectorStore
+from twostage.retrieval.traffic.log import TrafficLog
 
 log = logging.getLogger("twostage.api")
 T = TypeVar("T", bound=Iterable[Any])
@@ -118,6 +120,9 @@ class Service:
         self.embed_batcher: MicroBatcher[EmbedItem, np.ndarray] | None = None
         self.rerank_batcher: MicroBatcher[RerankItem, list[float]] | None = None
         self.jobs: JobRunner | None = None
+        self.traffic: TrafficLog | None = None  # the search log and feedback events
+        feedback = settings.feedback
+        self.feedback_limiter = RateLimiter("feedback", feedback.rate_per_s, feedback.burst)
         # the one owner of loaded models, shared with an in-process retrain
         self.models = ModelCache(settings, RemoteMetrics.create(self.metrics.registry))
         for role in ("embedder", "reranker"):
@@ -128,6 +133,7 @@ class Service:
     def start(self) -> None:
         """Load models and open the store (blocking; run in a thread from the lifespan)."""
         self.store = self._given_store or open_store(self.settings)
+        self.traffic = TrafficLog(self.settings.data_dir, self.settings.feedback)
         self.served = ServedDeployments(self.settings, self.store, self.models)
         self.served.load_default_pair()
         wait = self.settings.api.batch_wait_ms / 1000
@@ -159,6 +165,8 @@ class Service:
                 batcher.close()
         if self.store is not None and self._given_store is None:
             self.store.close()
+        if self.traffic is not None:
+            self.traffic.close()
 
     def _resident(self, role: str) -> float:
         return float(sum(1 for kind, _ in self.models.loaded() if kind == role))

@@ -24,12 +24,19 @@ def positive_int(value: str) -> int:
 
 def _examples(path: str) -> "list[Example]":
     """Training examples of a JSONL file; unusable lines are reported (file:line) and skipped."""
-    from twostage.training.data import load_examples
+    from twostage.training.data import Graded, Pair, load_examples
 
     loaded = load_examples(Path(path))
     for bad in loaded.bad:
         print(f"twostage: skipped {bad}", file=sys.stderr)
-    return loaded.examples
+    examples: list[Example] = [e for e in loaded.examples if isinstance(e, Pair | Graded)]
+    if len(examples) < len(loaded.examples):
+        skipped = len(loaded.examples) - len(examples)
+        print(f"twostage: skipped {skipped} pairs that name their passages by id (twostage retrain "
+              "resolves those against the collection)", file=sys.stderr)  # fmt: skip
+    if not examples:
+        raise InputError(f"no example in {path} carries its passage's text")
+    return examples
 
 
 def _mine(args: argparse.Namespace) -> int:
@@ -109,7 +116,7 @@ def _train_embedder(args: argparse.Namespace) -> int:
     if args.dev:
         dev = [e for e in _examples(args.dev) if isinstance(e, Pair)]
     else:
-        pairs, dev = split_by_query(pairs, args.dev_fraction)  # type: ignore[assignment]
+        pairs, dev = split_by_query(pairs, args.dev_fraction)
     if args.general:
         general = [e for e in _examples(args.general) if isinstance(e, Pair)]
         domain_part, general_part = (int(x) for x in args.general_ratio.split(":"))

@@ -304,7 +304,14 @@ def load_served(
     )
     served = models.reranker(names[1]) if reranker else None
     trust = judge_reranker(served, record.metrics) if served is not None and record is not None else None
-    return Deployment(manifest, embedder, served, trust, record.calibration if record else None)
+    return Deployment(
+        manifest,
+        embedder,
+        served,
+        trust,
+        record.calibration if record else None,
+        record.id if record else None,
+    )
 
 
 def warm_pair(models: ModelCache, names: tuple[str, str]) -> tuple[Embedder, Reranker]:
@@ -445,7 +452,7 @@ class ServedDeployments:
         manifest = self.store.read_manifest(record.collection)
         check_built_by(manifest, embedder, self.settings, f"deployment d{record.id} ({record.embedder}): ")
         trust = judge_reranker(reranker, record.metrics)
-        deployment = Deployment(manifest, embedder, reranker, trust, record.calibration)
+        deployment = Deployment(manifest, embedder, reranker, trust, record.calibration, record.id)
         self._deployments[collection], self._records[collection] = deployment, record.id
         if collection == self.settings.collection:
             self.embedder, self.reranker, self.load_error = embedder, reranker, None

@@ -41,6 +41,14 @@ class RemoteUnavailable(TwostageError):
         self.retry_after_s = retry_after_s
 
 
+class RateLimited(TwostageError):
+    """A client over its request rate (HTTP 429 + Retry-After); nothing of the request was kept."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class NotFound(TwostageError):
     """A job, document or other named thing the request refers to does not exist (HTTP 404)."""
 

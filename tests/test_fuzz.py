@@ -33,7 +33,7 @@ def test_no_route_answers_a_server_error(fuzzed: Served) -> None:
     routes = {f"{op.method.upper()} {op.path}" for op in operations}
     assert {"POST /v1/search", "POST /v1/documents", "DELETE /v1/documents/{doc_id}", "POST /v1/retrain",
             "POST /v1/embeddings", "POST /v2/rerank", "POST /rerank", "POST /embed", "GET /info",
-            "GET /readyz"} <= routes, routes  # fmt: skip
+            "GET /readyz", "POST /v1/feedback", "GET /v1/feedback/stats"} <= routes, routes  # fmt: skip
     calls: dict[str, int] = {}
     for operation in operations:
 

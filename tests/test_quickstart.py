@@ -278,6 +278,17 @@ def test_second_run_skips_unchanged_documents_and_search_works_without_a_server(
     through_store = json.loads(alone.stdout)
     assert through_store["embedder"].startswith("pypi:all-MiniLM-L6-v2@") and len(through_store["hits"]) == 3
 
+    # the sample's labelled queries name their package by doc_id: retrain reads them against the index
+    plan = run_cli(["retrain", "--pairs-from", "sample", "--dry-run"], quickstart.env)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    indexed = {
+        json.loads(line)["_id"] for line in gzip.decompress(quickstart.sample.read_bytes()).splitlines()
+    }
+    answerable = [q for q in _packaged("debian-sample-queries.jsonl.gz") if q["doc_id"] in indexed]
+    counts = re.search(r"pairs: (\d+) train / (\d+) dev \(from sample\)", plan.stderr)
+    assert counts is not None and int(counts[1]) + int(counts[2]) == len(answerable), plan.stderr[-2000:]
+    assert f"{500 - len(answerable)} of 500 pairs have a positive that is not in docs__v1" in plan.stderr
+
     stderr = Path(quickstart.env["TWOSTAGE_DATA_DIR"]).parent / "second-run.log"
     with stderr.open("w") as log:  # a file, not a pipe nobody reads; SIGABRT dumps every thread there
         again = subprocess.Popen(

@@ -39,6 +39,7 @@ from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.collections import active_manifest
 from twostage.retrieval.store.vector_store import VectorStore, now_iso
 from twostage.training.data import Judgement
+from twostage.training.stored_chunks import StoredChunks
 
 Say = Callable[[str], None]
 
@@ -219,23 +220,17 @@ def judged_queries(
 ) -> list[Judged]:
     """`judgements` resolved against the collection: a positive by its text (as retrain matches
     pairs), a chunk id to itself and its document. One naming nothing stored is left out, said."""
-    by_text: dict[str, str] = {}
-    documents: set[str] = set()
-    chunk_docs: dict[str, str] = {}
-    for record in store.scroll(collection, fields=["text", "doc_id"]):
-        doc_id = str(record.payload.get("doc_id", ""))
-        by_text.setdefault(str(record.payload.get("text", "")).strip()[:200], doc_id)
-        documents.add(doc_id)
-        chunk_docs[record.id] = doc_id
+    stored = StoredChunks.read(store, collection)
+    documents = set(stored.documents.values())
     judged: dict[tuple[str, str | None], Judged] = {}
     missing = 0
     for j in judgements:
         found: tuple[frozenset[str], frozenset[str]]
         if j.positive is not None:
-            doc = by_text.get(j.positive.strip()[:200])
-            found = (frozenset({doc}) if doc is not None else frozenset(), frozenset())
+            chunk = stored.positive(j)
+            found = (frozenset({stored.documents[chunk]}) if chunk is not None else frozenset(), frozenset())
         elif j.chunk_id is not None:
-            doc = chunk_docs.get(j.chunk_id)
+            doc = stored.documents.get(j.chunk_id)
             found = (frozenset({doc}) if doc is not None else frozenset(), frozenset({j.chunk_id}))
         else:
             found = (frozenset({j.doc_id}) if j.doc_id in documents else frozenset(), frozenset())

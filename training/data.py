@@ -3,6 +3,9 @@
 Formats read (one JSON object per line; a bad line is reported with file:line and skipped):
 
 * pairs / triplets: `{"query", "positive", "negatives"?: [..], "instruction"?}`
+* pairs by id: `{"query", "doc_id" | "id", "negative_ids"?: [..], "label"?, "instruction"?}`: the
+  positive (a document, or a chunk by `id`) and negative chunks named by id, resolved against
+  the collection (`training.stored_chunks`); `twostage pairs from-feedback` writes these
 * graded: `{"query", "document", "label"}` with label in [0, 1], or 1-5 (mapped to (l-1)/4)
 * ms-swift embedding: `{"messages": [{"role": "user", "content": q}],
   "positive_messages": [[{"role": "user", "content": p}]], "negative_messages": [[...], ...]}`
@@ -46,13 +49,12 @@ class Graded:
     instruction: str | None = None
 
 
-Example = Pair | Graded
 T = TypeVar("T")
 
 
 @dataclass
 class LoadReport:
-    examples: list[Example] = field(default_factory=list)
+    examples: "list[Record]" = field(default_factory=list)
     bad: list[BadRecord] = field(default_factory=list)
 
 
@@ -65,7 +67,7 @@ def load_examples(path: Path, *, strict: bool = False) -> LoadReport:
         raise InputError(f"training data {str(path)!r} does not exist")
     with path.open(encoding="utf-8") as handle:
         examples, bad = parse_lines(handle, str(path), parse_example, strict, "examples")
-    return LoadReport(cast(list[Example], examples), bad)
+    return LoadReport(cast("list[Record]", examples), bad)
 
 
 def parse_lines(
@@ -102,26 +104,61 @@ def parse_lines(
 
 @dataclass(frozen=True)
 class Judgement:
-    """A query and what answers it, named by id (`doc_id`, or a chunk's `id`) or by its text."""
+    """A query and what answers it, named by id (`doc_id`, or a chunk's `id`) or by its text;
+    as a training pair, with negative chunks by id and a graded `label` (1: certainly relevant)."""
 
     query: str
     doc_id: str | None = None
     chunk_id: str | None = None
     positive: str | None = None
     instruction: str | None = None
+    negative_ids: tuple[str, ...] = ()
+    label: float | None = None
+
+
+Example = Pair | Graded  # what training reads
+Record = Example | Judgement  # what a line may hold: pairs by id are resolved against a collection first
+
+
+def _by_id(record: dict[str, Any]) -> Judgement:
+    """`{query, doc_id | id, negative_ids?, label?, instruction?}`."""
+    key = "doc_id" if "doc_id" in record else "id"
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
+        raise ValueError(f"'{key}' must be a non-empty string or an integer")
+    negatives = record.get("negative_ids") or []
+    if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
+        raise ValueError("'negative_ids' must be a list of chunk ids")
+    label = None if record.get("label") is None else _label(record["label"])
+    return Judgement(
+        _text(record, "query"), str(value) if key == "doc_id" else None, str(value) if key == "id" else None,
+        instruction=_optional_text(record, "instruction"), negative_ids=tuple(negatives), label=label,
+    )  # fmt: skip
+
+
+def pair_row(record: "Pair | Judgement") -> dict[str, Any]:
+    """A pair as a JSONL line holds it (`parse_example` reads it back as the same record)."""
+    row: dict[str, Any] = {"query": record.query}
+    if isinstance(record, Pair):
+        row.update(positive=record.positive, negatives=list(record.negatives))
+    elif record.positive is not None:
+        row["positive"] = record.positive
+    else:
+        row.update({"doc_id": record.doc_id} if record.doc_id is not None else {"id": record.chunk_id})
+        if record.negative_ids:
+            row["negative_ids"] = list(record.negative_ids)
+        if record.label is not None:
+            row["label"] = record.label
+    if record.instruction is not None:
+        row["instruction"] = record.instruction
+    return row
 
 
 def parse_judgement(record: Any) -> Judgement | BadRecord:
     """`{query, doc_id}`, `{query, id}` (a chunk) or a `{query, positive}` pair, `instruction`?"""
-    if isinstance(record, dict) and "positive" not in record and ({"doc_id", "id"} & set(record)):
-        key = "doc_id" if "doc_id" in record else "id"
-        value = record[key]
-        if isinstance(value, bool) or not isinstance(value, str | int) or not str(value).strip():
-            raise ValueError(f"'{key}' must be a non-empty string or an integer")
-        query, instruction = _text(record, "query"), _optional_text(record, "instruction")
-        return Judgement(query, str(value) if key == "doc_id" else None, str(value) if key == "id" else None,
-                         instruction=instruction)  # fmt: skip
     example = parse_example(record)
+    if isinstance(example, Judgement):
+        return example
     if isinstance(example, Pair):
         return Judgement(example.query, positive=example.positive, instruction=example.instruction)
     if isinstance(example, Graded):
@@ -130,10 +167,12 @@ def parse_judgement(record: Any) -> Judgement | BadRecord:
     return BadRecord("", "expected {query, doc_id}, {query, id} (a chunk) or {query, positive}")
 
 
-def parse_example(record: Any) -> Example | BadRecord:
+def parse_example(record: Any) -> "Record | BadRecord":
     """One record in any supported format; a `BadRecord` (location filled in by the caller) if unusable."""
     if not isinstance(record, dict):
         return BadRecord("", "a line must be a JSON object")
+    if "positive" not in record and {"doc_id", "id"} & set(record):
+        return _by_id(record)
     if "messages" in record:
         return _swift_embedding(record)
     if "input" in record and "output" in record:
@@ -149,8 +188,9 @@ def parse_example(record: Any) -> Example | BadRecord:
             _text(record, "query"), _text(record, "document"), _label(record.get("label")), instruction
         )
     return BadRecord(
-        "", "expected {query, positive, negatives?}, {query, document, label} or an ms-swift record"
-    )
+        "", "expected {query, positive, negatives?}, {query, doc_id | id}, {query, document, label} or an "
+        "ms-swift record",
+    )  # fmt: skip
 
 
 def _text(record: dict[str, Any], key: str) -> str:
@@ -210,14 +250,15 @@ def _swift_reranker(record: dict[str, Any]) -> Example:
     return Graded(match["q"], match["d"], 1.0 if output == "yes" else 0.0, match["i"] or None)
 
 
-def split_by_query(
-    examples: Sequence[Example], dev_fraction: float, seed: int = 0
-) -> tuple[list[Example], list[Example]]:
+R = TypeVar("R", Pair, Graded, Judgement, Example, Record)
+
+
+def split_by_query(examples: Sequence[R], dev_fraction: float, seed: int = 0) -> tuple[list[R], list[R]]:
     """Deterministic train/dev split: a query's examples all go to one side."""
     if not 0 <= dev_fraction < 1:
         raise InputError(f"dev fraction must be in [0, 1), got {dev_fraction}")
-    train: list[Example] = []
-    dev: list[Example] = []
+    train: list[R] = []
+    dev: list[R] = []
     for example in examples:
         digest = hashlib.sha256(f"{seed}\x1f{example.query}".encode()).digest()
         (dev if int.from_bytes(digest[:8], "big") / 2**64 < dev_fraction else train).append(example)

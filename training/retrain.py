@@ -54,6 +54,7 @@ from twostage.retrieval.store.vector_store import CollectionManifest, Point, Sto
 from twostage.training.calibration import describe, fit_calibration, judged_queries, served_observations
 from twostage.training.data import Judgement, Pair, load_examples, split_by_query
 from twostage.training.reranker_choice import RerankerStart, reranker_start
+from twostage.training.stored_chunks import StoredChunks, text_key
 
 if TYPE_CHECKING:
     from twostage.training.evaluation import EvalSet, PairRuns
@@ -71,6 +72,7 @@ class RetrainOptions:
     skip_reranker: bool = False
     promote: bool = True
     dry_run: bool = False
+    source: str | None = None  # what the pairs are (e.g. "feedback+sample"); None: the file
 
 
 class RunManifest:
@@ -112,39 +114,27 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_pairs(path: Path, say: Say) -> list[Pair]:
+def load_pairs(path: Path, say: Say) -> list[Pair | Judgement]:
+    """The pairs of a file: by text, or by id (resolved against the collection by `StoredChunks`)."""
     loaded = load_examples(path)
     for bad in loaded.bad:
         say(f"skipped {bad}")
-    pairs = list(dict.fromkeys(e for e in loaded.examples if isinstance(e, Pair)))
+    pairs = list(dict.fromkeys(e for e in loaded.examples if isinstance(e, Pair | Judgement)))
     if not pairs:
-        raise InputError(f"{path} has no usable {{query, positive}} pairs")
+        raise InputError(f"{path} has no usable {{query, positive}} or {{query, doc_id | id}} pairs")
     return pairs
 
 
-def in_index(pairs: list[Pair], chunks: list[str], collection: str, say: Say) -> list[Pair]:
-    """Pairs whose positive passage is stored in the index (as a chunk, or a document's first one)."""
-    known = {c.strip()[:200] for c in chunks}
-    kept = [p for p in pairs if p.positive.strip()[:200] in known]
-    if not kept:
-        raise InputError(
-            f"none of the {len(pairs)} pairs' positives is stored in {collection}: retrain learns "
-            "from queries about indexed documents (ingest them first, or check the pairs file)"
-        )
-    if len(kept) < len(pairs):
-        say(f"warning: {len(pairs) - len(kept)} of {len(pairs)} pairs have a positive that is not in "
-            f"{collection}; they are left out")  # fmt: skip
-    return kept
-
-
 def split_dev(
-    pairs: list[Pair], dev_path: Path | None, fraction: float, say: Say
+    pairs: list[Pair], dev_path: Path | None, fraction: float, stored: StoredChunks, say: Say
 ) -> tuple[list[Pair], list[Pair]]:
-    """Train/dev pairs; a dev query that also appears in training is dropped from training."""
+    """Train/dev pairs; a dev query that also appears in training is dropped from training. Dev
+    pairs by id are resolved against the collection; dev pairs by text are kept as they are."""
     if dev_path is None:
-        train_part, dev_part = split_by_query(pairs, fraction)
-        return [p for p in train_part if isinstance(p, Pair)], [p for p in dev_part if isinstance(p, Pair)]
-    dev = load_pairs(dev_path, say)
+        return split_by_query(pairs, fraction)
+    records = load_pairs(dev_path, say)
+    by_id = [r for r in records if isinstance(r, Judgement)]
+    dev = [r for r in records if isinstance(r, Pair)] + (stored.pairs(by_id, say) if by_id else [])
     dev_queries = {p.query for p in dev}
     train = [p for p in pairs if p.query not in dev_queries]
     if len(train) < len(pairs):
@@ -288,15 +278,14 @@ def _retrain_locked(
         raise InputError(f"pairs file {str(options.pairs)!r} does not exist")
     if options.skip_embedder and options.skip_reranker:
         raise InputError("--skip-embedder and --skip-reranker together leave nothing to retrain")
-    pairs = load_pairs(options.pairs, say)
+    records = load_pairs(options.pairs, say)
     deployed = registry.current()  # None before the first retrain: recorded once the inputs are valid
     live = deployed.collection if deployed else active_manifest(store, registry.name).collection
-    stored = [(str(r.payload.get("text", "")), str(r.payload.get("doc_id", ""))) for r in
-              store.scroll(live, fields=["text", "doc_id"])]  # fmt: skip
-    chunks = [text for text, _ in stored]
-    documents = {text.strip()[:200]: doc_id for text, doc_id in stored}  # a positive's document, for judging
-    pairs = in_index(pairs, chunks, live, say)
-    train, dev = split_dev(pairs, options.dev, cfg.dev_fraction, say)
+    stored = StoredChunks.read(store, live)
+    chunks = list(stored.texts.values())
+    # a positive's document, for judging
+    documents = {text_key(text): stored.documents[chunk] for chunk, text in stored.texts.items()}
+    train, dev = split_dev(stored.pairs(records, say), options.dev, cfg.dev_fraction, stored, say)
     if not train or not dev:
         raise InputError(f"need training and dev pairs (have {len(train)} and {len(dev)}); add pairs")
     embedder_base = settings.embedder.model if options.from_base or not deployed else deployed.embedder
@@ -305,7 +294,9 @@ def _retrain_locked(
     plan = [
         f"collection {registry.name}: live version {live} ({len(chunks)} chunks), deployment "
         + (f"d{deployed.id}" if deployed else "(first retrain: recorded as the first deployment)"),
-        f"pairs: {len(train)} train / {len(dev)} dev (from {options.pairs})",
+        f"pairs: {len(train)} train / {len(dev)} dev (from {options.source or options.pairs})",
+        "gate's dev set: " + (f"the labelled dev file {options.dev}" if options.dev else
+                              f"held-out queries of the same source ({cfg.dev_fraction:.0%}, split by hash)"),
         f"mine {cfg.negatives} hard negatives per pair from the live chunks",
         "train embedder from " + ("(skipped)" if options.skip_embedder else embedder_base),
         "train reranker: " + ("(skipped)" if options.skip_reranker else start.why),
@@ -323,7 +314,8 @@ def _retrain_locked(
 
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     run_dir = registry.runs_dir() / run_id
-    inputs = {"pairs": {"path": str(options.pairs), "sha256": file_sha256(options.pairs)}}
+    inputs: dict[str, Any] = {"pairs": {"path": str(options.pairs), "sha256": file_sha256(options.pairs),
+                                        "source": options.source or options.pairs.name}}  # fmt: skip
     if options.dev:
         inputs["dev"] = {"path": str(options.dev), "sha256": file_sha256(options.dev)}
     manifest = RunManifest(run_dir, {

@@ -2,7 +2,8 @@
 
 For each deployment of a collection: its gate decisions with the paired evidence (gain, 95%
 interval, p), its calibration's held-out reliability (the diagram's bins, ECE, Brier), and the
-per-query wins and losses against its parent on the dev set. Served by the app itself, with no
+per-query wins and losses against its parent on the dev set; and the search log's last week
+(click-through by rank, zero-hit and low-score queries). Served by the app itself, with no
 script or style from elsewhere (production clusters have no network either).
 
 Model locations are shown as they mean something to the reader without naming the server's
@@ -10,6 +11,7 @@ disk: a model the registry stored is `registry/NAME/models/dN/ROLE`, relative to
 directory; any other local path by its last folder's name; hub ids and `pypi:` names as they are.
 """
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +23,13 @@ from twostage.api.deps import ReadAccess, ServiceDep
 from twostage.retrieval.deployments import Registry
 from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.vector_store import check_collection_name
+from twostage.retrieval.traffic.log import TrafficLog
+from twostage.retrieval.traffic.stats import traffic_stats
 
 router = APIRouter(tags=["quality"])
 STATIC = Path(__file__).resolve().parent.parent / "static"
 SHOWN_QUERIES = 10  # wins and losses listed each way
+TRAFFIC_DAYS = 7.0
 
 
 def shown_model(name: str, settings: Settings) -> str:
@@ -50,7 +55,7 @@ def wins_and_losses(comparison: dict[str, Any]) -> dict[str, Any]:
             "wins": wins[:SHOWN_QUERIES], "losses": losses[:SHOWN_QUERIES]}  # fmt: skip
 
 
-def quality(settings: Settings, store: Any, collection: str) -> dict[str, Any]:
+def quality(settings: Settings, store: Any, collection: str, traffic: TrafficLog | None) -> dict[str, Any]:
     registry = Registry(settings, collection, store)
     current = registry.current()
     deployments = []
@@ -72,7 +77,8 @@ def quality(settings: Settings, store: Any, collection: str) -> dict[str, Any]:
     return {
         "collection": collection,
         "deployments": deployments,
-        "feedback": None,  # click-through by rank and zero-hit queries: from the feedback log, once kept
+        # the search log of every collection this service answers (one log per data directory)
+        "feedback": asdict(traffic_stats(traffic, days=TRAFFIC_DAYS)) if traffic is not None else None,
     }
 
 
@@ -80,7 +86,7 @@ def quality(settings: Settings, store: Any, collection: str) -> dict[str, Any]:
 async def quality_data(service: ServiceDep, collection: str | None = Query(None)) -> dict[str, Any]:
     """The deployments of `collection` with their gate evidence, calibration and dev-set wins/losses."""
     name = check_collection_name(collection or service.settings.collection)
-    return await run_in_threadpool(quality, service.settings, service.store, name)
+    return await run_in_threadpool(quality, service.settings, service.store, name, service.traffic)
 
 
 @router.get("/quality", include_in_schema=False)

@@ -20,24 +20,27 @@ from twostage.api.jobs import Job
 from twostage.retrieval.deployments import Registry
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.store.vector_store import check_collection_name
-from twostage.training.data import Pair, parse_example
+from twostage.training.data import Judgement, Pair, parse_example
 
 router = APIRouter(tags=["retrain"], dependencies=[WriteAccess])
 
 
 class RetrainRequest(BaseModel):
     collection: str | None = None
-    pairs: list[dict[str, Any]] = Field(min_length=1, description="{query, positive} records")
+    pairs: list[dict[str, Any]] = Field(
+        min_length=1, description="{query, positive} records, or {query, doc_id | id, negative_ids?} by id"
+    )
     dev: list[dict[str, Any]] | None = Field(None, description="held-out pairs (default: split of pairs)")
     from_base: bool = False
     skip_embedder: bool = False
     skip_reranker: bool = False
     promote: bool = True
     dry_run: bool = False
+    source: str | None = Field(None, max_length=200, description="what the pairs are, for the run's record")
 
 
 def _write_pairs(rows: list[dict[str, Any]], path: Path, field: str) -> list[str]:
-    """Keep the rows that parse as pairs; return 'field[i]: reason' for the others."""
+    """Keep the rows that parse as pairs (by text or by id); return 'field[i]: reason' for the others."""
     kept, rejected = [], []
     for i, row in enumerate(rows):
         try:
@@ -45,8 +48,8 @@ def _write_pairs(rows: list[dict[str, Any]], path: Path, field: str) -> list[str
         except ValueError as exc:
             rejected.append(f"{field}[{i}]: {exc}")
             continue
-        if not isinstance(example, Pair):
-            rejected.append(f"{field}[{i}]: not a {{query, positive}} pair")
+        if not isinstance(example, Pair | Judgement):
+            rejected.append(f"{field}[{i}]: not a {{query, positive}} or {{query, doc_id | id}} pair")
             continue
         kept.append(json.dumps(row, ensure_ascii=False))
     if not kept:
@@ -73,7 +76,7 @@ async def start_retrain(body: RetrainRequest, service: ServiceDep) -> dict[str, 
     options = RetrainOptions(
         pairs=uploads / f"{token}.pairs.jsonl", dev=dev_path, from_base=body.from_base,
         skip_embedder=body.skip_embedder, skip_reranker=body.skip_reranker, promote=body.promote,
-        dry_run=body.dry_run,
+        dry_run=body.dry_run, source=body.source,
     )  # fmt: skip
     assert service.jobs is not None and service.store is not None
     store = service.store

@@ -85,6 +85,7 @@ class Deployment:
     reranker: Reranker | None
     trust: RerankTrust | None = None  # from the deployment record; None: judged by the model alone
     calibration: Calibration | None = None  # from the deployment record; None: uncalibrated
+    record: int | None = None  # the registry deployment (dN); None: not recorded (before a first retrain)
 
     @property
     def collection(self) -> str:

@@ -1,0 +1,144 @@
+"""`twostage feedback stats` and `twostage pairs from-feedback`: what the traffic says, and the
+training pairs it gives. Both read the log under the data directory (`retrieval.traffic`), which
+a running server may be writing: SQLite lets them read it meanwhile."""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from twostage.training.feedback_pairs import FeedbackPairs
+
+
+def open_log() -> Any:
+    from twostage.retrieval.errors import InputError
+    from twostage.retrieval.settings import Settings
+    from twostage.retrieval.traffic.log import LOG_FILE, TrafficLog
+
+    settings = Settings()
+    if not (settings.data_dir / LOG_FILE).is_file():
+        raise InputError(f"no search log in this data directory ({LOG_FILE} is made by the first search)")
+    return TrafficLog(settings.data_dir, settings.feedback)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    """Searches, events by type, click-through by rank, zero-hit and low-score queries."""
+    from twostage.retrieval.traffic.stats import stats_text, traffic_stats
+
+    log = open_log()
+    try:
+        stats = traffic_stats(log, args.days, args.low_relevance)
+    finally:
+        log.close()
+    print(json.dumps(asdict(stats), indent=2) if args.json else stats_text(stats))
+    return 0
+
+
+def _from_feedback(args: argparse.Namespace) -> int:
+    """Write training pairs (chunk ids) made from the search log and its feedback events."""
+    from twostage.retrieval.settings import Settings
+    from twostage.training.feedback_pairs import write_feedback_pairs
+
+    log = open_log()
+    try:
+        made = write_feedback_pairs(log, Path(args.out), args.min_events, args.dwell_s, args.days,
+                                    Settings().retrain.dev_fraction)  # fmt: skip
+    finally:
+        log.close()
+    dev = sum(1 for p in made.pairs if p.query in made.dev_queries)
+    print(f"{len(made.pairs)} pairs ({len(made.pairs) - dev} train / {dev} dev) for {made.queries} queries, "
+          f"{made.negatives} negatives (skipped above a positive, or thumbs-down), from {made.with_feedback} "
+          f"of {made.searches} logged searches with feedback -> {args.out}", file=sys.stderr)  # fmt: skip
+    if made.below_min:
+        print(f"{made.below_min} positives had fewer than --min-events {args.min_events} events; left out",
+              file=sys.stderr)  # fmt: skip
+    if made.hashed:
+        print(f"{made.hashed} searches with feedback kept only the query's hash; left out", file=sys.stderr)
+    return 0
+
+
+PAIR_SOURCES = ("feedback", "sample")
+
+
+def logged_pairs(what: str) -> "FeedbackPairs":
+    """The pairs of the whole search log (`training.feedback_pairs`); none is an error saying why."""
+    from twostage.retrieval.errors import InputError
+    from twostage.training.feedback_pairs import pairs_from_feedback
+
+    log = open_log()
+    try:
+        made = pairs_from_feedback(log.searches(), log.events())
+    finally:
+        log.close()
+    if not made.pairs:
+        read = f"{made.searches} searches, {made.with_feedback} with feedback"
+        raise InputError(f"{what}: no pairs in the search log ({read})")
+    return made
+
+
+def gather_pairs(sources: list[str], data_dir: Path) -> tuple[Path, str]:
+    """`--pairs-from feedback|sample|FILE ...` as one pairs file, kept under DATA/pairs/ for the run's
+    record: `feedback` the search log's pairs (as `pairs from-feedback` makes them), `sample` the
+    quickstart sample's 500 labelled queries (by doc_id), anything else a JSONL file as it is."""
+    import gzip
+    import time
+    from importlib.resources import files
+
+    from twostage.retrieval.errors import InputError
+    from twostage.training.data import pair_row
+
+    lines: list[str] = []
+    for source in sources:
+        if source == "feedback":
+            made = logged_pairs("--pairs-from feedback")
+            lines += [json.dumps(pair_row(p), ensure_ascii=False) for p in made.pairs]
+        elif source == "sample":
+            sample = files("twostage.api") / "samples" / "debian-sample-queries.jsonl.gz"
+            lines += gzip.decompress(sample.read_bytes()).decode().splitlines()
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise InputError(
+                    f"--pairs-from {source!r}: not {' or '.join(PAIR_SOURCES)}, and no such file"
+                )
+            lines += path.read_text(encoding="utf-8").splitlines()
+    names = "+".join(s if s in PAIR_SOURCES else Path(s).name for s in sources)
+    out = data_dir / "pairs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{len(sources)}-sources.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(line + "\n" for line in lines if line.strip()), encoding="utf-8")
+    return out, names
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
+def add_feedback_commands(commands: Any) -> None:
+    """Register `feedback stats` and `pairs from-feedback`."""
+    from twostage.api.training_cli import positive_int
+
+    feedback = commands.add_parser("feedback", help="what users did with the hits (the search log)")
+    actions = feedback.add_subparsers(dest="feedback_command", required=True, metavar="ACTION")
+    stats = actions.add_parser("stats", help="searches, events, click-through by rank, zero-hit queries")
+    stats.add_argument("--days", type=_positive_float, default=7.0, help="window, days back from now (7)")
+    stats.add_argument("--low-relevance", type=float, default=0.5,
+                       help="a best hit below this relevance makes a low-score query (0.5)")  # fmt: skip
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(handler=_stats)
+
+    pairs = commands.add_parser("pairs", help="make training pairs")
+    makers = pairs.add_subparsers(dest="pairs_command", required=True, metavar="SOURCE")
+    made = makers.add_parser("from-feedback", help="pairs from the search log and its feedback events")
+    made.add_argument("--out", required=True, help="JSONL file to write ({query, id, negative_ids, label})")
+    made.add_argument("--min-events", type=positive_int, default=1,
+                      help="positive events a positive needs, over the query's searches (1)")  # fmt: skip
+    made.add_argument("--dwell-s", type=_positive_float, default=30.0,
+                      help="a dwell of at least this many seconds is a positive (30)")  # fmt: skip
+    made.add_argument("--days", type=_positive_float, help="only the last N days (default: all kept)")
+    made.set_defaults(handler=_from_feedback)

@@ -131,7 +131,9 @@ def retrain_via_server(
         "dev": rows(options.dev) if options.dev else None, "from_base": options.from_base,
         "skip_embedder": options.skip_embedder, "skip_reranker": options.skip_reranker,
         "promote": options.promote, "dry_run": options.dry_run,
-        "source": options.source or options.pairs.name,
+        "source": options.source or options.pairs.name, "canary": options.canary,
+        "interleave": options.interleave, "canary_events": options.canary_events,
+        "canary_seconds": options.canary_seconds,
     }  # fmt: skip
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=120) as client:

@@ -60,7 +60,7 @@ def _from_feedback(args: argparse.Namespace) -> int:
     return 0
 
 
-PAIR_SOURCES = ("feedback", "sample")
+PAIR_SOURCES = ("feedback", "synthetic", "sample")
 
 
 def logged_pairs(what: str) -> "FeedbackPairs":
@@ -80,9 +80,10 @@ def logged_pairs(what: str) -> "FeedbackPairs":
 
 
 def gather_pairs(sources: list[str], data_dir: Path) -> tuple[Path, str]:
-    """`--pairs-from feedback|sample|FILE ...` as one pairs file, kept under DATA/pairs/ for the run's
-    record: `feedback` the search log's pairs (as `pairs from-feedback` makes them), `sample` the
-    quickstart sample's 500 labelled queries (by doc_id), anything else a JSONL file as it is."""
+    """`--pairs-from feedback|synthetic|sample|FILE ...` as one pairs file, kept under DATA/pairs/ for
+    the run's record: `feedback` the search log's pairs (as `pairs from-feedback` makes them),
+    `synthetic` the last `pairs synthesize`, `sample` the quickstart sample's 500 labelled queries
+    (by doc_id), anything else a JSONL file as it is."""
     import gzip
     import time
     from importlib.resources import files
@@ -95,6 +96,11 @@ def gather_pairs(sources: list[str], data_dir: Path) -> tuple[Path, str]:
         if source == "feedback":
             made = logged_pairs("--pairs-from feedback")
             lines += [json.dumps(pair_row(p), ensure_ascii=False) for p in made.pairs]
+        elif source == "synthetic":
+            latest = data_dir / "pairs" / SYNTHETIC
+            if not latest.is_file():
+                raise InputError("--pairs-from synthetic: no synthetic pairs yet (twostage pairs synthesize)")
+            lines += latest.read_text(encoding="utf-8").splitlines()
         elif source == "sample":
             sample = files("twostage.api") / "samples" / "debian-sample-queries.jsonl.gz"
             lines += gzip.decompress(sample.read_bytes()).decode().splitlines()
@@ -110,6 +116,64 @@ def gather_pairs(sources: list[str], data_dir: Path) -> tuple[Path, str]:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(line + "\n" for line in lines if line.strip()), encoding="utf-8")
     return out, names
+
+
+LOCAL_LLM = "pypi:SmolLM2-135M-Instruct"
+SYNTHETIC = "synthetic.jsonl"  # under DATA/pairs/: the last `pairs synthesize`, for --pairs-from synthetic
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    """Queries an LLM writes for sampled chunks, kept when the deployed retriever finds their chunk."""
+    import shutil
+
+    from twostage.retrieval.deployments import load_served
+    from twostage.retrieval.errors import InputError
+    from twostage.retrieval.search.two_stage import needs_reranker
+    from twostage.retrieval.settings import Settings
+    from twostage.retrieval.store.collections import open_store
+    from twostage.training.synthesis import ChatEndpoint, LocalWriter, QueryWriter, synthesize, write_pairs
+
+    settings = Settings()
+    if args.collection:
+        settings.collection = args.collection
+    writer: QueryWriter
+    if args.llm == "local":
+        writer = LocalWriter(args.model or LOCAL_LLM, settings, seed=args.seed)
+    elif args.llm.startswith(("http://", "https://")):
+        if not args.model:
+            raise InputError("--llm URL needs --model: the name the endpoint serves")
+        writer = ChatEndpoint(args.llm, args.model, settings.synthesis)
+    else:
+        raise InputError(
+            f"--llm must be local or an http(s) URL of an OpenAI-compatible server, got {args.llm!r}"
+        )
+    store = open_store(settings)
+    try:
+        deployment = load_served(
+            settings, store, settings.collection, reranker=needs_reranker(settings, None)
+        )
+        made = synthesize(settings, store, deployment, writer, chunks=args.chunks, per_chunk=args.per_chunk,
+                          seed=args.seed, say=lambda line: print(line, file=sys.stderr))  # fmt: skip
+    finally:
+        store.close()
+        writer.close()
+    for failed in made.failed[:20]:
+        print(f"twostage: skipped chunk {failed}", file=sys.stderr)
+    if not made.pairs:
+        top = settings.synthesis.top_k
+        raise InputError(
+            f"no query of {made.written} written for {made.chunks} chunks was kept by the round "
+            f"trip (the deployed retriever found none of their chunks in its top {top})"
+        )
+    write_pairs(made, Path(args.out))
+    latest = settings.data_dir / "pairs" / SYNTHETIC
+    latest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(args.out, latest)
+    dev = sum(1 for p in made.pairs if p.query in made.dev_queries)
+    print(f"kept {made.kept} of {made.written} queries written by {made.writer} for {made.chunks} chunks "
+          f"(round trip: the chunk in the top {settings.synthesis.top_k}); {len(made.pairs) - dev} train / "
+          f"{dev} dev -> {args.out}", file=sys.stderr)  # fmt: skip
+    return 0
 
 
 def _positive_float(value: str) -> float:
@@ -142,3 +206,15 @@ def add_feedback_commands(commands: Any) -> None:
                       help="a dwell of at least this many seconds is a positive (30)")  # fmt: skip
     made.add_argument("--days", type=_positive_float, help="only the last N days (default: all kept)")
     made.set_defaults(handler=_from_feedback)
+
+    synth = makers.add_parser("synthesize", help="queries an LLM writes for sampled chunks (cold start)")
+    synth.add_argument("--out", required=True, help="JSONL file to write ({query, id, instruction, split})")
+    synth.add_argument("--llm", default="local",
+                       help="an OpenAI-compatible server's base URL (vLLM, Ollama, OpenAI), or local: a "
+                       f"causal LM run here through transformers (default; model {LOCAL_LLM})")  # fmt: skip
+    synth.add_argument("--model", help="the model: the name the server serves, or a local model for local")
+    synth.add_argument("--chunks", type=positive_int, default=200, help="chunks sampled (200)")
+    synth.add_argument("--per-chunk", type=positive_int, default=1, help="queries written per chunk (1)")
+    synth.add_argument("--seed", type=int, default=0, help="which chunks, and the local sampling (0)")
+    synth.add_argument("--collection", help="default TWOSTAGE_COLLECTION")
+    synth.set_defaults(handler=_synthesize)

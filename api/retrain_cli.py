@@ -29,7 +29,9 @@ def _retrain(args: argparse.Namespace) -> int:
         settings.collection = args.collection
     sources = [*([args.pairs] if args.pairs else []), *(args.pairs_from or [])]
     if not sources:
-        raise InputError("say what to learn from: --pairs FILE or --pairs-from feedback|sample|FILE")
+        raise InputError(
+            "say what to learn from: --pairs FILE or --pairs-from feedback|synthetic|sample|FILE"
+        )
     if len(sources) == 1 and args.pairs:
         pairs, source = Path(args.pairs), None
     else:
@@ -39,8 +41,11 @@ def _retrain(args: argparse.Namespace) -> int:
     options = RetrainOptions(
         pairs=pairs, dev=Path(args.dev) if args.dev else None, from_base=args.from_base,
         skip_embedder=args.skip_embedder, skip_reranker=args.skip_reranker, promote=not args.no_promote,
-        dry_run=args.dry_run, source=source,
+        dry_run=args.dry_run, source=source, canary=args.canary, interleave=args.interleave,
+        canary_events=args.canary_events, canary_seconds=args.canary_seconds,
     )  # fmt: skip
+    if args.interleave and args.canary is None:
+        raise InputError("--interleave says how a canary is served: give --canary SHARE too")
     if args.server:
         from twostage.api.client import retrain_via_server
 
@@ -93,6 +98,8 @@ def _versions(args: argparse.Namespace) -> int:
             f"  {row['created_at']}  {row['embedder']} | {row['reranker']}"
         )
         print(f"{'':15}{_calibration_line(row.get('calibration'))}")
+        for line in _canary_lines(row, settings):
+            print(f"{'':15}{line}")
         for role, decision in (row.get("gate") or {}).items():  # why the gate decided as it did
             verdict = "promoted" if decision["promote"] else "kept"
             print(
@@ -100,6 +107,33 @@ def _versions(args: argparse.Namespace) -> int:
                 + "; ".join(r for r in decision["reasons"][1:] or decision["reasons"])
             )
     return 0
+
+
+def _canary_lines(row: dict[str, Any], settings: Any) -> list[str]:
+    """A canary being measured (with its live tallies from this data directory's search log), or
+    how a decided one ended."""
+    from twostage.retrieval.deployments import Canary
+    from twostage.retrieval.traffic.canary import tallies
+    from twostage.retrieval.traffic.log import LOG_FILE, TrafficLog
+
+    lines = []
+    if row.get("canary"):
+        canary = Canary.model_validate(row["canary"])
+        how = "both rankings interleaved" if canary.interleave else "its ranking"
+        budget = f"{canary.max_events} events or {canary.max_seconds:g} s"
+        lines.append(f"canary since {canary.started_at}: {canary.share:.0%} of sessions see {how} beside "
+                     f"d{canary.control}; decides after {budget}")  # fmt: skip
+        if (settings.data_dir / LOG_FILE).is_file():
+            log = TrafficLog(settings.data_dir, settings.feedback)
+            try:
+                counted = tallies(log, canary)
+            finally:
+                log.close()
+            lines.append(f"  live: {counted.events} positive events; {counted.summary()}")
+    outcome = row.get("canary_outcome")
+    if outcome:
+        lines.append(f"canary {outcome['decision']}: {outcome['why']}")
+    return lines
 
 
 def _calibration_line(calibration: dict[str, Any] | None) -> str:
@@ -207,8 +241,9 @@ def add_retrain_commands(commands: Any) -> None:
     )
     retrain.add_argument(
         "--pairs-from", action="append", metavar="SOURCE",
-        help="feedback (pairs from the search log), sample (the quickstart sample's 500 labelled queries) "
-        "or a FILE; repeat to combine. The gate's dev set is held-out queries of these, or --dev",
+        help="feedback (pairs from the search log), synthetic (the last `pairs synthesize`), sample (the "
+        "quickstart sample's 500 labelled queries) or a FILE; repeat to combine. The gate's dev set is "
+        "held-out queries of these, or --dev",
     )  # fmt: skip
     retrain.add_argument("--dev", help="held-out pairs (default: a query-level split of --pairs)")
     retrain.add_argument("--collection", help="default TWOSTAGE_COLLECTION")
@@ -218,6 +253,19 @@ def add_retrain_commands(commands: Any) -> None:
     )
     retrain.add_argument("--skip-reranker", action="store_true", help="retrain the embedder only")
     retrain.add_argument("--no-promote", action="store_true", help="stop after the evaluation report")
+    retrain.add_argument(
+        "--canary", type=float, metavar="SHARE",
+        help="an online A/B before the switch: a promoted pair serves this share of sessions (0-1] until "
+        "its feedback decides (the server switches to it if it is better, else drops it)",
+    )  # fmt: skip
+    retrain.add_argument("--interleave", action="store_true",
+                         help="the canary's share sees both rankings merged by team draft")  # fmt: skip
+    retrain.add_argument(
+        "--canary-events", type=int, help="positive events to decide on (retrain.canary_events)"
+    )
+    retrain.add_argument(
+        "--canary-seconds", type=float, help="decide after this long (retrain.canary_seconds)"
+    )
     retrain.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     retrain.add_argument("--server", help="run the retrain inside a running service at this URL")
     retrain.add_argument("--api-key", help="bearer key for --server (default: $TWOSTAGE_API_KEY)")

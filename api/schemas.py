@@ -6,6 +6,7 @@ Filters on the wire are a mapping from an indexed payload field to a value (equa
     {"metadata.section": "games", "chunk_index": {"lte": 2}, "source": {"any": ["a", "b"]}}
 """
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -68,10 +69,13 @@ class SearchRequest(_Strict):
             group_by_doc=self.group_by_doc, min_relevance=self.min_relevance,
         )  # fmt: skip
 
-    def logged(self, search_id: str, result: SearchResult, deployment: Deployment) -> LoggedSearch:
+    def logged(
+        self, search_id: str, result: SearchResult, deployment: Deployment, arm: str | None = None,
+        teams: "Sequence[str] | None" = None,
+    ) -> LoggedSearch:  # fmt: skip
         """What the search log keeps of this search, answered with `result`."""
         return LoggedSearch.of(search_id, self.query, self.instruction, self.filter, self.session, result,
-                               deployment.record)  # fmt: skip
+                               deployment.record, arm, teams)  # fmt: skip
 
     @model_validator(mode="after")
     def _top_n_within_top_k(self) -> "SearchRequest":

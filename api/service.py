@@ -7,6 +7,7 @@ batch never mixes a request of the old pair with the new one.
 """
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -125,6 +126,8 @@ class Service:
         self.feedback_limiter = RateLimiter("feedback", feedback.rate_per_s, feedback.burst)
         # the one owner of loaded models, shared with an in-process retrain
         self.models = ModelCache(settings, RemoteMetrics.create(self.metrics.registry))
+        self._stopping = threading.Event()
+        self._canary_watch = threading.Thread(target=self._watch_canary, name="canary", daemon=True)
         for role in ("embedder", "reranker"):
             self.metrics.models_resident.labels(role).set_function(partial(self._resident, role))
 
@@ -154,8 +157,12 @@ class Service:
         self.metrics.queue_depth.labels("embedder").set_function(lambda: self._depth(self.embed_batcher))
         self.metrics.queue_depth.labels("reranker").set_function(lambda: self._depth(self.rerank_batcher))
         self.served.follow()
+        self._canary_watch.start()
 
     def close(self) -> None:
+        self._stopping.set()
+        if self._canary_watch.is_alive():
+            self._canary_watch.join(timeout=30)
         if self.served is not None:
             self.served.close()
         if self.jobs is not None:
@@ -167,6 +174,21 @@ class Service:
             self.store.close()
         if self.traffic is not None:
             self.traffic.close()
+
+    def _watch_canary(self) -> None:
+        """Decide the default collection's canary once its budget is spent (`traffic.canary.settle`)."""
+        from twostage.retrieval.traffic.canary import settle
+
+        while not self._stopping.wait(self.settings.retrain.canary_check_s):
+            assert self.store is not None and self.traffic is not None and self.served is not None
+            try:
+                said = settle(self.settings, self.store, self.traffic, self.settings.collection)
+            except Exception:  # the registry or the store may be unreachable for a while: next time
+                log.warning("could not check the canary", exc_info=True)
+                continue
+            if said is not None:
+                log.info(said)
+                self.served.refresh(self.settings.collection)
 
     def _resident(self, role: str) -> float:
         return float(sum(1 for kind, _ in self.models.loaded() if kind == role))

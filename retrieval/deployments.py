@@ -80,6 +80,24 @@ class DeploymentRecord(BaseModel):
     created_at: str = Field(default_factory=now_iso)
 
 
+class Canary(BaseModel):
+    """A candidate deployment served to a share of the traffic before anyone decides to switch:
+    `share` of sessions (stable per session, else per search) get the candidate's ranking, or
+    with `interleave` that share get both rankings merged by team-draft interleaving. The
+    service's canary watcher decides from the feedback once a budget is spent
+    (`retrieval.traffic.canary`)."""
+
+    deployment: int = Field(description="the candidate (a recorded deployment, not current)")
+    control: int = Field(description="the current deployment when the canary began")
+    share: float = Field(gt=0, le=1)
+    interleave: bool = False
+    started_at: str = Field(default_factory=now_iso)
+    started_ts: float = Field(default_factory=time.time)
+    max_events: int = Field(ge=1, description="decide once this many positive events came in")
+    max_seconds: float = Field(gt=0, description="decide after this long, whatever came in")
+    alpha: float = Field(gt=0, lt=1, description="significance level of the decision's test")
+
+
 class RegistryBackend(Protocol):
     """Where records and pointers live: JSON documents by key (`current`, `pending`, `deployments/dN`)."""
 
@@ -191,6 +209,27 @@ class Registry:
             "current", {"deployment": record.id, "collection": record.collection, "at": now_iso()}
         )
 
+    def canary(self) -> Canary | None:
+        """The canary being served, if any (every replica follows it through the registry)."""
+        found = self.backend.read("canary")
+        return None if found is None else Canary.model_validate(found)
+
+    def set_canary(self, canary: Canary | None) -> None:
+        if canary is None:
+            self.backend.delete("canary")
+        else:
+            self.backend.write("canary", canary.model_dump(mode="json"))
+
+    def record_canary(self, canary: Canary, outcome: dict[str, Any]) -> None:
+        """Keep a decided canary's tallies and test (`canaries/dN`), then stop serving it."""
+        self.backend.write(f"canaries/d{canary.deployment}", {**canary.model_dump(mode="json"), **outcome})
+        self.set_canary(None)
+
+    def canary_outcomes(self) -> dict[int, dict[str, Any]]:
+        """Decided canaries by candidate id."""
+        found = [self.backend.read(key) for key in self.backend.keys("canaries")]
+        return {int(o["deployment"]): o for o in found if o is not None}
+
     def pending(self) -> dict[str, Any] | None:
         """The collection version an unfinished retrain was building (left by a crash), if any."""
         return self.backend.read("pending")
@@ -257,6 +296,10 @@ def rollback(
         target = registry.get(to)
         if target.collection not in store.list_collections():
             raise StoreError(f"deployment d{target.id}'s collection {target.collection} no longer exists")
+        canary = registry.canary()
+        if canary is not None:  # a rollback ends a canary too: serve one deployment, the one asked for
+            registry.record_canary(canary, {"decision": "stopped", "why": f"rollback to d{target.id}"})
+            say(f"stopped the canary of d{canary.deployment}")
         switch(registry, store, target)
         say(f"rolled back {registry.name}: d{current.id} -> d{target.id} ({target.collection}, "
             f"embedder {target.embedder}, reranker {target.reranker})")  # fmt: skip
@@ -266,11 +309,13 @@ def rollback(
 def deployments_table(settings: Settings, store: VectorStore | None = None) -> list[dict[str, Any]]:
     """`twostage versions`: every deployment with its metrics, marked when current."""
     registry = Registry(settings, store=store)
-    current = registry.current()
+    current, canary, outcomes = registry.current(), registry.canary(), registry.canary_outcomes()
     rows = []
     for record in registry.records():
         row = record.model_dump(mode="json")
         row["current"] = current is not None and record.id == current.id
+        row["canary"] = canary.model_dump(mode="json") if canary and canary.deployment == record.id else None
+        row["canary_outcome"] = outcomes.get(record.id)
         rows.append(row)
     return rows
 
@@ -345,6 +390,7 @@ class ServedDeployments:
         self.calibration: Calibration | None = None  # the default deployment's (the rerank routes')
         self._deployments: dict[str, Deployment] = {}
         self._records: dict[str, int] = {}  # registry deployment id behind each cached deployment
+        self._canaries: dict[str, tuple[Canary, Deployment]] = {}  # loaded canaries, by collection
         # the (embedder, reranker) names of each (collection, deployment id) whose models are loaded
         self._pairs: dict[tuple[str, int], tuple[str, str]] = {}
         self._loading: dict[tuple[str, int], float] = {}  # when a deployment's load started (or failed)
@@ -395,6 +441,10 @@ class ServedDeployments:
         with self._state_lock:
             return self._deployments.get(collection) or self._resolve(collection)
 
+    def canary(self, collection: str) -> tuple[Canary, Deployment] | None:
+        """The canary `collection` serves beside its deployment, once its models are loaded."""
+        return self._canaries.get(collection)
+
     def refresh(self, collection: str) -> Deployment:
         """Resolve `collection` now rather than at the refresher's next turn (after a change this
         process made itself, such as a refitted calibration)."""
@@ -405,9 +455,12 @@ class ServedDeployments:
         """Look the deployment up in the registry and the store (with `_state_lock` held)."""
         assert self.embedder is not None
         cached = self._deployments.get(collection)
-        record = Registry(self.settings, collection, self.store).current()
+        registry = Registry(self.settings, collection, self.store)
+        record = registry.current()
         if record is not None:
-            return self._registered(collection, record, cached)
+            deployment = self._registered(collection, record, cached)
+            self._follow_canary(collection, registry, registry.canary(), deployment)
+            return deployment
         manifest = active_manifest(self.store, collection)
         if cached is not None and cached.manifest.collection == manifest.collection:
             return cached
@@ -457,12 +510,42 @@ class ServedDeployments:
         if collection == self.settings.collection:
             self.embedder, self.reranker, self.load_error = embedder, reranker, None
             self.calibration = record.calibration
-            in_use = set(self._records.items())
+            canaries = {(c, held[0].deployment) for c, held in self._canaries.items()}
+            in_use = set(self._records.items()) | canaries
             self._pairs = {k: v for k, v in self._pairs.items() if k in in_use}
             # the old pair's memory goes with its last request; a rollback loads it again
             self.models.keep_only(pair_keys(self._pairs.values()))
         log.info("serving deployment d%s of %s: %s", record.id, collection, record.collection)
         return deployment
+
+    def _follow_canary(
+        self, collection: str, registry: Registry, canary: Canary | None, control: Deployment
+    ) -> None:
+        """Serve the registry's canary beside `control` once its models are loaded (with `_state_lock`)."""
+        held = self._canaries.get(collection)
+        if canary is None or canary.control != control.record:  # none, or decided and switched since
+            if held is not None:
+                del self._canaries[collection]
+                log.info("canary d%s of %s ended", held[0].deployment, collection)
+            return
+        if held is not None and held[0] == canary:
+            return
+        record = registry.get(canary.deployment)
+        key, names = (collection, record.id), (record.embedder, record.reranker)
+        if key not in self._pairs and not pair_keys([names]) <= self.models.loaded():
+            self._load_in_background(key, record)  # served once loaded; the control meanwhile
+            return
+        self._pairs[key] = names
+        embedder, reranker = self.models.pair(*names)
+        manifest = self.store.read_manifest(record.collection)
+        check_built_by(manifest, embedder, self.settings, f"canary d{record.id} ({record.embedder}): ")
+        trust = judge_reranker(reranker, record.metrics)
+        self._canaries[collection] = (canary, Deployment(manifest, embedder, reranker, trust,
+                                                         record.calibration, record.id))  # fmt: skip
+        how = " (interleaved)" if canary.interleave else ""
+        log.info(
+            "serving canary d%s of %s to %.0f%% of sessions%s", record.id, collection, 100 * canary.share, how
+        )
 
     def _load_in_background(self, key: tuple[str, int], record: DeploymentRecord) -> None:
         """Start loading a deployment's models once (a failed load is retried after a while)."""

@@ -315,6 +315,11 @@ class RetrainSettings(BaseModel):
     )
     eval_steps: int = Field(50, ge=1)
     reranker_max_length: int = Field(1024, ge=64, description="prompt tokens in reranker training")
+    canary_events: int = Field(
+        1000, ge=1, description="--canary: positive feedback events on canary-period searches before deciding"
+    )
+    canary_seconds: float = Field(7 * 86400.0, gt=0, description="--canary: decide after this long at most")
+    canary_check_s: float = Field(10.0, gt=0, description="how often a service checks its canary's budget")
 
 
 class CalibrationSettings(BaseModel):
@@ -352,6 +357,34 @@ class FeedbackSettings(BaseModel):
     )
 
 
+SYNTHESIS_PROMPT = (
+    "Here is a passage from a document collection:\n\n{passage}\n\n"
+    "Write one question a user could type into a search box that this passage answers. "
+    "Reply with the question only."
+)
+
+
+class SynthesisSettings(BaseModel):
+    """`twostage pairs synthesize`: queries an LLM writes for chunks, kept by a round trip."""
+
+    prompt: str = Field(
+        SYNTHESIS_PROMPT, min_length=10, description="the user message; {passage} is replaced by the chunk's "
+        "text (its chat markers escaped)",
+    )  # fmt: skip
+    instruction: str | None = Field(
+        None, min_length=1, description="the task instruction recorded with each pair and used by the round "
+        "trip's search (default: embedder.instruction)",
+    )  # fmt: skip
+    top_k: int = Field(10, ge=1, le=1000, description="a query is kept when its chunk is in this many hits")
+    max_passage_chars: int = Field(2000, ge=100, description="a longer chunk is cut for the prompt")
+    max_new_tokens: int = Field(64, ge=8, le=1024)
+    temperature: float = Field(0.7, ge=0, le=2)
+    batch: int = Field(8, ge=1, le=256, description="chunks per generation call (--llm local)")
+    llm: RemoteSettings = Field(
+        default_factory=RemoteSettings, description="retries, timeout and key for --llm URL (url: the flag)"
+    )
+
+
 class Settings(BaseSettings):
     """The root of the settings tree."""
 
@@ -380,6 +413,7 @@ class Settings(BaseSettings):
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    synthesis: SynthesisSettings = Field(default_factory=SynthesisSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -289,6 +289,26 @@ def test_second_run_skips_unchanged_documents_and_search_works_without_a_server(
     assert counts is not None and int(counts[1]) + int(counts[2]) == len(answerable), plan.stderr[-2000:]
     assert f"{500 - len(answerable)} of 500 pairs have a positive that is not in docs__v1" in plan.stderr
 
+    # a cold start: queries SmolLM2 writes here for sampled chunks; a round trip as deep as the index
+    # keeps every one (the filter itself: tests/test_feedback.py), then retrain reads them
+    out = Path(quickstart.env["TWOSTAGE_DATA_DIR"]).parent / "synthetic.jsonl"
+    deep = {**quickstart.env, "TWOSTAGE_SYNTHESIS__TOP_K": "1000"}
+    synth = run_cli(["pairs", "synthesize", "--out", str(out), "--chunks", "4", "--per-chunk", "2"], deep)
+    assert synth.returncode == 0, synth.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    writer = "pypi:SmolLM2-135M-Instruct (local)"
+    kept = re.search(
+        rf"kept (\d+) of (\d+) queries written by {re.escape(writer)} for 4 chunks", synth.stderr
+    )
+    assert kept is not None and int(kept[1]) == int(kept[2]) == len(rows) >= 4, synth.stderr[-2000:]
+    assert all(
+        r["source"] == f"synthetic: {writer}" and r["id"] and r["split"] in {"train", "dev"} for r in rows
+    )
+    both = run_cli(
+        ["retrain", "--pairs-from", "synthetic", "--pairs-from", "sample", "--dry-run"], quickstart.env
+    )
+    assert both.returncode == 0 and "(from synthetic+sample)" in both.stderr, both.stderr[-2000:]
+
     stderr = Path(quickstart.env["TWOSTAGE_DATA_DIR"]).parent / "second-run.log"
     with stderr.open("w") as log:  # a file, not a pipe nobody reads; SIGABRT dumps every thread there
         again = subprocess.Popen(

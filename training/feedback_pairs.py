@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from twostage.retrieval.errors import InputError
-from twostage.retrieval.traffic.log import Event, LoggedSearch, TrafficLog
+from twostage.retrieval.traffic.log import Event, LoggedSearch, TrafficLog, is_positive
 from twostage.retrieval.traffic.stats import event_rank
 from twostage.training.data import Judgement, pair_row, split_by_query
 
@@ -49,12 +49,6 @@ class FeedbackPairs:
     queries: int = 0
     negatives: int = 0
     dev_queries: set[str] = field(default_factory=set)  # queries of the dev split
-
-
-def _positive(event: Event, dwell_s: float) -> bool:
-    if event.event == "dwell":
-        return (event.value or 0.0) >= dwell_s
-    return event.event in ("click", "cited", "thumbs_up")
 
 
 def _hit_id(search: LoggedSearch, event: Event) -> str | None:
@@ -94,13 +88,13 @@ def pairs_from_feedback(
             seen = chunks.setdefault(chunk, _Evidence())
             if event.event == "thumbs_down":
                 seen.thumbs_down += 1
-            elif _positive(event, dwell_s):
+            elif is_positive(event, dwell_s):
                 seen.positive += 1
                 seen.grade = max(seen.grade, GRADES[event.event])
                 positive_ranks.append(ranks[chunk])
         out.with_feedback += usable
         if positive_ranks:  # skip-above: shown above the lowest positive, no positive event of its own
-            positive_here = {_hit_id(search, e) for e in mine if _positive(e, dwell_s)}
+            positive_here = {_hit_id(search, e) for e in mine if is_positive(e, dwell_s)}
             for hit in search.hits:
                 if hit.rank < max(positive_ranks) and hit.id not in positive_here:
                     chunks.setdefault(hit.id, _Evidence()).skipped += 1

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twostage.retrieval.deployments import (
+    Canary,
     DeploymentRecord,
     Registry,
     clean_pending,
@@ -73,6 +74,10 @@ class RetrainOptions:
     promote: bool = True
     dry_run: bool = False
     source: str | None = None  # what the pairs are (e.g. "feedback+sample"); None: the file
+    canary: float | None = None  # serve a promoted pair to this share first; feedback decides the switch
+    interleave: bool = False  # the canary's share sees both rankings interleaved
+    canary_events: int | None = None  # None: retrain.canary_events
+    canary_seconds: float | None = None  # None: retrain.canary_seconds
 
 
 class RunManifest:
@@ -278,6 +283,16 @@ def _retrain_locked(
         raise InputError(f"pairs file {str(options.pairs)!r} does not exist")
     if options.skip_embedder and options.skip_reranker:
         raise InputError("--skip-embedder and --skip-reranker together leave nothing to retrain")
+    if options.canary is not None and not 0 < options.canary <= 1:
+        raise InputError(
+            f"--canary is the share of sessions the candidate serves, in (0, 1]: {options.canary}"
+        )
+    running = registry.canary()
+    if running is not None:
+        raise InputError(
+            f"the canary of deployment d{running.deployment} is still being measured; wait "
+            "for its decision (twostage versions shows its tallies), or twostage rollback"
+        )
     records = load_pairs(options.pairs, say)
     deployed = registry.current()  # None before the first retrain: recorded once the inputs are valid
     live = deployed.collection if deployed else active_manifest(store, registry.name).collection
@@ -304,7 +319,10 @@ def _retrain_locked(
         f"{cfg.gate_metric}, gain >= +{cfg.min_gain} at p < {cfg.alpha}, embedder and reranker decided apart",
         "no promotion (--no-promote)" if not options.promote else (
             "reindex into a new version, verify, switch the alias" if not options.skip_embedder
-            else "no reindex (same embedder), switch the reranker"),
+            else "no reindex (same embedder), switch the reranker") + (
+            "" if options.canary is None else f" only after a canary: {options.canary:.0%} of sessions"
+            + (" see both rankings interleaved" if options.interleave else " see the candidate")
+            + ", and feedback decides"),
     ]  # fmt: skip
     say("plan:\n  " + "\n  ".join(plan))  # a real run says what it is about to do, as --dry-run does
     if options.dry_run:
@@ -530,6 +548,24 @@ def _cycle(
         except InputError as exc:
             step["skipped"] = str(exc)
             say(f"deployment d{record.id} stays uncalibrated: {exc}")
+    if options.canary is not None:
+        with manifest.step("canary", say) as step:
+            registry.add(record)
+            canary = Canary(
+                deployment=record.id, control=deployed.id, share=options.canary,
+                interleave=options.interleave,
+                max_events=options.canary_events or cfg.canary_events,
+                max_seconds=options.canary_seconds or cfg.canary_seconds, alpha=cfg.alpha,
+            )  # fmt: skip
+            registry.set_canary(canary)
+            registry.set_pending(None)
+            step["canary"] = canary.model_dump(mode="json")
+        manifest.data["deployment"] = record.model_dump(mode="json")
+        how = "both rankings interleaved" if canary.interleave else "its ranking"
+        return _finish(manifest, "canary", f"canary: deployment d{record.id} ({record.collection}) serves "
+                       f"{canary.share:.0%} of sessions ({how}) beside d{deployed.id}; the feedback of "
+                       f"{canary.max_events} events (or {canary.max_seconds:g} s) decides: promote if it is "
+                       f"better at p < {canary.alpha}, else roll back", reasons, say)  # fmt: skip
     with manifest.step("switch", say):
         registry.add(record)
         switch(registry, store, record)

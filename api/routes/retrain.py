@@ -37,6 +37,10 @@ class RetrainRequest(BaseModel):
     promote: bool = True
     dry_run: bool = False
     source: str | None = Field(None, max_length=200, description="what the pairs are, for the run's record")
+    canary: float | None = Field(None, gt=0, le=1, description="serve a promoted pair to this share first")
+    interleave: bool = False
+    canary_events: int | None = Field(None, ge=1)
+    canary_seconds: float | None = Field(None, gt=0)
 
 
 def _write_pairs(rows: list[dict[str, Any]], path: Path, field: str) -> list[str]:
@@ -76,7 +80,8 @@ async def start_retrain(body: RetrainRequest, service: ServiceDep) -> dict[str, 
     options = RetrainOptions(
         pairs=uploads / f"{token}.pairs.jsonl", dev=dev_path, from_base=body.from_base,
         skip_embedder=body.skip_embedder, skip_reranker=body.skip_reranker, promote=body.promote,
-        dry_run=body.dry_run, source=body.source,
+        dry_run=body.dry_run, source=body.source, canary=body.canary, interleave=body.interleave,
+        canary_events=body.canary_events, canary_seconds=body.canary_seconds,
     )  # fmt: skip
     assert service.jobs is not None and service.store is not None
     store = service.store

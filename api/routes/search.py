@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 from twostage.api.deps import ReadAccess, ServiceDep
 from twostage.api.schemas import SearchRequest, SearchResponse
 from twostage.api.service import Service
+from twostage.retrieval.search.canary import answer
 from twostage.retrieval.search.two_stage import Deployment, SearchResult
 from twostage.retrieval.search.two_stage import search as run_search
 from twostage.retrieval.traffic.log import new_search_id
@@ -32,9 +33,18 @@ async def search(body: SearchRequest, service: ServiceDep, response: Response) -
 def _search_and_log(
     service: Service, deployment: Deployment, body: SearchRequest
 ) -> tuple[str, SearchResult]:
-    """The search, then its entry in the search log (a search that failed is not logged)."""
-    assert service.store is not None and service.traffic is not None
-    result = run_search(deployment, service.store, body.search_query(deployment), service.settings, service)
+    """The search (by the canary's candidate, or both interleaved, where a canary runs and the
+    session is in its share), then its entry in the search log (a failed search is not logged)."""
+    assert service.store is not None and service.traffic is not None and service.served is not None
+    store, settings = service.store, service.settings
     search_id = new_search_id()
-    service.traffic.log_search(body.logged(search_id, result, deployment))
-    return search_id, result
+    held = service.served.canary(body.collection or settings.collection)
+    canary = None if held is None else (held[0].share, held[0].interleave, held[1])
+
+    def run(on: Deployment) -> SearchResult:
+        return run_search(on, store, body.search_query(on), settings, service)
+
+    answered = answer(deployment, canary, body.session or search_id, search_id, body.top_n, run)
+    logged = body.logged(search_id, answered.result, answered.deployment, answered.arm, answered.teams)
+    service.traffic.log_search(logged)
+    return search_id, answered.result

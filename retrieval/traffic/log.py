@@ -34,7 +34,7 @@ _PURGE_EVERY_S = 3600.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS searches (
     search_id TEXT PRIMARY KEY, ts REAL NOT NULL, session TEXT, query TEXT, query_hash TEXT NOT NULL,
-    instruction TEXT, filter TEXT, collection TEXT NOT NULL, deployment INTEGER, hits TEXT NOT NULL
+    instruction TEXT, filter TEXT, collection TEXT NOT NULL, deployment INTEGER, hits TEXT NOT NULL, arm TEXT
 );
 CREATE INDEX IF NOT EXISTS searches_ts ON searches (ts);
 CREATE TABLE IF NOT EXISTS events (
@@ -73,6 +73,7 @@ class ShownHit:
     recall_score: float
     rerank_score: float | None
     relevance: float | None
+    team: str | None = None  # an interleaved search: the deployment that picked it (control, candidate)
 
 
 @dataclass(frozen=True)
@@ -87,15 +88,18 @@ class LoggedSearch:
     deployment: int | None  # the registry deployment (None: not retrained yet)
     hits: tuple[ShownHit, ...]
     session: str | None = None
+    arm: str | None = None  # while a canary runs: control, candidate or interleaved
 
     @classmethod
     def of(cls, search_id: str, query: str, instruction: str | None, filter: Any, session: str | None,
-           result: SearchResult, deployment: int | None) -> "LoggedSearch":  # fmt: skip
+           result: SearchResult, deployment: int | None, arm: str | None = None,
+           teams: Sequence[str] | None = None) -> "LoggedSearch":  # fmt: skip
         """What the log keeps of a search that was answered with `result` (`filter`: as sent)."""
-        hits = tuple(ShownHit(h.id, h.doc_id, h.rank, h.recall_score, h.rerank_score, h.relevance)
-                     for h in result.hits)  # fmt: skip
+        picked: Sequence[str | None] = teams or [None] * len(result.hits)
+        hits = tuple(ShownHit(h.id, h.doc_id, h.rank, h.recall_score, h.rerank_score, h.relevance, team)
+                     for h, team in zip(result.hits, picked, strict=True))  # fmt: skip
         return cls(search_id, time.time(), query, query_hash(query), instruction, filter, result.collection,
-                   deployment, hits, session)  # fmt: skip
+                   deployment, hits, session, arm)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -167,10 +171,10 @@ class TrafficLog:
         query = search.query if self.settings.store_query_text else None
         with self._transaction() as db:
             db.execute(
-                "INSERT OR IGNORE INTO searches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO searches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (search.search_id, search.ts, search.session, query, search.query_hash, search.instruction,
                  None if search.filter is None else json.dumps(search.filter), search.collection,
-                 search.deployment, hits),
+                 search.deployment, hits, search.arm),
             )  # fmt: skip
             self._purge_if_due(db, search.ts)
 
@@ -282,8 +286,15 @@ class TrafficLog:
 
 
 def _search(row: tuple[Any, ...]) -> LoggedSearch:
-    search_id, ts, session, query, digest, instruction, filter_, collection, deployment, hits = row
+    search_id, ts, session, query, digest, instruction, filter_, collection, deployment, hits, arm = row
     return LoggedSearch(
         search_id, ts, query, digest, instruction, None if filter_ is None else json.loads(filter_),
-        collection, deployment, tuple(ShownHit(**h) for h in json.loads(hits)), session,
+        collection, deployment, tuple(ShownHit(**h) for h in json.loads(hits)), session, arm,
     )  # fmt: skip
+
+
+def is_positive(event: Event, dwell_s: float = 30.0) -> bool:
+    """A click, a citation, a thumbs-up, or a dwell of at least `dwell_s` seconds."""
+    if event.event == "dwell":
+        return (event.value or 0.0) >= dwell_s
+    return event.event in ("click", "cited", "thumbs_up")

@@ -1,0 +1,265 @@
+"""The learning loop on debian-ir: simulated users -> feedback -> pairs -> retrain -> the gate.
+
+A corpus of debian-ir packages (the train and dev queries' own packages plus corpus.jsonl
+distractors) is ingested with all-MiniLM-L6-v2 and served by `twostage serve`. A simulated user
+asks train queries (uniformly, with repeats) through `POST /v1/search` and reports clicks through
+`POST /v1/feedback`, following a cascade click model with position bias and noise: it reads the
+hits from the top, at each rank clicks the relevant package with probability `--p-click` or a
+wrong one with `--p-noise` (a click ends the session), and reads on with probability `--patience`.
+The relevant package's click probability thus falls with its rank.
+
+Then, each on its own copy of the ingested data directory, `twostage retrain --skip-reranker`
+(the embedder; the zero-shot SmolLM2 reranker is not served here, rerank=auto skips it) from:
+pairs from the first 1,000 searches' feedback, from all 5,000, from `pairs synthesize --llm local`
+(SmolLM2 writing queries for sampled chunks, round-trip filtered) and from the labelled train
+pairs of the same queries. Each deployment that serves afterwards (the gate's promotion, or the
+base where it refused) is measured on dev queries the simulation never asked: nDCG@10 of the
+served search, paired against the base. Last line: one JSON object.
+
+    python bench/feedback_loop.py                       # ~40 min on 2 cores
+    python bench/feedback_loop.py --queries 200 --searches 300,1000 --distractors 300 --dev 60  # smoke
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import DATA, REPO, read_jsonl, run_info
+
+EMBEDDER = "pypi:all-MiniLM-L6-v2"
+RERANKER = "pypi:SmolLM2-135M-Instruct"
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _twostage(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "twostage.api.cli", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    sys.stderr.write(result.stderr[-3000:])
+    return result
+
+
+def _click(
+    hits: list[dict[str, Any]], relevant: str, rng: random.Random, a: argparse.Namespace
+) -> int | None:
+    """The rank the cascade user clicks (1-based), or None."""
+    for rank, hit in enumerate(hits, start=1):
+        if hit["doc_id"] == relevant:
+            if rng.random() < a.p_click:
+                return rank
+        elif rng.random() < a.p_noise:
+            return rank
+        if rng.random() > a.patience:
+            return None
+    return None
+
+
+def _simulate(url: str, asked: list[dict[str, Any]], a: argparse.Namespace) -> dict[str, Any]:
+    """Every search of `asked` through the API, its click (if any) sent as feedback; tallies."""
+    rng = random.Random(a.seed)
+    # each search's user drawn up front: the same clicks whatever order the threads run in
+    seeds = [rng.randrange(2**31) for _ in asked]
+    tally = {"searches": 0, "clicks": 0, "relevant_clicks": 0, "rank_of_relevant_clicks": []}
+
+    def one(i: int) -> dict[str, Any] | None:
+        row = asked[i]
+        with httpx.Client(base_url=url, timeout=120) as client:
+            answer = client.post("/v1/search", json={"query": row["query"], "session": f"user{i % 97}"})
+            answer.raise_for_status()
+            hits = answer.json()["hits"]
+            rank = _click(hits, row["package"], random.Random(seeds[i]), a)
+            if rank is None:
+                return None
+            hit = hits[rank - 1]
+            relevant = hit["doc_id"] == row["package"]
+            return {"search_id": answer.json()["search_id"], "id": hit["id"], "event": "click",
+                    "event_id": f"sim-{i}", "_relevant": relevant, "_rank": rank}  # fmt: skip
+
+    with ThreadPoolExecutor(4) as pool:
+        events = [e for e in pool.map(one, range(len(asked))) if e is not None]
+    tally["searches"] = len(asked)
+    tally["clicks"] = len(events)
+    tally["relevant_clicks"] = sum(e["_relevant"] for e in events)
+    ranks = [e["_rank"] for e in events if e["_relevant"]]
+    tally["rank_of_relevant_clicks"] = {r: ranks.count(r) for r in sorted(set(ranks))}
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for start in range(0, len(events), 500):
+            batch = [
+                {k: v for k, v in e.items() if not k.startswith("_")} for e in events[start : start + 500]
+            ]
+            client.post("/v1/feedback", json={"events": batch}).raise_for_status()
+    return tally
+
+
+def _serve(env: dict[str, str]) -> subprocess.Popen[str]:
+    server = subprocess.Popen([sys.executable, "-m", "twostage.api.cli", "serve"], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    url = f"http://127.0.0.1:{env['TWOSTAGE_API__PORT']}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    server.kill()
+    sys.exit("the server did not become ready")
+
+
+def _ndcg(data_dir: Path, env: dict[str, str], dev: list[dict[str, Any]]) -> dict[str, float]:
+    """Per dev query nDCG@10 of the search the deployment of `data_dir` serves."""
+    from twostage.retrieval.deployments import load_served
+    from twostage.retrieval.search.two_stage import SearchQuery, needs_reranker, search
+    from twostage.retrieval.settings import Settings
+    from twostage.retrieval.store.collections import open_store
+    from twostage.training.paired import per_query
+
+    os.environ.update({k: v for k, v in env.items() if k.startswith("TWOSTAGE_")})
+    settings = Settings(data_dir=data_dir)
+    store = open_store(settings)
+    try:
+        deployment = load_served(
+            settings, store, settings.collection, reranker=needs_reranker(settings, None)
+        )
+        run = {}
+        for i, row in enumerate(dev):
+            hits = search(deployment, store, SearchQuery(row["query"], top_k=50, top_n=10, group_by_doc=True),
+                          settings).hits  # fmt: skip
+            run[f"q{i}"] = {h.doc_id: -float(h.rank) for h in hits}
+    finally:
+        store.close()
+    return per_query({f"q{i}": {row["package"]: 1} for i, row in enumerate(dev)}, run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--queries", type=int, default=1000, help="train queries users ask (and labelled pairs)"
+    )
+    parser.add_argument(
+        "--searches", default="1000,5000", help="simulated searches, each count retrained from"
+    )
+    parser.add_argument("--dev", type=int, default=200, help="dev queries measured (never asked)")
+    parser.add_argument("--distractors", type=int, default=2000, help="corpus.jsonl documents indexed")
+    parser.add_argument("--synthetic-chunks", type=int, default=300, help="chunks SmolLM2 writes queries for")
+    parser.add_argument("--p-click", type=float, default=0.9)
+    parser.add_argument("--p-noise", type=float, default=0.05)
+    parser.add_argument("--patience", type=float, default=0.7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--work-dir", help="keep the data here (default: a temporary directory)")
+    parser.add_argument("--cache-dir", default=str(REPO / ".twostage" / "cache"))
+    a = parser.parse_args()
+    counts = sorted(int(n) for n in a.searches.split(","))
+    from twostage.training.paired import paired_test
+
+    train = read_jsonl(DATA / "train.jsonl", a.queries)
+    dev = read_jsonl(DATA / "dev.jsonl", a.dev)
+    distractors = read_jsonl(DATA / "corpus.jsonl", a.distractors)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        corpus = {r["package"]: r["positive"] for r in train + dev}
+        corpus.update({r["_id"]: r["text"] for r in distractors if r["_id"] not in corpus})
+        _write(work / "corpus.jsonl", [{"id": k, "text": v} for k, v in corpus.items()])
+        base = work / "base"
+        env = {
+            **os.environ, "TWOSTAGE_DATA_DIR": str(base), "TWOSTAGE_CACHE_DIR": a.cache_dir,
+            "TWOSTAGE_EMBEDDER__MODEL": EMBEDDER, "TWOSTAGE_RERANKER__MODEL": RERANKER,
+            "TWOSTAGE_API__PORT": str(a.port), "TWOSTAGE_FEEDBACK__RATE_PER_S": "1000",
+        }  # fmt: skip
+        if _twostage(["ingest", str(work / "corpus.jsonl"), "--quiet"], env).returncode != 0:
+            sys.exit("ingest failed")
+        ingested = work / "ingested"
+        shutil.copytree(base, ingested)  # every condition retrains from the same index
+
+        rng = random.Random(a.seed)
+        asked = [rng.choice(train) for _ in range(counts[-1])]
+        server = _serve(env)
+        try:
+            simulated = _simulate(f"http://127.0.0.1:{a.port}", asked, a)
+        finally:
+            server.terminate()  # SIGTERM: a graceful drain (SIGINT is ignored under nohup)
+            server.wait(timeout=120)
+
+        from twostage.retrieval.settings import FeedbackSettings
+        from twostage.retrieval.traffic.log import TrafficLog
+        from twostage.training.data import pair_row
+        from twostage.training.feedback_pairs import pairs_from_feedback
+
+        log = TrafficLog(base, FeedbackSettings())
+        searches, events = log.searches(), log.events()
+        log.close()
+        sources: dict[str, Path] = {}
+        made_sizes: dict[str, int] = {}
+        for n in counts:
+            first = searches[:n]
+            made = pairs_from_feedback(first, events)
+            sources[f"feedback_{n}"] = _write(work / f"feedback_{n}.jsonl", [pair_row(p) for p in made.pairs])
+            made_sizes[f"feedback_{n}"] = len(made.pairs)
+        synth_env = {**env, "TWOSTAGE_DATA_DIR": str(ingested)}
+        synth = _twostage(["pairs", "synthesize", "--out", str(work / "synthetic.jsonl"), "--chunks",
+                           str(a.synthetic_chunks), "--seed", str(a.seed)], synth_env)  # fmt: skip
+        if synth.returncode == 0:
+            sources["synthetic"] = work / "synthetic.jsonl"
+            made_sizes["synthetic"] = len((work / "synthetic.jsonl").read_text().splitlines())
+        synth_line = next(
+            (ln for ln in synth.stderr.splitlines() if ln.startswith("kept ")), synth.stderr[-300:]
+        )
+        labelled = [{"query": r["query"], "positive": r["positive"]} for r in train]
+        sources["labelled"] = _write(work / "labelled.jsonl", labelled)
+        made_sizes["labelled"] = len(train)
+
+        before = _ndcg(ingested, env, dev)
+        results: dict[str, Any] = {}
+        for name, pairs in sources.items():
+            data = work / name
+            shutil.copytree(ingested, data)
+            run_env = {**env, "TWOSTAGE_DATA_DIR": str(data)}
+            t0 = time.perf_counter()
+            retrain = _twostage(["retrain", "--pairs", str(pairs), "--skip-reranker", "--json"], run_env)
+            manifest = (
+                json.loads(retrain.stdout) if retrain.returncode == 0 and retrain.stdout.strip() else {}
+            )
+            after = _ndcg(data, run_env, dev)
+            compared = paired_test(before, after)
+            results[name] = {
+                "pairs": made_sizes[name], "decision": manifest.get("decision", f"exit {retrain.returncode}"),
+                "gate": {role: d.get("reasons") for role, d in (manifest.get("gate") or {}).items()},
+                "dev_ndcg10": compared.as_dict(), "retrain_s": round(time.perf_counter() - t0, 1),
+            }  # fmt: skip
+            print(f"{name}: {compared.summary()} ({results[name]['decision']})", file=sys.stderr)
+    labelled_gain = results["labelled"]["dev_ndcg10"]["gain"]
+    best = results[f"feedback_{counts[-1]}"]["dev_ndcg10"]["gain"]
+    print(json.dumps({
+        "bench": "feedback_loop", "embedder": EMBEDDER, "reranker": RERANKER, "simulation": {
+            **simulated, "p_click": a.p_click, "p_noise": a.p_noise, "patience": a.patience,
+            "distinct_queries_asked": {n: len({r["query"] for r in asked[:n]}) for n in counts}},
+        "synthetic": synth_line, "results": results,
+        "recovered_share": round(best / labelled_gain, 3) if labelled_gain > 0 else None,
+        "target": f"feedback_{counts[-1]} gain >= half the labelled gain",
+        "sizes": {"queries": len(train), "dev": len(dev), "documents": len(corpus)},
+        "wall_s": round(time.perf_counter() - started, 1), **run_info("cpu"),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -16,8 +16,8 @@ pairs of the same queries. Each deployment that serves afterwards (the gate's pr
 base where it refused) is measured on dev queries the simulation never asked: nDCG@10 of the
 served search, paired against the base. Last line: one JSON object.
 
-    python bench/feedback_loop.py                       # ~40 min on 2 cores
-    python bench/feedback_loop.py --queries 200 --searches 300,1000 --distractors 300 --dev 60  # smoke
+    python bench/feedback_loop.py                       # ~50 min on 2 cores
+    python bench/feedback_loop.py --queries 150 --searches 300,1000 --distractors 300 --dev 60  # smoke
 """
 
 import argparse
@@ -151,17 +151,20 @@ def _ndcg(data_dir: Path, env: dict[str, str], dev: list[dict[str, Any]]) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--queries", type=int, default=1000, help="train queries users ask (and labelled pairs)"
+        "--queries", type=int, default=400, help="train queries users ask (and labelled pairs)"
     )
     parser.add_argument(
         "--searches", default="1000,5000", help="simulated searches, each count retrained from"
     )
     parser.add_argument("--dev", type=int, default=200, help="dev queries measured (never asked)")
     parser.add_argument("--distractors", type=int, default=2000, help="corpus.jsonl documents indexed")
-    parser.add_argument("--synthetic-chunks", type=int, default=300, help="chunks SmolLM2 writes queries for")
+    parser.add_argument("--synthetic-chunks", type=int, default=350, help="chunks SmolLM2 writes queries for")
     parser.add_argument("--p-click", type=float, default=0.9)
     parser.add_argument("--p-noise", type=float, default=0.05)
     parser.add_argument("--patience", type=float, default=0.7)
+    parser.add_argument(
+        "--negatives", type=int, default=1, help="mined negatives per pair (retrain.negatives)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--work-dir", help="keep the data here (default: a temporary directory)")
@@ -185,6 +188,7 @@ def main() -> None:
             **os.environ, "TWOSTAGE_DATA_DIR": str(base), "TWOSTAGE_CACHE_DIR": a.cache_dir,
             "TWOSTAGE_EMBEDDER__MODEL": EMBEDDER, "TWOSTAGE_RERANKER__MODEL": RERANKER,
             "TWOSTAGE_API__PORT": str(a.port), "TWOSTAGE_FEEDBACK__RATE_PER_S": "1000",
+            "TWOSTAGE_RETRAIN__NEGATIVES": str(a.negatives),
         }  # fmt: skip
         if _twostage(["ingest", str(work / "corpus.jsonl"), "--quiet"], env).returncode != 0:
             sys.exit("ingest failed")
@@ -243,7 +247,8 @@ def main() -> None:
             compared = paired_test(before, after)
             results[name] = {
                 "pairs": made_sizes[name], "decision": manifest.get("decision", f"exit {retrain.returncode}"),
-                "gate": {role: d.get("reasons") for role, d in (manifest.get("gate") or {}).items()},
+                "gate": {role: d.get("reasons") for role, d in (manifest.get("gate") or {}).items()
+                         if isinstance(d, dict)},
                 "dev_ndcg10": compared.as_dict(), "retrain_s": round(time.perf_counter() - t0, 1),
             }  # fmt: skip
             print(f"{name}: {compared.summary()} ({results[name]['decision']})", file=sys.stderr)
@@ -257,6 +262,7 @@ def main() -> None:
         "recovered_share": round(best / labelled_gain, 3) if labelled_gain > 0 else None,
         "target": f"feedback_{counts[-1]} gain >= half the labelled gain",
         "sizes": {"queries": len(train), "dev": len(dev), "documents": len(corpus)},
+        "retrain_settings": {"negatives": a.negatives, "skip_reranker": True},
         "wall_s": round(time.perf_counter() - started, 1), **run_info("cpu"),
     }))  # fmt: skip
 

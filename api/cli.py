@@ -5,7 +5,6 @@ meant for the user (`TwostageError`) print as one line on stderr with exit statu
 """
 
 import argparse
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -84,9 +83,9 @@ def _ingest(args: argparse.Namespace) -> int:
 
         if args.sync or args.new_version:
             raise InputError("--sync and --new-version run where the store is: not with --server")
-        totals = ingest_via_server(
-            reader, args.server, collection, args.api_key or os.environ.get("TWOSTAGE_API_KEY")
-        )
+        from twostage.api.serving import api_key
+
+        totals = ingest_via_server(reader, args.server, collection, api_key(args.api_key, settings))
         print(json.dumps(totals) if args.json else ", ".join(f"{k}={v}" for k, v in totals.items()))
         return 0
     report = ingest_local(

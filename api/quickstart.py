@@ -6,7 +6,8 @@
    offline models that install from PyPI. Two lines say which and why. A model the user
    named explicitly that does not load is an error, never silently replaced.
 3. Save the choices in `DATA/settings.env`, so later commands on this data directory (serve,
-   search, ingest, retrain) use the models that built its index.
+   search, ingest, retrain) use the models that built its index; with a write key where none
+   is configured, so the server takes feedback and retrains and the CLI here can send them.
 4. Ingest PATH, or the Debian sample shipped in the package; unchanged documents are skipped,
    so a second run is quick.
 5. Serve, printing the search page's URL, a `curl` and a `twostage search` to try.
@@ -19,11 +20,15 @@ better than recall. The output says so.
 """
 
 import argparse
+import json
 import os
+import secrets
 import shlex
 from dataclasses import dataclass
 from importlib.resources import as_file, files
 from pathlib import Path
+
+from pydantic import SecretStr
 
 from twostage.retrieval.errors import InputError, ModelLoadError
 from twostage.retrieval.settings import Settings, saved_settings_file
@@ -83,16 +88,23 @@ def choose_model(
     return ModelChoice(role, configured, f"{configured}: {where}", False)
 
 
-def _save_choices(choices: list[ModelChoice]) -> Path:
-    """Record fallbacks in DATA/settings.env (kept lines of other keys stay)."""
+def _save_choices(choices: list[ModelChoice], settings: Settings) -> Path:
+    """Record fallbacks in DATA/settings.env (kept lines of other keys stay), and a write key where
+    none is configured: the server then takes feedback, documents and retrains from whoever holds
+    it, and the CLI on this data directory reads it from the same file (owner-only permissions)."""
     path = saved_settings_file()
     lines = path.read_text().splitlines() if path.exists() else []
     values = {f"TWOSTAGE_{c.role.upper()}__MODEL": c.name for c in choices if c.fell_back}
+    if not settings.api.api_keys:
+        key = secrets.token_urlsafe(24)
+        values["TWOSTAGE_API__API_KEYS"] = json.dumps([key])
+        settings.api.api_keys = [SecretStr(key)]
     kept = [ln for ln in lines if ln.split("=", 1)[0].strip() not in values]
     if values:
         path.parent.mkdir(parents=True, exist_ok=True)
         header = [] if kept else ["# written by twostage quickstart; environment variables override these"]
         path.write_text("\n".join(header + kept + [f"{k}={v}" for k, v in values.items()]) + "\n")
+        path.chmod(0o600)
     return path
 
 
@@ -126,9 +138,10 @@ def quickstart(args: argparse.Namespace) -> int:
             )
         print(f"embedder: {choices[0].name} ({choices[0].why})", flush=True)
         print(f"reranker: {choices[1].name} ({choices[1].why}){rerank_line}", flush=True)
-        saved = _save_choices(choices)
+        saved = _save_choices(choices, settings)
         if saved.exists():
-            print(f"saved in {saved}: later commands on this data directory use the same models", flush=True)
+            print(f"saved in {saved}: later commands on this data directory use the same models and write "
+                  "key", flush=True)  # fmt: skip
         if not args.path:  # the sample's records carry their Debian section: make it filterable
             settings.store.payload_indexes.setdefault("metadata.section", "keyword")
         with as_file(files("twostage.api") / "samples" / SAMPLE) as sample:
@@ -148,6 +161,10 @@ def quickstart(args: argparse.Namespace) -> int:
             f"  curl:         curl -s {url}/v1/search -H 'content-type: application/json' -d '{body}'",
             f"  CLI:          twostage search {shlex.quote(EXAMPLE_QUERY)}"
             + ("" if args.path else """ --filter '{"metadata.section": "games"}'"""),
+            "  learn:        twostage retrain --pairs-from sample   (the sample's labelled queries; the gate "
+            "decides, a promoted pair serves at once)",
+            "  write key:    TWOSTAGE_API__API_KEYS in the data directory's settings.env (the CLI here uses "
+            "it; clients send it as a bearer token with feedback and documents)",
             "  stop with Ctrl-C",
         ]
         serve(settings, sock, announce=announce)

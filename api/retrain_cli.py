@@ -7,7 +7,6 @@ it, naming its pid; retrain through the server with `--server URL` then).
 import argparse
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,11 +45,15 @@ def _retrain(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if args.interleave and args.canary is None:
         raise InputError("--interleave says how a canary is served: give --canary SHARE too")
-    if args.server:
+    from twostage.api.serving import api_key, running_server
+
+    url = args.server or running_server(settings)  # a server holding this store retrains it, and follows
+    if url:
         from twostage.api.client import retrain_via_server
 
-        key = args.api_key or os.environ.get("TWOSTAGE_API_KEY")
-        result = retrain_via_server(args.server, options, settings.collection, key, _say)
+        if not args.server:
+            _say(f"retraining through the server that holds this data directory's store ({url})")
+        result = retrain_via_server(url, options, settings.collection, api_key(args.api_key, settings), _say)
     else:
         store = open_store(settings)
         try:  # trainers print their logs on stdout; keep stdout for the result
@@ -171,8 +174,9 @@ def _calibrate(args: argparse.Namespace) -> int:
     url = args.server or find_server(settings)
     if url:
         from twostage.api.client import calibrate_via_server
+        from twostage.api.serving import api_key
 
-        key = args.api_key or os.environ.get("TWOSTAGE_API_KEY")
+        key = api_key(args.api_key, settings)
         rows = [pair_row(j) for j in judgements]
         answer = calibrate_via_server(url, settings.collection, rows, source, key)
         for line in answer["said"]:
@@ -267,8 +271,10 @@ def add_retrain_commands(commands: Any) -> None:
         "--canary-seconds", type=float, help="decide after this long (retrain.canary_seconds)"
     )
     retrain.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    retrain.add_argument("--server", help="run the retrain inside a running service at this URL")
-    retrain.add_argument("--api-key", help="bearer key for --server (default: $TWOSTAGE_API_KEY)")
+    retrain.add_argument("--server", help="run it inside the service at this URL (default: the one holding "
+                         "this data directory's store, if one runs; else on the store here)")  # fmt: skip
+    retrain.add_argument("--api-key", help="bearer key for the server (default: $TWOSTAGE_API_KEY, else this "
+                         "data directory's own write key)")  # fmt: skip
     retrain.add_argument("--json", action="store_true", help="print the run manifest as JSON")
     retrain.set_defaults(handler=_retrain)
 

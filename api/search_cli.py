@@ -8,7 +8,6 @@ store a server holds is searched through that server and never opened a second t
 
 import argparse
 import json
-import os
 import shutil
 from typing import Any
 
@@ -163,7 +162,9 @@ def search_command(args: argparse.Namespace) -> int:
     body = _request(args)
     url = args.server or find_server(settings)
     if url:
-        result = _via_server(url, body, args.api_key or os.environ.get("TWOSTAGE_API_KEY"))
+        from twostage.api.serving import api_key
+
+        result = _via_server(url, body, api_key(args.api_key, settings))
     else:
         result = _embedded(settings, body)
     print(json.dumps(result, indent=2) if args.json else _table(result))

@@ -48,6 +48,13 @@ def public_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
+def api_key(given: str | None, settings: Settings) -> str | None:
+    """The key the CLI sends: `--api-key`, else $TWOSTAGE_API_KEY, else this data directory's own
+    write key (the first of `api.api_keys`, e.g. the one quickstart saved)."""
+    keys = settings.api.api_keys
+    return given or os.environ.get("TWOSTAGE_API_KEY") or (keys[0].get_secret_value() if keys else None)
+
+
 def running_server(settings: Settings) -> str | None:
     """The URL of a live server that holds this data directory's store, if one does."""
     try:

@@ -132,11 +132,15 @@ def test_quickstart_says_which_models_it_uses_and_why(quickstart: Quickstart) ->
     )
     saved = (Path(quickstart.env["TWOSTAGE_DATA_DIR"]) / "settings.env").read_text()
     assert "TWOSTAGE_EMBEDDER__MODEL=pypi:all-MiniLM-L6-v2" in saved and "TWOSTAGE_API__RERANK" not in saved
+    # a write key of its own, readable by its owner only: feedback and retrains reach the server
+    assert "TWOSTAGE_API__API_KEYS=[" in saved
+    assert (Path(quickstart.env["TWOSTAGE_DATA_DIR"]) / "settings.env").stat().st_mode & 0o077 == 0
     assert "rerank=auto skips it" in lines[1]
     assert any(f"{SUBSET} documents read" in ln and f"{SUBSET} new" in ln for ln in lines), lines
     log = quickstart.log.read_text()
     assert f"search page:  {quickstart.url}/" in log and f"curl -s {quickstart.url}/v1/search" in log
     assert "twostage search 'play chess against the computer'" in log
+    assert "learn:        twostage retrain --pairs-from sample" in log
 
 
 def test_quickstart_default_search_is_at_least_as_good_as_dense(quickstart: Quickstart) -> None:
@@ -185,6 +189,11 @@ def test_search_cli_goes_through_the_running_server(quickstart: Quickstart) -> N
     assert lines[0].split() == ["rank", "doc", "id", "recall", "rerank", "relev.", "text"] and len(lines) >= 5
     assert lines[1].split()[0] == "1" and "docs__v1 · embed → recall" in result.stdout
     assert '"path": "/v1/search"' in quickstart.log.read_text()  # the server answered it
+    # a retrain goes through the server holding the store too, with the data directory's own key
+    plan = run_cli(["retrain", "--pairs-from", "sample", "--dry-run"], quickstart.env)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "retraining through the server that holds this data directory's store" in plan.stderr
+    assert '"path": "/v1/retrain"' in quickstart.log.read_text() and "(from sample)" in plan.stderr
 
     games = run_cli(["search", QUERY, "--json", "--filter", '{"metadata.section": "games"}'], quickstart.env)
     assert games.returncode == 0, games.stderr

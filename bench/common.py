@@ -77,6 +77,15 @@ def _version(package: str) -> str | None:
         return None
 
 
+EMBEDDER = "pypi:all-MiniLM-L6-v2"  # the offline models the end-to-end benches run
+RERANKER = "pypi:SmolLM2-135M-Instruct"
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     """The first `limit` records of a JSONL file."""
     rows = []

@@ -37,15 +37,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DATA, REPO, read_jsonl, run_info
-
-EMBEDDER = "pypi:all-MiniLM-L6-v2"
-RERANKER = "pypi:SmolLM2-135M-Instruct"
-
-
-def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+from bench.common import DATA, EMBEDDER, REPO, RERANKER, read_jsonl, run_info, write_jsonl
 
 
 def _twostage(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -182,7 +174,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         corpus = {r["package"]: r["positive"] for r in train + dev}
         corpus.update({r["_id"]: r["text"] for r in distractors if r["_id"] not in corpus})
-        _write(work / "corpus.jsonl", [{"id": k, "text": v} for k, v in corpus.items()])
+        write_jsonl(work / "corpus.jsonl", [{"id": k, "text": v} for k, v in corpus.items()])
         base = work / "base"
         env = {
             **os.environ, "TWOSTAGE_DATA_DIR": str(base), "TWOSTAGE_CACHE_DIR": a.cache_dir,
@@ -217,7 +209,9 @@ def main() -> None:
         for n in counts:
             first = searches[:n]
             made = pairs_from_feedback(first, events)
-            sources[f"feedback_{n}"] = _write(work / f"feedback_{n}.jsonl", [pair_row(p) for p in made.pairs])
+            sources[f"feedback_{n}"] = write_jsonl(
+                work / f"feedback_{n}.jsonl", [pair_row(p) for p in made.pairs]
+            )
             made_sizes[f"feedback_{n}"] = len(made.pairs)
         synth_env = {**env, "TWOSTAGE_DATA_DIR": str(ingested)}
         synth = _twostage(["pairs", "synthesize", "--out", str(work / "synthetic.jsonl"), "--chunks",
@@ -229,7 +223,7 @@ def main() -> None:
             (ln for ln in synth.stderr.splitlines() if ln.startswith("kept ")), synth.stderr[-300:]
         )
         labelled = [{"query": r["query"], "positive": r["positive"]} for r in train]
-        sources["labelled"] = _write(work / "labelled.jsonl", labelled)
+        sources["labelled"] = write_jsonl(work / "labelled.jsonl", labelled)
         made_sizes["labelled"] = len(train)
 
         before = _ndcg(ingested, env, dev)

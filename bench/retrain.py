@@ -23,19 +23,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DATA, REPO, read_jsonl, run_info
-
-EMBEDDER = "pypi:all-MiniLM-L6-v2"
-RERANKER = "pypi:SmolLM2-135M-Instruct"
-
-
-def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+from bench.common import DATA, EMBEDDER, REPO, RERANKER, read_jsonl, run_info, write_jsonl
 
 
 def _twostage(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
@@ -73,9 +64,9 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         corpus = [{"id": r["package"], "text": r["positive"]} for r in train + dev]
         corpus += [{"id": r["_id"], "text": r["text"]} for r in distractors]
-        _write(work / "corpus.jsonl", corpus)
-        _write(work / "pairs.jsonl", [{"query": r["query"], "positive": r["positive"]} for r in train])
-        _write(work / "dev.jsonl", [{"query": r["query"], "positive": r["positive"]} for r in dev])
+        write_jsonl(work / "corpus.jsonl", corpus)
+        write_jsonl(work / "pairs.jsonl", [{"query": r["query"], "positive": r["positive"]} for r in train])
+        write_jsonl(work / "dev.jsonl", [{"query": r["query"], "positive": r["positive"]} for r in dev])
         env = {
             **os.environ, "TWOSTAGE_DATA_DIR": str(work / "data"), "TWOSTAGE_CACHE_DIR": args.cache_dir,
             "TWOSTAGE_EMBEDDER__MODEL": EMBEDDER, "TWOSTAGE_RERANKER__MODEL": RERANKER,

@@ -286,6 +286,7 @@ def test_second_run_skips_unchanged_documents_and_search_works_without_a_server(
     assert alone.returncode == 0, alone.stderr[-2000:]
     through_store = json.loads(alone.stdout)
     assert through_store["embedder"].startswith("pypi:all-MiniLM-L6-v2@") and len(through_store["hits"]) == 3
+    assert len(through_store["search_id"]) == 32  # logged here as the server logs it: feedback may name it
 
     # the sample's labelled queries name their package by doc_id: retrain reads them against the index
     plan = run_cli(["retrain", "--pairs-from", "sample", "--dry-run"], quickstart.env)

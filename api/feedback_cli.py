@@ -108,7 +108,7 @@ def gather_pairs(sources: list[str], data_dir: Path) -> tuple[Path, str]:
             path = Path(source)
             if not path.is_file():
                 raise InputError(
-                    f"--pairs-from {source!r}: not {' or '.join(PAIR_SOURCES)}, and no such file"
+                    f"--pairs-from {source!r}: not {', '.join(PAIR_SOURCES)} or a file that exists"
                 )
             lines += path.read_text(encoding="utf-8").splitlines()
     names = "+".join(s if s in PAIR_SOURCES else Path(s).name for s in sources)

@@ -259,7 +259,10 @@ def test_searches_are_logged_and_feedback_becomes_stats_pairs_and_a_calibration(
     assert f"pairs: {len(pairs) - dev} train / {dev} dev (from feedback+{out.name})" in plan.stderr
     assert "gate's dev set: held-out queries of the same source (20%, split by hash)" in plan.stderr
     nowhere = run_cli(["retrain", "--pairs-from", "nosuch", "--dry-run", "--server", served.url], env)
-    assert nowhere.returncode == 2 and "'nosuch': not feedback or sample, and no such file" in nowhere.stderr
+    assert (
+        nowhere.returncode == 2
+        and "'nosuch': not feedback, synthetic, sample or a file that exists" in nowhere.stderr
+    )
 
     # calibration from the feedback
     result = run_cli(["calibrate", "--from-feedback", "--server", served.url, "--json"], env)

@@ -57,6 +57,10 @@ def _from_feedback(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
     if made.hashed:
         print(f"{made.hashed} searches with feedback kept only the query's hash; left out", file=sys.stderr)
+    if made.unlogged or made.unmatched:
+        lost = f"{made.unlogged} events on searches the log does not hold and {made.unmatched} on hits"
+        print(f"{lost} their search did not show (taken while feedback.search_log was off); left out",
+              file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -159,6 +163,8 @@ def _synthesize(args: argparse.Namespace) -> int:
         writer.close()
     for failed in made.failed[:20]:
         print(f"twostage: skipped chunk {failed}", file=sys.stderr)
+    if len(made.failed) > 20:
+        print(f"twostage: and {len(made.failed) - 20} more chunks the LLM failed on", file=sys.stderr)
     if not made.pairs:
         top = settings.synthesis.top_k
         raise InputError(

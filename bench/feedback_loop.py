@@ -16,7 +16,7 @@ pairs of the same queries. Each deployment that serves afterwards (the gate's pr
 base where it refused) is measured on dev queries the simulation never asked: nDCG@10 of the
 served search, paired against the base. Last line: one JSON object.
 
-    python bench/feedback_loop.py                       # ~50 min on 2 cores
+    python bench/feedback_loop.py                       # ~40 min on 2 cores (2,317 s measured)
     python bench/feedback_loop.py --queries 150 --searches 300,1000 --distractors 300 --dev 60  # smoke
 """
 

@@ -84,7 +84,7 @@ def test_the_tests_and_the_decision_on_known_tallies(tmp_path: Path) -> None:
         events.append(Event(f"e{i}", search_id, "b" if i else "a", None, "click", None, now - 20))
     log.record(events[:9], now=now)
     counted = tallies(log, canary, now=now)
-    assert (counted.wins, counted.losses, counted.events) == (8, 1, 9)
+    assert (counted.wins, counted.losses, counted.events) == (8, 1, 9) == (8, 1, log.canary_events(now - 60))
     assert decide(canary, counted)[0] == "wait"  # 9 of 10 events: the budget is not spent
     log.record(events[9:], now=now)
     counted = tallies(log, canary, now=now)

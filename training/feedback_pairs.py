@@ -22,7 +22,7 @@ from pathlib import Path
 
 from twostage.retrieval.errors import InputError
 from twostage.retrieval.traffic.log import Event, LoggedSearch, TrafficLog, is_positive
-from twostage.retrieval.traffic.stats import event_rank
+from twostage.retrieval.traffic.stats import event_hit
 from twostage.training.data import Judgement, pair_row, split_by_query
 
 GRADES = {"thumbs_up": 1.0, "cited": 1.0, "dwell": 0.75, "click": 0.5}
@@ -46,14 +46,16 @@ class FeedbackPairs:
     with_feedback: int = 0  # of them, those with a usable event
     hashed: int = 0  # searches whose text the log did not keep (feedback.store_query_text off)
     below_min: int = 0  # positives with fewer than min_events positive events
+    unlogged: int = 0  # events on a search the log does not hold (the search log was off)
+    unmatched: int = 0  # events on a hit their search did not show (accepted while the log was off)
     queries: int = 0
     negatives: int = 0
     dev_queries: set[str] = field(default_factory=set)  # queries of the dev split
 
 
 def _hit_id(search: LoggedSearch, event: Event) -> str | None:
-    rank = event_rank(search, event)
-    return search.hits[rank - 1].id if rank is not None and rank <= len(search.hits) else None
+    hit = event_hit(search, event)
+    return None if hit is None else hit.id
 
 
 def pairs_from_feedback(
@@ -67,9 +69,11 @@ def pairs_from_feedback(
     for event in events:
         by_search[event.search_id].append(event)
     out = FeedbackPairs()
+    logged: set[str] = set()
     evidence: dict[tuple[str, str | None], dict[str, _Evidence]] = defaultdict(dict)
     for search in searches:
         out.searches += 1
+        logged.add(search.search_id)
         mine = by_search.get(search.search_id, [])
         if not mine:
             continue
@@ -83,6 +87,7 @@ def pairs_from_feedback(
         for event in mine:
             chunk = _hit_id(search, event)
             if chunk is None:
+                out.unmatched += 1
                 continue
             usable = True
             seen = chunks.setdefault(chunk, _Evidence())
@@ -98,6 +103,7 @@ def pairs_from_feedback(
             for hit in search.hits:
                 if hit.rank < max(positive_ranks) and hit.id not in positive_here:
                     chunks.setdefault(hit.id, _Evidence()).skipped += 1
+    out.unlogged = sum(len(found) for search_id, found in by_search.items() if search_id not in logged)
     for (query, instruction), chunks in evidence.items():
         positives = [c for c, e in chunks.items() if e.positive > e.thumbs_down]
         negatives = sorted(

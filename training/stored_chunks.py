@@ -50,10 +50,10 @@ class StoredChunks:
 
     def pairs(self, records: Sequence[Pair | Judgement], say: Say) -> list[Pair]:
         """Every record as a text pair: text pairs whose positive is stored, as they are; pairs by id
-        with the stored texts (negatives by id that are not stored are dropped). A record naming
-        nothing stored is left out and counted; none left is an error."""
+        with the stored texts (negatives by id that are not stored are left out, counted). A record
+        naming nothing stored is left out and counted; none left is an error."""
         kept: list[Pair] = []
-        missing = 0
+        missing = gone = 0
         for record in records:
             if isinstance(record, Pair):
                 found = record if text_key(record.positive) in self.by_text else None
@@ -62,6 +62,7 @@ class StoredChunks:
                 negatives = tuple(
                     self.texts[n] for n in record.negative_ids if n in self.texts and n != chunk
                 )
+                gone += sum(1 for n in record.negative_ids if n not in self.texts)
                 found = None if chunk is None else Pair(record.query, self.texts[chunk], negatives,
                                                         record.instruction)  # fmt: skip
             if found is None:
@@ -76,4 +77,7 @@ class StoredChunks:
         if missing:
             say(f"warning: {missing} of {len(records)} pairs have a positive that is not in "
                 f"{self.collection}; they are left out")  # fmt: skip
+        if gone:
+            say(f"warning: {gone} negative ids name no chunk of {self.collection}; those negatives are "
+                "left out (the pairs keep the rest)")  # fmt: skip
         return list(dict.fromkeys(kept))

@@ -137,6 +137,9 @@ def settle(settings: Settings, store: VectorStore, log: TrafficLog, collection: 
         canary = registry.canary()  # another replica may have decided meanwhile
         if canary is None:
             return None
+        elapsed = time.time() - canary.started_ts
+        if elapsed < canary.max_seconds and log.canary_events(canary.started_ts) < canary.max_events:
+            return None  # the budget is not spent: the tallies (every canary search read) wait for it
         counted = tallies(log, canary)
         decision, why = decide(canary, counted)
         if decision == "wait":

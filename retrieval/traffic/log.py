@@ -274,6 +274,17 @@ class TrafficLog:
             ).fetchall()  # fmt: skip
         return [Event(*row) for row in rows]
 
+    def canary_events(self, since: float, dwell_s: float = 30.0) -> int:
+        """Positive events (`is_positive`) on searches a canary answered since `since`: one count in
+        SQL, so a canary's watcher checks its budget without reading the period's searches."""
+        with self._lock:
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM events e JOIN searches s ON s.search_id = e.search_id WHERE e.ts >= ? "
+                "AND s.ts >= ? AND s.arm IS NOT NULL AND (e.event IN ('click', 'cited', 'thumbs_up') OR "
+                "(e.event = 'dwell' AND e.value >= ?))", (since, since, dwell_s),
+            ).fetchone()  # fmt: skip
+        return int(count)
+
     @staticmethod
     def _read_searches(db: sqlite3.Connection, ids: list[str]) -> list[LoggedSearch]:
         found: list[LoggedSearch] = []

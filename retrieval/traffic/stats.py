@@ -5,7 +5,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from twostage.retrieval.traffic.log import EVENT_KINDS, Event, LoggedSearch, TrafficLog
+from twostage.retrieval.traffic.log import EVENT_KINDS, Event, LoggedSearch, ShownHit, TrafficLog
 
 RANKS_SHOWN = 10
 
@@ -38,12 +38,17 @@ class TrafficStats:
     uncalibrated: int  # searches whose hits had no relevance (not counted as low-score)
 
 
-def event_rank(search: LoggedSearch, event: Event) -> int | None:
-    """The rank of the hit an event is about (a document: its best-ranked chunk), None if not shown."""
+def event_hit(search: LoggedSearch, event: Event) -> ShownHit | None:
+    """The hit an event is about (a document: its best-ranked chunk), None if the search did not show it."""
     for hit in search.hits:
         if hit.id == event.chunk_id or (event.chunk_id is None and hit.doc_id == event.doc_id):
-            return hit.rank
+            return hit
     return None
+
+
+def event_rank(search: LoggedSearch, event: Event) -> int | None:
+    hit = event_hit(search, event)
+    return None if hit is None else hit.rank
 
 
 def _label(search: LoggedSearch) -> str:

@@ -21,7 +21,7 @@ not whether one gate test on a small held-out split happened to pass; `target_te
 feedback candidate with a system halfway between the base and the labelled candidate, query by
 query (per-query figures: WORK/per_query.json). Last line: one JSON object.
 
-    python bench/feedback_loop.py                       # 20,000 distractors: 5,362 s (89 min) on 2 cores
+    python bench/feedback_loop.py       # 20,000 distractors, 300 dev: 5,362 s (89 min) on 2 cores
     python bench/feedback_loop.py --queries 150 --searches 300,1000 --distractors 300 --dev 60  # smoke
 """
 
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument(
         "--searches", default="1000,5000", help="simulated searches, each count retrained from"
     )
-    parser.add_argument("--dev", type=int, default=200, help="dev queries measured (never asked)")
+    parser.add_argument("--dev", type=int, default=300, help="dev queries measured (never asked)")
     parser.add_argument("--distractors", type=int, default=20000, help="corpus.jsonl documents indexed")
     parser.add_argument(
         "--gate-distractors",

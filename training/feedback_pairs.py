@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from twostage.retrieval.errors import InputError
-from twostage.retrieval.traffic.log import Event, LoggedSearch, TrafficLog, is_positive
+from twostage.retrieval.traffic.log import DWELL_S, Event, LoggedSearch, TrafficLog, is_positive
 from twostage.retrieval.traffic.stats import event_hit
 from twostage.training.data import Judgement, pair_row, split_by_query
 
@@ -59,7 +59,7 @@ def _hit_id(search: LoggedSearch, event: Event) -> str | None:
 
 
 def pairs_from_feedback(
-    searches: Iterable[LoggedSearch], events: Iterable[Event], min_events: int = 1, dwell_s: float = 30.0,
+    searches: Iterable[LoggedSearch], events: Iterable[Event], min_events: int = 1, dwell_s: float = DWELL_S,
     dev_fraction: float = 0.2,
 ) -> FeedbackPairs:  # fmt: skip
     """Pairs by chunk id from logged searches and their events (see the module doc)."""

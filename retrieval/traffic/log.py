@@ -29,6 +29,8 @@ from twostage.retrieval.settings import FeedbackSettings
 
 EventKind = Literal["click", "cited", "thumbs_up", "thumbs_down", "dwell"]
 EVENT_KINDS: tuple[EventKind, ...] = ("click", "cited", "thumbs_up", "thumbs_down", "dwell")
+POSITIVE_EVENTS: tuple[EventKind, ...] = ("click", "cited", "thumbs_up")  # dwell: from DWELL_S seconds
+DWELL_S = 30.0  # a dwell this long counts as a positive (pairs, canaries)
 LOG_FILE = "traffic.sqlite3"
 _PURGE_EVERY_S = 3600.0
 _SCHEMA = """
@@ -274,14 +276,15 @@ class TrafficLog:
             ).fetchall()  # fmt: skip
         return [Event(*row) for row in rows]
 
-    def canary_events(self, since: float, dwell_s: float = 30.0) -> int:
-        """Positive events (`is_positive`) on searches a canary answered since `since`: one count in
-        SQL, so a canary's watcher checks its budget without reading the period's searches."""
+    def canary_events(self, since: float, dwell_s: float = DWELL_S) -> int:
+        """Positive events (`is_positive`'s rule) on searches a canary answered since `since`: one
+        count in SQL, so a canary's watcher checks its budget without reading the period's searches."""
+        kinds = ", ".join("?" for _ in POSITIVE_EVENTS)
         with self._lock:
             (count,) = self._db.execute(
                 "SELECT COUNT(*) FROM events e JOIN searches s ON s.search_id = e.search_id WHERE e.ts >= ? "
-                "AND s.ts >= ? AND s.arm IS NOT NULL AND (e.event IN ('click', 'cited', 'thumbs_up') OR "
-                "(e.event = 'dwell' AND e.value >= ?))", (since, since, dwell_s),
+                f"AND s.ts >= ? AND s.arm IS NOT NULL AND (e.event IN ({kinds}) OR "
+                "(e.event = 'dwell' AND e.value >= ?))", (since, since, *POSITIVE_EVENTS, dwell_s),
             ).fetchone()  # fmt: skip
         return int(count)
 
@@ -304,8 +307,8 @@ def _search(row: tuple[Any, ...]) -> LoggedSearch:
     )  # fmt: skip
 
 
-def is_positive(event: Event, dwell_s: float = 30.0) -> bool:
+def is_positive(event: Event, dwell_s: float = DWELL_S) -> bool:
     """A click, a citation, a thumbs-up, or a dwell of at least `dwell_s` seconds."""
     if event.event == "dwell":
         return (event.value or 0.0) >= dwell_s
-    return event.event in ("click", "cited", "thumbs_up")
+    return event.event in POSITIVE_EVENTS

@@ -46,7 +46,7 @@ def _markers_from_chunk(writer: LocalWriter) -> int:
 
     def count(passage: str) -> int:
         prompt = writer.tokenizer.apply_chat_template(
-            [{"role": "user", "content": writer._escaped(passage)}],
+            [{"role": "user", "content": writer.user_message(passage)}],
             tokenize=False,
             add_generation_prompt=True,
         )

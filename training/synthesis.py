@@ -112,15 +112,16 @@ class LocalWriter:
         markers = sorted(self.tokenizer.all_special_tokens, key=len, reverse=True)
         self._markers = re.compile("|".join(re.escape(t) for t in markers if t.startswith("<")))
 
-    def _escaped(self, passage: str) -> str:
-        """This model's own special tokens too (they need not be Qwen3's)."""
+    def user_message(self, passage: str) -> str:
+        """The prompt for one chunk, its text escaped of this model's own special tokens (they need
+        not be Qwen3's): what reaches the model as the user's message."""
         text = prompt_for(self.cfg.prompt, passage, self.cfg.max_passage_chars)
         return self._markers.sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], text)
 
     def write(self, passages: Sequence[str], n: int) -> list[list[str]]:
         import torch
 
-        messages = [[{"role": "user", "content": self._escaped(p)}] for p in passages]
+        messages = [[{"role": "user", "content": self.user_message(p)}] for p in passages]
         prompts = [
             self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
             for m in messages

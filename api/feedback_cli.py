@@ -42,16 +42,24 @@ def _from_feedback(args: argparse.Namespace) -> int:
     from twostage.retrieval.settings import Settings
     from twostage.training.feedback_pairs import write_feedback_pairs
 
+    settings = Settings()
+    min_rate = settings.feedback.pairs_min_rate if args.min_rate is None else args.min_rate
     log = open_log()
     try:
         made = write_feedback_pairs(log, Path(args.out), args.min_events, args.dwell_s, args.days,
-                                    Settings().retrain.dev_fraction)  # fmt: skip
+                                    settings.retrain.dev_fraction, min_rate)  # fmt: skip
     finally:
         log.close()
     dev = sum(1 for p in made.pairs if p.query in made.dev_queries)
     print(f"{len(made.pairs)} pairs ({len(made.pairs) - dev} train / {dev} dev) for {made.queries} queries, "
           f"{made.negatives} negatives (skipped above a positive, or thumbs-down), from {made.with_feedback} "
           f"of {made.searches} logged searches with feedback -> {args.out}", file=sys.stderr)  # fmt: skip
+    if made.contested:
+        print(f"{made.contested} clicked chunks were passed over or disliked as often as preferred; left out",
+              file=sys.stderr)  # fmt: skip
+    if made.rare:
+        print(f"{made.rare} positives had a positive event in under --min-rate {min_rate} of their "
+              "query's searches (stray clicks); left out", file=sys.stderr)  # fmt: skip
     if made.below_min:
         print(f"{made.below_min} positives had fewer than --min-events {args.min_events} events; left out",
               file=sys.stderr)  # fmt: skip
@@ -70,11 +78,13 @@ PAIR_SOURCES = ("feedback", "synthetic", "sample")
 def logged_pairs(what: str) -> "FeedbackPairs":
     """The pairs of the whole search log (`training.feedback_pairs`); none is an error saying why."""
     from twostage.retrieval.errors import InputError
+    from twostage.retrieval.settings import Settings
     from twostage.training.feedback_pairs import pairs_from_feedback
 
+    min_rate = Settings().feedback.pairs_min_rate
     log = open_log()
     try:
-        made = pairs_from_feedback(log.searches(), log.events())
+        made = pairs_from_feedback(log.searches(), log.events(), min_rate=min_rate)
     finally:
         log.close()
     if not made.pairs:
@@ -208,6 +218,9 @@ def add_feedback_commands(commands: Any) -> None:
     made.add_argument("--out", required=True, help="JSONL file to write ({query, id, negative_ids, label})")
     made.add_argument("--min-events", type=positive_int, default=1,
                       help="positive events a positive needs, over the query's searches (1)")  # fmt: skip
+    made.add_argument("--min-rate", type=float,
+                      help="share of its query's searches in which a positive got a positive event "
+                      "(default feedback.pairs_min_rate, 0.2); 0 keeps every clicked chunk")  # fmt: skip
     made.add_argument("--dwell-s", type=_positive_float, default=30.0,
                       help="a dwell of at least this many seconds is a positive (30)")  # fmt: skip
     made.add_argument("--days", type=_positive_float, help="only the last N days (default: all kept)")

@@ -184,6 +184,7 @@ def main() -> None:
     parser.add_argument(
         "--negatives", type=int, default=1, help="mined negatives per pair (retrain.negatives)"
     )
+    parser.add_argument("--min-rate", type=float, default=0.2, help="feedback.pairs_min_rate for the pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--work-dir", help="keep the data here (default: a temporary directory)")
@@ -234,15 +235,22 @@ def main() -> None:
         log = TrafficLog(base, FeedbackSettings())
         searches, events = log.searches(), log.events()
         log.close()
+        shown_doc = {h.id: h.doc_id for s in searches for h in s.hits}
+        relevant = {r["query"]: r["package"] for r in train}
         sources: dict[str, Path] = {}
         made_sizes: dict[str, int] = {}
+        precision: dict[str, dict[str, int]] = {}  # positives on the query's own package, and not
         for n in counts:
             first = searches[:n]
-            made = pairs_from_feedback(first, events)
+            made = pairs_from_feedback(first, events, min_rate=a.min_rate)
             sources[f"feedback_{n}"] = write_jsonl(
                 work / f"feedback_{n}.jsonl", [pair_row(p) for p in made.pairs]
             )
             made_sizes[f"feedback_{n}"] = len(made.pairs)
+            every = pairs_from_feedback(first, events, min_rate=0.0).pairs  # (b) off, for comparison
+            for key, pairs in ((f"feedback_{n}", made.pairs), (f"feedback_{n}_min_rate_0", every)):
+                right = sum(shown_doc[p.chunk_id or ""] == relevant[p.query] for p in pairs)
+                precision[key] = {"positives": len(pairs), "right": right, "wrong": len(pairs) - right}
         synth_env = {**env, "TWOSTAGE_DATA_DIR": str(ingested)}
         synth = _twostage(["pairs", "synthesize", "--out", str(work / "synthetic.jsonl"), "--chunks",
                            str(a.synthetic_chunks), "--seed", str(a.seed)], synth_env)  # fmt: skip
@@ -302,7 +310,8 @@ def main() -> None:
         "bench": "feedback_loop", "embedder": EMBEDDER, "reranker": RERANKER, "simulation": {
             **simulated, "p_click": a.p_click, "p_noise": a.p_noise, "patience": a.patience,
             "distinct_queries_asked": {n: len({r["query"] for r in asked[:n]}) for n in counts}},
-        "synthetic": synth_line, "results": results,
+        "synthetic": synth_line, "feedback_pairs": {"min_rate": a.min_rate, "precision": precision},
+        "results": results,
         "recovered_share": share("candidate_ndcg10"), "served_recovered_share": share("served_ndcg10"),
         "target": f"{best_name} gain >= half the labelled gain",
         "target_test": {"vs": "halfway between base and labelled, per query", **target_test.as_dict()},

@@ -58,34 +58,50 @@ def test_pairs_from_feedback_take_positives_and_the_hits_skipped_above_them() ->
     searches = [
         _search("q1", ["c1", "c2", "c3", "c4", "c5"], "a"),
         _search("q1", ["c2", "c1", "c9"], "b"),
+        _search("q1", ["c2", "c1", "c9"], "b2"),
         _search("q2", ["c6", "c7", "c8"], "c"),
         _search(None, ["c1"], "d", text="private"),
         _search("q4", ["c1", "c2"], "e"),
         _search("q5", ["c1", "c2"], "f"),  # no events: not a pair, not counted as feedback
+        _search("q6", ["c1", "c2"], "g"),
+        _search("q6", ["c2", "c1"], "h"),
+        *(_search("q7", ["c1", "c2"], f"i{n}") for n in range(6)),
     ]
     events = [
         _event("a", "c3", "click"), _event("a", "c3", "cited"), _event("a", "c5", "thumbs_down"),
-        _event("b", "c2", "click"),
+        _event("b", "c2", "click"), _event("b2", "c2", "click"),
         _event("c", "c7", "dwell", 10.0), _event("c", "c8", "dwell", 45.0),
         _event("d", "c1", "click"),
         _event("e", "c1", "click"), _event("e", "c1", "thumbs_down"),
         Event("doc-event", "e", None, "doc-c2", "thumbs_up", None, 1.0),  # a document, not a chunk
+        _event("g", "c2", "click"), _event("h", "c2", "click", n=1), _event("h", "c1", "click"),
+        _event("i0", "c2", "click"),
     ]  # fmt: skip
     made = pairs_from_feedback(searches, events)
     pairs = {(p.query, p.chunk_id): p for p in made.pairs}
-    # q1: c3 (clicked and cited: 1.0) and c2 (clicked in b: 0.5); c1 was passed over above both,
-    # c5 got a thumbs-down; c4 (below the click) and c9 (below it in b) say nothing
-    assert set(pairs) == {("q1", "c3"), ("q1", "c2"), ("q2", "c8"), ("q4", "c2")}
+    # q1: c3 (clicked and cited: 1.0) and c2 (clicked in b and b2, passed over in a: 0.5); c1 was
+    # passed over above both, c5 got a thumbs-down; c4 (below the click) and c9 (below it in b) say
+    # nothing
+    assert set(pairs) == {("q1", "c3"), ("q1", "c2"), ("q2", "c8"), ("q4", "c2"), ("q6", "c2")}
     assert pairs[("q1", "c3")].label == 1.0 and pairs[("q1", "c2")].label == 0.5
     assert pairs[("q1", "c3")].negative_ids == ("c1", "c5")
     # q2: a 10 s dwell is no evidence, 45 s is (0.75); c6 and c7 were above it
     assert pairs[("q2", "c8")].label == 0.75 and pairs[("q2", "c8")].negative_ids == ("c6", "c7")
-    # q4: c1's click is cancelled by its thumbs-down, so it is a negative; the liked document's chunk wins
+    # q4: c1's click and its thumbs-down tie, which the thumbs-down breaks: a negative; the liked
+    # document's chunk wins
     assert pairs[("q4", "c2")].negative_ids == ("c1",) and pairs[("q4", "c2")].label == 1.0
-    assert (made.searches, made.with_feedback, made.hashed, made.queries) == (6, 4, 1, 3)
-    # two events needed: only q1's c3 (click + cited) is left
+    # q6: c1 was clicked once and passed over once (above c2 in g): neither a positive nor a negative
+    assert pairs[("q6", "c2")].negative_ids == ()
+    # q7: one click in six searches is a stray click (min_rate 0.2), kept with min_rate 0
+    assert (made.searches, made.with_feedback, made.hashed, made.queries) == (15, 8, 1, 4)
+    assert (made.contested, made.rare) == (2, 1)  # q4 c1 and q6 c1; q7 c2
+    assert ("q7", "c2") in {
+        (p.query, p.chunk_id) for p in pairs_from_feedback(searches, events, min_rate=0).pairs
+    }
+    # two events needed: q1's c3 (click + cited) and c2 (two clicks), q6's c2 are left
     strict = pairs_from_feedback(searches, events, min_events=2)
-    assert [(p.query, p.chunk_id) for p in strict.pairs] == [("q1", "c3")] and strict.below_min == 3
+    assert [(p.query, p.chunk_id) for p in strict.pairs] == [("q1", "c3"), ("q1", "c2"), ("q6", "c2")]
+    assert strict.below_min == 2
 
 
 def test_a_log_without_query_text_keeps_hashes_and_expires_old_rows(tmp_path: Path) -> None:

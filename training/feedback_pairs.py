@@ -1,16 +1,26 @@
 """Training pairs from traffic: the search log and its feedback events (`twostage pairs from-feedback`).
 
-Positives are the hits users cited, clicked, gave a thumbs-up or read for a while (`dwell`); a
-thumbs-down makes a hit a negative whatever else it got. Negatives are also the hits shown
+Positives are the hits users cited, clicked, gave a thumbs-up or read for a while (`dwell`);
+negatives the hits they gave a thumbs-down, and the hits shown
 *above* a positive that got no positive event ("skip-above", Joachims 2002): a user who clicked
 rank 3 looked at ranks 1 and 2 and passed them by, which holds whatever the position bias, while
 a hit below the click says nothing (it may not have been seen). Labels are graded by the
 strongest event: a thumbs-up or a citation 1.0, a long dwell 0.75, a click 0.5.
 
-Searches of the same query (and instruction) pool their evidence; a positive needs
-`min_events` positive events. Pairs name chunks by id (`{query, id, negative_ids, label}`) and
-are resolved against the collection when retrain reads them, so this needs the log only (the
-store may be held by the running server). Queries are split into train/dev by the same hash as
+Searches of the same query (and instruction) pool their evidence, and pooled clicks are noisy:
+users click a wrong hit now and then, and a query asked 8 times collects its stray clicks 8 times
+(on the bench's log of 5,000 searches, 180 of the 688 positives that every clicked chunk made were
+wrong). So a chunk is a positive only when (a) its positive events outnumber the evidence against
+it, its thumbs-downs and the times it was passed over above another click: users preferred it more
+often than they skipped it (a tie is neither, unless a thumbs-down breaks it); (b) it got a positive
+event in at least `min_rate` of its query's logged searches (`feedback.pairs_min_rate`, 0.2: one
+click in six or more searches is a stray click, one click in a single search is not); (c) it has
+`min_events` positive events. On that log (a) and (b) leave 23 wrong positives of 514 and lose 17
+right ones (bench/feedback_loop.py reports each pairs file's precision).
+
+Pairs name chunks by id (`{query, id, negative_ids, label}`) and are resolved against the
+collection when retrain reads them, so this needs the log only (the store may be held by the
+running server). Queries are split into train/dev by the same hash as
 every pairs file (`training.data.split_by_query`), so retrain's own split agrees with `split`.
 """
 
@@ -21,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from twostage.retrieval.errors import InputError
+from twostage.retrieval.settings import FeedbackSettings
 from twostage.retrieval.traffic.log import DWELL_S, Event, LoggedSearch, TrafficLog, is_positive
 from twostage.retrieval.traffic.stats import event_hit
 from twostage.training.data import Judgement, pair_row, split_by_query
@@ -33,10 +44,20 @@ MAX_NEGATIVES = 10
 class _Evidence:
     """What one query's searches say about one chunk."""
 
-    positive: int = 0
+    positive: int = 0  # positive events
+    in_searches: int = 0  # searches with a positive event for it
     thumbs_down: int = 0
-    skipped: int = 0
+    skipped: int = 0  # times passed over above a positive of the same search
     grade: float = 0.0
+
+    def is_positive(self) -> bool:
+        """Preferred more often than passed over or disliked."""
+        return self.positive > self.thumbs_down + self.skipped
+
+    def is_negative(self) -> bool:
+        """Disliked or passed over more often than preferred; a thumbs-down breaks a tie."""
+        against = self.thumbs_down + self.skipped
+        return against > self.positive or (self.thumbs_down > 0 and against == self.positive)
 
 
 @dataclass
@@ -46,6 +67,8 @@ class FeedbackPairs:
     with_feedback: int = 0  # of them, those with a usable event
     hashed: int = 0  # searches whose text the log did not keep (feedback.store_query_text off)
     below_min: int = 0  # positives with fewer than min_events positive events
+    contested: int = 0  # chunks with positive events and as much evidence against them (or more)
+    rare: int = 0  # positives in fewer than min_rate of their query's searches (stray clicks)
     unlogged: int = 0  # events on a search the log does not hold (the search log was off)
     unmatched: int = 0  # events on a hit their search did not show (accepted while the log was off)
     queries: int = 0
@@ -60,20 +83,28 @@ def _hit_id(search: LoggedSearch, event: Event) -> str | None:
 
 def pairs_from_feedback(
     searches: Iterable[LoggedSearch], events: Iterable[Event], min_events: int = 1, dwell_s: float = DWELL_S,
-    dev_fraction: float = 0.2,
+    dev_fraction: float = 0.2, min_rate: float | None = None,
 ) -> FeedbackPairs:  # fmt: skip
-    """Pairs by chunk id from logged searches and their events (see the module doc)."""
+    """Pairs by chunk id from logged searches and their events (see the module doc); `min_rate`
+    None: the setting's default."""
+    if min_rate is None:
+        min_rate = FeedbackSettings().pairs_min_rate
     if min_events < 1:
         raise InputError(f"--min-events must be at least 1, got {min_events}")
+    if not 0 <= min_rate <= 1:
+        raise InputError(f"--min-rate must be between 0 and 1, got {min_rate}")
     by_search: dict[str, list[Event]] = defaultdict(list)
     for event in events:
         by_search[event.search_id].append(event)
     out = FeedbackPairs()
     logged: set[str] = set()
     evidence: dict[tuple[str, str | None], dict[str, _Evidence]] = defaultdict(dict)
+    asked: dict[tuple[str, str | None], int] = defaultdict(int)  # searches of each query
     for search in searches:
         out.searches += 1
         logged.add(search.search_id)
+        if search.query is not None:
+            asked[(search.query, search.instruction)] += 1
         mine = by_search.get(search.search_id, [])
         if not mine:
             continue
@@ -82,7 +113,7 @@ def pairs_from_feedback(
             continue
         chunks = evidence[(search.query, search.instruction)]
         ranks = {h.id: h.rank for h in search.hits}
-        positive_ranks: list[int] = []
+        positive_here: set[str] = set()  # chunks with a positive event in this search
         usable = False
         for event in mine:
             chunk = _hit_id(search, event)
@@ -96,22 +127,25 @@ def pairs_from_feedback(
             elif is_positive(event, dwell_s):
                 seen.positive += 1
                 seen.grade = max(seen.grade, GRADES[event.event])
-                positive_ranks.append(ranks[chunk])
+                positive_here.add(chunk)
         out.with_feedback += usable
-        if positive_ranks:  # skip-above: shown above the lowest positive, no positive event of its own
-            positive_here = {_hit_id(search, e) for e in mine if is_positive(e, dwell_s)}
-            for hit in search.hits:
-                if hit.rank < max(positive_ranks) and hit.id not in positive_here:
-                    chunks.setdefault(hit.id, _Evidence()).skipped += 1
+        for chunk in positive_here:
+            chunks[chunk].in_searches += 1
+        lowest = max((ranks[c] for c in positive_here), default=0)
+        for hit in search.hits:  # skip-above: shown above the lowest positive, no positive event of its own
+            if hit.rank < lowest and hit.id not in positive_here:
+                chunks.setdefault(hit.id, _Evidence()).skipped += 1
     out.unlogged = sum(len(found) for search_id, found in by_search.items() if search_id not in logged)
-    for (query, instruction), chunks in evidence.items():
-        positives = [c for c, e in chunks.items() if e.positive > e.thumbs_down]
-        negatives = sorted(
-            c for c, e in chunks.items() if e.positive <= e.thumbs_down and (e.thumbs_down or e.skipped)
-        )
-        weak = [c for c in positives if chunks[c].positive < min_events]
+    for key, chunks in evidence.items():
+        query, instruction = key
+        positives = [c for c, e in chunks.items() if e.is_positive()]
+        negatives = sorted(c for c, e in chunks.items() if e.is_negative())
+        out.contested += sum(1 for e in chunks.values() if e.positive and not e.is_positive())
+        rare = [c for c in positives if chunks[c].in_searches < min_rate * asked[key]]
+        weak = [c for c in positives if chunks[c].positive < min_events and c not in rare]
+        out.rare += len(rare)
         out.below_min += len(weak)
-        kept = [c for c in positives if c not in weak]
+        kept = [c for c in positives if c not in weak and c not in rare]
         if kept:
             out.queries += 1
         for chunk in sorted(kept, key=lambda c: -chunks[c].grade):
@@ -125,12 +159,14 @@ def pairs_from_feedback(
 
 
 def write_feedback_pairs(log: TrafficLog, out: Path, min_events: int, dwell_s: float, days: float | None,
-                         dev_fraction: float) -> FeedbackPairs:  # fmt: skip
+                         dev_fraction: float, min_rate: float) -> FeedbackPairs:  # fmt: skip
     """`twostage pairs from-feedback`: the pairs, one JSON line each with its `split`, written to `out`."""
     import time
 
     since = 0.0 if days is None else time.time() - days * 86400
-    made = pairs_from_feedback(log.searches(since), log.events(since), min_events, dwell_s, dev_fraction)
+    made = pairs_from_feedback(
+        log.searches(since), log.events(since), min_events, dwell_s, dev_fraction, min_rate
+    )
     if not made.pairs:
         reason = (f"{made.hashed} of them kept only the query's hash (feedback.store_query_text is off)"
                   if made.hashed else "none had a positive event with enough evidence")  # fmt: skip

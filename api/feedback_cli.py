@@ -220,7 +220,7 @@ def add_feedback_commands(commands: Any) -> None:
                       help="positive events a positive needs, over the query's searches (1)")  # fmt: skip
     made.add_argument("--min-rate", type=float,
                       help="share of its query's searches in which a positive got a positive event "
-                      "(default feedback.pairs_min_rate, 0.2); 0 keeps every clicked chunk")  # fmt: skip
+                      "(default feedback.pairs_min_rate, 0: off)")  # fmt: skip
     made.add_argument("--dwell-s", type=_positive_float, default=30.0,
                       help="a dwell of at least this many seconds is a positive (30)")  # fmt: skip
     made.add_argument("--days", type=_positive_float, help="only the last N days (default: all kept)")

@@ -12,17 +12,18 @@ Then, each on its own copy of the ingested data directory, `twostage retrain --s
 embedder; the zero-shot SmolLM2 reranker is not served here, rerank=auto skips it) from: pairs from
 the first 1,000 searches' feedback, from all 5,000, from `pairs synthesize --llm local` (SmolLM2
 writing queries for sampled chunks, round-trip filtered) and from the labelled train pairs of the
-same queries; and, to measure the stray-click filter (`feedback.pairs_min_rate`), from all 5,000
-searches' pairs without it (`min_rate_vs_none`). Two figures per source, on dev queries the
-simulation never asked, each nDCG@10 of the served search paired against the base: `served`, the
-deployment serving after the retrain (the gate's promotion, or the base where it refused), and
-`candidate`, the embedder the pairs trained, whatever the gate said (where it refused, the corpus
-is ingested again with the candidate to measure it). `recovered_share` compares the candidates:
-what the pairs are worth, not whether one gate test on a small held-out split happened to pass;
-`target_test` pairs the feedback candidate with a system halfway between the base and the labelled
-candidate, query by query (per-query figures: WORK/per_query.json). Last line: one JSON object.
+same queries; and, to measure the stray-click filter (`feedback.pairs_min_rate`, off by default),
+from all 5,000 searches' pairs made with it (`other_min_rate_test`). Two figures per source, on dev
+queries the simulation never asked, each nDCG@10 of the served search paired against the base:
+`served`, the deployment serving after the retrain (the gate's promotion, or the base where it
+refused), and `candidate`, the embedder the pairs trained, whatever the gate said (where it
+refused, the corpus is ingested again with the candidate to measure it). `recovered_share` compares
+the candidates: what the pairs are worth, not whether one gate test on a small held-out split
+happened to pass; `target_test` pairs the feedback candidate with a system halfway between the base
+and the labelled candidate, query by query (per-query figures: WORK/per_query.json). Last line: one
+JSON object.
 
-    python bench/feedback_loop.py       # 20,000 distractors, 300 dev: 5,362 s (89 min) on 2 cores
+    python bench/feedback_loop.py       # 20,000 distractors, 300 dev: 4,857 s (81 min) on 2 cores
     python bench/feedback_loop.py --queries 150 --searches 300,1000 --distractors 300 --dev 60  # smoke
 """
 
@@ -188,7 +189,9 @@ def main() -> None:
     parser.add_argument(
         "--negatives", type=int, default=1, help="mined negatives per pair (retrain.negatives)"
     )
-    parser.add_argument("--min-rate", type=float, default=0.2, help="feedback.pairs_min_rate for the pairs")
+    parser.add_argument("--min-rate", type=float, default=0.0, help="feedback.pairs_min_rate for the pairs")
+    parser.add_argument("--other-min-rate", type=float, default=0.2,
+                        help="also retrain from the last count's pairs made with this min_rate")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--work-dir", help="keep the data here (default: a temporary directory)")
@@ -251,13 +254,12 @@ def main() -> None:
                 work / f"feedback_{n}.jsonl", [pair_row(p) for p in made.pairs]
             )
             made_sizes[f"feedback_{n}"] = len(made.pairs)
-            every = pairs_from_feedback(first, events, min_rate=0.0).pairs  # no stray-click filter
-            if n == counts[-1]:  # retrained from too: what the filter is worth, paired
-                sources[f"feedback_{n}_min_rate_0"] = write_jsonl(
-                    work / f"feedback_{n}_min_rate_0.jsonl", [pair_row(p) for p in every]
-                )
-                made_sizes[f"feedback_{n}_min_rate_0"] = len(every)
-            for key, pairs in ((f"feedback_{n}", made.pairs), (f"feedback_{n}_min_rate_0", every)):
+            other = f"feedback_{n}_min_rate_{a.other_min_rate}"
+            otherwise = pairs_from_feedback(first, events, min_rate=a.other_min_rate).pairs
+            if n == counts[-1]:  # retrained from too: what the stray-click filter is worth, paired
+                sources[other] = write_jsonl(work / f"{other}.jsonl", [pair_row(p) for p in otherwise])
+                made_sizes[other] = len(otherwise)
+            for key, pairs in ((f"feedback_{n}", made.pairs), (other, otherwise)):
                 right = sum(shown_doc[p.chunk_id or ""] == relevant[p.query] for p in pairs)
                 precision[key] = {"positives": len(pairs), "right": right, "wrong": len(pairs) - right}
         synth_env = {**env, "TWOSTAGE_DATA_DIR": str(ingested)}
@@ -309,8 +311,8 @@ def main() -> None:
     halfway = {q: (v + measured["labelled"][q]) / 2 for q, v in before.items()}
     target_test = paired_test(halfway, measured[best_name])
     head_to_head = paired_test(measured["labelled"], measured[best_name])
-    unfiltered = measured.get(f"{best_name}_min_rate_0")
-    filter_test = paired_test(unfiltered, measured[best_name]).as_dict() if unfiltered else None
+    other = measured.get(f"{best_name}_min_rate_{a.other_min_rate}")
+    filter_test = paired_test(measured[best_name], other).as_dict() if other else None
 
     def share(kind: str) -> float | None:
         labelled_gain = results["labelled"][kind]["gain"]
@@ -327,7 +329,7 @@ def main() -> None:
         "target": f"{best_name} gain >= half the labelled gain",
         "target_test": {"vs": "halfway between base and labelled, per query", **target_test.as_dict()},
         "feedback_vs_labelled": head_to_head.as_dict(),
-        "min_rate_vs_none": filter_test,
+        "other_min_rate_test": {"min_rate": a.other_min_rate, "vs": best_name, **(filter_test or {})},
         "sizes": {"queries": len(train), "dev": len(dev), "documents": len(corpus)},
         "retrain_settings": {"negatives": a.negatives, "skip_reranker": True,
                              "gate_distractors": a.gate_distractors},

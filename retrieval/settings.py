@@ -356,8 +356,9 @@ class FeedbackSettings(BaseModel):
         300.0, ge=0, description="how far an event's ts may lie after now or before its search"
     )
     pairs_min_rate: float = Field(
-        0.2, ge=0, le=1, description="pairs from feedback: a positive needs a positive event in at least "
-        "this share of its query's searches (fewer is a stray click); `pairs from-feedback --min-rate`",
+        0.0, ge=0, le=1, description="pairs from feedback: a positive needs a positive event in at least "
+        "this share of its query's searches (fewer: a stray click); off by default, since on the bench 0.2 "
+        "removed most wrong positives and trained a worse embedder; `pairs from-feedback --min-rate`",
     )  # fmt: skip
 
 

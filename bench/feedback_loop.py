@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument(
         "--negatives", type=int, default=1, help="mined negatives per pair (retrain.negatives)"
     )
-    parser.add_argument("--min-rate", type=float, default=0.0, help="feedback.pairs_min_rate for the pairs")
+    parser.add_argument("--min-rate", type=float, help="for the pairs (default: feedback.pairs_min_rate's)")
     parser.add_argument("--other-min-rate", type=float, default=0.2,
                         help="also retrain from the last count's pairs made with this min_rate")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
@@ -242,11 +242,13 @@ def main() -> None:
         log = TrafficLog(base, FeedbackSettings())
         searches, events = log.searches(), log.events()
         log.close()
+        if a.min_rate is None:
+            a.min_rate = FeedbackSettings().pairs_min_rate
         shown_doc = {h.id: h.doc_id for s in searches for h in s.hits}
         relevant = {r["query"]: r["package"] for r in train}
         sources: dict[str, Path] = {}
         made_sizes: dict[str, int] = {}
-        precision: dict[str, dict[str, int]] = {}  # positives on the query's own package, and not
+        precision: dict[str, dict[str, int]] = {}  # positives right (the query's package) or wrong
         for n in counts:
             first = searches[:n]
             made = pairs_from_feedback(first, events, min_rate=a.min_rate)
@@ -260,7 +262,7 @@ def main() -> None:
                 sources[other] = write_jsonl(work / f"{other}.jsonl", [pair_row(p) for p in otherwise])
                 made_sizes[other] = len(otherwise)
             for key, pairs in ((f"feedback_{n}", made.pairs), (other, otherwise)):
-                right = sum(shown_doc[p.chunk_id or ""] == relevant[p.query] for p in pairs)
+                right = sum(shown_doc.get(p.chunk_id or "") == relevant[p.query] for p in pairs)
                 precision[key] = {"positives": len(pairs), "right": right, "wrong": len(pairs) - right}
         synth_env = {**env, "TWOSTAGE_DATA_DIR": str(ingested)}
         synth = _twostage(["pairs", "synthesize", "--out", str(work / "synthetic.jsonl"), "--chunks",

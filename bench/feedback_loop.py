@@ -29,7 +29,7 @@ happened to pass; `target_test` pairs the feedback candidate with a system halfw
 and the labelled candidate, query by query (per-query figures: WORK/per_query.json). Last line: one
 JSON object.
 
-    python bench/feedback_loop.py       # 20,000 distractors, 3,000 test queries
+    python bench/feedback_loop.py       # 20,000 distractors, 3,000 test queries: 6,128 s on 2 cores
     python bench/feedback_loop.py --queries 150 --searches 300,1000 --distractors 300 --dev 60 \
         --held-out-train 60  # smoke
 """

@@ -1,1 +1,2 @@
-"""The ways into twostage: the command line and (later) HTTP."""
+"""The ways into twostage: `runtime` (the running service), `http` (the FastAPI app), `cli` (the
+command line)."""

@@ -38,12 +38,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DATA, read_jsonl, run_info
-from twostage.retrieval.models.embedder import load_embedder
-from twostage.retrieval.models.reranker import load_reranker
+from twostage.api.settings import Settings
+from twostage.retrieval.models.loading import load_embedder, load_reranker
 from twostage.retrieval.search.calibration import Calibration
 from twostage.retrieval.search.fusion import RerankFusion, rerank_order
 from twostage.retrieval.search.two_stage import SearchPlan
-from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.sparse import Rrf
 from twostage.training.calibration import Observation, fit_calibration, reliability
 from twostage.training.data import Pair
@@ -134,7 +133,7 @@ def main() -> None:
     parser.add_argument("--dev", type=int, default=1000, help="dev queries (half fit, half held out)")
     parser.add_argument("--distractors", type=int, default=5000, help="corpus documents added")
     parser.add_argument("--top-k", type=int, default=50, help="hybrid candidates (the service's default)")
-    parser.add_argument("--rerank-k", type=int, default=5, help="reranked candidates (api.rerank_k)")
+    parser.add_argument("--rerank-k", type=int, default=5, help="reranked candidates (search.rerank_k)")
     parser.add_argument("--cache-dir", default=".twostage/cache")
     args = parser.parse_args()
     started = time.perf_counter()

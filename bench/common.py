@@ -110,7 +110,7 @@ def parse_variants(text: str) -> list[str]:
 
 def variant_settings(variant: str, role: str, model: str, **rest: Any) -> Any:
     """Settings that load `model` as `role` on the numeric path `variant` (int8: from fp32 weights)."""
-    from twostage.retrieval.settings import Settings
+    from twostage.api.settings import Settings
 
     int8 = variant == "int8"
     return Settings(

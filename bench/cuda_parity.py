@@ -30,13 +30,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import run_info
-from twostage.oracles.reference import recipe_embed, recipe_rerank
-from twostage.oracles.tiny_models import TinyModelPaths, write_tiny_models
-from twostage.retrieval.models.embedder import Embedder, load_embedder
+from tests.oracles.reference import recipe_embed, recipe_rerank
+from twostage.api.settings import Settings
+from twostage.retrieval.models.embedder import Embedder
+from twostage.retrieval.models.loading import load_embedder, load_reranker
 from twostage.retrieval.models.prompts import DEFAULT_TASK, embedding_query
 from twostage.retrieval.models.qwen_vocab import VOCAB_SIZE
-from twostage.retrieval.models.reranker import Reranker, load_reranker
-from twostage.retrieval.settings import Settings
+from twostage.retrieval.models.reranker import Reranker
+from twostage.retrieval.models.tiny import TinyModelPaths, write_tiny_models
 
 
 def main() -> None:

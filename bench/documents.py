@@ -34,14 +34,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import run_info
+from twostage.api.settings import Settings
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.ingest.documents import Document
 from twostage.retrieval.ingest.formats import read_document
 from twostage.retrieval.ingest.pipeline import ingest_corpus
 from twostage.retrieval.ingest.readers import CorpusReader
-from twostage.retrieval.models.embedder import Embedder, load_embedder
+from twostage.retrieval.models.embedder import Embedder
+from twostage.retrieval.models.loading import load_embedder
 from twostage.retrieval.models.tokens import Qwen3Tokens
-from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.collections import open_store
 from twostage.training.paired import paired_test
 

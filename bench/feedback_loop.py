@@ -134,9 +134,9 @@ def _ndcg(data_dir: Path, env: dict[str, str], tests: dict[str, dict[str, Any]])
     HNSW) dense recall: the graph an ingest builds differs from build to build, and on the base
     index of this setting HNSW search scored 0.7459 where exact search scored 0.7546 (5 of 300
     queries differ), more than the gains compared here; exact search measures the models."""
-    from twostage.retrieval.deployments import load_served
+    from twostage.api.settings import Settings
+    from twostage.retrieval.deployments.follower import load_served
     from twostage.retrieval.search.two_stage import SearchQuery, needs_reranker, search
-    from twostage.retrieval.settings import Settings
     from twostage.retrieval.store.collections import open_store
     from twostage.training.paired import per_query
 
@@ -247,8 +247,8 @@ def main() -> None:
             server.terminate()  # SIGTERM: a graceful drain (SIGINT is ignored under nohup)
             server.wait(timeout=120)
 
-        from twostage.retrieval.settings import FeedbackSettings
         from twostage.retrieval.traffic.log import TrafficLog
+        from twostage.retrieval.traffic.settings import FeedbackSettings
         from twostage.training.data import pair_row
         from twostage.training.feedback_pairs import pairs_from_feedback
 

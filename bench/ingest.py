@@ -36,14 +36,15 @@ from bench.common import (
     run_info,
     variant_settings,
 )
+from twostage.api.settings import Settings
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.ingest.documents import Document
 from twostage.retrieval.ingest.pipeline import IngestReport, ingest_corpus
 from twostage.retrieval.ingest.readers import CorpusReader
 from twostage.retrieval.models.devices import resolve_device
-from twostage.retrieval.models.embedder import Embedder, load_embedder
+from twostage.retrieval.models.embedder import Embedder
+from twostage.retrieval.models.loading import load_embedder
 from twostage.retrieval.models.tokens import Qwen3Tokens
-from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.collections import open_store
 from twostage.retrieval.store.vector_store import VectorStore
 

@@ -130,8 +130,8 @@ def main() -> None:
     parser.add_argument("--rows", help="START:STOP:STEP: time the causal model's shapes over row counts")
     args = parser.parse_args()
 
-    from twostage.retrieval.models.reranker import load_reranker
-    from twostage.retrieval.settings import Settings
+    from twostage.api.settings import Settings
+    from twostage.retrieval.models.loading import load_reranker
 
     if args.rows:
         start, stop, step = (int(v) for v in args.rows.split(":"))

@@ -45,18 +45,18 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DATA, read_jsonl, run_info
-from twostage.retrieval.models.embedder import load_embedder
-from twostage.retrieval.models.reranker import load_reranker
+from twostage.api.settings import Settings
+from twostage.retrieval.models.loading import load_embedder, load_reranker
 from twostage.retrieval.models.source import resolve_model
 from twostage.retrieval.search.two_stage import served_fusion
-from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.sparse import Rrf
 from twostage.training.data import Example, Pair
 from twostage.training.embedder_training import EmbedderTrainSettings, train_embedder
 from twostage.training.evaluation import best, from_pairs, fused_run, recall_runs, rerank_run, score_run
 from twostage.training.mining import MiningSettings, mine
 from twostage.training.paired import paired_test, per_query
-from twostage.training.reranker_training import RerankerTrainSettings, fine_tune_reranker
+from twostage.training.reranker_families import fine_tune_reranker
+from twostage.training.reranker_training import RerankerTrainSettings
 from twostage.training.st_model import load_st_embedder
 
 EMBEDDER = "pypi:all-MiniLM-L6-v2"

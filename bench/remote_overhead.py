@@ -74,7 +74,7 @@ def main() -> None:
 
     reranker = args.reranker
     if reranker == "tiny":
-        from twostage.oracles.tiny_models import write_tiny_models
+        from twostage.retrieval.models.tiny import write_tiny_models
 
         reranker = str(write_tiny_models(Path(args.cache_dir) / "bench-tiny").reranker)
     corpus = read_jsonl(DATA / "corpus.jsonl", args.docs)

@@ -23,10 +23,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DATA, read_jsonl, run_info
-from twostage.retrieval.models.embedder import load_embedder
-from twostage.retrieval.models.reranker import load_reranker
+from twostage.api.settings import Settings
+from twostage.retrieval.models.loading import load_embedder, load_reranker
 from twostage.retrieval.search.two_stage import served_fusion
-from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.sparse import Rrf
 from twostage.training.data import Pair
 from twostage.training.evaluation import from_pairs, fused_run, recall_runs, rerank_run, score_run

@@ -47,16 +47,16 @@ from bench.common import (
     run_info,
     variant_settings,
 )
-from twostage.oracles.reference import recipe_rerank
-from twostage.oracles.tiny_models import RERANKER_CHAT_TEMPLATE, write_tiny_models
+from tests.oracles.reference import recipe_rerank
 from twostage.retrieval.models.devices import resolve_device
 from twostage.retrieval.models.numerics import choose_dtype
 from twostage.retrieval.models.packed_attention import packs_documents
 from twostage.retrieval.models.prompts import DEFAULT_TASK
+from twostage.retrieval.models.settings import RerankerSettings
 from twostage.retrieval.models.source import resolve_model
+from twostage.retrieval.models.tiny import RERANKER_CHAT_TEMPLATE, write_tiny_models
 from twostage.retrieval.models.tokens import Qwen3Tokens
 from twostage.retrieval.models.yes_no_reranker import YesNoReranker
-from twostage.retrieval.settings import RerankerSettings
 
 
 def build_calls(queries: int, docs_per_query: int, long_docs: int, seed: int) -> list[tuple[str, list[str]]]:
@@ -206,11 +206,10 @@ def as_run(calls: list[tuple[str, list[str]]], scores: dict[str, list[float]]) -
 
 def compare_variants(args: argparse.Namespace) -> None:
     """Numeric paths of one reranker, loaded by the service's own factory, on the same pairs."""
+    from twostage.api.settings import Settings
     from twostage.retrieval.models.allocator import keep_freed_memory
-    from twostage.retrieval.models.embedder import load_embedder
+    from twostage.retrieval.models.loading import load_embedder, load_reranker
     from twostage.retrieval.models.numerics import native_bf16
-    from twostage.retrieval.models.reranker import load_reranker
-    from twostage.retrieval.settings import Settings
     from twostage.retrieval.store.sparse import Rrf
     from twostage.training.data import Pair
     from twostage.training.evaluation import from_pairs, recall_runs

@@ -83,7 +83,7 @@ def main() -> None:
         base = Path(tmp)
         embedder, reranker = args.embedder, args.reranker
         if "tiny" in (embedder, reranker):
-            from twostage.oracles.tiny_models import write_tiny_models
+            from twostage.retrieval.models.tiny import write_tiny_models
 
             tiny = write_tiny_models(base / "tiny")
             embedder = str(tiny.embedder) if embedder == "tiny" else embedder

@@ -56,7 +56,10 @@ def start_server(
     """`twostage serve` with `env`, once `ready(url)` says so (by default `/readyz` answers 200)."""
     with log.open("ab") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "twostage.api.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "twostage.api.cli", "serve"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{env['TWOSTAGE_API__PORT']}"
     deadline = time.monotonic() + 300
@@ -157,7 +160,7 @@ def main() -> None:
 
     reranker, tiny_training = args.reranker, {}
     if reranker == "tiny":  # the tiny random Qwen3 reranker: a retrain in minutes on two cores
-        from twostage.oracles.tiny_models import write_tiny_models
+        from twostage.retrieval.models.tiny import write_tiny_models
 
         reranker = str(write_tiny_models(Path(args.cache_dir) / "bench-tiny").reranker)
         tiny_training = {  # what the retrain tests use: a random tiny model learns only at this rate
@@ -177,7 +180,7 @@ def main() -> None:
             "TWOSTAGE_DATA_DIR": str(base / "data"),
             "TWOSTAGE_CACHE_DIR": str(Path(args.cache_dir).resolve()),
             "TWOSTAGE_EMBEDDER__MODEL": args.embedder, "TWOSTAGE_RERANKER__MODEL": reranker,
-            "TWOSTAGE_API__RERANK": "false" if reranker == "pypi:SmolLM2-135M-Instruct" else "true",
+            "TWOSTAGE_SEARCH__RERANK": "false" if reranker == "pypi:SmolLM2-135M-Instruct" else "true",
             "TWOSTAGE_RETRAIN__NEGATIVES": "1", "TWOSTAGE_RETRAIN__RERANKER_BATCH_SIZE": "8",
             "TWOSTAGE_RETRAIN__RERANKER_MAX_LENGTH": "256", "TWOSTAGE_RETRAIN__TOP_K": "10",
             "TWOSTAGE_API__API_KEYS": '["bench"]', "TWOSTAGE_API__PORT": str(free_port()),
@@ -222,7 +225,7 @@ def main() -> None:
     print(json.dumps({
         "bench": "search_load", "embedder": args.embedder, "reranker": reranker,
         "rerank": "forced" if args.rerank else "service default",
-        "service_reranks_by_default": env["TWOSTAGE_API__RERANK"] == "true",
+        "service_reranks_by_default": env["TWOSTAGE_SEARCH__RERANK"] == "true",
         "docs": args.docs, "ingest_s": ingest_s,
         "seconds_per_level": args.seconds,
         "results": results,

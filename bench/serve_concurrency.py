@@ -27,9 +27,9 @@ import uvicorn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DATA, read_jsonl, run_info
-from twostage.api.app import create_app
-from twostage.oracles.tiny_models import write_tiny_models
-from twostage.retrieval.settings import Settings
+from twostage.api.http.app import create_app
+from twostage.api.settings import Settings
+from twostage.retrieval.models.tiny import write_tiny_models
 
 
 def main() -> None:

@@ -25,10 +25,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import DATA, read_jsonl, run_info
-from twostage.retrieval.models.embedder import load_embedder
-from twostage.retrieval.settings import Settings, StoreSettings
+from twostage.api.settings import Settings
+from twostage.retrieval.models.loading import load_embedder
 from twostage.retrieval.store.edge import EdgeStore
 from twostage.retrieval.store.qdrant import QdrantStore
+from twostage.retrieval.store.settings import StoreSettings
 from twostage.retrieval.store.vector_store import CollectionManifest, Point, VectorStore
 
 

@@ -8,9 +8,10 @@ import hermetic  # first: the environment, before any library reads it
 import pytest
 from helpers import Served, model_server_settings, serve
 
-from twostage.oracles.tiny_models import TinyModelPaths, write_tiny_models
-from twostage.retrieval.models.embedder import Embedder, load_embedder
-from twostage.retrieval.settings import Settings
+from twostage.api.settings import Settings
+from twostage.retrieval.models.embedder import Embedder
+from twostage.retrieval.models.loading import load_embedder
+from twostage.retrieval.models.tiny import TinyModelPaths, write_tiny_models
 
 # the files that take longest (minutes each), started first: under `--dist loadfile` a file runs on
 # one worker, and one started last keeps the others idle while it finishes

@@ -16,16 +16,16 @@ from typing import Any
 
 import uvicorn
 
-from twostage.api.app import create_app
-from twostage.api.service import Service
-from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.api.http.app import create_app
+from twostage.api.runtime.service import Service
+from twostage.api.settings import Settings
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.ingest.documents import Document
 from twostage.retrieval.ingest.pipeline import ingest_corpus
-from twostage.retrieval.models.embedder import load_embedder
+from twostage.retrieval.models.loading import load_embedder
 from twostage.retrieval.models.numerics.cpu import FEATURES_ENV
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.retrieval.models.tokens import Qwen3Tokens
-from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.collections import open_store
 
 DEBIAN_IR = Path(__file__).resolve().parents[2] / "shared" / "data" / "debian-ir"  # the shared data set

@@ -29,14 +29,15 @@ import pytest
 from helpers import CHROMIUM, DEBIAN_IR, Served, free_port, page_dom, sample_settings, serve
 from huggingface_hub import InferenceClient
 
-from twostage.api.filters import parse_filter
-from twostage.api.service import Service
-from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.api.http.filters import parse_filter
+from twostage.api.runtime.service import Service
+from twostage.api.settings import Settings
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.ingest.documents import Document
 from twostage.retrieval.ingest.pipeline import ingest_corpus
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.retrieval.models.tokens import Qwen3Tokens
-from twostage.retrieval.settings import Settings, StoreSettings
+from twostage.retrieval.store.settings import StoreSettings
 from twostage.retrieval.store.sparse import Bm25Encoder, Rrf
 from twostage.retrieval.store.vector_store import AnyOf, Filter
 
@@ -69,7 +70,7 @@ def test_search_returns_reranked_hits_with_both_scores_and_timings(served: Serve
     assert body["collection"] == "docs__v1" and body["embedder"] == served.service.embedder.model_id
     hits = body["hits"]
     assert len(hits) == 10 and [h["rank"] for h in hits] == list(range(1, 11))
-    # by default the first api.rerank_k (5) are reranked, then recall order
+    # by default the first search.rerank_k (5) are reranked, then recall order
     assert body["rerank_fusion"] == "rrf"
     assert [h["rerank_score"] is not None for h in hits] == [True] * 5 + [False] * 5
     assert set(body["timings_ms"]) == {"embed", "recall", "rerank", "total"}
@@ -579,7 +580,7 @@ def test_admission_takes_or_refuses_a_request_whole() -> None:
     with nothing queued; one that fits is admitted; the count returns to zero when answered."""
     import asyncio
 
-    from twostage.api.micro_batcher import MicroBatcher, Overloaded
+    from twostage.api.runtime.micro_batcher import MicroBatcher, Overloaded
 
     def slow(items: object) -> list[int]:
         time.sleep(0.3)
@@ -613,7 +614,7 @@ def test_batcher_runs_a_batched_request_at_once_and_overlaps_batches_with_worker
     (what a model server's round trip needs); closing stops every worker."""
     import asyncio
 
-    from twostage.api.micro_batcher import MicroBatcher
+    from twostage.api.runtime.micro_batcher import MicroBatcher
 
     sizes: list[int] = []
     running, most = 0, 0
@@ -810,7 +811,7 @@ def test_a_dense_only_collection_keeps_working_and_says_so(served: Served) -> No
 def test_batcher_takes_items_from_worker_threads_directly() -> None:
     """`run` (what a search's worker thread calls): items from several threads share batches, each
     thread gets its own answer, failures reach only their caller, and admission is per call."""
-    from twostage.api.micro_batcher import MicroBatcher, Overloaded
+    from twostage.api.runtime.micro_batcher import MicroBatcher, Overloaded
 
     sizes: list[int] = []
 
@@ -842,10 +843,10 @@ def test_batcher_takes_items_from_worker_threads_directly() -> None:
 
 
 def test_every_error_kind_has_one_status() -> None:
-    """The error table (`api/errors.py`): the most specific class decides, whatever the table's
+    """The error table (`api/http/errors.py`): the most specific class decides, whatever the table's
     order; every 503 says when to retry."""
-    from twostage.api.errors import ERRORS, Forbidden, Unauthorized, answer
-    from twostage.retrieval.errors import (
+    from twostage.api.http.errors import ERRORS, Forbidden, Unauthorized, answer
+    from twostage.retrieval.core.errors import (
         InputError,
         ModelLoading,
         NotFound,

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from twostage.retrieval.errors import InputError, ModelLoadError
-from twostage.retrieval.models.embedder import Embedder, load_embedder
-from twostage.retrieval.models.reranker import Reranker, load_reranker
+from twostage.api.settings import Settings
+from twostage.retrieval.core.errors import InputError, ModelLoadError
+from twostage.retrieval.models.embedder import Embedder
+from twostage.retrieval.models.loading import load_embedder, load_reranker
+from twostage.retrieval.models.reranker import Reranker
 from twostage.retrieval.models.source import resolve_model
-from twostage.retrieval.settings import Settings
 
 
 @pytest.fixture(scope="module")

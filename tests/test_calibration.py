@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from helpers import CHROMIUM, DEBIAN_IR, Served, page_dom, run_cli, sample_settings, serve
 
-from twostage.oracles.tiny_models import TinyModelPaths
-from twostage.retrieval.errors import InputError
+from twostage.api.settings import Settings
+from twostage.retrieval.core.errors import InputError
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.retrieval.search.calibration import Calibration
 from twostage.retrieval.search.two_stage import SearchPlan
-from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.sparse import Rrf
 from twostage.training.calibration import Observation, fit_calibration, reliability
 

@@ -18,14 +18,21 @@ import pytest
 from helpers import debian_rows, run_cli, serve, write_jsonl
 from test_retrain import TRAINING
 
-from twostage.api.service import Service
-from twostage.oracles.tiny_models import TinyModelPaths
-from twostage.retrieval.deployments import Canary, Registry
-from twostage.retrieval.search.canary import in_share, team_draft
+from twostage.api.runtime.service import Service
+from twostage.api.settings import Settings
+from twostage.retrieval.deployments.canary import (
+    decide,
+    in_share,
+    sign_test,
+    tallies,
+    team_draft,
+    two_proportions,
+)
+from twostage.retrieval.deployments.registry import Canary, Registry
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.retrieval.search.two_stage import SearchHit
-from twostage.retrieval.settings import FeedbackSettings, Settings
-from twostage.retrieval.traffic.canary import decide, sign_test, tallies, two_proportions
 from twostage.retrieval.traffic.log import Event, LoggedSearch, ShownHit, TrafficLog, new_search_id
+from twostage.retrieval.traffic.settings import FeedbackSettings
 
 
 def _hit(chunk: str) -> SearchHit:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from helpers import DEBIAN_IR
 
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.ingest.documents import BadRecord, Document, chunk_point_id
 from twostage.retrieval.ingest.readers import CorpusReader
 from twostage.retrieval.models.tokens import Qwen3Tokens
-from twostage.retrieval.settings import ChunkerSettings
+from twostage.retrieval.store.settings import ChunkerSettings
 
 DATA = DEBIAN_IR / "corpus.jsonl"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import debian_rows, free_port, run_cli, write_jsonl
 
-from twostage.oracles.tiny_models import QWEN3_TOKENIZER_JSON_SHA256, TinyModelPaths
-from twostage.retrieval.settings import Settings
+from twostage.api.settings import Settings
+from twostage.retrieval.models.tiny import QWEN3_TOKENIZER_JSON_SHA256, TinyModelPaths
 
 
 def test_models_tiny_command_writes_loadable_models(tmp_path: Path) -> None:
@@ -53,10 +53,10 @@ def test_nested_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TWOSTAGE_DEVICE", "cpu")
     s = Settings()
     assert (s.reranker.model, s.embedder.dim, s.device) == ("/models/r", 256, "cpu")
-    assert (s.api.rerank_k, s.reranker.fusion) == (5, "rrf")  # the measured defaults (README)
-    monkeypatch.setenv("TWOSTAGE_API__RERANK_K", "null")  # rerank all of top_k
+    assert (s.search.rerank_k, s.reranker.fusion) == (5, "rrf")  # the measured defaults (README)
+    monkeypatch.setenv("TWOSTAGE_SEARCH__RERANK_K", "null")  # rerank all of top_k
     monkeypatch.setenv("TWOSTAGE_RERANKER__FUSION", "none")
-    assert (Settings().api.rerank_k, Settings().reranker.fusion) == (None, "none")
+    assert (Settings().search.rerank_k, Settings().reranker.fusion) == (None, "none")
 
 
 def test_auto_device_on_this_machine() -> None:
@@ -73,10 +73,11 @@ def test_settings_saved_by_quickstart_apply_below_the_environment(
 ) -> None:
     monkeypatch.setenv("TWOSTAGE_DATA_DIR", str(tmp_path))
     (tmp_path / "settings.env").write_text(
+        # the name before the search section had its own place: a saved file keeps counting
         "TWOSTAGE_EMBEDDER__MODEL=pypi:all-MiniLM-L6-v2\nTWOSTAGE_API__RERANK=false\n"
     )
     saved = Settings()
-    assert (saved.embedder.model, saved.api.rerank, saved.reranker.model) == (
+    assert (saved.embedder.model, saved.search.rerank, saved.reranker.model) == (
         "pypi:all-MiniLM-L6-v2", False, "Qwen/Qwen3-Reranker-0.6B",
     )  # fmt: skip
     monkeypatch.setenv("TWOSTAGE_EMBEDDER__MODEL", "/models/e")
@@ -184,16 +185,16 @@ def test_search_loads_only_the_models_its_plan_uses(
     ingested = run_cli(["ingest", str(write_jsonl(tmp_path / "corpus.jsonl", corpus)), "--quiet"], env)
     assert ingested.returncode == 0, ingested.stderr[-2000:]
     plain = run_cli(
-        ["search", "a chess engine", "--json", "--top-n", "3"], env | {"TWOSTAGE_API__RERANK": "false"}
+        ["search", "a chess engine", "--json", "--top-n", "3"], env | {"TWOSTAGE_SEARCH__RERANK": "false"}
     )
     assert plain.returncode == 0, plain.stderr[-2000:]
     result = json.loads(plain.stdout)
     assert len(result["hits"]) == 3 and result["stages"] == ["embed", "recall"] and result["reranker"] is None
-    assert "not reranked: TWOSTAGE_API__RERANK=false" in result["notes"]
-    forced = run_cli(["search", "a chess engine", "--rerank"], env | {"TWOSTAGE_API__RERANK": "false"})
+    assert "not reranked: TWOSTAGE_SEARCH__RERANK=false" in result["notes"]
+    forced = run_cli(["search", "a chess engine", "--rerank"], env | {"TWOSTAGE_SEARCH__RERANK": "false"})
     assert forced.returncode == 2 and "no-such-reranker" in forced.stderr and "Traceback" not in forced.stderr
     listed = run_cli(
-        ["search", "chess", "--filter", '{"source": [1, 2]}'], env | {"TWOSTAGE_API__RERANK": "false"}
+        ["search", "chess", "--filter", '{"source": [1, 2]}'], env | {"TWOSTAGE_SEARCH__RERANK": "false"}
     )
     assert listed.returncode == 2 and "the search is not valid: filter.source" in listed.stderr, (
         listed.stderr[-2000:]
@@ -207,7 +208,7 @@ def test_ctrl_c_ends_a_command_whose_main_thread_is_stuck_in_native_code() -> No
     watcher the process would wait forever; with it, it ends at once, as the main thread would."""
     script = (
         "import signal, sys, threading\n"
-        "from twostage.api.interrupts import exit_at_once\n"
+        "from twostage.api.runtime.interrupts import exit_at_once\n"
         "exit_at_once()\n"
         "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n"
         "print('ready', flush=True)\n"

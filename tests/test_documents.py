@@ -20,17 +20,18 @@ import pypdfium2 as pdfium
 import pytest
 from helpers import Served, run_cli, serve
 
-from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.api.settings import Settings
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.ingest.documents import BadRecord, Document, Section, chunk_payload, embedded_text
 from twostage.retrieval.ingest.pipeline import IngestReport, Progress, ingest_corpus
 from twostage.retrieval.ingest.readers import CorpusReader, in_shard
 from twostage.retrieval.models.embedder import Embedder
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.retrieval.models.tokens import Qwen3Tokens
-from twostage.retrieval.settings import ChunkerSettings, Settings, StoreSettings
 from twostage.retrieval.store.collections import open_store
 from twostage.retrieval.store.edge import EdgeStore
 from twostage.retrieval.store.qdrant import QdrantStore
+from twostage.retrieval.store.settings import ChunkerSettings, StoreSettings
 from twostage.retrieval.store.vector_store import VectorStore
 
 PDF = Path("/usr/share/doc/libtasn1-doc/libtasn1.pdf")  # 36 pages, with an outline

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from helpers import debian_rows
 
-from twostage.oracles.tiny_models import TinyModelPaths
-from twostage.retrieval.models.embedder import load_embedder
-from twostage.retrieval.settings import Settings
+from twostage.api.settings import Settings
+from twostage.retrieval.models.loading import load_embedder
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.training.st_model import load_st_embedder
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from helpers import DEBIAN_IR, debian_rows
 
-from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.api.settings import Settings
 from twostage.retrieval.models.source import resolve_model
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.retrieval.search.fusion import RerankFusion, rerank_order
-from twostage.retrieval.settings import Settings
 from twostage.training.data import Pair
 from twostage.training.evaluation import chart_title, from_pairs, fused_run
 from twostage.training.st_model import load_st_embedder
@@ -67,7 +67,7 @@ def test_evaluate_dense_and_two_stage_report_and_chart(
     )
     assert chart_title({"base": {"dense": dense}}) == "retrieval quality: dense"  # not "dense vs two-stage"
     # progress, as plain lines in a log (stderr is a pipe here): each bar's final state is one line
-    # the reranker sees the served depth, api.rerank_k (5)
+    # the reranker sees the served depth, search.rerank_k (5)
     progress = [ln for ln in result.stderr.splitlines() if ln.startswith(("embed ", "rerank top 5"))]
     assert any("100%" in ln for ln in progress if ln.startswith("embed ")), result.stderr[-2000:]
     assert any("100%" in ln and "query" in ln for ln in progress if ln.startswith("rerank")), progress

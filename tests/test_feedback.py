@@ -21,10 +21,10 @@ import pytest
 from fastapi import FastAPI
 from helpers import CHROMIUM, DEBIAN_IR, Served, page_dom, run_cli, running, sample_settings, serve
 
-from twostage.api.feedback_cli import LOCAL_LLM
-from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.api.cli.feedback import LOCAL_LLM
+from twostage.api.settings import Settings
 from twostage.retrieval.models.source import resolve_model
-from twostage.retrieval.settings import FeedbackSettings, Settings, SynthesisSettings
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.retrieval.traffic.log import (
     Event,
     LoggedSearch,
@@ -33,8 +33,10 @@ from twostage.retrieval.traffic.log import (
     new_search_id,
     query_hash,
 )
+from twostage.retrieval.traffic.settings import FeedbackSettings
 from twostage.retrieval.traffic.stats import traffic_stats
 from twostage.training.feedback_pairs import pairs_from_feedback
+from twostage.training.settings import SynthesisSettings
 from twostage.training.synthesis import ChatEndpoint, clean_query, prompt_for, synthesize
 
 DOCS = 60
@@ -122,7 +124,7 @@ def test_a_log_without_query_text_keeps_hashes_and_expires_old_rows(tmp_path: Pa
 _WRITER = """
 import sys, time
 from pathlib import Path
-from twostage.retrieval.settings import FeedbackSettings
+from twostage.retrieval.traffic.settings import FeedbackSettings
 from twostage.retrieval.traffic.log import Event, LoggedSearch, TrafficLog, new_search_id
 log = TrafficLog(Path(sys.argv[1]), FeedbackSettings(search_log=False))
 search = new_search_id()

@@ -12,7 +12,7 @@ from helpers import Served, sample_settings, serve
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.retrieval.models.tiny import TinyModelPaths
 
 pytestmark = pytest.mark.slow
 KEY = {"Authorization": "Bearer secret-key"}

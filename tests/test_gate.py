@@ -6,7 +6,7 @@ what is tested is the decision a set of per-query scores leads to.
 
 import numpy as np
 
-from twostage.retrieval.settings import Settings
+from twostage.api.settings import Settings
 from twostage.training.gate import decide
 
 E0, R0, E1, R1 = "e-deployed", "r-deployed", "e-candidate", "r-candidate"

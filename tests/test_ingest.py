@@ -18,16 +18,18 @@ from pathlib import Path
 import pytest
 from helpers import DEBIAN_IR
 
-from twostage.retrieval.errors import InputError
+from twostage.api.settings import Settings
+from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.ingest.documents import BadRecord, Document, chunk_point_id
 from twostage.retrieval.ingest.pipeline import IngestReport, ingest_corpus
-from twostage.retrieval.models.embedder import Embedder, load_embedder
+from twostage.retrieval.models.embedder import Embedder
+from twostage.retrieval.models.loading import load_embedder
 from twostage.retrieval.models.tokens import Qwen3Tokens
-from twostage.retrieval.settings import ChunkerSettings, Settings, StoreSettings
 from twostage.retrieval.store.collections import active_manifest
 from twostage.retrieval.store.edge import EdgeStore
 from twostage.retrieval.store.qdrant import QdrantStore
+from twostage.retrieval.store.settings import ChunkerSettings, StoreSettings
 from twostage.retrieval.store.vector_store import Equals, Filter, StoreError, VectorStore
 
 DATA = DEBIAN_IR / "corpus.jsonl"

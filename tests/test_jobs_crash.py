@@ -11,12 +11,12 @@ from pathlib import Path
 import httpx
 from helpers import DEBIAN_IR, free_port, user_env
 
-from twostage.oracles.tiny_models import TinyModelPaths
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.models.embedder import Embedder
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.retrieval.models.tokens import Qwen3Tokens
-from twostage.retrieval.settings import ChunkerSettings
 from twostage.retrieval.store.edge import EdgeStore
+from twostage.retrieval.store.settings import ChunkerSettings
 
 DATA = DEBIAN_IR / "corpus.jsonl"
 KEY = {"Authorization": "Bearer k"}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from helpers import DEBIAN_IR, debian_rows
 
-from twostage.retrieval.settings import Settings
+from twostage.api.settings import Settings
 
 DATA = DEBIAN_IR
 
@@ -52,7 +52,7 @@ def test_mine_rescore_drops_candidates_the_reranker_scores_above_the_positive(
 ) -> None:
     """`--rescore`: the margin applies to the configured reranker's scores (here the tiny Qwen3
     yes/no reranker, scored through the serving code), not to the embedder's."""
-    from twostage.retrieval.models.reranker import load_reranker
+    from twostage.retrieval.models.loading import load_reranker
     from twostage.retrieval.models.source import resolve_model
     from twostage.training.data import Pair
     from twostage.training.mining import MiningSettings, mine

@@ -4,9 +4,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from twostage.retrieval.errors import ModelLoadError
+from twostage.api.settings import Settings
+from twostage.retrieval.core.errors import ModelLoadError
 from twostage.retrieval.models.cache import ModelCache, pair_keys
-from twostage.retrieval.settings import Settings
 
 
 def test_concurrent_callers_share_one_load_and_released_models_are_loaded_again(

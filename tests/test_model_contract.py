@@ -13,14 +13,16 @@ import numpy as np
 import pytest
 from helpers import Served
 
-from twostage.retrieval.errors import InputError
-from twostage.retrieval.models.embedder import Embedder, load_embedder
+from twostage.api.settings import Settings
+from twostage.retrieval.core.errors import InputError
+from twostage.retrieval.models.embedder import Embedder
 from twostage.retrieval.models.fingerprint import PROBES, Fingerprint
+from twostage.retrieval.models.loading import load_embedder, load_reranker
 from twostage.retrieval.models.prompts import DEFAULT_TASK
 from twostage.retrieval.models.remote_embedder import RemoteEmbedder
 from twostage.retrieval.models.remote_reranker import RemoteReranker
-from twostage.retrieval.models.reranker import Reranker, load_reranker
-from twostage.retrieval.settings import EmbedderSettings, RerankerSettings, Settings
+from twostage.retrieval.models.reranker import Reranker
+from twostage.retrieval.models.settings import EmbedderSettings, RerankerSettings
 
 NUMERIC_PATHS = {"float32", "bfloat16", "float16", "int8-dynamic", "int8-fused", "remote"}
 TEXTS = [

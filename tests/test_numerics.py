@@ -12,14 +12,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from twostage.oracles.tiny_models import TinyModelPaths
-from twostage.retrieval.errors import ModelLoadError
+from twostage.api.settings import Settings
+from twostage.retrieval.core.errors import ModelLoadError
 from twostage.retrieval.models import numerics
-from twostage.retrieval.models.embedder import Embedder, load_embedder
+from twostage.retrieval.models.embedder import Embedder
+from twostage.retrieval.models.loading import load_embedder, load_reranker
 from twostage.retrieval.models.numerics import choose_dtype, cpu, fused_int8, native_bf16
-from twostage.retrieval.models.reranker import load_reranker, probe_scores
+from twostage.retrieval.models.reranker import probe_scores
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.retrieval.models.yes_no_reranker import YesNoReranker
-from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.collections import (
     embedder_mismatch,
     open_store,

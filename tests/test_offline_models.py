@@ -4,16 +4,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from oracles.reference import recipe_rerank
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from twostage.oracles.reference import recipe_rerank
-from twostage.retrieval.models.embedder import load_embedder
+from twostage.api.settings import Settings
+from twostage.retrieval.models.loading import load_embedder, load_reranker
 from twostage.retrieval.models.prompts import DEFAULT_TASK
-from twostage.retrieval.models.reranker import load_reranker
 from twostage.retrieval.models.source import resolve_model
 from twostage.retrieval.models.st_embedder import SentenceTransformerEmbedder
 from twostage.retrieval.models.yes_no_reranker import YesNoReranker
-from twostage.retrieval.settings import Settings
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,10 @@ import torch
 from sentence_transformers import CrossEncoder
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from twostage.oracles.tiny_models import TinyModelPaths
+from twostage.api.settings import Settings
 from twostage.retrieval.models.batching import token_packs
 from twostage.retrieval.models.cross_encoder_reranker import packs_pairs
+from twostage.retrieval.models.loading import load_reranker
 from twostage.retrieval.models.packed_attention import (
     PACKED_SDPA,
     Segment,
@@ -20,9 +21,8 @@ from twostage.retrieval.models.packed_attention import (
     pack_row,
     packs_documents,
 )
-from twostage.retrieval.models.reranker import load_reranker
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.retrieval.models.yes_no_reranker import YesNoReranker
-from twostage.retrieval.settings import Settings
 
 
 def test_token_packs_fill_rows_in_order_up_to_the_budget() -> None:

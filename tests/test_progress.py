@@ -5,7 +5,7 @@ import time
 
 from tqdm import tqdm
 
-from twostage.retrieval.progress import LineProgressStream
+from twostage.retrieval.core.progress import LineProgressStream
 
 
 def test_tqdm_redraws_become_lines_at_most_once_per_interval() -> None:

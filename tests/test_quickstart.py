@@ -25,7 +25,7 @@ import httpx
 import pytest
 from helpers import free_port, run_cli, user_env
 
-from twostage.retrieval.settings import Settings
+from twostage.api.settings import Settings
 from twostage.retrieval.store.collections import open_store
 from twostage.training.paired import paired_test, per_query
 
@@ -36,7 +36,7 @@ LABELLED = 200  # labelled sample queries judged against it
 
 
 def _packaged(name: str) -> list[dict[str, object]]:
-    raw = gzip.decompress((files("twostage.api") / "samples" / name).read_bytes())
+    raw = gzip.decompress((files("twostage.api.cli") / "samples" / name).read_bytes())
     return [json.loads(line) for line in raw.decode().splitlines()]
 
 
@@ -131,7 +131,9 @@ def test_quickstart_says_which_models_it_uses_and_why(quickstart: Quickstart) ->
         "nothing cached); a chat model used zero-shot, not trained to rank"
     )
     saved = (Path(quickstart.env["TWOSTAGE_DATA_DIR"]) / "settings.env").read_text()
-    assert "TWOSTAGE_EMBEDDER__MODEL=pypi:all-MiniLM-L6-v2" in saved and "TWOSTAGE_API__RERANK" not in saved
+    assert (
+        "TWOSTAGE_EMBEDDER__MODEL=pypi:all-MiniLM-L6-v2" in saved and "TWOSTAGE_SEARCH__RERANK" not in saved
+    )
     # a write key of its own, readable by its owner only: feedback and retrains reach the server
     assert "TWOSTAGE_API__API_KEYS=[" in saved
     assert (Path(quickstart.env["TWOSTAGE_DATA_DIR"]) / "settings.env").stat().st_mode & 0o077 == 0

@@ -10,13 +10,13 @@ import random
 import numpy as np
 import pytest
 import torch
+from oracles.reference import recipe_embed, recipe_rerank
 from sentence_transformers import CrossEncoder
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from twostage.oracles.reference import recipe_embed, recipe_rerank
-from twostage.oracles.tiny_models import TinyModelPaths
-from twostage.retrieval.models.embedder import load_embedder
+from twostage.api.settings import Settings
 from twostage.retrieval.models.last_token_embedder import LastTokenEmbedder
+from twostage.retrieval.models.loading import load_embedder, load_reranker
 from twostage.retrieval.models.prompts import (
     DEFAULT_TASK,
     RERANKER_PREFIX,
@@ -24,9 +24,8 @@ from twostage.retrieval.models.prompts import (
     embedding_query,
     reranker_body,
 )
-from twostage.retrieval.models.reranker import load_reranker
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.retrieval.models.yes_no_reranker import YesNoReranker
-from twostage.retrieval.settings import Settings
 
 QUERY = "What is the capital of China?"
 DOC = "The capital of China is Beijing."

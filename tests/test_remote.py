@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse
 from helpers import Served, free_port, model_server_settings, run_cli, running, serve
 from prometheus_client import CollectorRegistry
 
-from twostage.oracles.tiny_models import TinyModelPaths, write_tiny_models
-from twostage.retrieval.errors import RemoteUnavailable
+from twostage.api.settings import Settings
+from twostage.retrieval.core.errors import RemoteUnavailable
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.ingest.documents import Document
 from twostage.retrieval.ingest.pipeline import ingest_corpus
@@ -29,9 +29,10 @@ from twostage.retrieval.models.qwen_vocab import special_token_ids
 from twostage.retrieval.models.remote import RemoteMetrics
 from twostage.retrieval.models.remote_embedder import RemoteEmbedder
 from twostage.retrieval.models.remote_reranker import RemoteReranker
+from twostage.retrieval.models.settings import EmbedderSettings, RerankerSettings
+from twostage.retrieval.models.tiny import TinyModelPaths, write_tiny_models
 from twostage.retrieval.models.tokens import Qwen3Tokens
 from twostage.retrieval.models.yes_no_reranker import YesNoReranker
-from twostage.retrieval.settings import EmbedderSettings, RerankerSettings, Settings
 from twostage.retrieval.store.collections import open_store, require_same_builder
 from twostage.retrieval.store.vector_store import StoreError
 

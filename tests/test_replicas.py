@@ -16,21 +16,16 @@ import httpx
 import pytest
 from test_api import Served, serve
 
-from twostage.api.service import Service
-from twostage.oracles.tiny_models import TinyModelPaths
-from twostage.retrieval.deployments import (
-    FileRegistryBackend,
-    Registry,
-    current_deployment,
-    deployments_table,
-    rollback,
-)
+from twostage.api.runtime.service import Service
+from twostage.api.settings import Settings
+from twostage.retrieval.deployments.lifecycle import current_deployment, rollback
+from twostage.retrieval.deployments.registry import FileRegistryBackend, Registry, deployments_table
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.ingest.documents import Document
 from twostage.retrieval.ingest.pipeline import ingest_corpus
-from twostage.retrieval.models.embedder import load_embedder
+from twostage.retrieval.models.loading import load_embedder
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.retrieval.models.tokens import Qwen3Tokens
-from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.collections import open_store
 from twostage.retrieval.store.qdrant import REGISTRY_COLLECTION, QdrantStore
 from twostage.retrieval.store.vector_store import VectorStore

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from helpers import debian_rows
 
-from twostage.oracles.tiny_models import TinyModelPaths
-from twostage.retrieval.models.reranker import load_reranker
-from twostage.retrieval.settings import Settings
+from twostage.api.settings import Settings
+from twostage.retrieval.models.loading import load_reranker
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.training.data import load_examples
 from twostage.training.reranker_training import judgements
 

@@ -21,12 +21,11 @@ import httpx
 import pytest
 from helpers import CHROMIUM, debian_rows, free_port, page_dom, run_cli, write_jsonl
 
-from twostage.oracles.tiny_models import TinyModelPaths
-from twostage.retrieval.deployments import Registry
-from twostage.retrieval.models.embedder import load_embedder
-from twostage.retrieval.models.reranker import load_reranker
+from twostage.api.settings import Settings
+from twostage.retrieval.deployments.registry import Registry
+from twostage.retrieval.models.loading import load_embedder, load_reranker
+from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.retrieval.search.two_stage import Deployment, SearchPlan, SearchQuery, run_plan
-from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.collections import open_store
 from twostage.retrieval.store.sparse import Rrf
 

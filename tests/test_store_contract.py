@@ -18,9 +18,9 @@ import pytest
 from helpers import DEBIAN_IR
 
 from twostage.retrieval.ingest.documents import chunk_point_id
-from twostage.retrieval.settings import StoreSettings
 from twostage.retrieval.store.edge import EdgeStore
 from twostage.retrieval.store.qdrant import QdrantStore
+from twostage.retrieval.store.settings import StoreSettings
 from twostage.retrieval.store.sparse import Bm25Encoder, Rrf, SparseManifest, SparseVec
 from twostage.retrieval.store.vector_store import (
     AnyOf,

@@ -6,9 +6,9 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from twostage.oracles.tiny_models import QWEN3_TOKENIZER_JSON_SHA256, TinyModelPaths
 from twostage.retrieval.models.prompts import MAX_CHARS_PER_TOKEN
 from twostage.retrieval.models.qwen_vocab import load_ranks
+from twostage.retrieval.models.tiny import QWEN3_TOKENIZER_JSON_SHA256, TinyModelPaths
 from twostage.retrieval.models.tokens import Qwen3Tokens
 
 MIXED_TEXTS = [

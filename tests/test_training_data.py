@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
 from twostage.training.data import Graded, Pair, load_examples, mix_general, split_by_query
 
 
@@ -93,8 +93,8 @@ def test_sentence_transformer_view_embeds_like_the_inference_embedder(
 
     import numpy as np
 
-    from twostage.oracles.tiny_models import qwen3_tokenizer_json
-    from twostage.retrieval.models.embedder import load_embedder
+    from twostage.retrieval.models.loading import load_embedder
+    from twostage.retrieval.models.tiny import qwen3_tokenizer_json
     from twostage.training.st_model import load_st_embedder
 
     model_dir = tiny_models.embedder
@@ -156,7 +156,7 @@ def test_a_pairs_instruction_reaches_mining_training_and_evaluation_as_serving_u
 ) -> None:
     import numpy as np
 
-    from twostage.retrieval.models.embedder import load_embedder
+    from twostage.retrieval.models.loading import load_embedder
     from twostage.retrieval.models.source import resolve_model
     from twostage.training.data import Pair
     from twostage.training.embedder_training import training_datasets

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from helpers import DEBIAN_IR
 
-from twostage.oracles.tiny_models import TinyModelPaths
-from twostage.retrieval.errors import InputError
-from twostage.retrieval.models.reranker import load_reranker
+from twostage.api.settings import Settings
+from twostage.retrieval.core.errors import InputError
+from twostage.retrieval.models.loading import load_reranker
 from twostage.retrieval.models.source import resolve_model
-from twostage.retrieval.settings import Settings
+from twostage.retrieval.models.tiny import TinyModelPaths
 
 DATA = DEBIAN_IR
 

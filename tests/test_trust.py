@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 
+from twostage.api.settings import Settings
 from twostage.retrieval.models.cache import ModelCache
-from twostage.retrieval.models.reranker import Reranker, load_reranker
+from twostage.retrieval.models.loading import load_reranker
+from twostage.retrieval.models.reranker import Reranker
 from twostage.retrieval.search.trust import judge_reranker
-from twostage.retrieval.settings import Settings
 from twostage.training.reranker_choice import reranker_start
 
 

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from twostage.retrieval.models.embedder import load_embedder
+from twostage.api.settings import Settings
 from twostage.retrieval.models.last_token_embedder import LastTokenEmbedder
+from twostage.retrieval.models.loading import load_embedder, load_reranker
 from twostage.retrieval.models.prompts import reranker_document_part, reranker_query_part
-from twostage.retrieval.models.reranker import load_reranker
 from twostage.retrieval.models.tokens import Qwen3Tokens
 from twostage.retrieval.models.yes_no_reranker import YesNoReranker
-from twostage.retrieval.settings import Settings
 from twostage.training.st_model import load_st_embedder
 
 FIRST_ADDED = 151643  # <|endoftext|>; every Qwen3 added token (chat markers, <think>, ...) is >= this

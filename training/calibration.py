@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from twostage.retrieval.deployments import DeploymentRecord, Registry, current_deployment, load_served
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
+from twostage.retrieval.deployments.follower import load_served
+from twostage.retrieval.deployments.lifecycle import current_deployment
+from twostage.retrieval.deployments.registry import DeploymentRecord, Registry
 from twostage.retrieval.search.calibration import (
     RANK_GROUPS,
     Calibration,
@@ -35,10 +37,10 @@ from twostage.retrieval.search.two_stage import (
     plan_search,
     run_plan,
 )
-from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.collections import active_manifest
 from twostage.retrieval.store.vector_store import VectorStore, now_iso
 from twostage.training.data import Judgement
+from twostage.training.settings import TrainingSettings
 from twostage.training.stored_chunks import StoredChunks
 
 Say = Callable[[str], None]
@@ -72,7 +74,7 @@ class Observation:
 def served_observations(
     deployment: Deployment,
     store: VectorStore,
-    settings: Settings,
+    settings: TrainingSettings,
     judged: Sequence[Judged],
     calls: ModelCalls | None = None,
 ) -> tuple[SearchPlan, list[Observation]]:
@@ -100,7 +102,7 @@ def served_observations(
 def fit_calibration(
     observed: Sequence[Observation],
     plan: SearchPlan,
-    settings: Settings,
+    settings: TrainingSettings,
     source: str,
 ) -> Calibration:
     """The maps for a deployment served as `plan`, with held-out reliability figures.
@@ -249,7 +251,7 @@ def judged_queries(
 
 
 def calibrate(
-    settings: Settings,
+    settings: TrainingSettings,
     store: VectorStore,
     judgements: Sequence[Judgement],
     source: str,

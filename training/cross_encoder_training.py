@@ -10,7 +10,7 @@ rerankers (Qwen3-Reranker) train in `training.reranker_training` instead.
 from pathlib import Path
 from typing import Any
 
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.models.tokens import split_markers_in_text
 from twostage.training.data import Example
 from twostage.training.reranker_training import RerankerTrainSettings, bce_judgements

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.ingest.documents import BadRecord
 
 

@@ -20,11 +20,11 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 from sentence_transformers import SentenceTransformer
 
-from twostage.retrieval.errors import InputError
-from twostage.retrieval.settings import Settings
+from twostage.retrieval.core.errors import InputError
 from twostage.training.data import Pair
 from twostage.training.lora import add_lora, load_lora_weights, lora_targets, merge_lora
 from twostage.training.runs import check_memory, last_checkpoint, run_arguments
+from twostage.training.settings import TrainingSettings
 from twostage.training.st_model import by_instruction, load_st_embedder, prompt_for
 
 
@@ -143,7 +143,7 @@ def train_embedder(
     out_dir: Path,
     settings: EmbedderTrainSettings,
     *,
-    app: Settings,
+    app: TrainingSettings,
 ) -> dict[str, Any]:
     """Fine-tune `model` in place; write the merged model to `out_dir/model`; return the metrics.
 

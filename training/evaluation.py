@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
+from twostage.retrieval.core.progress import progress
 from twostage.retrieval.models.embedder import Embedder
 from twostage.retrieval.models.reranker import Reranker
-from twostage.retrieval.progress import progress
 from twostage.retrieval.search.fusion import RerankFusion, rerank_order
 from twostage.retrieval.search.two_stage import Deployment, SearchPlan, SearchQuery, run_plan
-from twostage.retrieval.store.sparse import Bm25Params, RecallMode, Rrf, SparseManifest, sparse_encoder_of
+from twostage.retrieval.store.sparse import Bm25Params, RecallMode, Rrf, SparseManifest, sparse_encoder
 from twostage.retrieval.store.vector_store import CollectionManifest, Point, VectorStore
 from twostage.training.data import Pair
 
@@ -168,7 +168,7 @@ def recall_runs(
 
     doc_ids = list(data.corpus)
     sparse = SparseManifest(params=bm25 or Bm25Params()) if set(recalls) - {"dense"} else None
-    encoder = sparse_encoder_of(sparse)
+    encoder = sparse_encoder(sparse)
     manifest = CollectionManifest(
         name="eval", version=1, embedder=embedder.model_id, embedder_model=embedder.model_id,
         dim=embedder.dim, chunker={}, sparse=sparse, payload_indexes={},

@@ -32,9 +32,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from twostage.retrieval.errors import InputError
-from twostage.retrieval.settings import FeedbackSettings
+from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.traffic.log import DWELL_S, Event, LoggedSearch, TrafficLog, is_positive
+from twostage.retrieval.traffic.settings import FeedbackSettings
 from twostage.retrieval.traffic.stats import event_hit
 from twostage.training.data import Judgement, pair_row, split_by_query
 

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from twostage.retrieval.settings import RetrainSettings
 from twostage.retrieval.store.sparse import RecallMode
 from twostage.training.evaluation import reranked_mode
 from twostage.training.paired import paired_test
+from twostage.training.settings import RetrainSettings
 
 PerQuery = Callable[[str, str, str], dict[str, float]]  # (embedder, reranker, mode) -> qid -> score
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from datasets import Dataset
 
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.models.reranker import Reranker
 from twostage.training.data import Pair
 from twostage.training.st_model import by_instruction, prompt_for

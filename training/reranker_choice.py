@@ -14,12 +14,12 @@ decoder) there is no encoder to start from, and the yes/no objective is kept.
 
 from dataclasses import dataclass
 
-from twostage.retrieval.deployments import DeploymentRecord
+from twostage.retrieval.deployments.registry import DeploymentRecord
 from twostage.retrieval.models.cache import ModelCache
-from twostage.retrieval.models.embedder import detect_embedder_family
+from twostage.retrieval.models.loading import detect_embedder_family
 from twostage.retrieval.models.source import resolve_model
 from twostage.retrieval.search.trust import judge_reranker
-from twostage.retrieval.settings import Settings
+from twostage.training.settings import TrainingSettings
 
 FROM_EMBEDDER = "cross-encoder from the embedder"
 
@@ -34,7 +34,7 @@ class RerankerStart:
 
 
 def reranker_start(
-    settings: Settings, deployed: DeploymentRecord | None, reranker_base: str, models: ModelCache
+    settings: TrainingSettings, deployed: DeploymentRecord | None, reranker_base: str, models: ModelCache
 ) -> RerankerStart:
     """Train `reranker_base` as it is, unless it is an untrusted reranker beside an encoder embedder."""
     embedder = deployed.embedder if deployed else settings.embedder.model

@@ -11,7 +11,7 @@ runs in transformers' Trainer (evaluation every N steps, early stopping on dev l
 checkpoint, resume); LoRA is merged into a standalone model that `load_reranker` serves.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.models.batching import left_pad
 from twostage.retrieval.models.yes_no_reranker import YesNoReranker
 from twostage.training.data import Example, Graded, Pair
@@ -270,36 +270,3 @@ def train_reranker(
         "resumed_from": resumed_from,
         "model_dir": str(model_dir),
     }
-
-
-def fine_tune_reranker(
-    source: Path,
-    family: str,
-    train: list[Example],
-    dev: list[Example],
-    out_dir: Path,
-    settings: RerankerTrainSettings,
-    *,
-    instruction: str,
-    max_length: int,
-    device: str,
-) -> dict[str, Any]:
-    """Train a reranker of either family with the trainer its family needs.
-
-    `yes-no` (causal LM): the Qwen3 objective in this module. `cross-encoder` (sequence
-    classification): sentence-transformers' `CrossEncoderTrainer`, which trains the whole
-    model. `twostage train reranker` and `twostage retrain` both come through here, so a
-    deployment of either family is retrained the way it is served.
-    """
-    if family == "cross-encoder":
-        from twostage.training.cross_encoder_training import train_cross_encoder
-
-        full = replace(settings, mode="full")
-        return train_cross_encoder(source, train, dev, out_dir, full, max_length=max_length, device=device)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(source)).to(device)  # type: ignore[arg-type]
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
-    return train_reranker(
-        model, tokenizer, train, dev, out_dir, settings, instruction=instruction, max_length=max_length
-    )

@@ -32,22 +32,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twostage.retrieval.deployments import (
-    Canary,
-    DeploymentRecord,
-    Registry,
-    clean_pending,
-    current_deployment,
-    switch,
-)
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
+from twostage.retrieval.deployments.lifecycle import clean_pending, current_deployment, switch
+from twostage.retrieval.deployments.registry import Canary, DeploymentRecord, Registry
 from twostage.retrieval.ingest.documents import embedded_text
 from twostage.retrieval.models.cache import ModelCache, pair_keys
 from twostage.retrieval.models.embedder import Embedder
 from twostage.retrieval.models.source import resolve_model
 from twostage.retrieval.search.trust import judge_reranker
 from twostage.retrieval.search.two_stage import Deployment, served_fusion
-from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.collections import active_manifest, create_version
 from twostage.retrieval.store.locks import write_json_atomic
 from twostage.retrieval.store.sparse import RecallMode, Rrf, sparse_encoder
@@ -55,6 +48,7 @@ from twostage.retrieval.store.vector_store import CollectionManifest, Point, Sto
 from twostage.training.calibration import describe, fit_calibration, judged_queries, served_observations
 from twostage.training.data import Judgement, Pair, load_examples, split_by_query
 from twostage.training.reranker_choice import RerankerStart, reranker_start
+from twostage.training.settings import TrainingSettings
 from twostage.training.stored_chunks import StoredChunks, text_key
 
 if TYPE_CHECKING:
@@ -148,18 +142,20 @@ def split_dev(
     return train, dev
 
 
-def served_recall(settings: Settings, live: CollectionManifest) -> RecallMode:
+def served_recall(settings: TrainingSettings, live: CollectionManifest) -> RecallMode:
     """The first stage the service runs for this collection by default (what the gate measures)."""
     return settings.recall.mode if live.sparse is not None and settings.recall.sparse else "dense"
 
 
-def _system(settings: Settings, embedder: str, reranker: str) -> Settings:
+def _system(settings: TrainingSettings, embedder: str, reranker: str) -> TrainingSettings:
     chosen = settings.model_copy(deep=True)
     chosen.embedder.model, chosen.reranker.model = embedder, reranker
     return chosen
 
 
-def _train_embedder(settings: Settings, base: str, train: list[Pair], dev: list[Pair], out: Path) -> Path:
+def _train_embedder(
+    settings: TrainingSettings, base: str, train: list[Pair], dev: list[Pair], out: Path
+) -> Path:
     from twostage.retrieval.models.devices import resolve_device
     from twostage.training.embedder_training import EmbedderTrainSettings, train_embedder
     from twostage.training.st_model import load_st_embedder
@@ -184,11 +180,18 @@ def _train_embedder(settings: Settings, base: str, train: list[Pair], dev: list[
 
 
 def _train_reranker(
-    settings: Settings, base: str, family: str, train: list[Pair], dev: list[Pair], out: Path, max_length: int
+    settings: TrainingSettings,
+    base: str,
+    family: str,
+    train: list[Pair],
+    dev: list[Pair],
+    out: Path,
+    max_length: int,
 ) -> Path:
     from twostage.retrieval.models.devices import resolve_device
-    from twostage.retrieval.models.reranker import reranker_family
-    from twostage.training.reranker_training import RerankerTrainSettings, fine_tune_reranker
+    from twostage.retrieval.models.loading import reranker_family
+    from twostage.training.reranker_families import fine_tune_reranker
+    from twostage.training.reranker_training import RerankerTrainSettings
 
     cfg = settings.retrain
     source = resolve_model(base, cache_dir=settings.cache_dir)
@@ -220,7 +223,7 @@ def copy_model(source: Path, target: Path) -> None:
 def reindex(store: VectorStore, source: str, target: str, embedder: Embedder, say: Say) -> int:
     """Every chunk of `source` re-embedded into `target`: same ids and payloads, new vectors
     (BM25 ones too when `target` has them, encoded as `target`'s manifest says)."""
-    encoder = sparse_encoder(store.read_manifest(target))
+    encoder = sparse_encoder(store.read_manifest(target).sparse)
     total = store.count(source)
     done = 0
     batch: list[Any] = []
@@ -247,7 +250,7 @@ def reindex(store: VectorStore, source: str, target: str, embedder: Embedder, sa
 
 
 def retrain(
-    settings: Settings,
+    settings: TrainingSettings,
     store: VectorStore,
     options: RetrainOptions,
     say: Say = print,
@@ -271,7 +274,7 @@ def retrain(
 
 
 def _retrain_locked(
-    settings: Settings,
+    settings: TrainingSettings,
     store: VectorStore,
     options: RetrainOptions,
     registry: Registry,
@@ -362,7 +365,7 @@ def _retrain_locked(
 
 
 def _cycle(
-    settings: Settings,
+    settings: TrainingSettings,
     store: VectorStore,
     options: RetrainOptions,
     registry: Registry,
@@ -435,7 +438,7 @@ def _cycle(
         recalls: list[RecallMode] = ["dense"] if served == "dense" else ["dense", served]
         runs = PairRuns(data, models.pair, recalls=recalls, served=served, top_k=cfg.top_k, rrf=rrf,
                         bm25=settings.recall.bm25, fusion=served_fusion(settings),
-                        rerank_k=settings.api.rerank_k)  # fmt: skip
+                        rerank_k=settings.search.rerank_k)  # fmt: skip
         deployed_pair = (deployed.embedder, deployed.reranker)
         decision = decide(
             lambda e, r, mode: runs.per_query(e, r, mode, cfg.gate_metric), len(data.queries), served,
@@ -519,7 +522,7 @@ def _cycle(
                 recall=served,
                 rrf=rrf,
                 fusion=fusion,
-                rerank_k=settings.api.rerank_k,
+                rerank_k=settings.search.rerank_k,
             )
             for d in (old_pair, new_pair)
         )

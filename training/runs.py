@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
 
 
 def run_arguments(

@@ -16,11 +16,11 @@ from typing import TypeVar
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.models import Normalize, Pooling, Transformer
 
-from twostage.retrieval.models.embedder import detect_embedder_family
+from twostage.retrieval.models.loading import detect_embedder_family
 from twostage.retrieval.models.prompts import embedding_query
 from twostage.retrieval.models.source import ModelSource
 from twostage.retrieval.models.tokens import append_end_of_text, split_markers_in_text
-from twostage.retrieval.settings import Settings
+from twostage.training.settings import TrainingSettings
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ def by_instruction(items: Sequence[T], instruction: Callable[[T], str | None]) -
     return groups
 
 
-def load_st_embedder(path: Path, settings: Settings, device: str = "cpu") -> SentenceTransformer:
+def load_st_embedder(path: Path, settings: TrainingSettings, device: str = "cpu") -> SentenceTransformer:
     """A SentenceTransformer for the embedding model in `path` (already resolved to a directory)."""
     task = settings.embedder.instruction
     last_token = detect_embedder_family(ModelSource(str(path), path)) == "last-token"

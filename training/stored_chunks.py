@@ -4,7 +4,7 @@ passages by id (`{query, doc_id}`, `{query, id, negative_ids}`) or by text."""
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.store.vector_store import VectorStore
 from twostage.training.data import Judgement, Pair
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from twostage.retrieval.errors import InputError, ModelLoadError, RemoteUnavailable
+from twostage.retrieval.core.errors import InputError, ModelLoadError, RemoteUnavailable
 from twostage.retrieval.models.remote import RemoteClient, escape_markers
 from twostage.retrieval.search.two_stage import Deployment, SearchQuery, search
-from twostage.retrieval.settings import Settings, SynthesisSettings
 from twostage.retrieval.store.vector_store import VectorStore
 from twostage.training.data import Judgement, pair_row, split_by_query
+from twostage.training.settings import SynthesisSettings, TrainingSettings
 
 Say = Callable[[str], None]
 _LEAD = re.compile(r"^\s*(?:(?:question|query|q)\s*[:\-]\s*|[-*\d.)\s]+)", re.I)
@@ -86,7 +86,7 @@ class ChatEndpoint:
 class LocalWriter:
     """A causal LM with a chat template, run here through transformers (sampling, seeded)."""
 
-    def __init__(self, model: str, settings: Settings, seed: int = 0) -> None:
+    def __init__(self, model: str, settings: TrainingSettings, seed: int = 0) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -165,7 +165,7 @@ def sample_chunks(store: VectorStore, collection: str, count: int, seed: int) ->
 
 
 def synthesize(
-    settings: Settings, store: VectorStore, deployment: Deployment, writer: QueryWriter, *, chunks: int,
+    settings: TrainingSettings, store: VectorStore, deployment: Deployment, writer: QueryWriter, *, chunks: int,
     per_chunk: int, seed: int = 0, say: Say = print,
 ) -> Synthesized:  # fmt: skip
     """Queries for `chunks` sampled chunks, kept by the round-trip filter (see the module doc)."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from twostage.retrieval.ingest.documents import Chunk, Document, Section
 from twostage.retrieval.models.tokens import Qwen3Tokens
-from twostage.retrieval.settings import ChunkerSettings
+from twostage.retrieval.store.settings import ChunkerSettings
 
 if TYPE_CHECKING:
     from twostage.retrieval.models.embedder import Embedder

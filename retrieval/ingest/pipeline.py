@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.ingest.documents import BadRecord, Chunk, Document, chunk_payload
+from twostage.retrieval.ingest.settings import IngestionSettings, IngestSettings
 from twostage.retrieval.models.embedder import Embedder
-from twostage.retrieval.settings import IngestSettings, Settings
 from twostage.retrieval.store.collections import version_for_ingest
 from twostage.retrieval.store.sparse import Bm25Encoder, sparse_encoder
 from twostage.retrieval.store.vector_store import (
@@ -210,7 +210,7 @@ class Ingestor:
         )
         writer = threading.Thread(
             target=self._guard,
-            args=(self._write, manifest.collection, sparse_encoder(manifest), to_write, report),
+            args=(self._write, manifest.collection, sparse_encoder(manifest.sparse), to_write, report),
             name="ingest-write",
             daemon=True,
         )
@@ -437,7 +437,7 @@ def ingest_corpus(
     store: VectorStore,
     embedder: Embedder,
     chunker: Chunker,
-    settings: Settings,
+    settings: IngestionSettings,
     collection: str,
     sync: bool = False,
     strict: bool = False,

@@ -23,7 +23,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.ingest.documents import BadRecord, Document, Section
 from twostage.retrieval.ingest.formats import (
     JSONL_SUFFIXES,

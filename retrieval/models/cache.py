@@ -15,10 +15,11 @@ from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Literal, cast
 
-from twostage.retrieval.models.embedder import Embedder, load_embedder
+from twostage.retrieval.models.embedder import Embedder
+from twostage.retrieval.models.loading import load_embedder, load_reranker
 from twostage.retrieval.models.remote import RemoteMetrics
-from twostage.retrieval.models.reranker import Reranker, load_reranker
-from twostage.retrieval.settings import Settings
+from twostage.retrieval.models.reranker import Reranker
+from twostage.retrieval.models.settings import ModelSettings
 
 Role = Literal["embedder", "reranker"]
 Key = tuple[Role, str]
@@ -35,7 +36,7 @@ def pair_keys(pairs: Iterable[tuple[str, str]]) -> set[Key]:
 class ModelCache:
     """Loaded embedders and rerankers by (role, model name as configured), one load each."""
 
-    def __init__(self, settings: Settings, remote_metrics: RemoteMetrics | None = None) -> None:
+    def __init__(self, settings: ModelSettings, remote_metrics: RemoteMetrics | None = None) -> None:
         self.settings = settings
         self.remote_metrics = remote_metrics  # remote backends report latency and errors here
         self._lock = threading.Lock()

@@ -13,15 +13,15 @@ import numpy as np
 import torch
 from sentence_transformers import CrossEncoder
 
-from twostage.retrieval.errors import InputError, ModelLoadError
+from twostage.retrieval.core.errors import InputError, ModelLoadError
 from twostage.retrieval.models.batching import MAX_PADDING, token_budget_batches, token_packs
 from twostage.retrieval.models.numerics import numeric_path
 from twostage.retrieval.models.packed_attention import PACK_TOKENS, PACKED_ATTENTION, pack_pairs, packed_sdpa
 from twostage.retrieval.models.prompts import clip_for_tokens, require_text, require_texts
 from twostage.retrieval.models.reranker import RerankMixin, RerankRequest
+from twostage.retrieval.models.settings import RerankerSettings
 from twostage.retrieval.models.source import ModelSource, model_identity
 from twostage.retrieval.models.tokens import TokenCounter, split_markers_in_text
-from twostage.retrieval.settings import RerankerSettings
 
 # Sequence-classification models whose head `CrossEncoderReranker._head` computes exactly as their
 # forward does (pooler on the first token, dropout, classifier), read in transformers' BERT code

@@ -2,7 +2,7 @@
 
 import torch
 
-from twostage.retrieval.errors import ModelLoadError
+from twostage.retrieval.core.errors import ModelLoadError
 
 
 def resolve_device(name: str) -> torch.device:

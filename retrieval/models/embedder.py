@@ -4,21 +4,17 @@ Implementations: `LastTokenEmbedder` (Qwen3-Embedding semantics) and
 `SentenceTransformerEmbedder` (any sentence-transformers model with its own pooling).
 """
 
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from twostage.retrieval.models.fingerprint import PROBES, Fingerprint
-from twostage.retrieval.models.loading import FamilyLoader, load_local
-from twostage.retrieval.models.numerics import embedder_deviation, numeric_path
+from twostage.retrieval.models.numerics import numeric_path
 from twostage.retrieval.models.prompts import embedding_queries, require_texts
-from twostage.retrieval.models.source import ModelSource
-from twostage.retrieval.settings import Settings
 
 if TYPE_CHECKING:
-    from twostage.retrieval.models.remote import RemoteMetrics
+    pass
 
 
 @runtime_checkable
@@ -127,36 +123,3 @@ class LocalModelIdentity:
     @property
     def numerics(self) -> str:
         return numeric_path(self.model)
-
-
-def detect_embedder_family(source: ModelSource) -> str:
-    """`last-token` for Qwen-style decoder embedders, else `sentence-transformers`."""
-    pooling = source.path / "1_Pooling" / "config.json"
-    if pooling.exists() and json.loads(pooling.read_text()).get("pooling_mode_lasttoken"):
-        return "last-token"
-    config = json.loads((source.path / "config.json").read_text())
-    return "last-token" if config.get("model_type") in {"qwen3", "qwen2"} else "sentence-transformers"
-
-
-def load_embedder(settings: Settings, remote_metrics: "RemoteMetrics | None" = None) -> Embedder:
-    """Resolve, load and warm the configured embedder (the only place that picks the family)."""
-    cfg = settings.embedder
-    if cfg.backend == "remote":
-        from twostage.retrieval.models.remote_embedder import RemoteEmbedder
-
-        return RemoteEmbedder(cfg, remote_metrics)
-
-    def family(source: ModelSource) -> "FamilyLoader[Embedder]":
-        name = detect_embedder_family(source) if cfg.family == "auto" else cfg.family
-        if name == "last-token":
-            from twostage.retrieval.models.last_token_embedder import LastTokenEmbedder
-
-            return name, LastTokenEmbedder.load
-        from twostage.retrieval.models.st_embedder import SentenceTransformerEmbedder
-
-        return name, SentenceTransformerEmbedder.load
-
-    return load_local(
-        settings, "embedder", cfg, family, probe=lambda e: e.embed_documents(list(PROBES)),
-        deviation=embedder_deviation, tolerance=1.0 - settings.numerics.embedder_min_cosine,
-    )  # fmt: skip

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from twostage.retrieval.errors import InputError, ModelLoadError
+from twostage.retrieval.core.errors import InputError, ModelLoadError
 from twostage.retrieval.models.batching import left_pad, token_budget_batches
 from twostage.retrieval.models.embedder import LocalModelIdentity, QwenQueryPrompt
 from twostage.retrieval.models.numerics import bf16_matmuls, causal_lm_dtype
 from twostage.retrieval.models.prompts import clip_for_tokens, require_text
+from twostage.retrieval.models.settings import EmbedderSettings
 from twostage.retrieval.models.source import ModelSource, model_identity
 from twostage.retrieval.models.tokens import TokenCounter, split_markers_in_text
-from twostage.retrieval.settings import EmbedderSettings
 
 END_OF_TEXT = "<|endoftext|>"
 

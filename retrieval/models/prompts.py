@@ -7,7 +7,7 @@ silently ranks worse.
 
 from collections.abc import Sequence
 
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
 
 DEFAULT_TASK = "Given a web search query, retrieve relevant passages that answer the query"
 

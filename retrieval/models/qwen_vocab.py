@@ -8,7 +8,7 @@ the tiny stand-in models (`retrieval.tiny_models`).
 import base64
 from importlib.resources import files
 
-from twostage.retrieval.errors import ModelLoadError
+from twostage.retrieval.core.errors import ModelLoadError
 
 # Qwen2/Qwen3 pre-tokenizer split pattern (the `Split` regex of their tokenizer.json).
 SPLIT_PATTERN = (

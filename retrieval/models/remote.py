@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from twostage.retrieval.errors import RemoteUnavailable
+from twostage.retrieval.core.errors import RemoteUnavailable
 from twostage.retrieval.models.qwen_vocab import special_token_ids
-from twostage.retrieval.settings import RemoteSettings
+from twostage.retrieval.models.settings import RemoteSettings
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from twostage.retrieval.models.embedder import QwenQueryPrompt
 from twostage.retrieval.models.fingerprint import PROBES, Fingerprint
 from twostage.retrieval.models.prompts import require_texts
 from twostage.retrieval.models.remote import RemoteClient, RemoteMetrics, escape_markers
+from twostage.retrieval.models.settings import EmbedderSettings
 from twostage.retrieval.models.tokens import Qwen3Tokens
-from twostage.retrieval.settings import EmbedderSettings
 
 
 class RemoteEmbedder(QwenQueryPrompt):

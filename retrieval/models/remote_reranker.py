@@ -25,8 +25,8 @@ from twostage.retrieval.models.prompts import (
 )
 from twostage.retrieval.models.remote import RemoteClient, RemoteMetrics, escape_markers
 from twostage.retrieval.models.reranker import RerankMixin
+from twostage.retrieval.models.settings import RerankerSettings
 from twostage.retrieval.models.tokens import Qwen3Tokens
-from twostage.retrieval.settings import RerankerSettings
 
 _ROUTES = {"cohere": "/v2/rerank", "jina": "/v1/rerank", "tei": "/rerank"}
 

@@ -5,21 +5,17 @@ logit(yes) - logit(no)) and `CrossEncoderReranker` (sentence-transformers CrossE
 for sequence-classification rerankers).
 """
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from twostage.retrieval.errors import InputError
-from twostage.retrieval.models.loading import FamilyLoader, load_local
-from twostage.retrieval.models.numerics import RERANK_PROBES, reranker_deviation
-from twostage.retrieval.models.source import ModelSource
-from twostage.retrieval.settings import Settings
+from twostage.retrieval.core.errors import InputError
+from twostage.retrieval.models.numerics import RERANK_PROBES
 
 if TYPE_CHECKING:
-    from twostage.retrieval.models.remote import RemoteMetrics
+    pass
 
 RerankRequest = tuple[str, Sequence[str], str | None]
 
@@ -93,42 +89,6 @@ class RerankMixin:
         scores = self.score(query, documents, instruction)
         order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
         return [RankedDocument(i, scores[i]) for i in order[:top_n]]
-
-
-def detect_reranker_family(source: ModelSource) -> str:
-    """`yes-no` for causal LMs, `cross-encoder` for sequence-classification models."""
-    config = json.loads((source.path / "config.json").read_text())
-    architectures = config.get("architectures") or []
-    return "yes-no" if any(a.endswith("ForCausalLM") for a in architectures) else "cross-encoder"
-
-
-def reranker_family(source: ModelSource, configured: str = "auto") -> str:
-    """The family a reranker is served and trained as: `configured` unless it is `auto`."""
-    return detect_reranker_family(source) if configured == "auto" else configured
-
-
-def load_reranker(settings: Settings, remote_metrics: "RemoteMetrics | None" = None) -> Reranker:
-    """Resolve, load and warm the configured reranker (the only place that picks the family)."""
-    cfg = settings.reranker
-    if cfg.backend == "remote":
-        from twostage.retrieval.models.remote_reranker import RemoteReranker
-
-        return RemoteReranker(cfg, remote_metrics)
-
-    def family(source: ModelSource) -> "FamilyLoader[Reranker]":
-        name = reranker_family(source, cfg.family)
-        if name == "yes-no":
-            from twostage.retrieval.models.yes_no_reranker import YesNoReranker
-
-            return name, YesNoReranker.load
-        from twostage.retrieval.models.cross_encoder_reranker import CrossEncoderReranker
-
-        return name, CrossEncoderReranker.load
-
-    return load_local(
-        settings, "reranker", cfg, family, probe=probe_scores, deviation=reranker_deviation,
-        tolerance=settings.numerics.reranker_max_delta,
-    )  # fmt: skip
 
 
 def probe_scores(reranker: Reranker) -> np.ndarray:

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from twostage.retrieval.errors import ModelLoadError
+from twostage.retrieval.core.errors import ModelLoadError
 
 # Real small models that install from PyPI and run with no hub: name -> (package, path inside it).
 PYPI_MODELS: dict[str, tuple[str, str]] = {

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from twostage.retrieval.errors import InputError, ModelLoadError
+from twostage.retrieval.core.errors import InputError, ModelLoadError
 from twostage.retrieval.models.embedder import LocalModelIdentity
 from twostage.retrieval.models.prompts import embedding_query, require_text, require_texts
+from twostage.retrieval.models.settings import EmbedderSettings
 from twostage.retrieval.models.source import ModelSource, model_identity
 from twostage.retrieval.models.tokens import TokenCounter, split_markers_in_text
-from twostage.retrieval.settings import EmbedderSettings
 
 
 class SentenceTransformerEmbedder(LocalModelIdentity):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from twostage.retrieval.models.tokens import Qwen3Tokens
 
-from twostage.retrieval.errors import TooLarge
+from twostage.retrieval.core.errors import TooLarge
 from twostage.retrieval.models.prompts import MAX_CHARS_PER_TOKEN
 
 Side = Literal["left", "right"]

@@ -36,7 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from twostage.retrieval.errors import InputError, ModelLoadError
+from twostage.retrieval.core.errors import InputError, ModelLoadError
 from twostage.retrieval.models.batching import right_pad, token_budget_batches, token_packs
 from twostage.retrieval.models.numerics import bf16_matmuls, causal_lm_dtype, numeric_path
 from twostage.retrieval.models.packed_attention import (
@@ -56,9 +56,9 @@ from twostage.retrieval.models.prompts import (
     reranker_query_part,
 )
 from twostage.retrieval.models.reranker import RerankMixin, RerankRequest
+from twostage.retrieval.models.settings import RerankerSettings
 from twostage.retrieval.models.source import ModelSource, model_identity
 from twostage.retrieval.models.tokens import TokenCounter, split_markers_in_text
-from twostage.retrieval.settings import RerankerSettings
 
 
 def single_token_id(tokenizer: PreTrainedTokenizerBase, word: str, model_name: str) -> int:

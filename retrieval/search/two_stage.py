@@ -20,13 +20,13 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from twostage.retrieval.errors import InputError
+from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.models.embedder import Embedder
 from twostage.retrieval.models.reranker import Reranker
 from twostage.retrieval.search.calibration import Calibration
 from twostage.retrieval.search.fusion import FusionName, RerankFusion, choose_fusion, rerank_order
+from twostage.retrieval.search.settings import QuerySettings
 from twostage.retrieval.search.trust import RerankTrust, judge_reranker
-from twostage.retrieval.settings import Settings
 from twostage.retrieval.store.sparse import Bm25Encoder, RecallMode, Rrf, sparse_encoder
 from twostage.retrieval.store.vector_store import CollectionManifest, Filter, Hit, VectorStore
 
@@ -98,7 +98,7 @@ class Deployment:
     @cached_property
     def sparse(self) -> Bm25Encoder | None:
         """The BM25 encoder that built the collection (None: it has dense vectors only)."""
-        return sparse_encoder(self.manifest)
+        return sparse_encoder(self.manifest.sparse)
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def search(
     deployment: Deployment,
     store: VectorStore,
     request: SearchQuery,
-    settings: Settings,
+    settings: QuerySettings,
     calls: ModelCalls | None = None,
 ) -> SearchResult:
     """The search `request` asks for on `deployment`: planned, run, and its notes said."""
@@ -304,27 +304,27 @@ class SearchPlan:
     rerank_k: int | None = None
 
 
-def plan_search(deployment: Deployment, settings: Settings, request: SearchQuery) -> SearchPlan:
+def plan_search(deployment: Deployment, settings: QuerySettings, request: SearchQuery) -> SearchPlan:
     """The one way from a request's `recall` / `rerank` / `rerank_k` / `rerank_fusion` to what runs."""
     mode, recall_notes = choose_recall(request.recall, settings.recall.mode, deployment.manifest)
-    apply, rerank_notes = choose_rerank(request.rerank, settings.api.rerank, deployment)
+    apply, rerank_notes = choose_rerank(request.rerank, settings.search.rerank, deployment)
     return SearchPlan(
         mode,
         apply,
         Rrf(settings.recall.rrf_k, settings.recall.rrf_weights),
         recall_notes + rerank_notes,
         served_fusion(settings, request.rerank_fusion),
-        request.rerank_k or settings.api.rerank_k,
+        request.rerank_k or settings.search.rerank_k,
     )
 
 
-def needs_reranker(settings: Settings, requested: RerankChoice | None) -> bool:
+def needs_reranker(settings: QuerySettings, requested: RerankChoice | None) -> bool:
     """Whether a search may rerank, so that a caller loading models for it needs the reranker:
     not when the request (`requested`) or the settings say rerank=false."""
-    return (settings.api.rerank if requested is None else requested) is not False
+    return (settings.search.rerank if requested is None else requested) is not False
 
 
-def served_fusion(settings: Settings, requested: FusionName | None = None) -> RerankFusion | None:
+def served_fusion(settings: QuerySettings, requested: FusionName | None = None) -> RerankFusion | None:
     """The rerank fusion a search (or the gate measuring one) uses: the request's, else the settings'."""
     r = settings.reranker
     return choose_fusion(requested, r.fusion, r.fusion_k, r.fusion_weight)
@@ -372,7 +372,7 @@ def choose_rerank(
             raise InputError("rerank=true, but no reranker is configured (TWOSTAGE_RERANKER__MODEL)")
         return True, []
     if choice is False:
-        said = "the request said rerank=false" if requested is False else "TWOSTAGE_API__RERANK=false"
+        said = "the request said rerank=false" if requested is False else "TWOSTAGE_SEARCH__RERANK=false"
         return False, [f"not reranked: {said}"]
     trust = deployment.rerank_trust
     if trust.trusted:

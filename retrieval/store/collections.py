@@ -7,7 +7,8 @@ made, and the refusal to mix embedders. The alias switch itself is the store's a
 
 from twostage.retrieval.models.embedder import Embedder
 from twostage.retrieval.models.numerics import INT8_FUSED_PATH, INT8_PATH
-from twostage.retrieval.settings import ChunkerSettings, NumericsSettings, Settings
+from twostage.retrieval.models.settings import NumericsSettings
+from twostage.retrieval.store.settings import ChunkerSettings, IndexSettings
 from twostage.retrieval.store.sparse import SparseManifest
 from twostage.retrieval.store.vector_store import (
     CORE_INDEXES,
@@ -24,7 +25,7 @@ from twostage.retrieval.store.vector_store import (
 TOKENIZER = "qwen3-tiktoken"
 
 
-def open_store(settings: Settings) -> VectorStore:
+def open_store(settings: IndexSettings) -> VectorStore:
     """The configured store (its shards open lazily, on first use)."""
     if settings.store.kind == "embedded":
         from twostage.retrieval.store.edge import EdgeStore
@@ -135,7 +136,7 @@ def create_version(
     store: VectorStore,
     name: str,
     embedder: Embedder,
-    settings: Settings,
+    settings: IndexSettings,
     extra_indexes: dict[str, FieldType] | None = None,
 ) -> CollectionManifest:
     """Create `NAME__v(N+1)` for `embedder` (status building, not yet behind the alias)."""
@@ -159,7 +160,7 @@ def create_version(
 
 
 def version_for_ingest(
-    store: VectorStore, name: str, embedder: Embedder, settings: Settings, new_version: bool
+    store: VectorStore, name: str, embedder: Embedder, settings: IndexSettings, new_version: bool
 ) -> tuple[CollectionManifest, bool]:
     """The version an ingest writes into, and whether the alias must be switched to it at the end.
 

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import qdrant_edge as qe
 
-from twostage.retrieval.settings import StoreSettings
 from twostage.retrieval.store.locks import PidLock, write_json_atomic
+from twostage.retrieval.store.settings import StoreSettings
 from twostage.retrieval.store.sparse import SPARSE_VECTOR, Rrf, SparseVec
 from twostage.retrieval.store.vector_store import (
     AnyOf,

@@ -18,7 +18,7 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from twostage.retrieval.settings import StoreSettings
+from twostage.retrieval.store.settings import StoreSettings
 from twostage.retrieval.store.sparse import SPARSE_VECTOR, Rrf, SparseVec
 from twostage.retrieval.store.vector_store import (
     AnyOf,

@@ -12,13 +12,10 @@ use that record, not the settings of the day, so a setting change never mixes tw
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import qdrant_edge as qe
 from pydantic import BaseModel, Field
-
-if TYPE_CHECKING:
-    from twostage.retrieval.store.vector_store import CollectionManifest
 
 SPARSE_VECTOR = "bm25"
 RecallMode = Literal["dense", "sparse", "hybrid"]
@@ -88,10 +85,7 @@ class Rrf:
     weights: tuple[float, float] = (1.0, 1.0)
 
 
-def sparse_encoder(manifest: "CollectionManifest") -> Bm25Encoder | None:
-    """The encoder that built (and must query) `manifest`'s collection; None when it is dense only."""
-    return sparse_encoder_of(manifest.sparse)
-
-
-def sparse_encoder_of(sparse: SparseManifest | None) -> Bm25Encoder | None:
+def sparse_encoder(sparse: SparseManifest | None) -> Bm25Encoder | None:
+    """The encoder that built (and must query) a collection, from its manifest's `sparse` record;
+    None when it is dense only."""
     return Bm25Encoder(sparse) if sparse is not None else None

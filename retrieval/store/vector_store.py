@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, Field
 
-from twostage.retrieval.errors import InputError, TwostageError
+from twostage.retrieval.core.errors import InputError, TwostageError
 from twostage.retrieval.models.fingerprint import Fingerprint
 from twostage.retrieval.store.sparse import Rrf, SparseManifest, SparseVec
 

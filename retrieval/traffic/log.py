@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from twostage.retrieval.errors import InputError, NotFound
+from twostage.retrieval.core.errors import InputError, NotFound
 from twostage.retrieval.search.two_stage import SearchResult
-from twostage.retrieval.settings import FeedbackSettings
+from twostage.retrieval.traffic.settings import FeedbackSettings
 
 EventKind = Literal["click", "cited", "thumbs_up", "thumbs_down", "dwell"]
 EVENT_KINDS: tuple[EventKind, ...] = ("click", "cited", "thumbs_up", "thumbs_down", "dwell")

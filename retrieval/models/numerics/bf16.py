@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from twostage.retrieval.errors import ModelLoadError
-from twostage.retrieval.models.numerics import cpu
+import twostage.retrieval.models.numerics.cpu as cpu
+from twostage.retrieval.core.errors import ModelLoadError
 from twostage.retrieval.models.packed_attention import register_packed
 
 

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from twostage.retrieval.errors import ModelLoadError
-from twostage.retrieval.models.numerics import cpu
+import twostage.retrieval.models.numerics.cpu as cpu
+from twostage.retrieval.core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 

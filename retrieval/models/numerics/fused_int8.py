@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import torch
 
-from twostage.retrieval.models.numerics import cpu
+import twostage.retrieval.models.numerics.cpu as cpu
 
 FUSED_ENGINE = "onednn-fused"  # the `numerics.int8_engine` setting that selects this path
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's migration strength: activation and weight ranges meet halfway

@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from twostage.retrieval.errors import ModelLoadError
-from twostage.retrieval.models.numerics import cpu, fused_int8
+import twostage.retrieval.models.numerics.cpu as cpu
+import twostage.retrieval.models.numerics.fused_int8 as fused_int8
+from twostage.retrieval.core.errors import ModelLoadError
 from twostage.retrieval.models.numerics.bf16 import Bf16Linear, replace_module
 
 log = logging.getLogger(__name__)

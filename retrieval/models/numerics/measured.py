@@ -11,7 +11,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from twostage.retrieval.models.numerics import cpu
+import twostage.retrieval.models.numerics.cpu as cpu
 from twostage.retrieval.models.numerics.dtype import DtypeChoice, dtype_name
 from twostage.retrieval.models.numerics.int8 import auto_int8_engine, int8_advice, quantize_int8, require_int8
 

@@ -1,0 +1,50 @@
+"""`POST /v1/search`: the two-stage search chatbots call."""
+
+from dataclasses import asdict
+
+from fastapi import APIRouter, Response
+from starlette.concurrency import run_in_threadpool
+
+from twostage.api.http.deps import ReadAccess, ServiceDep
+from twostage.api.http.schemas import SearchRequest, SearchResponse
+from twostage.api.runtime.service import Service
+from twostage.retrieval.deployments.canary import answer
+from twostage.retrieval.search.two_stage import Deployment, SearchResult
+from twostage.retrieval.search.two_stage import search as run_search
+from twostage.retrieval.traffic.log import new_search_id
+
+router = APIRouter(tags=["search"])
+
+
+@router.post("/v1/search", response_model=SearchResponse, dependencies=[ReadAccess])
+async def search(body: SearchRequest, service: ServiceDep, response: Response) -> SearchResponse:
+    """Embed the query (with the instruction), recall top_k chunks, rerank, return top_n."""
+    # off the event loop: the first request for a collection resolves it in the registry and the store
+    deployment = await run_in_threadpool(service.deployment, body.collection or service.settings.collection)
+    assert service.store is not None
+    # in a worker thread, whose model calls go straight to the micro-batchers (`Service.embed_query`)
+    search_id, result = await run_in_threadpool(_search_and_log, service, deployment, body)
+    for stage, ms in result.timings_ms.items():
+        service.metrics.stage.labels(stage).observe(ms / 1000)
+    response.headers["Server-Timing"] = ", ".join(f"{k};dur={v:.2f}" for k, v in result.timings_ms.items())
+    return SearchResponse.model_validate({**asdict(result), "search_id": search_id})
+
+
+def _search_and_log(
+    service: Service, deployment: Deployment, body: SearchRequest
+) -> tuple[str, SearchResult]:
+    """The search (by the canary's candidate, or both interleaved, where a canary runs and the
+    session is in its share), then its entry in the search log (a failed search is not logged)."""
+    assert service.store is not None and service.traffic is not None and service.served is not None
+    store, settings = service.store, service.settings
+    search_id = new_search_id()
+    held = service.served.canary(body.collection or settings.collection)
+    canary = None if held is None else (held[0].share, held[0].interleave, held[1])
+
+    def run(on: Deployment) -> SearchResult:
+        return run_search(on, store, body.search_query(on), settings, service)
+
+    answered = answer(deployment, canary, body.session or search_id, search_id, body.top_n, run)
+    logged = body.logged(search_id, answered.result, answered.deployment, answered.arm, answered.teams)
+    service.traffic.log_search(logged)
+    return search_id, answered.result

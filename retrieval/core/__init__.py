@@ -1,0 +1,1 @@
+"""The bottom of the house: settings, errors and progress reporting; it imports no station above it."""

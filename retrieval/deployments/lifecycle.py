@@ -1,0 +1,121 @@
+"""Changing what is served: switch, rollback, and a canary's start and settlement.
+
+Each change is one write of the registry pointer (collection and both models together), taken
+under the registry's lock, so replicas that follow the pointer (`follower.py`) see one
+consistent pair; the store's alias follows for clients that read Qdrant directly. A canary is
+started here (`start_canary`) and settled here (`settle`): whichever replica takes the lock once
+the budget is spent decides, by the tests in `canary.py`, and records the outcome.
+"""
+
+import time
+
+from twostage.retrieval.core.errors import InputError
+from twostage.retrieval.deployments.canary import decide, tallies
+from twostage.retrieval.deployments.registry import DeploymentRecord, Registry, Say
+from twostage.retrieval.search.settings import QuerySettings
+from twostage.retrieval.store.collections import active_manifest
+from twostage.retrieval.store.vector_store import (
+    StoreError,
+    StoreLockedError,
+    VectorStore,
+    now_iso,
+)
+from twostage.retrieval.traffic.log import TrafficLog
+
+
+def switch(registry: Registry, store: VectorStore, record: DeploymentRecord) -> None:
+    """Serve `record`: the registry pointer first (collection and both models in one write, what
+    the API follows), then the store's alias for clients that read Qdrant directly."""
+    registry.point_to(record)
+    store.set_alias(registry.name, record.collection)
+
+
+def current_deployment(registry: Registry, store: VectorStore, settings: QuerySettings) -> DeploymentRecord:
+    """The deployed pair; before the first retrain, the alias plus the configured models
+    (recorded then as deployment 1, so there is something to roll back to)."""
+    record = registry.current()
+    if record is not None:
+        return record
+    manifest = active_manifest(store, registry.name)
+    record = DeploymentRecord(
+        id=registry.next_id(),
+        collection=manifest.collection,
+        embedder=settings.embedder.model,
+        embedder_id=manifest.embedder,
+        reranker=settings.reranker.model,
+    )
+    registry.add(record)
+    registry.point_to(record)
+    return record
+
+
+def clean_pending(registry: Registry, store: VectorStore, say: Say) -> None:
+    """Remove the collection version a crashed run left half-built (never a deployed one)."""
+    pending = registry.pending()
+    if pending is None:
+        return
+    deployed = {r.collection for r in registry.records()}
+    collection = pending["collection"]
+    if collection not in deployed and collection in store.list_collections():
+        say(f"removing {collection}, left unfinished by run {pending.get('run')}")
+        store.delete_collection(collection)
+    registry.set_pending(None)
+
+
+def rollback(
+    settings: QuerySettings, store: VectorStore, to: int | None = None, say: Say = print
+) -> DeploymentRecord:
+    """Point the registry and the alias back at deployment `to` (default: the current one's parent)."""
+    registry = Registry(settings, store=store)
+    with registry.lock():
+        current = registry.current()
+        if current is None:
+            raise InputError(f"{registry.name!r} has no registered deployments (nothing was retrained yet)")
+        if to is None:
+            if current.parent is None:
+                raise InputError(f"deployment d{current.id} has no previous deployment to roll back to")
+            to = current.parent
+        target = registry.get(to)
+        if target.collection not in store.list_collections():
+            raise StoreError(f"deployment d{target.id}'s collection {target.collection} no longer exists")
+        canary = registry.canary()
+        if canary is not None:  # a rollback ends a canary too: serve one deployment, the one asked for
+            registry.record_canary(canary, {"decision": "stopped", "why": f"rollback to d{target.id}"})
+            say(f"stopped the canary of d{canary.deployment}")
+        switch(registry, store, target)
+        say(f"rolled back {registry.name}: d{current.id} -> d{target.id} ({target.collection}, "
+            f"embedder {target.embedder}, reranker {target.reranker})")  # fmt: skip
+        return target
+
+
+def settle(settings: QuerySettings, store: VectorStore, log: TrafficLog, collection: str) -> str | None:
+    """Decide `collection`'s canary if its budget is spent: switch to the candidate or stop serving
+    it, and keep the tallies (`Registry.record_canary`). Under the registry's lock, so one replica
+    decides; None when there is nothing to decide (no canary, budget left, a retrain running)."""
+    registry = Registry(settings, collection, store)
+    canary = registry.canary()
+    if canary is None:
+        return None
+    lock = registry.lock()
+    try:
+        lock.acquire()
+    except StoreLockedError:
+        return None  # a retrain or rollback holds the registry: next time
+    try:
+        canary = registry.canary()  # another replica may have decided meanwhile
+        if canary is None:
+            return None
+        elapsed = time.time() - canary.started_ts
+        if elapsed < canary.max_seconds and log.canary_events(canary.started_ts) < canary.max_events:
+            return None  # the budget is not spent: the tallies (every canary search read) wait for it
+        counted = tallies(log, canary)
+        decision, why = decide(canary, counted)
+        if decision == "wait":
+            return None
+        outcome = {"decision": decision, "why": why, "tallies": counted.as_dict(), "decided_at": now_iso()}
+        if decision == "promote":
+            switch(registry, store, registry.get(canary.deployment))
+        registry.record_canary(canary, outcome)
+        return f"canary d{canary.deployment} of {collection}: {decision} ({why})"
+    finally:
+        lock.release()

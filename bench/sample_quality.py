@@ -37,7 +37,9 @@ SYSTEMS: dict[str, dict[str, Any]] = {
 
 
 def labelled_queries(limit: int) -> list[dict[str, str]]:
-    raw = gzip.decompress((files("twostage.api.cli") / "samples" / "debian-sample-queries.jsonl.gz").read_bytes())
+    raw = gzip.decompress(
+        (files("twostage.api.cli") / "samples" / "debian-sample-queries.jsonl.gz").read_bytes()
+    )
     return [json.loads(line) for line in raw.decode().splitlines()][:limit]
 
 

@@ -27,14 +27,14 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from twostage.retrieval.core.errors import InputError
-from twostage.retrieval.deployments.lifecycle import clean_pending, current_deployment, switch
-from twostage.retrieval.deployments.registry import Canary, DeploymentRecord, Registry
+from twostage.retrieval.deployments.lifecycle import clean_pending, current_deployment, start_canary, switch
+from twostage.retrieval.deployments.registry import DeploymentRecord, Registry
 from twostage.retrieval.ingest.documents import embedded_text
 from twostage.retrieval.models.cache import ModelCache, pair_keys
 from twostage.retrieval.models.embedder import Embedder
@@ -48,11 +48,12 @@ from twostage.retrieval.store.vector_store import CollectionManifest, Point, Sto
 from twostage.training.calibration import describe, fit_calibration, judged_queries, served_observations
 from twostage.training.data import Judgement, Pair, load_examples, split_by_query
 from twostage.training.reranker_choice import RerankerStart, reranker_start
-from twostage.training.settings import TrainingSettings
+from twostage.training.settings import RetrainSettings, TrainingSettings
 from twostage.training.stored_chunks import StoredChunks, text_key
 
 if TYPE_CHECKING:
     from twostage.training.evaluation import EvalSet, PairRuns
+    from twostage.training.gate import GateResult
 
 Say = Callable[[str], None]
 _REINDEX_BATCH = 256
@@ -346,8 +347,8 @@ def _retrain_locked(
         "machine": {"platform": platform.platform()}, "plan": plan,
     })  # fmt: skip
     try:
-        return _cycle(settings, store, options, registry, deployed, manifest, run_dir, chunks, documents,
-                      train, dev, embedder_base, start, say, models)  # fmt: skip
+        return _cycle(Run(settings, store, options, registry, deployed, manifest, chunks, documents,
+                          train, dev, embedder_base, start, say, models))  # fmt: skip
     except BaseException as exc:
         manifest.data.update(decision="failed", error=str(exc) or type(exc).__name__, finished_at=now_iso())
         manifest.save()
@@ -364,218 +365,293 @@ def _retrain_locked(
             shutil.rmtree(run_dir / part / "checkpoints", ignore_errors=True)
 
 
-def _cycle(
-    settings: TrainingSettings,
-    store: VectorStore,
-    options: RetrainOptions,
-    registry: Registry,
-    deployed: DeploymentRecord,
-    manifest: RunManifest,
-    run_dir: Path,
-    chunks: list[str],
-    documents: dict[str, str],
-    train: list[Pair],
-    dev: list[Pair],
-    embedder_base: str,
-    start: RerankerStart,
-    say: Say,
-    models: ModelCache,
-) -> dict[str, Any]:
-    from twostage.training.evaluation import (
-        PairRuns,
-        evaluate_index,
-        from_pairs,
-        reranked_mode,
-        table,
-        write_report,
-    )
-    from twostage.training.gate import decide
+@dataclass
+class Run:
+    """One retrain run: what it was given, and what each step adds for the next. The steps below
+    are functions of this object, run in order by `_cycle`; each records itself in the manifest."""
+
+    settings: TrainingSettings
+    store: VectorStore
+    options: RetrainOptions
+    registry: Registry
+    deployed: DeploymentRecord
+    manifest: RunManifest
+    chunks: list[str]  # the live collection's chunk texts: negatives, distractors
+    documents: dict[str, str]  # a positive's text key -> its document id (for judging)
+    train: list[Pair]
+    dev: list[Pair]
+    embedder_base: str
+    start: RerankerStart
+    say: Say
+    models: ModelCache
+    mined: list[Pair] = field(default_factory=list)  # mine: train pairs with hard negatives
+    mined_dev: list[Pair] = field(default_factory=list)
+    candidate: tuple[str, str] = ("", "")  # train: the candidate (embedder, reranker)
+    served: RecallMode = "dense"  # evaluate: the recall the service runs
+    rrf: Rrf | None = None
+    runs: "PairRuns | None" = None
+    data: "EvalSet | None" = None
+    decision: "GateResult | None" = None
+    results: dict[str, Any] = field(default_factory=dict)
+    record: DeploymentRecord | None = None  # store_models: the new deployment, as it will be served
+    new_pair: Deployment | None = None  # reindex: the new deployment on its index
+    relevant: list[str] = field(default_factory=list)  # verify: each dev pair's document
+
+    @property
+    def cfg(self) -> "RetrainSettings":
+        return self.settings.retrain
+
+    @property
+    def run_dir(self) -> Path:
+        return self.manifest.path.parent
+
+    def step(self, name: str) -> AbstractContextManager[dict[str, Any]]:
+        return self.manifest.step(name, self.say)
+
+
+def _cycle(run: Run) -> dict[str, Any]:
+    """The steps in order (module doc); nothing served changes before the last one."""
+    for step in (mine_negatives, train_embedder_step, train_reranker_step, evaluate_and_gate):
+        step(run)
+    assert run.decision is not None
+    if not run.decision.promote or not run.options.promote:
+        why = "neither model is better enough" if not run.decision.promote else "--no-promote"
+        return _finish(run, "kept", f"deployment d{run.deployed.id} kept: {why}")
+    for step in (store_models, reindex_step, verify, calibrate):
+        step(run)
+    return serve_canary(run) if run.options.canary is not None else serve_switch(run)
+
+
+def mine_negatives(run: Run) -> None:
+    """Hard negatives for train and dev pairs from the live chunks, with the deployed embedder."""
     from twostage.training.mining import MiningSettings, mine, with_negatives
     from twostage.training.st_model import load_st_embedder
 
-    cfg = settings.retrain
-    with manifest.step("mine", say) as step:
+    settings, deployed, cfg = run.settings, run.deployed, run.cfg
+    with run.step("mine") as step:
         deployed_system = _system(settings, deployed.embedder, deployed.reranker)
         source = resolve_model(deployed.embedder, cache_dir=settings.cache_dir)
         st = load_st_embedder(source.path, deployed_system)
         mining = MiningSettings(num_negatives=cfg.negatives)
         mined, mined_dev = (
-            mine(part, chunks, st, mining, cache_dir=settings.cache_dir, model_id=deployed.embedder_id)
-            for part in (train, dev)
+            mine(part, run.chunks, st, mining, cache_dir=settings.cache_dir, model_id=deployed.embedder_id)
+            for part in (run.train, run.dev)
         )
-        mined, filled = with_negatives(train, mined, chunks, cfg.negatives)
-        mined_dev, filled_dev = with_negatives(dev, mined_dev, chunks, cfg.negatives)
-        step.update(train=len(mined), dev=len(mined_dev), random_negatives=filled + filled_dev)
+        run.mined, filled = with_negatives(run.train, mined, run.chunks, cfg.negatives)
+        run.mined_dev, filled_dev = with_negatives(run.dev, mined_dev, run.chunks, cfg.negatives)
+        step.update(train=len(run.mined), dev=len(run.mined_dev), random_negatives=filled + filled_dev)
         if filled + filled_dev:
-            say(f"{filled + filled_dev} pairs had too few hard negatives past the false-negative guard; "
-                "they got random indexed chunks instead")  # fmt: skip
-        del st
+            run.say(f"{filled + filled_dev} pairs had too few hard negatives past the false-negative guard; "
+                    "they got random indexed chunks instead")  # fmt: skip
+    run.candidate = (run.deployed.embedder, run.deployed.reranker)
 
-    candidate_embedder, candidate_reranker = deployed.embedder, deployed.reranker
-    if not options.skip_embedder:
-        with manifest.step("train_embedder", say):
-            candidate_embedder = str(
-                _train_embedder(settings, embedder_base, mined, dev, run_dir / "embedder")
-            )
-    if not options.skip_reranker:
-        with manifest.step("train_reranker", say) as step:
-            base, max_length = start.base, cfg.reranker_max_length
-            if base is None:  # a cross-encoder from the embedder: it reads what the embedder reads
-                base = candidate_embedder
-                max_length = min(max_length, models.pair(base, deployed.reranker)[0].max_length)
-            step.update(base=base, family=start.family, why=start.why)
-            candidate_reranker = str(
-                _train_reranker(
-                    settings, base, start.family, mined, mined_dev, run_dir / "reranker", max_length
-                )
-            )
 
-    served = served_recall(settings, store.read_manifest(deployed.collection))
-    rrf = Rrf(settings.recall.rrf_k, settings.recall.rrf_weights)
-    candidate_pair = (candidate_embedder, candidate_reranker)
-    with manifest.step("evaluate", say) as step:
-        data = from_pairs(dev, chunks[: cfg.max_distractors])
-        recalls: list[RecallMode] = ["dense"] if served == "dense" else ["dense", served]
-        runs = PairRuns(data, models.pair, recalls=recalls, served=served, top_k=cfg.top_k, rrf=rrf,
-                        bm25=settings.recall.bm25, fusion=served_fusion(settings),
-                        rerank_k=settings.search.rerank_k)  # fmt: skip
-        deployed_pair = (deployed.embedder, deployed.reranker)
-        decision = decide(
-            lambda e, r, mode: runs.per_query(e, r, mode, cfg.gate_metric), len(data.queries), served,
-            deployed_pair, (candidate_embedder, candidate_reranker), cfg,
+def train_embedder_step(run: Run) -> None:
+    if run.options.skip_embedder:
+        return
+    with run.step("train_embedder"):
+        trained = _train_embedder(
+            run.settings, run.embedder_base, run.mined, run.dev, run.run_dir / "embedder"
+        )
+        run.candidate = (str(trained), run.candidate[1])
+
+
+def train_reranker_step(run: Run) -> None:
+    if run.options.skip_reranker:
+        return
+    with run.step("train_reranker") as step:
+        base, max_length = run.start.base, run.cfg.reranker_max_length
+        if base is None:  # a cross-encoder from the embedder: it reads what the embedder reads
+            base = run.candidate[0]
+            max_length = min(max_length, run.models.pair(base, run.deployed.reranker)[0].max_length)
+        step.update(base=base, family=run.start.family, why=run.start.why)
+        trained = _train_reranker(
+            run.settings,
+            base,
+            run.start.family,
+            run.mined,
+            run.mined_dev,
+            run.run_dir / "reranker",
+            max_length,
+        )
+        run.candidate = (run.candidate[0], str(trained))
+
+
+def evaluate_and_gate(run: Run) -> None:
+    """Deployed vs candidate on the dev pairs, in the served recall and reranked; the gate decides."""
+    from twostage.training.evaluation import PairRuns, from_pairs, table, write_report
+    from twostage.training.gate import decide
+
+    settings, cfg, deployed = run.settings, run.cfg, run.deployed
+    run.served = served_recall(settings, run.store.read_manifest(deployed.collection))
+    run.rrf = Rrf(settings.recall.rrf_k, settings.recall.rrf_weights)
+    with run.step("evaluate") as step:
+        run.data = data = from_pairs(run.dev, run.chunks[: cfg.max_distractors])
+        recalls: list[RecallMode] = ["dense"] if run.served == "dense" else ["dense", run.served]
+        run.runs = runs = PairRuns(
+            data, run.models.pair, recalls=recalls, served=run.served, top_k=cfg.top_k, rrf=run.rrf,
+            bm25=settings.recall.bm25, fusion=served_fusion(settings), rerank_k=settings.search.rerank_k,
         )  # fmt: skip
-        results = {"deployed": runs.metrics(*deployed_pair), "candidate": runs.metrics(*candidate_pair)}
-        if decision.promote and decision.pair != (candidate_embedder, candidate_reranker):
+        deployed_pair = (deployed.embedder, deployed.reranker)
+        run.decision = decision = decide(
+            lambda e, r, mode: runs.per_query(e, r, mode, cfg.gate_metric), len(data.queries), run.served,
+            deployed_pair, run.candidate, cfg,
+        )  # fmt: skip
+        results = {"deployed": runs.metrics(*deployed_pair), "candidate": runs.metrics(*run.candidate)}
+        if decision.promote and decision.pair != run.candidate:
             results["promoted"] = runs.metrics(*decision.pair)  # a mixed pair: its own measurement
-        step.update(served_recall=served, queries=len(data.queries))
+        step.update(served_recall=run.served, queries=len(data.queries))
         # the run directory's copies are done with: promoted models are served from the registry's
-        models.release(*(pair_keys([candidate_pair]) - pair_keys([deployed_pair])))
-        write_report(results, run_dir, {"run": run_id_of(manifest), "queries": len(data.queries),
-                                        "corpus": len(data.corpus), "top_k": cfg.top_k,
-                                        "served_recall": served, "gate": decision.as_dict()})  # fmt: skip
-        say(table(results))
-    promote, reasons = decision.promote, decision.reasons
-    manifest.data.update(metrics=results, gate=decision.as_dict())
-    manifest.save()
-    if not promote or not options.promote:
-        why = "neither model is better enough" if not promote else "--no-promote"
-        return _finish(manifest, "kept", f"deployment d{deployed.id} kept: {why}", reasons, say)
+        run.models.release(*(pair_keys([run.candidate]) - pair_keys([deployed_pair])))
+        about = {"run": run_id_of(run.manifest), "queries": len(data.queries), "corpus": len(data.corpus),
+                 "top_k": cfg.top_k, "served_recall": run.served, "gate": decision.as_dict()}  # fmt: skip
+        write_report(results, run.run_dir, about)
+        run.say(table(results))
+    run.results = results
+    run.manifest.data.update(metrics=results, gate=decision.as_dict())
+    run.manifest.save()
 
+
+def store_models(run: Run) -> None:
+    """The promoted models copied into the registry, and the new deployment's record."""
+    assert run.decision is not None and run.runs is not None and run.data is not None
+    decision, deployed, registry = run.decision, run.deployed, run.registry
     new_id = registry.next_id()
     stored = registry.models_dir(new_id)
     shutil.rmtree(stored, ignore_errors=True)  # left by a run that crashed before recording d{new_id}
     stored.mkdir(parents=True)
     record = deployed.model_copy(update={
-        "id": new_id, "parent": deployed.id, "run": run_id_of(manifest),
-        "metrics": results.get("promoted", results["candidate"]),
+        "id": new_id, "parent": deployed.id, "run": run_id_of(run.manifest),
+        "metrics": run.results.get("promoted", run.results["candidate"]),
         "gate": {role: {"promote": d.promote, "reasons": d.reasons, "tests": d.tests}
                  for role, d in (("embedder", decision.embedder), ("reranker", decision.reranker))},
-        "comparison": _comparison(runs, data, deployed, decision.pair, served, decision.reranker.promote,
-                                  cfg.gate_metric),
+        "comparison": _comparison(run.runs, run.data, deployed, decision.pair, run.served,
+                                  decision.reranker.promote, run.cfg.gate_metric),
         "created_at": now_iso(),
     })  # fmt: skip
     promoted_embedder, promoted_reranker = decision.pair
-    with manifest.step("store_models", say):
+    with run.step("store_models"):
         if promoted_embedder != deployed.embedder:
             copy_model(Path(promoted_embedder), stored / "embedder")
             record.embedder = str((stored / "embedder").resolve())
         if promoted_reranker != deployed.reranker:
             copy_model(Path(promoted_reranker), stored / "reranker")
             record.reranker = str((stored / "reranker").resolve())
-    system = _system(settings, record.embedder, record.reranker)
-    new_embedder, new_reranker = models.pair(record.embedder, record.reranker)  # what the service will load
+    run.record = record
+
+
+def reindex_step(run: Run) -> None:
+    """A new collection version embedded by the promoted embedder (skipped when it did not change)."""
+    assert run.record is not None
+    record, deployed, store, registry = run.record, run.deployed, run.store, run.registry
+    new_embedder, new_reranker = run.models.pair(record.embedder, record.reranker)  # what will be served
     if record.embedder != deployed.embedder:
-        with manifest.step("reindex", say) as step:
-            version = create_version(
-                store,
-                registry.name,
-                new_embedder,
-                system,
-                store.read_manifest(deployed.collection).payload_indexes,
-            )
-            registry.set_pending(version.collection, run_id_of(manifest))
-            step["chunks"] = reindex(store, deployed.collection, version.collection, new_embedder, say)
+        with run.step("reindex") as step:
+            system = _system(run.settings, record.embedder, record.reranker)
             old = store.read_manifest(deployed.collection)
+            version = create_version(store, registry.name, new_embedder, system, old.payload_indexes)
+            registry.set_pending(version.collection, run_id_of(run.manifest))
+            step["chunks"] = reindex(store, deployed.collection, version.collection, new_embedder, run.say)
             update = {
                 "status": "ready",
                 "documents": old.documents,
                 "chunks": step["chunks"],
                 "updated_at": now_iso(),
             }
-            version = version.model_copy(update=update)
-            store.write_manifest(version)
+            store.write_manifest(version.model_copy(update=update))
         record.collection, record.embedder_id = version.collection, new_embedder.model_id
-    with manifest.step("verify", say) as step:  # through the indexes, as /v1/search will answer
-        relevant = [documents[p.positive.strip()[:200]] for p in dev]
+    run.new_pair = Deployment(store.read_manifest(record.collection), new_embedder, new_reranker)
+
+
+def verify(run: Run) -> None:
+    """The gate's metrics again, end to end through the indexes, as /v1/search will answer."""
+    from twostage.training.evaluation import evaluate_index, reranked_mode
+
+    assert run.new_pair is not None and run.decision is not None
+    cfg, deployed, store = run.cfg, run.deployed, run.store
+    with run.step("verify") as step:
+        run.relevant = relevant = [run.documents[p.positive.strip()[:200]] for p in run.dev]
         old_pair = Deployment(
-            store.read_manifest(deployed.collection), *models.pair(deployed.embedder, deployed.reranker)
+            store.read_manifest(deployed.collection), *run.models.pair(deployed.embedder, deployed.reranker)
         )
-        new_pair = Deployment(store.read_manifest(record.collection), new_embedder, new_reranker)
-        fusion = served_fusion(settings)
+        fusion, rerank_k = served_fusion(run.settings), run.settings.search.rerank_k
         before, after = (
             evaluate_index(
-                dev,
+                run.dev,
                 relevant,
                 d,
                 store,
                 top_k=cfg.top_k,
-                recall=served,
-                rrf=rrf,
+                recall=run.served,
+                rrf=run.rrf,
                 fusion=fusion,
-                rerank_k=settings.search.rerank_k,
+                rerank_k=rerank_k,
             )
-            for d in (old_pair, new_pair)
+            for d in (old_pair, run.new_pair)
         )
         step["end_to_end"] = {"deployed": before, "candidate": after}
         metric = cfg.gate_metric
-        mode = reranked_mode(served) if decision.reranker.promote else served
+        mode = reranked_mode(run.served) if run.decision.reranker.promote else run.served
         if after[mode][metric] < before[mode][metric] - cfg.tolerance:
             raise StoreError(
                 f"through the new index {mode}/{metric} is {after[mode][metric]:.4f}, below the "
                 f"deployed index's {before[mode][metric]:.4f}; not switching"
             )
-    with manifest.step("calibrate", say) as step:  # P(relevant) of what the new deployment will serve
-        served_pair = replace(new_pair, trust=judge_reranker(new_reranker, record.metrics))
+
+
+def calibrate(run: Run) -> None:
+    """P(relevant) of what the new deployment will serve, fitted on the dev pairs."""
+    assert run.record is not None and run.new_pair is not None
+    record = run.record
+    with run.step("calibrate") as step:
+        served_pair = replace(run.new_pair, trust=judge_reranker(run.new_pair.reranker, record.metrics))
         judgements = [
             Judgement(p.query, doc_id=d, instruction=p.instruction)
-            for p, d in zip(dev, relevant, strict=True)
+            for p, d in zip(run.dev, run.relevant, strict=True)
         ]
         try:
-            judged = judged_queries(store, record.collection, judgements, say)
-            plan, observed = served_observations(served_pair, store, settings, judged)
+            judged = judged_queries(run.store, record.collection, judgements, run.say)
+            plan, observed = served_observations(served_pair, run.store, run.settings, judged)
             record.calibration = fit_calibration(
-                observed, plan, settings, f"retrain run {run_id_of(manifest)} dev pairs"
+                observed, plan, run.settings, f"retrain run {run_id_of(run.manifest)} dev pairs"
             )
             step["reliability"] = record.calibration.reliability.model_dump(exclude={"bins"})
-            say(describe(record.calibration, f"deployment d{record.id}"))
+            run.say(describe(record.calibration, f"deployment d{record.id}"))
         except InputError as exc:
             step["skipped"] = str(exc)
-            say(f"deployment d{record.id} stays uncalibrated: {exc}")
-    if options.canary is not None:
-        with manifest.step("canary", say) as step:
-            registry.add(record)
-            canary = Canary(
-                deployment=record.id, control=deployed.id, share=options.canary,
-                interleave=options.interleave,
-                max_events=options.canary_events or cfg.canary_events,
-                max_seconds=options.canary_seconds or cfg.canary_seconds, alpha=cfg.alpha,
-            )  # fmt: skip
-            registry.set_canary(canary)
-            registry.set_pending(None)
-            step["canary"] = canary.model_dump(mode="json")
-        manifest.data["deployment"] = record.model_dump(mode="json")
-        how = "both rankings interleaved" if canary.interleave else "its ranking"
-        return _finish(manifest, "canary", f"canary: deployment d{record.id} ({record.collection}) serves "
-                       f"{canary.share:.0%} of sessions ({how}) beside d{deployed.id}; the feedback of "
-                       f"{canary.max_events} events (or {canary.max_seconds:g} s) decides: promote if it is "
-                       f"better at p < {canary.alpha}, else roll back", reasons, say)  # fmt: skip
-    with manifest.step("switch", say):
-        registry.add(record)
-        switch(registry, store, record)
-        registry.set_pending(None)
-    manifest.data["deployment"] = record.model_dump(mode="json")
-    return _finish(manifest, "promoted", f"promoted: deployment d{record.id} ({record.collection}) "
-                   f"replaces d{deployed.id}", reasons, say)  # fmt: skip
+            run.say(f"deployment d{record.id} stays uncalibrated: {exc}")
+
+
+def serve_canary(run: Run) -> dict[str, Any]:
+    """The new deployment serves a share of sessions beside the deployed one; feedback decides."""
+    record, deployed, cfg, options, share = run.record, run.deployed, run.cfg, run.options, run.options.canary
+    assert record is not None and share is not None
+    with run.step("canary") as step:
+        canary = start_canary(
+            run.registry, record, deployed, share=share, interleave=options.interleave,
+            max_events=options.canary_events or cfg.canary_events,
+            max_seconds=options.canary_seconds or cfg.canary_seconds, alpha=cfg.alpha,
+        )  # fmt: skip
+        step["canary"] = canary.model_dump(mode="json")
+    run.manifest.data["deployment"] = record.model_dump(mode="json")
+    how = "both rankings interleaved" if canary.interleave else "its ranking"
+    return _finish(run, "canary", f"canary: deployment d{record.id} ({record.collection}) serves "
+                   f"{canary.share:.0%} of sessions ({how}) beside d{deployed.id}; the feedback of "
+                   f"{canary.max_events} events (or {canary.max_seconds:g} s) decides: promote if it is "
+                   f"better at p < {canary.alpha}, else roll back")  # fmt: skip
+
+
+def serve_switch(run: Run) -> dict[str, Any]:
+    """The new deployment replaces the deployed one (one pointer write, then the alias)."""
+    assert run.record is not None
+    record = run.record
+    with run.step("switch"):
+        run.registry.add(record)
+        switch(run.registry, run.store, record)
+        run.registry.set_pending(None)
+    run.manifest.data["deployment"] = record.model_dump(mode="json")
+    return _finish(run, "promoted", f"promoted: deployment d{record.id} ({record.collection}) "
+                   f"replaces d{run.deployed.id}")  # fmt: skip
 
 
 def _comparison(
@@ -603,9 +679,8 @@ def run_id_of(manifest: RunManifest) -> str:
     return str(manifest.data["run"])
 
 
-def _finish(
-    manifest: RunManifest, decision: str, summary: str, reasons: list[str], say: Say
-) -> dict[str, Any]:
+def _finish(run: Run, decision: str, summary: str) -> dict[str, Any]:
+    manifest = run.manifest
     manifest.data.update(decision=decision, summary=summary, finished_at=now_iso())
     manifest.save()
     run_dir = manifest.path.parent
@@ -613,5 +688,8 @@ def _finish(
     shown = next(
         (run_dir.relative_to(p.parent) for p in run_dir.parents if p.name == "registry"), run_dir.name
     )
-    say(summary + "\n  " + "\n  ".join(reasons) + f"\n  run: {shown} (in the data directory)")
+    assert run.decision is not None
+    run.say(
+        summary + "\n  " + "\n  ".join(run.decision.reasons) + f"\n  run: {shown} (in the data directory)"
+    )
     return manifest.data

@@ -165,8 +165,8 @@ def sample_chunks(store: VectorStore, collection: str, count: int, seed: int) ->
 
 
 def synthesize(
-    settings: TrainingSettings, store: VectorStore, deployment: Deployment, writer: QueryWriter, *, chunks: int,
-    per_chunk: int, seed: int = 0, say: Say = print,
+    settings: TrainingSettings, store: VectorStore, deployment: Deployment, writer: QueryWriter, *,
+    chunks: int, per_chunk: int, seed: int = 0, say: Say = print,
 ) -> Synthesized:  # fmt: skip
     """Queries for `chunks` sampled chunks, kept by the round-trip filter (see the module doc)."""
     cfg = settings.synthesis

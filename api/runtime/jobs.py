@@ -43,12 +43,17 @@ class JobHost(Protocol):
     """What a job needs of the service that runs it (`service.Service`): its settings, store,
     tokenizer, default embedder and the deployment each collection serves."""
 
-    settings: IngestionSettings
-    store: VectorStore | None
-    embedder: Embedder | None
-    tokens: Qwen3Tokens
+    @property
+    def settings(self) -> IngestionSettings: ...
+    @property
+    def store(self) -> VectorStore | None: ...
+    @property
+    def embedder(self) -> Embedder | None: ...
+    @property
+    def tokens(self) -> Qwen3Tokens: ...
 
     def deployment(self, collection: str) -> Deployment: ...
+
 
 log = logging.getLogger("twostage.api")
 DELETE_WAIT_S = 2.0  # how long a delete waits for a running job before it is refused (409)

@@ -11,7 +11,7 @@ import time
 
 from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.deployments.canary import decide, tallies
-from twostage.retrieval.deployments.registry import DeploymentRecord, Registry, Say
+from twostage.retrieval.deployments.registry import Canary, DeploymentRecord, Registry, Say
 from twostage.retrieval.search.settings import QuerySettings
 from twostage.retrieval.store.collections import active_manifest
 from twostage.retrieval.store.vector_store import (
@@ -86,6 +86,29 @@ def rollback(
         say(f"rolled back {registry.name}: d{current.id} -> d{target.id} ({target.collection}, "
             f"embedder {target.embedder}, reranker {target.reranker})")  # fmt: skip
         return target
+
+
+def start_canary(
+    registry: Registry,
+    record: DeploymentRecord,
+    control: DeploymentRecord,
+    *,
+    share: float,
+    interleave: bool,
+    max_events: int,
+    max_seconds: float,
+    alpha: float,
+) -> Canary:
+    """Record `record` and let it serve `share` of sessions beside `control` (the caller holds the
+    registry's lock); every service follows it as it follows a switch, and `settle` decides."""
+    registry.add(record)
+    canary = Canary(
+        deployment=record.id, control=control.id, share=share, interleave=interleave,
+        max_events=max_events, max_seconds=max_seconds, alpha=alpha,
+    )  # fmt: skip
+    registry.set_canary(canary)
+    registry.set_pending(None)
+    return canary
 
 
 def settle(settings: QuerySettings, store: VectorStore, log: TrafficLog, collection: str) -> str | None:

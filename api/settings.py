@@ -61,7 +61,7 @@ class Settings(TrainingSettings):
     @model_validator(mode="before")
     @classmethod
     def _moved_sections(cls, data: Any) -> Any:
-        """`api.rerank` and `api.rerank_k` (TWOSTAGE_API__RERANK...) are `search.*` now; data
+        """TWOSTAGE_API__RERANK and TWOSTAGE_API__RERANK_K are TWOSTAGE_SEARCH__* now; data
         directories keep the old names in `settings.env` (quickstart wrote them), so they still count."""
         if isinstance(data, dict) and isinstance(data.get("api"), dict):
             moved = {k: data["api"][k] for k in MOVED_TO_SEARCH if k in data["api"]}

@@ -247,14 +247,12 @@ def compare(
     subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", "-q", str(checkout), args.compare],
                    check=True)  # fmt: skip
     try:
-        # the installed `twostage` is this tree (editable); REV's packages come first on its server's path
-        namespace = base / "rev-path" / "twostage"
-        namespace.mkdir(parents=True)
-        for package in ("retrieval", "training", "api"):
-            (namespace / package).symlink_to(checkout / package)
-        if (checkout / "tests" / "oracles").is_dir():
-            (namespace / "oracles").symlink_to(checkout / "tests" / "oracles")
-        sides = {args.compare: {"PYTHONPATH": str(namespace.parent)}, "tree": {}}
+        # the installed `twostage` is this tree (editable); REV, installed from its own build files into
+        # a folder of its own (no dependencies: they are this environment's), comes first on its server's path
+        target = base / "rev-path"
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(target), str(checkout)], check=True)  # fmt: skip
+        sides = {args.compare: {"PYTHONPATH": str(target)}, "tree": {}}
         runs: dict[str, list[list[dict[str, Any]]]] = {side: [] for side in sides}
         for round_ in range(args.rounds):
             for side, extra in sides.items():

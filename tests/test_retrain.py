@@ -398,7 +398,7 @@ def test_a_disk_full_while_storing_a_model_leaves_no_partial_copy(tmp_path: Path
 import resource, signal, sys
 from pathlib import Path
 from twostage.retrieval.store.vector_store import StoreError
-from twostage.training.retrain import copy_model
+from twostage.training.retrain_run import copy_model
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
 try:

@@ -9,7 +9,6 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -21,9 +20,6 @@ from twostage.api.cli.training import add_training_commands, positive_int
 from twostage.api.runtime.interrupts import exit_at_once, interrupted
 from twostage.retrieval.core.errors import TwostageError
 from twostage.retrieval.core.progress import lines_when_not_a_tty
-
-if TYPE_CHECKING:
-    pass
 
 
 def _models_tiny(args: argparse.Namespace) -> int:

@@ -21,7 +21,8 @@ def _retrain(args: argparse.Namespace) -> int:
     from twostage.api.settings import Settings
     from twostage.retrieval.core.errors import InputError
     from twostage.retrieval.store.collections import open_store
-    from twostage.training.retrain import RetrainOptions, retrain
+    from twostage.training.retrain import retrain
+    from twostage.training.retrain_run import RetrainOptions
 
     settings = Settings()
     if args.collection:

@@ -51,6 +51,7 @@ class Answer:
     """An error kind's status code and the headers that go with it."""
 
     status: int
+    when: str  # for the table in docs/service.md (`error_table`), which is made from this one
     headers: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -60,27 +61,36 @@ class Answer:
 
 ERRORS: dict[type[TwostageError], Answer] = {
     # the caller's mistakes
-    InputError: Answer(400),
-    InvalidCollectionName: Answer(400),
-    Unauthorized: Answer(401, {"WWW-Authenticate": "Bearer"}),
-    Forbidden: Answer(403),
-    NotFound: Answer(404),
-    CollectionNotFound: Answer(404),
-    StoreError: Answer(409),  # the store's state refuses it: another embedder's index, a running job
-    TooLarge: Answer(413),
-    RateLimited: Answer(429),  # one client over its rate (a flood of feedback)
+    InputError: Answer(400, "bad input: a value, a filter, a query the service cannot take"),
+    InvalidCollectionName: Answer(400, "an invalid collection name"),
+    Unauthorized: Answer(401, "no or a wrong API key", {"WWW-Authenticate": "Bearer"}),
+    Forbidden: Answer(403, "write routes off: no API keys configured"),
+    NotFound: Answer(
+        404,
+        "an unknown job or document; feedback on a search id the log does not hold "
+        "(unknown, or past `feedback.retention_days`)",
+    ),
+    CollectionNotFound: Answer(404, "an unknown collection"),
+    StoreError: Answer(409, "the store refuses it: an index built by another embedder, a running job"),
+    TooLarge: Answer(413, "over a size limit (body, items per request, events per feedback batch)"),
+    RateLimited: Answer(429, "a client over its feedback rate (`feedback.rate_per_s`, `feedback.burst`)"),
     # the service's own failures
-    ModelError: Answer(500),  # a model failed on the batch or answered NaN
+    ModelError: Answer(500, "a model failed on the batch or answered NaN (named; traceback in the log)"),
     # busy or not ready: retry
-    Overloaded: Answer(503),
-    ModelOverloaded: Answer(503),
-    ModelLoading: Answer(503),
-    ModelLoadError: Answer(503),
-    RemoteUnavailable: Answer(503),
-    StoreUnavailable: Answer(503),
-    StoreLockedError: Answer(503),
-    TwostageError: Answer(400),  # any other complete, user-facing message
+    Overloaded: Answer(503, "a full queue (`api.max_pending`, `Retry-After: 1`)"),
+    ModelOverloaded: Answer(503, "the device is out of memory for this batch"),
+    ModelLoading: Answer(503, "models still loading"),
+    ModelLoadError: Answer(503, "a model failed to load (`/readyz` says why)"),
+    RemoteUnavailable: Answer(503, "a model server unreachable (its own delay where it says one)"),
+    StoreUnavailable: Answer(503, "the Qdrant server unreachable"),
+    StoreLockedError: Answer(503, "the store or the registry is held by another process or a retrain"),
+    TwostageError: Answer(400, "any other complete, user-facing message"),
 }
+# answers that come from outside the table: the framework's validation, and bugs
+OUTSIDE_THE_TABLE = (
+    (422, "(FastAPI)", "a body the schema refuses"),
+    (500, "(any other exception)", "a bug: answered with a request id, the traceback only in the log"),
+)
 
 
 def answer(exc: TwostageError) -> tuple[int, dict[str, str]]:
@@ -90,3 +100,16 @@ def answer(exc: TwostageError) -> tuple[int, dict[str, str]]:
     if found.retry:
         headers["Retry-After"] = str(max(1, round(getattr(exc, "retry_after_s", RETRY_AFTER_S))))
     return found.status, headers
+
+
+def error_table() -> str:
+    """`ERRORS` as the Markdown table docs/service.md carries (tests/test_docs.py keeps them equal)."""
+    rows = [(a.status, f"`{kind.__name__}`", a.when + ("" if not a.retry else " (+ `Retry-After`)"))
+            for kind, a in ERRORS.items()] + list(OUTSIDE_THE_TABLE)  # fmt: skip
+    lines = ["| status | error | when |", "|---|---|---|"]
+    lines += [f"| {status} | {kind} | {when} |" for status, kind, when in sorted(rows, key=lambda r: r[0])]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(error_table(), end="")

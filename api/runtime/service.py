@@ -2,7 +2,7 @@
 
 Built in the app's lifespan from the settings and reached by routes through `deps.py`. Which
 pair serves each collection, and the switch to a new one after a retrain or rollback, is
-`retrieval.deployments.ServedDeployments`'s. Model calls carry the model they are for, so a
+`retrieval.deployments.follower.ServedDeployments`'s. Model calls carry the model they are for, so a
 batch never mixes a request of the old pair with the new one.
 """
 

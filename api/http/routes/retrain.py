@@ -66,7 +66,8 @@ def _write_pairs(rows: list[dict[str, Any]], path: Path, field: str) -> list[str
 @router.post("/v1/retrain", status_code=202)
 async def start_retrain(body: RetrainRequest, service: ServiceDep) -> dict[str, Any]:
     """Queue a retrain of `collection`; poll `GET /v1/jobs/{id}` (its log shows the steps)."""
-    from twostage.training.retrain import RetrainOptions, retrain
+    from twostage.training.retrain import retrain
+    from twostage.training.retrain_run import RetrainOptions
 
     name = check_collection_name(body.collection or service.settings.collection)
     settings = service.settings.model_copy(deep=True)

@@ -19,7 +19,9 @@ def test_the_built_wheel_holds_every_package_and_its_data(tmp_path: Path) -> Non
     # built from a copy: setuptools builds in the tree (build/), and a stale build/ of another
     # checkout state would add modules that no longer exist
     source = tmp_path / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "dist", "__pycache__", "*.egg-info"))
+    shutil.copytree(
+        ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "dist", "__pycache__", "*.egg-info")
+    )
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
          str(source)],

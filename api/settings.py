@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
+from twostage.retrieval.access.settings import AccessSettings
 from twostage.training.settings import TrainingSettings
 
 MOVED_TO_SEARCH = ("rerank", "rerank_k")  # api.X before the settings moved next to their layers
@@ -57,6 +58,7 @@ class Settings(TrainingSettings):
     """The root of the settings tree."""
 
     api: ApiSettings = Field(default_factory=ApiSettings)
+    access: AccessSettings = Field(default_factory=AccessSettings)
 
     @model_validator(mode="before")
     @classmethod

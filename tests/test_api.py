@@ -35,6 +35,7 @@ from twostage.api.settings import Settings
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.ingest.documents import Document
 from twostage.retrieval.ingest.pipeline import ingest_corpus
+from twostage.retrieval.models.source import shown_model
 from twostage.retrieval.models.tiny import TinyModelPaths
 from twostage.retrieval.models.tokens import Qwen3Tokens
 from twostage.retrieval.store.settings import StoreSettings
@@ -209,7 +210,7 @@ def test_body_limit_invalid_json_and_unknown_routes(served: Served) -> None:
 
 
 def test_cohere_sdk_rerank_matches_the_reranker(served: Served) -> None:
-    client = cohere.ClientV2(api_key="unused", base_url=served.url)
+    client = cohere.ClientV2(api_key="secret-key", base_url=served.url)  # a key sent must be valid
     documents = ["a chess engine", "a strategy game", "an image viewer", "chess database and board"]
     result = client.rerank(model="twostage", query="chess", documents=documents, top_n=3)
     expected = served.service.reranker.rerank("chess", documents, top_n=3)
@@ -243,7 +244,7 @@ def test_jina_rerank_returns_documents_and_usage(served: Served) -> None:
 
 
 def test_openai_sdk_embeddings_float_base64_dimensions(served: Served) -> None:
-    client = openai.OpenAI(api_key="unused", base_url=served.url + "/v1")
+    client = openai.OpenAI(api_key="secret-key", base_url=served.url + "/v1")
     texts = ["first document", "second document about chess"]
     default = client.embeddings.create(input=texts, model="twostage")  # the SDK asks for base64
     expected = served.service.embedder.embed_documents(texts)
@@ -322,10 +323,14 @@ def test_tei_routes_with_tei_clients(served: Served, monkeypatch: pytest.MonkeyP
     assert post(served, "/rerank", {"query": "q", "texts": ["x"] * 10_000}).status_code == 413
 
     info = httpx.get(served.url + "/info").json()
-    assert info["model_id"] == embedder.model_id and info["max_input_length"] == 256
+    assert info["model_id"] == shown_model(embedder.model_id) and info["max_input_length"] == 256
     assert info["model_type"] == {"embedding": {"pooling": "mean"}}
     assert info["max_client_batch_size"] == served.settings.api.max_client_batch
-    assert info["reranker"]["model_id"] == reranker.model_id
+    assert (
+        info["reranker"]["model_id"]
+        == shown_model(reranker.model_id)
+        == "qwen3-reranker-tiny@" + (reranker.model_id.rsplit("@", 1)[1])
+    )  # the folder's name, never the server's path
     assert info["model_dtype"] == embedder.numerics == "float32"  # conftest pins float32
 
 
@@ -561,7 +566,7 @@ def test_an_unreachable_qdrant_server_answers_503_not_500(tiny_settings: Setting
 def test_a_request_is_admitted_whole_and_one_over_the_client_batch_is_413(served: Served) -> None:
     """1,000 inputs through the openai SDK on an idle server are one admitted request, not 1,000
     queue entries; 2,049 inputs or documents are refused with the limit named."""
-    client = openai.OpenAI(api_key="unused", base_url=served.url + "/v1", timeout=300)
+    client = openai.OpenAI(api_key="secret-key", base_url=served.url + "/v1", timeout=300)
     inputs = [f"package description number {i}" for i in range(1000)]
     done = client.embeddings.create(model="any", input=inputs)
     assert [d.index for d in done.data] == list(range(1000))
@@ -680,7 +685,9 @@ def test_model_faults_are_json_errors_with_a_metric(
         broken = post(served, "/v2/rerank", {"query": "q", "documents": ["a", "b"]})
         assert broken.status_code == 500, broken.text
         assert (
-            "returned NaN or infinite values" in broken.json()["detail"] and reranker.model_id in broken.text
+            "returned NaN or infinite values" in broken.json()["detail"]
+            and shown_model(reranker.model_id) in broken.text
+            and "/tmp" not in broken.text
         )
         with torch.no_grad():
             norm.copy_(saved)

@@ -285,14 +285,16 @@ def test_searches_are_logged_and_feedback_becomes_stats_pairs_and_a_calibration(
     result = run_cli(["calibrate", "--from-feedback", "--server", served.url, "--json"], env)
     assert result.returncode == 0, result.stderr
     assert f"{len(pairs)} positives from the feedback of" in result.stderr
-    quality = httpx.get(served.url + "/v1/quality", timeout=60).json()
+    quality = httpx.get(
+        served.url + "/v1/quality", headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    ).json()
     assert quality["deployments"][0]["calibration"]["source"].startswith(f"{len(pairs)} positives")
     assert quality["feedback"]["searches"] == 31 and quality["feedback"]["zero_hit"][0]["query"] == "anything"
     cli_search = run_cli(["search", "debian", "--json", "--server", served.url, "--session", "cli"], env)
     assert len(json.loads(cli_search.stdout)["search_id"]) == 32
 
     if CHROMIUM:
-        dom = page_dom(served.url + "/quality", tmp_path / "chromium")
+        dom = page_dom(served.url + f"/quality#key={KEY}", tmp_path / "chromium")
         assert dom.count('class="rank"') == len(quality["feedback"]["click_through"]) and "anything" in dom
 
 

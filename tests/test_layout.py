@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("twostage.retrieval.core",),
     ("twostage.retrieval.models",),
     ("twostage.retrieval.store",),
+    ("twostage.retrieval.access",),
     ("twostage.retrieval.ingest", "twostage.retrieval.search"),
     ("twostage.retrieval.traffic",),
     ("twostage.retrieval.deployments",),

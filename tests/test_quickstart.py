@@ -134,15 +134,23 @@ def test_quickstart_says_which_models_it_uses_and_why(quickstart: Quickstart) ->
     assert (
         "TWOSTAGE_EMBEDDER__MODEL=pypi:all-MiniLM-L6-v2" in saved and "TWOSTAGE_SEARCH__RERANK" not in saved
     )
-    # a write key of its own, readable by its owner only: feedback and retrains reach the server
-    assert "TWOSTAGE_API__API_KEYS=[" in saved
-    assert (Path(quickstart.env["TWOSTAGE_DATA_DIR"]) / "settings.env").stat().st_mode & 0o077 == 0
+    # an admin key of its own (`twostage keys`), printed plainly, kept hashed, and saved for the CLI
+    # here readable by its owner only: feedback and retrains reach the server
+    data = Path(quickstart.env["TWOSTAGE_DATA_DIR"])
+    assert "API_KEYS" not in saved and (data / "settings.env").stat().st_mode & 0o077 == 0
+    key = (data / "cli.key").read_text().strip()
+    assert (data / "cli.key").stat().st_mode & 0o077 == 0 and key.startswith("ts_")
+    stored = json.loads((data / "keys.json").read_text())["keys"]
+    assert [(k["name"], k["scopes"]) for k in stored] == [("quickstart", ["admin"])] and key not in str(
+        stored
+    )
     assert "rerank=auto skips it" in lines[1]
     assert any(f"{SUBSET} documents read" in ln and f"{SUBSET} new" in ln for ln in lines), lines
     log = quickstart.log.read_text()
     assert f"search page:  {quickstart.url}/" in log and f"curl -s {quickstart.url}/v1/search" in log
     assert "twostage search 'play chess against the computer'" in log
     assert "learn:        twostage retrain --pairs-from sample" in log
+    assert f"admin key:    {key}   (saved for the CLI" in log  # plainly, not as a JSON list
 
 
 def test_quickstart_default_search_is_at_least_as_good_as_dense(quickstart: Quickstart) -> None:

@@ -339,7 +339,10 @@ def test_full_cycle_through_the_server_under_load(
         # the promoted deployment was calibrated on the dev pairs: its hits carry relevance
         hits = httpx.post(f"{url}/v1/search", json={"query": "a lightweight text editor"}, timeout=60).json()
         assert all(0 <= h["relevance"] <= 1 for h in hits["hits"]), hits
-        quality = httpx.get(f"{url}/v1/quality", timeout=60).json()
+        assert httpx.get(f"{url}/v1/quality", timeout=60).status_code == 401  # the log is not anonymous's
+        quality = httpx.get(
+            f"{url}/v1/quality", headers={"Authorization": "Bearer secret"}, timeout=60
+        ).json()
         d2 = quality["deployments"][0]
         assert (d2["id"], d2["current"], d2["gate"]["embedder"]["promote"]) == (2, True, True)
         assert d2["embedder"] == "registry/docs/models/d2/embedder"  # not the server's absolute path

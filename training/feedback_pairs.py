@@ -160,15 +160,28 @@ def pairs_from_feedback(
     return out
 
 
-def write_feedback_pairs(log: TrafficLog, out: Path, min_events: int, dwell_s: float, days: float | None,
-                         dev_fraction: float, min_rate: float) -> FeedbackPairs:  # fmt: skip
-    """`twostage pairs from-feedback`: the pairs, one JSON line each with its `split`, written to `out`."""
+def collection_traffic(
+    log: TrafficLog, collection: str, since: float = 0.0
+) -> tuple[list[LoggedSearch], list[Event]]:
+    """The searches on `collection` (any of its versions) since `since`, and their events (plus
+    events on searches the log does not hold, which cannot be told apart): another collection's
+    traffic never teaches or calibrates this one's models."""
+    searches = log.searches(since, collection=collection)
+    others = {s.search_id for s in log.searches(since)} - {s.search_id for s in searches}
+    return searches, [e for e in log.events(since) if e.search_id not in others]
+
+
+def write_feedback_pairs(
+    log: TrafficLog, collection: str, out: Path, min_events: int, dwell_s: float, days: float | None,
+    dev_fraction: float, min_rate: float,
+) -> FeedbackPairs:  # fmt: skip
+    """`twostage pairs from-feedback`: the pairs of `collection`'s traffic, one JSON line each with its
+    `split`, written to `out`."""
     import time
 
     since = 0.0 if days is None else time.time() - days * 86400
-    made = pairs_from_feedback(
-        log.searches(since), log.events(since), min_events, dwell_s, dev_fraction, min_rate
-    )
+    made = pairs_from_feedback(*collection_traffic(log, collection, since), min_events, dwell_s, dev_fraction,
+                               min_rate)  # fmt: skip
     if not made.pairs:
         reason = (f"{made.hashed} of them kept only the query's hash (feedback.store_query_text is off)"
                   if made.hashed else "none had a positive event with enough evidence")  # fmt: skip

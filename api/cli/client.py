@@ -36,6 +36,7 @@ def _batches(
             "source": record.source, "format": record.format, "pages": list(record.pages),
             "sections": [{"start": s.start, "end": s.end, "headings": list(s.headings)}
                          for s in record.sections],
+            **({"acl": list(record.acl)} if record.acl is not None else {}),
         }  # fmt: skip
         item_size = len(json.dumps(item, ensure_ascii=False).encode())
         if batch and (len(batch) >= docs or size + item_size > max_bytes):

@@ -46,8 +46,8 @@ def _from_feedback(args: argparse.Namespace) -> int:
     min_rate = settings.feedback.pairs_min_rate if args.min_rate is None else args.min_rate
     log = open_log()
     try:
-        made = write_feedback_pairs(log, Path(args.out), args.min_events, args.dwell_s, args.days,
-                                    settings.retrain.dev_fraction, min_rate)  # fmt: skip
+        made = write_feedback_pairs(log, settings.collection, Path(args.out), args.min_events, args.dwell_s,
+                                    args.days, settings.retrain.dev_fraction, min_rate)  # fmt: skip
     finally:
         log.close()
     dev = sum(1 for p in made.pairs if p.query in made.dev_queries)
@@ -76,15 +76,17 @@ PAIR_SOURCES = ("feedback", "synthetic", "sample")
 
 
 def logged_pairs(what: str) -> "FeedbackPairs":
-    """The pairs of the whole search log (`training.feedback_pairs`); none is an error saying why."""
+    """The pairs of the search log's searches on the configured collection (`training.feedback_pairs`);
+    none is an error saying why."""
     from twostage.api.settings import Settings
     from twostage.retrieval.core.errors import InputError
-    from twostage.training.feedback_pairs import pairs_from_feedback
+    from twostage.training.feedback_pairs import collection_traffic, pairs_from_feedback
 
-    min_rate = Settings().feedback.pairs_min_rate
+    settings = Settings()
     log = open_log()
     try:
-        made = pairs_from_feedback(log.searches(), log.events(), min_rate=min_rate)
+        made = pairs_from_feedback(*collection_traffic(log, settings.collection),
+                                   min_rate=settings.feedback.pairs_min_rate)  # fmt: skip
     finally:
         log.close()
     if not made.pairs:

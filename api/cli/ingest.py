@@ -49,6 +49,10 @@ def add_ingest_command(commands: Any) -> None:
         "--server", help="ingest through a running service at this URL (its store, its embedder)"
     )
     ingest.add_argument("--api-key", help="bearer key for --server (default: $TWOSTAGE_API_KEY)")
+    ingest.add_argument(
+        "--acl", help="who may see the documents, comma-separated principals (user:NAME, group:NAME, "
+        "tenant:NAME) or public; a record's own `acl` and a folder's .twostage-acl.toml come first",
+    )  # fmt: skip
     ingest.add_argument("--json", action="store_true", help="print the report as JSON")
     ingest.add_argument("--quiet", action="store_true", help="no progress output")
     ingest.set_defaults(handler=_ingest)
@@ -60,6 +64,7 @@ def _ingest(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from twostage.api.settings import Settings
+    from twostage.retrieval.access.principals import parse_acl
     from twostage.retrieval.ingest.readers import CorpusReader, parse_shard
     from twostage.retrieval.store.vector_store import check_collection_name
 
@@ -79,7 +84,8 @@ def _ingest(args: argparse.Namespace) -> int:
         settings.ingest.max_document_chars,
         workers=args.workers or settings.ingest.workers,
         shard=shard,
-    )  # fails fast on a missing path
+        acl=parse_acl(args.acl, "--acl") if args.acl else None,
+    )  # fails fast on a missing path or a bad ACL file
     if args.server:
         from twostage.api.cli.client import ingest_via_server
 

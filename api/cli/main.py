@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from twostage.api.cli.feedback import add_feedback_commands
 from twostage.api.cli.ingest import add_ingest_command
+from twostage.api.cli.keys import add_keys_commands
 from twostage.api.cli.retrain import add_retrain_commands
 from twostage.api.cli.search import add_search_command
 from twostage.api.cli.training import add_training_commands, positive_int
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_commands(commands)
     add_retrain_commands(commands)
     add_feedback_commands(commands)
+    add_keys_commands(commands)
 
     serve = commands.add_parser("serve", help="serve /v1/search and the compatible endpoints (uvicorn)")
     serve.add_argument("--host", help="default TWOSTAGE_API__HOST (127.0.0.1)")

@@ -6,8 +6,9 @@
    offline models that install from PyPI. Two lines say which and why. A model the user
    named explicitly that does not load is an error, never silently replaced.
 3. Save the choices in `DATA/settings.env`, so later commands on this data directory (serve,
-   search, ingest, retrain) use the models that built its index; with a write key where none
-   is configured, so the server takes feedback and retrains and the CLI here can send them.
+   search, ingest, retrain) use the models that built its index; and, where no key is
+   configured, make the data directory's admin key (`twostage keys`), printed, and saved for the
+   CLI here (`DATA/cli.key`), so the server takes feedback and retrains from whoever holds it.
 4. Ingest PATH, or the Debian sample shipped in the package; unchanged documents are skipped,
    so a second run is quick.
 5. Serve, printing the search page's URL, a `curl` and a `twostage search` to try.
@@ -20,15 +21,11 @@ better than recall. The output says so.
 """
 
 import argparse
-import json
 import os
-import secrets
 import shlex
 from dataclasses import dataclass
 from importlib.resources import as_file, files
 from pathlib import Path
-
-from pydantic import SecretStr
 
 from twostage.api.settings import Settings
 from twostage.retrieval.core.errors import InputError, ModelLoadError
@@ -90,16 +87,10 @@ def choose_model(
 
 
 def _save_choices(choices: list[ModelChoice], settings: Settings) -> Path:
-    """Record fallbacks in DATA/settings.env (kept lines of other keys stay), and a write key where
-    none is configured: the server then takes feedback, documents and retrains from whoever holds
-    it, and the CLI on this data directory reads it from the same file (owner-only permissions)."""
+    """Record fallbacks in DATA/settings.env (kept lines of other keys stay), owner-only."""
     path = saved_settings_file()
     lines = path.read_text().splitlines() if path.exists() else []
     values = {f"TWOSTAGE_{c.role.upper()}__MODEL": c.name for c in choices if c.fell_back}
-    if not settings.api.api_keys:
-        key = secrets.token_urlsafe(24)
-        values["TWOSTAGE_API__API_KEYS"] = json.dumps([key])
-        settings.api.api_keys = [SecretStr(key)]
     kept = [ln for ln in lines if ln.split("=", 1)[0].strip() not in values]
     if values:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +104,7 @@ def quickstart(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", HUB_TIMEOUT_S)  # read when huggingface_hub is imported
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", HUB_TIMEOUT_S)
     from twostage.api.cli.ingest import ingest_local
-    from twostage.api.http.serving import bind, public_url, serve
+    from twostage.api.http.serving import bind, data_dir_key, public_url, serve
     from twostage.retrieval.ingest.readers import CorpusReader
 
     settings = Settings()
@@ -141,8 +132,9 @@ def quickstart(args: argparse.Namespace) -> int:
         print(f"reranker: {choices[1].name} ({choices[1].why}){rerank_line}", flush=True)
         saved = _save_choices(choices, settings)
         if saved.exists():
-            print(f"saved in {saved}: later commands on this data directory use the same models and write "
-                  "key", flush=True)  # fmt: skip
+            print(f"saved in {saved}: later commands on this data directory use the same models",
+                  flush=True)  # fmt: skip
+        admin_key = None if settings.api.api_keys else data_dir_key(settings)
         if not args.path:  # the sample's records carry their Debian section: make it filterable
             settings.store.payload_indexes.setdefault("metadata.section", "keyword")
         with as_file(files("twostage.api.cli") / "samples" / SAMPLE) as sample:
@@ -164,8 +156,14 @@ def quickstart(args: argparse.Namespace) -> int:
             + ("" if args.path else """ --filter '{"metadata.section": "games"}'"""),
             "  learn:        twostage retrain --pairs-from sample   (the sample's labelled queries; the gate "
             "decides, a promoted pair serves at once)",
-            "  write key:    TWOSTAGE_API__API_KEYS in the data directory's settings.env (the CLI here uses "
-            "it; clients send it as a bearer token with feedback and documents)",
+            *(
+                [
+                    f"  admin key:    {admin_key}   (saved for the CLI here in the data directory's cli.key; "
+                    "clients send it as a bearer token; twostage keys add makes narrower ones)"
+                ]
+                if admin_key
+                else []
+            ),
             "  stop with Ctrl-C",
         ]
         serve(settings, sock, announce=announce)

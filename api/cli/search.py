@@ -89,10 +89,12 @@ def _embedded(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
     """The search the service would run, on this process's own store, loading only the models its
     plan uses (no `Service`: no batchers, refresher or job runner for one query)."""
     from dataclasses import asdict
+    from functools import partial
 
     from pydantic import ValidationError
 
     from twostage.api.http.schemas import SearchRequest
+    from twostage.retrieval.access.caller import OPERATOR, visible_filter
     from twostage.retrieval.deployments.follower import load_served
     from twostage.retrieval.search.two_stage import needs_reranker, search
     from twostage.retrieval.store.collections import open_store
@@ -110,11 +112,13 @@ def _embedded(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
         deployment = load_served(
             settings, store, collection, reranker=needs_reranker(settings, request.rerank)
         )
-        result = search(deployment, store, request.search_query(deployment), settings)
+        # the data directory's own user: every document (what a server's admin key sees)
+        visible = partial(visible_filter, OPERATOR, default_public=False)
+        result = search(deployment, store, request.search_query(deployment, visible), settings)
         search_id = new_search_id()
         traffic = TrafficLog(settings.data_dir, settings.feedback)
         try:  # logged as the server logs it, so feedback may name it
-            traffic.log_search(request.logged(search_id, result, deployment))
+            traffic.log_search(request.logged(search_id, result, deployment, OPERATOR))
         finally:
             traffic.close()
         return {"search_id": search_id, **asdict(result)}

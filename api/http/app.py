@@ -26,6 +26,7 @@ from twostage.api.runtime.interrupts import graceful
 from twostage.api.runtime.service import Service
 from twostage.api.settings import Settings
 from twostage.retrieval.core.errors import TwostageError
+from twostage.retrieval.models.source import shown_text
 
 STATIC = Path(__file__).resolve().parent / "static"
 access_log = logging.getLogger("twostage.access")
@@ -103,7 +104,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TwostageError)
     async def twostage_error(request: Request, exc: TwostageError) -> JSONResponse:
         status, headers = answer(exc)
-        return _error(status, str(exc), headers=headers or None)
+        # no server path reaches a client: a model's folder is named by its last component
+        return _error(
+            status, shown_text(str(exc), request.app.state.service.settings.data_dir), headers or None
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,12 +1,17 @@
-"""Dependencies routes declare: the service, and the API-key checks."""
+"""Dependencies routes declare: the service, and the caller with the scope a route needs.
 
-import hmac
+The caller is resolved once per request, here (`get_caller`: the bearer key through the service's
+`KeyRing`), and handed to the route; nothing below reads headers. Every route names its scope
+with one of the `*Access` dependencies or takes `CallerDep` and checks what it reads itself.
+"""
+
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from twostage.api.http.errors import Forbidden, Unauthorized
 from twostage.api.runtime.service import Service
+from twostage.retrieval.access.caller import Caller, Scope
 
 
 def get_service(request: Request) -> Service:
@@ -23,32 +28,27 @@ def presented_key(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def _key_matches(presented: str, service: Service) -> bool:
-    """Constant-time comparison against every configured key (no early exit on a match)."""
-    matched = False
-    for key in service.settings.api.api_keys:
-        matched |= hmac.compare_digest(presented.encode(), key.get_secret_value().encode())
-    return matched
+def get_caller(request: Request, service: ServiceDep) -> Caller:
+    """The request's caller (401 for an unknown or revoked key), resolved once per request."""
+    cached: Caller | None = getattr(request.state, "caller", None)
+    if cached is None:
+        cached = service.caller(presented_key(request))
+        request.state.caller = cached
+    return cached
 
 
-def require_read_key(request: Request, service: ServiceDep) -> None:
-    """Reads need a key only when `api.keys_for_reads` is set."""
-    if service.settings.api.keys_for_reads:
-        _check(request, service)
+CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-def require_write_key(request: Request, service: ServiceDep) -> None:
-    """Writes always need a key; with none configured, write routes are disabled."""
-    if not service.settings.api.api_keys:
-        raise Forbidden("write routes are disabled: configure TWOSTAGE_API__API_KEYS")
-    _check(request, service)
+def _scope(scope: Scope) -> Callable[[Caller], Caller]:
+    def check(caller: CallerDep) -> Caller:
+        caller.require(scope)
+        return caller
+
+    return check
 
 
-def _check(request: Request, service: ServiceDep) -> None:
-    presented = presented_key(request)
-    if presented is None or not _key_matches(presented, service):
-        raise Unauthorized("missing or invalid API key")
-
-
-ReadAccess = Depends(require_read_key)
-WriteAccess = Depends(require_write_key)
+SearchAccess = Depends(_scope("search"))
+FeedbackAccess = Depends(_scope("feedback"))
+IngestAccess = Depends(_scope("ingest"))
+AdminAccess = Depends(_scope("admin"))

@@ -15,6 +15,7 @@ like out of memory and loading models: the server is busy, not the client over a
 from dataclasses import dataclass, field
 
 from twostage.retrieval.core.errors import (
+    Forbidden,
     InputError,
     ModelError,
     ModelLoadError,
@@ -26,6 +27,7 @@ from twostage.retrieval.core.errors import (
     RemoteUnavailable,
     TooLarge,
     TwostageError,
+    Unauthorized,
 )
 from twostage.retrieval.store.vector_store import (
     CollectionNotFound,
@@ -36,14 +38,6 @@ from twostage.retrieval.store.vector_store import (
 )
 
 RETRY_AFTER_S = 5
-
-
-class Unauthorized(TwostageError):
-    """A write route without a valid API key (HTTP 401)."""
-
-
-class Forbidden(TwostageError):
-    """A write route while no API keys are configured (HTTP 403)."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +57,12 @@ ERRORS: dict[type[TwostageError], Answer] = {
     # the caller's mistakes
     InputError: Answer(400, "bad input: a value, a filter, a query the service cannot take"),
     InvalidCollectionName: Answer(400, "an invalid collection name"),
-    Unauthorized: Answer(401, "no or a wrong API key", {"WWW-Authenticate": "Bearer"}),
-    Forbidden: Answer(403, "write routes off: no API keys configured"),
+    Unauthorized: Answer(401, "no, an unknown or a revoked API key", {"WWW-Authenticate": "Bearer"}),
+    Forbidden: Answer(
+        403,
+        "a key without the scope the route needs (named), a collection or an "
+        "`on_behalf_of` the key may not use; write routes without any key configured",
+    ),
     NotFound: Answer(
         404,
         "an unknown job or document; feedback on a search id the log does not hold "

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from twostage.retrieval.access.principals import ACL_FIELD
 from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.store.vector_store import AnyOf, Condition, Equals, FieldType, Filter, Range
 
@@ -18,6 +19,10 @@ def parse_filter(spec: dict[str, Any] | None, indexed: dict[str, FieldType]) -> 
         return None
     conditions: list[Condition] = []
     for key, value in spec.items():
+        if key == ACL_FIELD or key.startswith(ACL_FIELD + "."):
+            raise InputError(
+                f"cannot filter on {key!r}: who sees what comes from the API key, not the request"
+            )
         if key not in indexed:
             raise InputError(
                 f"cannot filter on {key!r}: not an indexed field (indexed: {', '.join(sorted(indexed))})"

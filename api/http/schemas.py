@@ -6,13 +6,15 @@ Filters on the wire are a mapping from an indexed payload field to a value (equa
     {"metadata.section": "games", "chunk_index": {"lte": 2}, "source": {"any": ["a", "b"]}}
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from twostage.api.http.filters import parse_filter
+from twostage.retrieval.access.caller import Caller
 from twostage.retrieval.search.two_stage import Deployment, SearchHit, SearchQuery, SearchResult
+from twostage.retrieval.store.vector_store import Filter
 from twostage.retrieval.traffic.log import LoggedSearch
 
 MAX_QUERY_CHARS = 32_768
@@ -27,6 +29,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class OnBehalfOf(_Strict):
+    """The end user a delegating key searches for: the search sees the intersection of the key's
+    principals and `user:USER` and `group:G` for each group."""
+
+    user: str | None = Field(None, min_length=1, max_length=128)
+    groups: list[str] = Field(default_factory=list, max_length=256)
+
+
 class SearchRequest(_Strict):
     query: str = Field(min_length=1, max_length=MAX_QUERY_CHARS)
     instruction: str | None = Field(None, min_length=1, max_length=MAX_INSTRUCTION_CHARS)
@@ -37,6 +47,9 @@ class SearchRequest(_Strict):
         "(default: the service's setting, else all top_k)",
     )  # fmt: skip
     filter: dict[str, FilterValue] | None = None
+    on_behalf_of: OnBehalfOf | None = Field(
+        None, description="a delegating key (keys add --delegate) searching for one of its users"
+    )
     rerank: bool | Literal["auto"] | None = Field(
         None, description='rerank the recalled chunks: true, false, or "auto" (only a reranker that '
         "measured better than recall; default: the service's setting, auto)",
@@ -60,22 +73,32 @@ class SearchRequest(_Strict):
         "log with the search (feedback, and a canary's share, follow sessions)",
     )  # fmt: skip
 
-    def search_query(self, deployment: Deployment) -> SearchQuery:
-        """The search this body asks for, its filter checked against the deployment's indexed fields."""
+    def search_query(
+        self, deployment: Deployment, visible: Callable[[Filter | None], Filter | None]
+    ) -> SearchQuery:
+        """The search this body asks for, its filter checked against the deployment's indexed fields
+        and the caller's permissions ANDed in (`visible`: `Service.visible` for the caller)."""
+        flt = visible(parse_filter(self.filter, deployment.manifest.payload_indexes))
         return SearchQuery(
             query=self.query, top_k=self.top_k, top_n=self.top_n, instruction=self.instruction,
-            filter=parse_filter(self.filter, deployment.manifest.payload_indexes), recall=self.recall,
+            filter=flt, recall=self.recall,
             rerank=self.rerank, rerank_k=self.rerank_k, rerank_fusion=self.rerank_fusion,
             group_by_doc=self.group_by_doc, min_relevance=self.min_relevance,
         )  # fmt: skip
 
+    def caller(self, caller: Caller) -> Caller:
+        """Who this search runs as: the key's caller, narrowed to the end user of `on_behalf_of`."""
+        if self.on_behalf_of is None:
+            return caller
+        return caller.acting_for(self.on_behalf_of.user, self.on_behalf_of.groups)
+
     def logged(
-        self, search_id: str, result: SearchResult, deployment: Deployment, arm: str | None = None,
-        teams: "Sequence[str] | None" = None,
+        self, search_id: str, result: SearchResult, deployment: Deployment, caller: Caller,
+        arm: str | None = None, teams: "Sequence[str] | None" = None,
     ) -> LoggedSearch:  # fmt: skip
-        """What the search log keeps of this search, answered with `result`."""
+        """What the search log keeps of this search, answered with `result`, and whose it is."""
         return LoggedSearch.of(search_id, self.query, self.instruction, self.filter, self.session, result,
-                               deployment.record, arm, teams)  # fmt: skip
+                               deployment.record, arm, teams, owner=caller)  # fmt: skip
 
     @model_validator(mode="after")
     def _top_n_within_top_k(self) -> "SearchRequest":

@@ -17,7 +17,9 @@ import sys
 from typing import Any
 
 from twostage.api.settings import Settings
-from twostage.retrieval.core.errors import InputError
+from twostage.retrieval.access.caller import OPERATOR
+from twostage.retrieval.access.keys import KeyRing
+from twostage.retrieval.core.errors import InputError, Unauthorized
 
 SERVER_FILE = "server.json"
 
@@ -48,11 +50,41 @@ def public_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
+CLI_KEY_FILE = "cli.key"  # the data directory's own admin key, for the CLI on it (owner-only)
+
+
 def api_key(given: str | None, settings: Settings) -> str | None:
     """The key the CLI sends: `--api-key`, else $TWOSTAGE_API_KEY, else this data directory's own
-    write key (the first of `api.api_keys`, e.g. the one quickstart saved)."""
-    keys = settings.api.api_keys
-    return given or os.environ.get("TWOSTAGE_API_KEY") or (keys[0].get_secret_value() if keys else None)
+    admin key (`DATA/cli.key`, the one quickstart made), else the first of `api.api_keys`."""
+    if given or os.environ.get("TWOSTAGE_API_KEY"):
+        return given or os.environ.get("TWOSTAGE_API_KEY")
+    try:
+        return (settings.data_dir / CLI_KEY_FILE).read_text().strip() or None
+    except OSError:
+        keys = settings.api.api_keys
+        return keys[0].get_secret_value() if keys else None
+
+
+def data_dir_key(settings: Settings) -> str:
+    """This data directory's own admin key: the saved one while the server still takes it, else a
+    new one made with `KeyRing.add` (as `twostage keys add quickstart --scopes admin` would) and
+    saved for the CLI (owner-only). Printed by quickstart; clients send it as a bearer token."""
+    ring = KeyRing(settings.data_dir)
+    path = settings.data_dir / CLI_KEY_FILE
+    try:
+        saved = path.read_text().strip()
+        if saved and ring.caller(saved, OPERATOR).admin:
+            return saved
+    except (OSError, Unauthorized):
+        pass
+    name = next(n for n in (f"quickstart{'' if i == 0 else f'-{i}'}" for i in range(1000))
+                if all(row["name"] != n for row in ring.listed()))  # fmt: skip
+    key: str = ring.add(name, ["admin"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(key + "\n")
+    return key
 
 
 def running_server(settings: Settings) -> str | None:

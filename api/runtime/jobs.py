@@ -72,6 +72,7 @@ class Job:
     error: str | None = None
     log: list[str] = field(default_factory=list)  # progress lines (a retrain's; the newest 200)
     progress: dict[str, int] = field(default_factory=dict)  # an ingest's documents read, chunks written
+    owner: str | None = None  # the API key's name that submitted it: only it (or an admin) reads it
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,15 +106,16 @@ class JobRunner:
         self._worker = threading.Thread(target=self._loop, name="jobs", daemon=True)
         self._worker.start()
 
-    def submit(self, collection: str, records: list[Document | BadRecord]) -> Job:
-        job = Job(uuid.uuid4().hex, collection, sum(isinstance(r, Document) for r in records))
+    def submit(self, collection: str, records: list[Document | BadRecord], owner: str | None = None) -> Job:
+        job = Job(uuid.uuid4().hex, collection, sum(isinstance(r, Document) for r in records), owner=owner)
         return self._enqueue(job, lambda _: asdict(self._ingest(collection, records, JobProgress(job))))
 
     def submit_work(
-        self, collection: str, kind: Literal["retrain"], work: Callable[[Job], dict[str, Any]]
-    ) -> Job:
+        self, collection: str, kind: Literal["retrain"], work: Callable[[Job], dict[str, Any]],
+        owner: str | None = None,
+    ) -> Job:  # fmt: skip
         """Any other job (a retrain): `work(job)` returns the report and may `job.say` progress."""
-        return self._enqueue(Job(uuid.uuid4().hex, collection, 0, kind=kind), work)
+        return self._enqueue(Job(uuid.uuid4().hex, collection, 0, kind=kind, owner=owner), work)
 
     def _enqueue(self, job: Job, work: Callable[[Job], dict[str, Any]]) -> Job:
         try:
@@ -158,8 +160,11 @@ class JobRunner:
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
-    def delete_document(self, collection: str, doc_id: str) -> int:
-        """Delete a document's chunks from the live version; returns how many were removed.
+    def delete_document(
+        self, collection: str, doc_id: str, visible: Callable[[Filter], Filter | None] = lambda f: f
+    ) -> int:
+        """Delete a document's chunks from the live version; returns how many were removed (0 for a
+        document the caller may not see: `visible` adds the caller's permissions to the filter).
 
         Waits at most `DELETE_WAIT_S` for a running job (a retrain holds the lock for minutes),
         then refuses with 409 naming the job, so the caller is answered promptly either way.
@@ -175,7 +180,8 @@ class JobRunner:
             )
         try:
             target = service.deployment(collection).collection
-            flt = Filter(must=(AnyOf("doc_id", (doc_id,)),))
+            flt = visible(Filter(must=(AnyOf("doc_id", (doc_id,)),)))
+            assert flt is not None
             removed = service.store.count(target, flt)
             if removed:
                 service.store.delete(target, flt)

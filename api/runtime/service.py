@@ -20,6 +20,8 @@ from twostage.api.runtime.jobs import JobRunner
 from twostage.api.runtime.micro_batcher import MicroBatcher
 from twostage.api.runtime.rate_limit import RateLimiter
 from twostage.api.settings import Settings
+from twostage.retrieval.access.caller import Caller, visible_filter
+from twostage.retrieval.access.keys import KeyRing
 from twostage.retrieval.core.errors import (
     ModelError,
     ModelOverloaded,
@@ -35,7 +37,7 @@ from twostage.retrieval.models.tokens import Qwen3Tokens
 from twostage.retrieval.search.calibration import Calibration
 from twostage.retrieval.search.two_stage import Deployment
 from twostage.retrieval.store.collections import open_store
-from twostage.retrieval.store.vector_store import VectorStore
+from twostage.retrieval.store.vector_store import Filter, VectorStore
 from twostage.retrieval.traffic.log import TrafficLog
 
 log = logging.getLogger("twostage.api")
@@ -123,6 +125,7 @@ class Service:
         self.rerank_batcher: MicroBatcher[RerankItem, list[float]] | None = None
         self.jobs: JobRunner | None = None
         self.traffic: TrafficLog | None = None  # the search log and feedback events
+        self.keys = KeyRing(settings.data_dir, [k.get_secret_value() for k in settings.api.api_keys])
         feedback = settings.feedback
         self.feedback_limiter = RateLimiter("feedback", feedback.rate_per_s, feedback.burst)
         # the one owner of loaded models, shared with an in-process retrain
@@ -131,6 +134,22 @@ class Service:
         self._canary_watch = threading.Thread(target=self._watch_canary, name="canary", daemon=True)
         for role in ("embedder", "reranker"):
             self.metrics.models_resident.labels(role).set_function(partial(self._resident, role))
+
+    def caller(self, presented: str | None) -> Caller:
+        """Who a request with bearer key `presented` (None: no key) is (`retrieval.access`)."""
+        if not self.keys.any_keys():  # a local service with no key: open to reads and feedback, as always
+            return Caller(None, frozenset({"search", "feedback"}), None, open=True)
+        restricted = self.keys.restricted
+        api, access = self.settings.api, self.settings.access
+        reads = not api.keys_for_reads and not (restricted and access.anonymous == "deny")
+        anonymous = Caller(
+            None, frozenset({"search"}) if reads else frozenset(), frozenset() if restricted else None
+        )
+        return self.keys.caller(presented, anonymous)
+
+    def visible(self, caller: Caller, user_filter: Filter | None) -> Filter | None:
+        """`user_filter` with the caller's permissions ANDed in (`visible_filter`, the one place)."""
+        return visible_filter(caller, user_filter, self.settings.access.default == "public")
 
     # -- lifecycle -------------------------------------------------------------------------
 

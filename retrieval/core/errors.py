@@ -49,6 +49,14 @@ class RateLimited(TwostageError):
         self.retry_after_s = retry_after_s
 
 
+class Unauthorized(TwostageError):
+    """No API key, or one that is unknown or revoked, where the route needs one (HTTP 401)."""
+
+
+class Forbidden(TwostageError):
+    """A valid key without the scope, collection or delegation the request needs (HTTP 403)."""
+
+
 class NotFound(TwostageError):
     """A job, document or other named thing the request refers to does not exist (HTTP 404)."""
 

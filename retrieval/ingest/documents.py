@@ -11,6 +11,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from twostage.retrieval.access.principals import ACL_FIELD, stored_acl
+
 # Fixed namespace for chunk point ids: uuid5(namespace, f"{doc_id}\x1f{chunk_index}").
 CHUNK_NAMESPACE = uuid.UUID("6f2a4f0e-8d1c-5b7a-9e43-2c61d0b8a915")
 
@@ -46,10 +48,14 @@ class Document:
     pages: tuple[int, ...] = ()
     format: str = "jsonl"
     size: int = 0
+    acl: tuple[str, ...] | None = None  # who may see it (None: `access.default` decides)
 
     @property
     def content_hash(self) -> str:
         """sha256 over everything that ends up in the index: a change of any field re-ingests.
+
+        Not the ACL: a change of permissions alone re-writes the stored payloads, never the
+        vectors (`pipeline.py`).
 
         Structure is hashed only where a document has some, so documents read before readers
         knew about structure keep their hash (a reindex is not forced on every JSONL corpus).
@@ -138,6 +144,7 @@ def chunk_payload(doc: Document, chunk: Chunk, doc_hash: str, n_chunks: int) -> 
         "metadata": doc.metadata,
         "doc_hash": doc_hash,
         "chunk_hash": chunk.text_hash,
+        ACL_FIELD: stored_acl(doc.acl),
     }
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from twostage.retrieval.access.principals import ACL_FIELD, stored_acl
 from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.ingest.documents import BadRecord, Chunk, Document, chunk_payload
@@ -51,6 +52,7 @@ class IngestReport:
     new: int = 0
     updated: int = 0
     unchanged: int = 0
+    acl_updated: int = 0  # unchanged documents whose permissions were re-written (no re-embedding)
     deleted: int = 0
     chunks_embedded: int = 0
     bad_records: int = 0
@@ -84,7 +86,9 @@ class IngestReport:
         kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(self.skipped_by_kind.items()))
         parts = [
             f"{self.collection}: {self.documents} documents read" + (f" ({formats})" if formats else ""),
-            f"{self.new} new, {self.updated} updated, {self.unchanged} unchanged, {self.deleted} deleted",
+            f"{self.new} new, {self.updated} updated, {self.unchanged} unchanged"
+            + (f" ({self.acl_updated} with new permissions)" if self.acl_updated else "")
+            + f", {self.deleted} deleted",
             f"{self.chunks_embedded} chunks embedded in {self.elapsed_s:.1f}s ({self.chunks_per_s:.1f}/s)",
             f"{self.bad_records} bad records skipped" + (f" ({kinds})" if kinds else ""),
             f"index now {self.total_documents} documents / {self.total_chunks} chunks",
@@ -342,7 +346,7 @@ class Ingestor:
         for rec in self.store.scroll(
             collection,
             Filter(must=(AnyOf("doc_id", ids),)),
-            ["doc_id", "chunk_index", "doc_hash", "n_chunks"],
+            ["doc_id", "chunk_index", "doc_hash", "n_chunks", ACL_FIELD],
         ):
             stored.setdefault(rec.payload["doc_id"], []).append(rec.payload)
         per_batch = max(16, self.settings.lookup_docs)
@@ -351,6 +355,12 @@ class Ingestor:
             old = stored.get(doc.id, [])
             if old and _complete(old, doc_hash):
                 report.unchanged += 1
+                acl = stored_acl(doc.acl)
+                if any(p.get(ACL_FIELD) != acl for p in old):  # permissions alone: no re-embedding
+                    self.store.set_payload(
+                        collection, Filter(must=(Equals("doc_id", doc.id),)), {ACL_FIELD: acl}
+                    )
+                    report.acl_updated += 1
                 self._finished(doc.size, report)
                 continue
             if old:

@@ -20,10 +20,13 @@ import unicodedata
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
+from twostage.retrieval.access.principals import ACL_FIELD, parse_acl
 from twostage.retrieval.core.errors import InputError
+from twostage.retrieval.ingest.acl_files import ACL_FILE, FolderAcls
 from twostage.retrieval.ingest.documents import BadRecord, Document, Section
 from twostage.retrieval.ingest.formats import (
     JSONL_SUFFIXES,
@@ -88,8 +91,11 @@ class CorpusReader:
         workers: int = 1,
         shard: tuple[int, int] | None = None,
         pool_min_bytes: int = POOL_MIN_BYTES,
+        acl: tuple[str, ...] | None = None,
     ) -> None:
         self.path = path
+        self.acl = acl  # `--acl`: documents no record and no ACL file gives one
+        self.folder_acls: FolderAcls | None = None
         self.max_document_chars = max_document_chars
         self.workers = max(1, workers)
         self.pool_min_bytes = pool_min_bytes
@@ -103,6 +109,7 @@ class CorpusReader:
         if not p.exists():
             raise InputError(f"corpus path {path!r} does not exist")
         if p.is_dir():
+            self.folder_acls = FolderAcls(p)  # a bad ACL file fails here, before anything is read
             self.bytes_total = sum(self._size(f) for f in self._files(p) if self._readable(f))
         else:
             self.bytes_total = self._size(p)
@@ -118,6 +125,8 @@ class CorpusReader:
     def _files(self, root: Path) -> list[Path]:
         files, hidden = [], 0
         for f in sorted(root.rglob("*")):
+            if f.name == ACL_FILE:
+                continue  # read by FolderAcls
             if any(part.startswith(".") for part in f.relative_to(root).parts):
                 hidden += f.is_file()
             elif f.is_file():
@@ -135,10 +144,19 @@ class CorpusReader:
         elif format_of(p) is None:  # a file given by name and not a document format: JSONL, as always
             yield from self._jsonl_file(p, p.name)
         else:
-            record = extract_file(str(p), p.name, self.max_document_chars)
+            record = self._permitted(extract_file(str(p), p.name, self.max_document_chars), p.name)
             self.bytes_passed += 0 if isinstance(record, Document) else self._size(p)
             if in_shard(record.id if isinstance(record, Document) else p.name, self.shard):
                 yield record
+
+    def _file_acl(self, rel: str) -> tuple[str, ...] | None:
+        """The ACL of a file of the corpus: its folder's ACL file's, else `--acl`."""
+        found = self.folder_acls.acl_for(rel) if self.folder_acls is not None else None
+        return found if found is not None else self.acl
+
+    def _permitted(self, record: Record, rel: str) -> Record:
+        acl = self._file_acl(rel)
+        return replace(record, acl=acl) if isinstance(record, Document) and acl is not None else record
 
     def _jsonl_file(self, path: Path, source: str) -> Iterator[Record]:
         opener = gzip.open if path.name.lower().endswith(".gz") else open
@@ -168,7 +186,7 @@ class CorpusReader:
         small = sum(file.stat().st_size for file, _ in documents) < self.pool_min_bytes
         if self.workers == 1 or len(documents) < 2 or small:
             for file, rel in documents:
-                record = extract_file(str(file), rel, limit)
+                record = self._permitted(extract_file(str(file), rel, limit), rel)
                 self.bytes_passed += self._size(file) if isinstance(record, BadRecord) else 0
                 yield record
             return
@@ -190,7 +208,7 @@ class CorpusReader:
             record = BadRecord(rel, f"extraction failed: {type(exc).__name__}: {exc}", "unreadable", rel)
         if isinstance(record, BadRecord):
             self.bytes_passed += self._size(file)
-        return record
+        return self._permitted(record, rel)
 
     def _jsonl(self, handle: IO[str], name: str, source: str) -> Iterator[Record]:
         line_no = 0
@@ -250,12 +268,22 @@ class CorpusReader:
         own = record.get("source")
         if own is not None and not isinstance(own, str):
             return BadRecord(location, "'source' must be a string", doc_id=str(doc_id))
-        # other top-level fields (`source` too) are kept as metadata, as they always were
-        extra = {k: v for k, v in record.items() if k not in {"_id", "id", "text", "title", "metadata"}}
-        return make_document(
+        try:  # the record's own ACL, else its file's (an ACL file, --acl)
+            acl = parse_acl(record[ACL_FIELD]) if ACL_FIELD in record else self._file_acl(source)
+        except InputError as exc:
+            return BadRecord(location, str(exc), doc_id=str(doc_id))
+        # other top-level fields (`source` too) are kept as metadata, as they always were; never the ACL
+        extra = {
+            k: v for k, v in record.items() if k not in {"_id", "id", "text", "title", "metadata", ACL_FIELD}
+        }
+        if ACL_FIELD in metadata:
+            return BadRecord(location, f"'metadata.{ACL_FIELD}' is reserved: give permissions as a top-level "
+                             f"'{ACL_FIELD}'", doc_id=str(doc_id))  # fmt: skip
+        document = make_document(
             str(doc_id), text, title, own or source, {**extra, **metadata}, location, self.max_document_chars,
             size=size,
         )  # fmt: skip
+        return replace(document, acl=acl) if isinstance(document, Document) and acl is not None else document
 
 
 def _unsupported(file: Path) -> Unreadable:

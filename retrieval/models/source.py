@@ -9,10 +9,12 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from twostage.retrieval.core.errors import ModelLoadError
 
@@ -177,3 +179,43 @@ def _file_sha256(path: Path) -> str:
 def model_identity(source: ModelSource, cache_dir: Path) -> str:
     """`name@content-hash`: how a loaded model names itself to collections and responses."""
     return f"{source.name}@{fingerprint(source.path, cache_dir)}"
+
+
+def shown_path(value: str, data_dir: Path | None = None) -> str:
+    """A path as a client may see it: relative to the data directory where it lies inside it, else
+    its last component; anything that is not a local path (a hub id) as it is."""
+    if not value.startswith(("/", "./", "../", "~")):
+        return value
+    path = Path(value).expanduser()
+    if data_dir is not None:
+        for root in (Path(data_dir).absolute(), Path(data_dir).resolve()):
+            if path.is_relative_to(root):
+                return str(path.relative_to(root))
+    return path.name
+
+
+def shown_model(model_id: str, data_dir: Path | None = None) -> str:
+    """A model's `name@fingerprint` as responses show it: never a server path (`shown_path`)."""
+    name, at, digest = model_id.rpartition("@")
+    return f"{shown_path(name, data_dir)}@{digest}" if at else shown_path(model_id, data_dir)
+
+
+def shown_paths(value: Any, data_dir: Path | None = None) -> Any:
+    """`value` (a job report, a run manifest) with every local path in it shown as `shown_model`
+    shows one, so no server path reaches a client."""
+    if isinstance(value, str):
+        return shown_model(value, data_dir)
+    if isinstance(value, dict):
+        return {k: shown_paths(v, data_dir) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [shown_paths(v, data_dir) for v in value]
+    return value
+
+
+_PATH_IN_TEXT = re.compile(r"(?<![\w:/.~-])(/[\w.@+~-]+(?:/[\w.@+~-]+)+)")
+
+
+def shown_text(message: str, data_dir: Path | None = None) -> str:
+    """A message for a client with every absolute path in it shown as `shown_model` shows one
+    (a path inside a URL, after `scheme:`, is left alone)."""
+    return _PATH_IN_TEXT.sub(lambda m: shown_model(m.group(1), data_dir), message)

@@ -190,6 +190,12 @@ class EdgeStore:
         with self._mutex:
             self._shard(collection).update(qe.UpdateOperation.delete_points_by_filter(_edge_filter(flt)))
 
+    def set_payload(self, collection: str, flt: Filter, payload: dict[str, Any]) -> None:
+        with self._mutex:
+            self._shard(collection).update(
+                qe.UpdateOperation.set_payload_by_filter(_edge_filter(flt), payload)
+            )
+
     def search(
         self,
         collection: str,

@@ -199,6 +199,9 @@ class QdrantStore:
             collection, points_selector=models.FilterSelector(filter=_qdrant_filter(flt)), wait=True
         )
 
+    def set_payload(self, collection: str, flt: Filter, payload: dict[str, Any]) -> None:
+        self.client.set_payload(collection, payload, points=_qdrant_filter(flt), wait=True)
+
     def search(
         self,
         collection: str,

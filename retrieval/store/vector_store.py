@@ -30,6 +30,7 @@ CORE_INDEXES: dict[str, FieldType] = {
     "chunk_index": "integer",
     "doc_hash": "keyword",
     "source": "keyword",
+    "acl": "keyword",  # who may see the chunk (retrieval/access/principals.py)
 }
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
@@ -209,6 +210,11 @@ class VectorStore(Protocol):
 
     def delete(self, collection: str, flt: Filter) -> None:
         """Delete every point matching `flt`."""
+        ...
+
+    def set_payload(self, collection: str, flt: Filter, payload: dict[str, Any]) -> None:
+        """Set `payload`'s fields on every point matching `flt`, vectors untouched (a document's
+        permissions changed, its text did not)."""
         ...
 
     def search(

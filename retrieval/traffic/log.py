@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from twostage.retrieval.access.caller import Caller
 from twostage.retrieval.core.errors import InputError, NotFound
 from twostage.retrieval.search.two_stage import SearchResult
 from twostage.retrieval.traffic.settings import FeedbackSettings
@@ -36,7 +37,8 @@ _PURGE_EVERY_S = 3600.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS searches (
     search_id TEXT PRIMARY KEY, ts REAL NOT NULL, session TEXT, query TEXT, query_hash TEXT NOT NULL,
-    instruction TEXT, filter TEXT, collection TEXT NOT NULL, deployment INTEGER, hits TEXT NOT NULL, arm TEXT
+    instruction TEXT, filter TEXT, collection TEXT NOT NULL, deployment INTEGER, hits TEXT NOT NULL, arm TEXT,
+    key TEXT, principals TEXT, on_behalf_of TEXT
 );
 CREATE INDEX IF NOT EXISTS searches_ts ON searches (ts);
 CREATE TABLE IF NOT EXISTS events (
@@ -46,6 +48,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_search ON events (search_id);
 CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
 """
+# columns added since the first schema: (name, type), added to an older log when it is opened
+_ADDED_COLUMNS = {"searches": [("key", "TEXT"), ("principals", "TEXT"), ("on_behalf_of", "TEXT")]}
 
 
 def new_search_id(now: float | None = None) -> str:
@@ -91,17 +95,22 @@ class LoggedSearch:
     hits: tuple[ShownHit, ...]
     session: str | None = None
     arm: str | None = None  # while a canary runs: control, candidate or interleaved
+    key: str | None = None  # the API key's name that searched (None: anonymous): the search's owner
+    principals: tuple[str, ...] | None = None  # whose documents it saw (None: every document)
+    on_behalf_of: str | None = None  # the end user a delegating key searched for
 
     @classmethod
     def of(cls, search_id: str, query: str, instruction: str | None, filter: Any, session: str | None,
            result: SearchResult, deployment: int | None, arm: str | None = None,
-           teams: Sequence[str] | None = None) -> "LoggedSearch":  # fmt: skip
+           teams: Sequence[str] | None = None, owner: Caller | None = None) -> "LoggedSearch":  # fmt: skip
         """What the log keeps of a search that was answered with `result` (`filter`: as sent)."""
         picked: Sequence[str | None] = teams or [None] * len(result.hits)
         hits = tuple(ShownHit(h.id, h.doc_id, h.rank, h.recall_score, h.rerank_score, h.relevance, team)
                      for h, team in zip(result.hits, picked, strict=True))  # fmt: skip
+        principals = None if owner is None or owner.principals is None else tuple(sorted(owner.principals))
         return cls(search_id, time.time(), query, query_hash(query), instruction, filter, result.collection,
-                   deployment, hits, session, arm)  # fmt: skip
+                   deployment, hits, session, arm, owner.key if owner else None, principals,
+                   owner.on_behalf_of if owner else None)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,11 @@ class TrafficLog:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns:
+                if name not in have:  # a log written before searches had owners: theirs is nobody's
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
         self._purged = 0.0
 
     def close(self) -> None:
@@ -173,20 +187,24 @@ class TrafficLog:
         query = search.query if self.settings.store_query_text else None
         with self._transaction() as db:
             db.execute(
-                "INSERT OR IGNORE INTO searches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR IGNORE INTO searches ({_COLUMNS}) VALUES ({', '.join('?' * 14)})",
                 (search.search_id, search.ts, search.session, query, search.query_hash, search.instruction,
                  None if search.filter is None else json.dumps(search.filter), search.collection,
-                 search.deployment, hits, search.arm),
+                 search.deployment, hits, search.arm, search.key,
+                 None if search.principals is None else json.dumps(search.principals), search.on_behalf_of),
             )  # fmt: skip
             self._purge_if_due(db, search.ts)
 
-    def record(self, events: Sequence[Event], now: float | None = None) -> Recorded:
+    def record(
+        self, events: Sequence[Event], now: float | None = None, caller: Caller | None = None
+    ) -> Recorded:
         """Store a batch of events, all or none: each is checked against its search (known, in the
-        retention window, the chunk or document shown, its time plausible) before any is written,
-        so a rejected batch can be fixed and resent whole; events already stored count as duplicates."""
+        retention window, `caller`'s own, the chunk or document shown, its time plausible) before any
+        is written, so a rejected batch can be fixed and resent whole; events already stored count as
+        duplicates. Another key's search is answered as an unknown one: its id is not confirmed."""
         now = time.time() if now is None else now
         with self._transaction() as db:
-            searches = self._searches(db, {e.search_id for e in events}, now)
+            searches = self._searches(db, {e.search_id for e in events}, now, caller)
             for i, event in enumerate(events):
                 self._check(i, event, searches.get(event.search_id), now)
             before = db.total_changes
@@ -200,10 +218,13 @@ class TrafficLog:
             accepted = db.total_changes - before
         return Recorded(accepted, len(events) - accepted)
 
-    def _searches(self, db: sqlite3.Connection, ids: set[str], now: float) -> dict[str, LoggedSearch | None]:
+    def _searches(
+        self, db: sqlite3.Connection, ids: set[str], now: float, caller: Caller | None = None
+    ) -> dict[str, LoggedSearch | None]:
         """The logged searches the events name; None for an id of the retention window the log lacks
-        (accepted only with the search log off). An unknown or expired id is `NotFound`."""
-        found = {s.search_id: s for s in self._read_searches(db, sorted(ids))}
+        (accepted only with the search log off). An unknown, expired or not `caller`'s id is `NotFound`."""
+        found = {s.search_id: s for s in self._read_searches(db, sorted(ids))
+                 if caller is None or caller.owns(s.key)}  # fmt: skip
         cutoff = now - self.retention_s
         missing = []
         out: dict[str, LoggedSearch | None] = {}
@@ -261,10 +282,22 @@ class TrafficLog:
             found = self._read_searches(self._db, [search_id])
         return found[0] if found else None
 
-    def searches(self, since: float = 0.0) -> list[LoggedSearch]:
-        """Every logged search since `since`, oldest first."""
+    def searches(
+        self, since: float = 0.0, *, key: str | None = None, collection: str | None = None
+    ) -> list[LoggedSearch]:
+        """Every logged search since `since`, oldest first; only key `key`'s (a non-admin reader's
+        own), only those on collection `collection` (any of its versions), where given."""
+        where: list[str] = ["ts >= ?"]
+        args: list[Any] = [since]
+        if key is not None:
+            where.append("key = ?")
+            args.append(key)
+        if collection is not None:
+            where.append("substr(collection, 1, ?) = ?")
+            args += [len(collection) + 3, f"{collection}__v"]
+        sql = f"SELECT {_COLUMNS} FROM searches WHERE {' AND '.join(where)} ORDER BY ts"
         with self._lock:
-            rows = self._db.execute("SELECT * FROM searches WHERE ts >= ? ORDER BY ts", (since,)).fetchall()
+            rows = self._db.execute(sql, args).fetchall()
         return [_search(row) for row in rows]
 
     def events(self, since: float = 0.0) -> list[Event]:
@@ -294,16 +327,26 @@ class TrafficLog:
         for start in range(0, len(ids), 500):
             part = ids[start : start + 500]
             marks = ",".join("?" * len(part))
-            rows = db.execute(f"SELECT * FROM searches WHERE search_id IN ({marks})", part).fetchall()
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM searches WHERE search_id IN ({marks})", part
+            ).fetchall()
             found += [_search(row) for row in rows]
         return found
 
 
+_COLUMNS = (
+    "search_id, ts, session, query, query_hash, instruction, filter, collection, deployment, hits, arm, "
+    "key, principals, on_behalf_of"
+)
+
+
 def _search(row: tuple[Any, ...]) -> LoggedSearch:
-    search_id, ts, session, query, digest, instruction, filter_, collection, deployment, hits, arm = row
+    (search_id, ts, session, query, digest, instruction, filter_, collection, deployment, hits, arm, key,
+     principals, on_behalf_of) = row  # fmt: skip
     return LoggedSearch(
         search_id, ts, query, digest, instruction, None if filter_ is None else json.loads(filter_),
-        collection, deployment, tuple(ShownHit(**h) for h in json.loads(hits)), session, arm,
+        collection, deployment, tuple(ShownHit(**h) for h in json.loads(hits)), session, arm, key,
+        None if principals is None else tuple(json.loads(principals)), on_behalf_of,
     )  # fmt: skip
 
 

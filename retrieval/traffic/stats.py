@@ -56,10 +56,10 @@ def _label(search: LoggedSearch) -> str:
 
 
 def traffic_stats(log: TrafficLog, days: float = 7.0, low_relevance: float = 0.5, top: int = 10,
-                  now: float | None = None) -> TrafficStats:  # fmt: skip
-    """The last `days` of the log."""
+                  now: float | None = None, key: str | None = None) -> TrafficStats:  # fmt: skip
+    """The last `days` of the log; only key `key`'s searches where given (a non-admin's own)."""
     since = (time.time() if now is None else now) - days * 86400
-    searches = {s.search_id: s for s in log.searches(since)}
+    searches = {s.search_id: s for s in log.searches(since, key=key)}
     events = [e for e in log.events(since) if e.search_id in searches]
     clicked: set[tuple[str, int]] = set()
     for event in events:

@@ -18,10 +18,11 @@ import numpy as np
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from twostage.api.http.deps import ReadAccess, ServiceDep
+from twostage.api.http.deps import SearchAccess, ServiceDep
 from twostage.api.http.schemas import CohereRerankRequest, EmbeddingsRequest, JinaRerankRequest, RerankRequest
 from twostage.api.runtime.service import Service
 from twostage.retrieval.core.errors import InputError, TooLarge
+from twostage.retrieval.models.source import shown_model
 from twostage.retrieval.models.truncation import windows
 
 router = APIRouter(tags=["compatible"])
@@ -106,7 +107,7 @@ async def best_window_scores(
     return scores
 
 
-@router.post("/v2/rerank", dependencies=[ReadAccess])
+@router.post("/v2/rerank", dependencies=[SearchAccess])
 async def cohere_rerank(body: CohereRerankRequest, service: ServiceDep) -> dict[str, Any]:
     results, _ = await rerank_documents(service, body)
     return {
@@ -116,7 +117,7 @@ async def cohere_rerank(body: CohereRerankRequest, service: ServiceDep) -> dict[
     }
 
 
-@router.post("/v1/rerank", dependencies=[ReadAccess])
+@router.post("/v1/rerank", dependencies=[SearchAccess])
 async def jina_rerank(body: JinaRerankRequest, service: ServiceDep) -> dict[str, Any]:
     return jina_answer(service, body, *(await rerank_documents(service, body)))
 
@@ -128,13 +129,13 @@ def jina_answer(
     assert service.reranker is not None
     return {
         "id": str(uuid.uuid4()),
-        "model": body.model or service.reranker.model_id,
+        "model": body.model or shown_model(service.reranker.model_id, service.settings.data_dir),
         "usage": {"total_tokens": used},
         "results": results,
     }
 
 
-@router.post("/v1/embeddings", dependencies=[ReadAccess])
+@router.post("/v1/embeddings", dependencies=[SearchAccess])
 async def openai_embeddings(body: EmbeddingsRequest, service: ServiceDep) -> dict[str, Any]:
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or any(not t.strip() for t in texts):
@@ -161,6 +162,6 @@ async def openai_embeddings(body: EmbeddingsRequest, service: ServiceDep) -> dic
     return {
         "object": "list",
         "data": data,
-        "model": body.model or service.embedder.model_id,
+        "model": body.model or shown_model(service.embedder.model_id, service.settings.data_dir),
         "usage": {"prompt_tokens": used, "total_tokens": used},
     }

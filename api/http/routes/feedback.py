@@ -10,13 +10,15 @@ key where keys are configured; each client has a request rate (429 past it).
 import time
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any, Literal
+from functools import partial
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from twostage.api.http.deps import ReadAccess, ServiceDep, presented_key, require_write_key
+from twostage.api.http.deps import CallerDep, FeedbackAccess, ServiceDep
+from twostage.retrieval.access.caller import Caller
 from twostage.retrieval.core.errors import TooLarge
 from twostage.retrieval.traffic.log import Event, EventKind, content_id
 from twostage.retrieval.traffic.stats import traffic_stats
@@ -74,36 +76,37 @@ class FeedbackResponse(BaseModel):
     duplicates: int = Field(description="events already stored (same event_id), not counted again")
 
 
-def _feedback_access(request: Request, service: ServiceDep) -> str:
-    """Writes need the write key where keys are configured (open otherwise, like searches); the
-    client a rate applies to is its key, else its address."""
-    if service.settings.api.api_keys:
-        require_write_key(request, service)
-        return "key:" + (presented_key(request) or "")
-    return "address:" + (request.client.host if request.client else "-")
-
-
 @router.post("/v1/feedback", response_model=FeedbackResponse)
-async def feedback(body: FeedbackRequest, request: Request, service: ServiceDep) -> FeedbackResponse:
-    """Store a batch of feedback events, all or none."""
-    client = _feedback_access(request, service)
+async def feedback(
+    body: FeedbackRequest, request: Request, service: ServiceDep, caller: Annotated[Caller, FeedbackAccess]
+) -> FeedbackResponse:
+    """Store a batch of feedback events, all or none, on the caller's own searches (an admin: any)."""
+    # the client a rate applies to: its key, else (an open service) its address
+    client = (
+        f"key:{caller.key}" if caller.key else "address:" + (request.client.host if request.client else "-")
+    )
     service.feedback_limiter.take(client)
     limit = service.settings.feedback.max_events
     if len(body.events) > limit:
         raise TooLarge(f"{len(body.events)} events in one request, at most {limit} (feedback.max_events)")
     assert service.traffic is not None
     received = time.time()
-    recorded = await run_in_threadpool(service.traffic.record, [e.stored(received) for e in body.events])
+    recorded = await run_in_threadpool(
+        service.traffic.record, [e.stored(received) for e in body.events], None, caller
+    )
     return FeedbackResponse(accepted=recorded.accepted, duplicates=recorded.duplicates)
 
 
-@router.get("/v1/feedback/stats", dependencies=[ReadAccess])
+@router.get("/v1/feedback/stats")
 async def feedback_stats(
     service: ServiceDep,
+    caller: CallerDep,
     days: float = Query(7.0, gt=0, le=3650, description="the window, in days back from now"),
     low_relevance: float = Query(0.5, ge=0, le=1, description="a best hit below this is a low-score query"),
 ) -> dict[str, Any]:
-    """Searches, events by type, click-through by rank, zero-hit and low-score queries."""
+    """Searches, events by type, click-through by rank, zero-hit and low-score queries: of the
+    caller's own searches (an admin: all of them)."""
+    owner = caller.log_owner()
     assert service.traffic is not None
-    stats = await run_in_threadpool(traffic_stats, service.traffic, days, low_relevance)
+    stats = await run_in_threadpool(partial(traffic_stats, service.traffic, days, low_relevance, key=owner))
     return asdict(stats)

@@ -19,9 +19,10 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from twostage.api.http.deps import ReadAccess, ServiceDep
+from twostage.api.http.deps import CallerDep, ServiceDep
 from twostage.api.settings import Settings
 from twostage.retrieval.deployments.registry import Registry
+from twostage.retrieval.models.source import shown_model
 from twostage.retrieval.store.vector_store import check_collection_name
 from twostage.retrieval.traffic.log import TrafficLog
 from twostage.retrieval.traffic.stats import traffic_stats
@@ -30,18 +31,6 @@ router = APIRouter(tags=["quality"])
 STATIC = Path(__file__).resolve().parent.parent / "static"
 SHOWN_QUERIES = 10  # wins and losses listed each way
 TRAFFIC_DAYS = 7.0
-
-
-def shown_model(name: str, settings: Settings) -> str:
-    """A model as a client may see it: never an absolute path of the server's."""
-    path = Path(name)
-    if not path.is_absolute():
-        return name
-    data = Path(settings.data_dir)
-    for root in (data.absolute(), data.resolve()):
-        if path.is_relative_to(root):
-            return str(path.relative_to(root))
-    return path.name
 
 
 def wins_and_losses(comparison: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +44,11 @@ def wins_and_losses(comparison: dict[str, Any]) -> dict[str, Any]:
             "wins": wins[:SHOWN_QUERIES], "losses": losses[:SHOWN_QUERIES]}  # fmt: skip
 
 
-def quality(settings: Settings, store: Any, collection: str, traffic: TrafficLog | None) -> dict[str, Any]:
+def quality(
+    settings: Settings, store: Any, collection: str, traffic: TrafficLog | None, owner: str | None = None
+) -> dict[str, Any]:
+    """The page's data. `owner`: a non-admin key's name: only its own searches, and no dev-set
+    queries (they may be other users' searches, when the pairs came from feedback)."""
     registry = Registry(settings, collection, store)
     current = registry.current()
     deployments = []
@@ -63,8 +56,8 @@ def quality(settings: Settings, store: Any, collection: str, traffic: TrafficLog
         deployments.append({
             "id": record.id, "current": current is not None and record.id == current.id,
             "collection": record.collection, "parent": record.parent, "run": record.run,
-            "created_at": record.created_at, "embedder": shown_model(record.embedder, settings),
-            "reranker": shown_model(record.reranker, settings), "metrics": record.metrics,
+            "created_at": record.created_at, "embedder": shown_model(record.embedder, settings.data_dir),
+            "reranker": shown_model(record.reranker, settings.data_dir), "metrics": record.metrics,
             "gate": record.gate,
             "calibration": None if record.calibration is None else {
                 "recall": record.calibration.recall, "rerank": record.calibration.rerank,
@@ -72,21 +65,28 @@ def quality(settings: Settings, store: Any, collection: str, traffic: TrafficLog
                 "fitted_at": record.calibration.fitted_at,
                 "reliability": record.calibration.reliability.model_dump(),
             },
-            "comparison": wins_and_losses(record.comparison) if record.comparison else None,
+            "comparison": wins_and_losses(record.comparison) if record.comparison and owner is None else None,
         })  # fmt: skip
     return {
         "collection": collection,
         "deployments": deployments,
         # the search log of every collection this service answers (one log per data directory)
-        "feedback": asdict(traffic_stats(traffic, days=TRAFFIC_DAYS)) if traffic is not None else None,
+        "feedback": asdict(traffic_stats(traffic, days=TRAFFIC_DAYS, key=owner))
+        if traffic is not None
+        else None,
     }
 
 
-@router.get("/v1/quality", dependencies=[ReadAccess])
-async def quality_data(service: ServiceDep, collection: str | None = Query(None)) -> dict[str, Any]:
-    """The deployments of `collection` with their gate evidence, calibration and dev-set wins/losses."""
+@router.get("/v1/quality")
+async def quality_data(
+    service: ServiceDep, caller: CallerDep, collection: str | None = Query(None)
+) -> dict[str, Any]:
+    """The deployments of `collection` with their gate evidence, calibration and dev-set wins/losses
+    (admin), and the traffic of the caller's own searches (all of them for an admin)."""
+    owner = caller.log_owner()
     name = check_collection_name(collection or service.settings.collection)
-    return await run_in_threadpool(quality, service.settings, service.store, name, service.traffic)
+    caller.require_collection(name)
+    return await run_in_threadpool(quality, service.settings, service.store, name, service.traffic, owner)
 
 
 @router.get("/quality", include_in_schema=False)

@@ -15,14 +15,14 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from twostage.api.http.deps import ServiceDep, WriteAccess
+from twostage.api.http.deps import AdminAccess, CallerDep, ServiceDep
 from twostage.api.runtime.jobs import Job
 from twostage.retrieval.core.errors import InputError
 from twostage.retrieval.deployments.registry import Registry
 from twostage.retrieval.store.vector_store import check_collection_name
 from twostage.training.data import Judgement, Pair, parse_example
 
-router = APIRouter(tags=["retrain"], dependencies=[WriteAccess])
+router = APIRouter(tags=["retrain"], dependencies=[AdminAccess])
 
 
 class RetrainRequest(BaseModel):
@@ -64,7 +64,7 @@ def _write_pairs(rows: list[dict[str, Any]], path: Path, field: str) -> list[str
 
 
 @router.post("/v1/retrain", status_code=202)
-async def start_retrain(body: RetrainRequest, service: ServiceDep) -> dict[str, Any]:
+async def start_retrain(body: RetrainRequest, service: ServiceDep, caller: CallerDep) -> dict[str, Any]:
     """Queue a retrain of `collection`; poll `GET /v1/jobs/{id}` (its log shows the steps)."""
     from twostage.training.retrain import retrain
     from twostage.training.retrain_run import RetrainOptions
@@ -90,7 +90,7 @@ async def start_retrain(body: RetrainRequest, service: ServiceDep) -> dict[str, 
     def work(job: Job) -> dict[str, Any]:
         return retrain(settings, store, options, say=job.say, models=service.models)
 
-    job = service.jobs.submit_work(name, "retrain", work)
+    job = service.jobs.submit_work(name, "retrain", work, owner=caller.key)
     return {"job_id": job.id, "status": job.status, "rejected": rejected}
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
-from twostage.api.http.deps import ReadAccess, ServiceDep
+from twostage.api.http.deps import SearchAccess, ServiceDep
 from twostage.api.http.routes.compat import (
     best_window_scores,
     calibrated,
@@ -26,6 +26,7 @@ from twostage.api.http.routes.compat import (
 )
 from twostage.api.http.schemas import JinaRerankRequest, TeiEmbedRequest, TeiRerankRequest
 from twostage.retrieval.core.errors import InputError
+from twostage.retrieval.models.source import shown_model
 from twostage.retrieval.models.truncation import fit_texts
 
 router = APIRouter(tags=["text-embeddings-inference"])
@@ -40,7 +41,7 @@ def logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
-@router.post("/rerank", dependencies=[ReadAccess])
+@router.post("/rerank", dependencies=[SearchAccess])
 async def tei_rerank(body: TeiRerankRequest, service: ServiceDep) -> list[dict[str, Any]] | dict[str, Any]:
     """Texts scored against the query, best first: `[{index, score, text?}]`.
 
@@ -74,7 +75,7 @@ async def tei_rerank(body: TeiRerankRequest, service: ServiceDep) -> list[dict[s
     return results
 
 
-@router.post("/embed", dependencies=[ReadAccess])
+@router.post("/embed", dependencies=[SearchAccess])
 async def tei_embed(body: TeiEmbedRequest, service: ServiceDep) -> list[list[float]]:
     """One vector per input, in input order: `[[float]]`."""
     texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
@@ -103,7 +104,7 @@ async def tei_embed(body: TeiEmbedRequest, service: ServiceDep) -> list[list[flo
     return out
 
 
-@router.get("/info", dependencies=[ReadAccess])
+@router.get("/info", dependencies=[SearchAccess])
 async def tei_info(service: ServiceDep) -> dict[str, Any]:
     """TEI's `/info` for the embedder, with the reranker beside it."""
     embedder, reranker, settings = service.embedder, service.reranker, service.settings
@@ -113,7 +114,7 @@ async def tei_info(service: ServiceDep) -> dict[str, Any]:
     except PackageNotFoundError:  # run from a checkout without installing
         package = "unknown"
     return {
-        "model_id": embedder.model_id,
+        "model_id": shown_model(embedder.model_id, service.settings.data_dir),
         "model_sha": None,
         "model_dtype": embedder.numerics,
         "model_type": {"embedding": {"pooling": embedder.pooling}},
@@ -128,7 +129,7 @@ async def tei_info(service: ServiceDep) -> dict[str, Any]:
         "sha": None,
         "docker_label": None,
         "reranker": {
-            "model_id": reranker.model_id,
+            "model_id": shown_model(reranker.model_id, service.settings.data_dir),
             "family": reranker.family,
             "dtype": reranker.numerics,
             "max_input_length": reranker.max_length,

@@ -191,7 +191,7 @@ def test_calibrate_through_the_server_then_relevance_thresholds_and_rerank_route
 
     # the quality page, in a real browser: the deployment, its calibration and reliability diagram
     if CHROMIUM is not None:  # .ci/run installs it
-        dom = page_dom(f"{served.url}/quality", tmp_path / "profile")
+        dom = page_dom(f"{served.url}/quality#key=secret-key", tmp_path / "profile")  # an admin key
         assert "1 deployments of docs" in dom and "d1 (current)" in dom
         assert f"calibrated: ECE {calibration.reliability.ece:.4f}" in dom
         assert 'id="reliability"' in dom and dom.count('class="bin"') == sum(

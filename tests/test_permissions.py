@@ -25,7 +25,7 @@ from twostage.api.settings import Settings
 from twostage.retrieval.access.caller import OPERATOR, Caller, visible_filter
 from twostage.retrieval.access.keys import KEYS_FILE, KeyRing
 from twostage.retrieval.access.principals import check_principal, parse_acl
-from twostage.retrieval.core.errors import InputError
+from twostage.retrieval.core.errors import InputError, Unauthorized
 from twostage.retrieval.ingest.chunker import Chunker
 from twostage.retrieval.ingest.pipeline import ingest_corpus
 from twostage.retrieval.ingest.readers import CorpusReader
@@ -413,3 +413,41 @@ def test_no_hit_outside_the_permitted_set_and_top_n_when_there_are_enough(
         assert len(result.hits) == top_n, (len(permitted), recall)
     # the operator (a CLI on the store itself) sees everything: the same function adds no condition
     assert visible_filter(OPERATOR, user, default_public) == user
+
+
+def test_anonymous_callers_follow_the_access_settings(tmp_path: Path) -> None:
+    """No key at all: open as before keys. Keys with principals: anonymous sees public documents,
+    or nothing with access.anonymous=deny; keys_for_reads refuses anonymous searches either way."""
+    from twostage.api.runtime.service import Service
+
+    def anonymous(**access: Any) -> Caller:
+        settings = Settings(data_dir=tmp_path / "data", access=access)
+        return Service(settings).caller(None)
+
+    assert anonymous().open and anonymous().principals is None  # nothing configured: a local service
+    KeyRing(tmp_path / "data").add("team", ["search"], ["group:eng"])
+    public = anonymous()
+    assert public.principals == frozenset() and not public.open
+    public.require("search")
+    with pytest.raises(Unauthorized):
+        anonymous(anonymous="deny").require("search")
+    with pytest.raises(Unauthorized):
+        public.require("feedback")
+
+
+def test_pairs_and_calibration_from_feedback_read_one_collection(tmp_path: Path) -> None:
+    from twostage.retrieval.traffic.log import Event, LoggedSearch, TrafficLog, new_search_id
+    from twostage.retrieval.traffic.settings import FeedbackSettings
+    from twostage.training.feedback_pairs import collection_traffic
+
+    log = TrafficLog(tmp_path, FeedbackSettings())
+    now = time.time()
+    ids = {}
+    for collection in ("docs__v1", "docs__v2", "hr__v1", "docs2__v1"):
+        ids[collection] = new_search_id(now)
+        log.log_search(LoggedSearch(ids[collection], now, "q", "h", None, None, collection, None, ()))
+        log.record([Event(f"e-{collection}", ids[collection], None, None, "thumbs_up", None, now)], now)
+    searches, events = collection_traffic(log, "docs")
+    assert {s.collection for s in searches} == {"docs__v1", "docs__v2"}
+    assert {e.search_id for e in events} == {ids["docs__v1"], ids["docs__v2"]}
+    log.close()

@@ -355,7 +355,7 @@ def test_full_cycle_through_the_server_under_load(
             and comparison["won"] > comparison["lost"]
         )
         if CHROMIUM is not None:  # the page renders the gate's evidence and the wins
-            dom = page_dom(f"{url}/quality", tmp_path / "profile")
+            dom = page_dom(f"{url}/quality#key=secret", tmp_path / "profile")  # the admin key
             assert "d2 (current) ← d1" in dom and "embedder promoted" in dom and "95% CI [" in dom
             assert f"{comparison['won']} won, {comparison['lost']} lost" in dom and 'id="reliability"' in dom
     finally:

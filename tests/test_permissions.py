@@ -9,6 +9,7 @@ hybrid recall, with and without rerank, on the store and the search component th
 """
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import Served, serve
+from helpers import Served, run_cli, serve
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -451,3 +452,53 @@ def test_pairs_and_calibration_from_feedback_read_one_collection(tmp_path: Path)
     assert {s.collection for s in searches} == {"docs__v1", "docs__v2"}
     assert {e.search_id for e in events} == {ids["docs__v1"], ids["docs__v2"]}
     log.close()
+
+
+def test_uploads_carry_the_acl_form_field_and_keys_are_managed_from_the_cli(
+    served: tuple[Served, dict[str, str]], tmp_path: Path
+) -> None:
+    server, keys = served
+    files = [("file", ("roadmap.md", b"# Roadmap\n\nThe eng roadmap for the debian package archive.\n"))]
+    response = httpx.post(server.url + "/v1/documents", files=files, data={"acl": "group:eng"},
+                          headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)  # fmt: skip
+    assert response.status_code == 202, response.text
+    assert wait_for_job(server, ADMIN, response.json()["job_id"])["status"] == "succeeded"
+    assert "roadmap.md" in found(server, keys["eng"]) and "roadmap.md" not in found(server, keys["sales"])
+    bad = httpx.post(server.url + "/v1/documents", files=files, data={"acl": "group:*"},
+                     headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)  # fmt: skip
+    assert bad.status_code == 400 and "group:*" in bad.json()["detail"]
+
+    env = {**os.environ, "TWOSTAGE_DATA_DIR": str(server.settings.data_dir)}
+    made = run_cli(["keys", "add", "cli-made", "--scopes", "search", "--principals", "group:sales"], env)
+    assert made.returncode == 0, made.stderr
+    key = made.stdout.strip()
+    assert found(server, key) == found(server, keys["sales"]) - {"roadmap.md"}
+    listed = json.loads(run_cli(["keys", "list", "--json"], env).stdout)
+    row = next(r for r in listed if r["name"] == "cli-made")
+    assert row["scopes"] == ["search"] and row["principals"] == ["group:sales"] and "hash" not in row
+    assert key not in json.dumps(listed)
+    wildcard = run_cli(["keys", "add", "x", "--scopes", "search", "--principals", "group:*"], env)
+    assert wildcard.returncode == 2 and "invalid principal 'group:*'" in wildcard.stderr
+    assert run_cli(["keys", "revoke", "cli-made"], env).returncode == 0
+    deadline = time.monotonic() + 1.0
+    while call(server, "POST", "/v1/search", key, {"query": "debian"}).status_code != 401:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_server_paths_are_shown_by_name_routes_and_urls_stay(tmp_path: Path) -> None:
+    from twostage.retrieval.models.source import shown_model, shown_paths, shown_text
+
+    data = tmp_path / "data"
+    assert (
+        shown_model(f"{data}/registry/docs/models/d2/embedder@ab12", data)
+        == "registry/docs/models/d2/embedder@ab12"
+    )
+    assert shown_model("/tmp/elsewhere/qwen3-reranker-tiny@ab12", data) == "qwen3-reranker-tiny@ab12"
+    assert shown_model("Qwen/Qwen3-Reranker-0.6B@ab12") == "Qwen/Qwen3-Reranker-0.6B@ab12"  # a hub id
+    message = f"model '{tmp_path}/m/x' failed (GET /v1/jobs/7, http://host:8000/v1/search)"
+    assert shown_text(message, data) == "model 'x' failed (GET /v1/jobs/7, http://host:8000/v1/search)"
+    assert shown_paths({"run": [f"{data}/registry/docs/runs/r1"], "n": 3}, data) == {
+        "run": ["registry/docs/runs/r1"],
+        "n": 3,
+    }

@@ -216,6 +216,12 @@ _PATH_IN_TEXT = re.compile(r"(?<![\w:/.~-])(/[\w.@+~-]+(?:/[\w.@+~-]+)+)")
 
 
 def shown_text(message: str, data_dir: Path | None = None) -> str:
-    """A message for a client with every absolute path in it shown as `shown_model` shows one
-    (a path inside a URL, after `scheme:`, is left alone)."""
-    return _PATH_IN_TEXT.sub(lambda m: shown_model(m.group(1), data_dir), message)
+    """A message for a client with every path of this machine in it (one under an existing top-level
+    folder: /tmp, /home, /data...) shown as `shown_model` shows one; a route (`/v1/jobs/ID`) or a path
+    inside a URL stays as it is."""
+
+    def shown(match: re.Match[str]) -> str:
+        path = match.group(1)
+        return shown_model(path, data_dir) if os.path.isdir("/" + path.split("/")[1]) else path
+
+    return _PATH_IN_TEXT.sub(shown, message)

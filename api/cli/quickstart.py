@@ -32,7 +32,7 @@ from twostage.retrieval.core.errors import InputError, ModelLoadError
 from twostage.retrieval.core.settings import saved_settings_file
 
 OFFLINE = {"embedder": "pypi:all-MiniLM-L6-v2", "reranker": "pypi:SmolLM2-135M-Instruct"}
-# Offline models that are not trained to rank: rerank=auto does not apply them (retrieval.trust).
+# Offline models that are not trained to rank: rerank=auto does not apply them (`retrieval.search.trust`).
 UNTRAINED_RERANKERS = {"pypi:SmolLM2-135M-Instruct"}
 SAMPLE = "debian-sample.jsonl.gz"
 EXAMPLE_QUERY = "play chess against the computer"

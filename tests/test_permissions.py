@@ -298,7 +298,17 @@ def test_no_server_path_in_responses(served: tuple[Served, dict[str, str]]) -> N
 
 def test_principals_and_acls_are_checked() -> None:
     assert check_principal("user:alice@example.com") == "user:alice@example.com"
-    for bad in ("alice", "group:*", "group:eng*", "user:", "user:a b", "role:x", "user:a\nb", "user:\u0000"):
+    for bad in (
+        "alice",
+        "group:*",
+        "group:eng*",
+        "user:",
+        "user:a b",
+        "role:x",
+        "user:a\nb",
+        "user:\u0000",
+        "user:alice\n",
+    ):
         with pytest.raises(InputError):
             check_principal(bad)
     assert parse_acl("group:eng, user:bob") == ("group:eng", "user:bob")

@@ -182,7 +182,7 @@ def test_manifest_round_trip_and_reopen_after_close(open_store: StoreFactory, co
 
 
 def test_collection_names_are_checked() -> None:
-    for bad in ["a b", "a/b", "", "docs__v1", "../x", "-x", "x" * 64]:
+    for bad in ["a b", "a/b", "", "docs__v1", "../x", "-x", "x" * 64, "docs\n"]:
         with pytest.raises(StoreError, match="invalid collection name"):
             check_collection_name(bad)
     assert check_collection_name("my-docs_2") == "my-docs_2"

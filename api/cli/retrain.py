@@ -275,7 +275,7 @@ def add_retrain_commands(commands: Any) -> None:
     retrain.add_argument("--server", help="run it inside the service at this URL (default: the one holding "
                          "this data directory's store, if one runs; else on the store here)")  # fmt: skip
     retrain.add_argument("--api-key", help="bearer key for the server (default: $TWOSTAGE_API_KEY, else this "
-                         "data directory's own write key)")  # fmt: skip
+                         "data directory's own admin key, DATA/cli.key)")  # fmt: skip
     retrain.add_argument("--json", action="store_true", help="print the run manifest as JSON")
     retrain.set_defaults(handler=_retrain)
 

@@ -198,7 +198,8 @@ class Service:
             self.traffic.close()
 
     def _watch_canary(self) -> None:
-        """Decide the default collection's canary once its budget is spent (`traffic.canary.settle`)."""
+        """Decide the default collection's canary once its budget is spent
+        (`retrieval.deployments.lifecycle.settle`)."""
         from twostage.retrieval.deployments.lifecycle import settle
 
         while not self._stopping.wait(self.settings.retrain.canary_check_s):

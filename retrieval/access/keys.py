@@ -80,7 +80,6 @@ class KeyRing:
         self._keys: list[StoredKey] = []
         self._mtime: float | None = None
         self._checked = 0.0
-        self._used: dict[str, float] = {}  # key name -> last use noted in this process
         self._written: dict[str, float] = {}  # key name -> when its last use was last written
 
     # -- the file --------------------------------------------------------------------------
@@ -203,11 +202,10 @@ class KeyRing:
         return found
 
     def _note_use(self, stored: StoredKey) -> None:
-        """Remember the key's use; write it to the file at most every LAST_USED_EVERY_S."""
+        """Write the key's last use to the file, at most every LAST_USED_EVERY_S per key."""
         if stored.name.startswith("config-"):
             return
         now = time.time()
-        self._used[stored.name] = now
         if now - self._written.get(stored.name, 0.0) < LAST_USED_EVERY_S:
             return
         self._written[stored.name] = now

@@ -18,13 +18,13 @@ ACL_FIELD = "acl"  # the payload field: a list of principals (keyword index; ten
 PUBLIC = "public"  # in an ACL: everyone may see the document
 UNASSIGNED = "unassigned"  # stored for a document without an ACL; `access.default` decides
 KINDS = ("user", "group", "tenant")
-_PRINCIPAL = re.compile(r"^(user|group|tenant):[A-Za-z0-9._@+-]{1,128}$")
+_PRINCIPAL = re.compile(r"(user|group|tenant):[A-Za-z0-9._@+-]{1,128}")  # fullmatch: no trailing newline
 MAX_PRINCIPALS = 256
 
 
 def check_principal(value: object, what: str = "principal") -> str:
     """`value` when it is a well-formed principal, else an `InputError` saying what is wrong."""
-    if not isinstance(value, str) or not _PRINCIPAL.match(value):
+    if not isinstance(value, str) or not _PRINCIPAL.fullmatch(value):
         shown = repr(value)[:80]
         raise InputError(
             f"invalid {what} {shown}: use user:NAME, group:NAME or tenant:NAME, the name 1-128 letters, "

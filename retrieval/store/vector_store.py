@@ -33,7 +33,7 @@ CORE_INDEXES: dict[str, FieldType] = {
     "acl": "keyword",  # who may see the chunk (retrieval/access/principals.py)
 }
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")  # fullmatch: "$" would let a trailing newline in
 
 
 class StoreError(TwostageError):
@@ -58,7 +58,7 @@ class InvalidCollectionName(StoreError, InputError):
 
 def check_collection_name(name: str) -> str:
     """Collection names are path- and URL-safe and never contain the `__v` version marker."""
-    if not isinstance(name, str) or not _NAME.match(name) or "__" in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or "__" in name:
         raise InvalidCollectionName(
             f"invalid collection name {name!r}: use 1-63 letters, digits, '-' or '_' "
             "(starting with a letter or digit, no '__')"

@@ -4,6 +4,9 @@ import json
 import os
 import platform
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +157,14 @@ def int8_layers_engine(model: object) -> str | None:
         ",".join(sorted({m.engine for m in modules if isinstance(m, SmoothedLinear | FusedInt8Linear)}))
         or None
     )
+
+
+def in_threads(work: Callable[[int], None], n: int) -> float:
+    """Run `work(0)` ... `work(n - 1)` in `n` threads at once; the wall seconds until all end."""
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(n)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - began

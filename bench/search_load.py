@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import DATA, read_jsonl, run_info
+from bench.common import DATA, in_threads, read_jsonl, run_info
 
 
 def free_port() -> int:
@@ -118,13 +118,7 @@ def drive(
                     errors += failed
                 i += clients
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    began = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - began
+    wall = in_threads(client, clients)
     return {
         "clients": clients,
         "requests": len(latencies),

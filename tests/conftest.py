@@ -7,6 +7,7 @@ from pathlib import Path
 import hermetic  # first: the environment, before any library reads it
 import pytest
 from helpers import Served, model_server_settings, serve
+from postgres import PostgresServer, remove, start_postgres
 
 from twostage.api.settings import Settings
 from twostage.retrieval.models.embedder import Embedder
@@ -90,3 +91,24 @@ def model_server(
 ) -> Iterator[Served]:
     """A second twostage serving the tiny Qwen3 pair: the model server of the remote backends."""
     yield from serve(model_server_settings(tmp_path_factory.mktemp("model-server"), tiny_models, model_cache))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator["PostgresServer"]:
+    """One PostgreSQL server per test process (`tests/postgres.py`)."""
+    server = start_postgres()
+    yield server
+    remove(server)
+
+
+@pytest.fixture()
+def postgres_url(postgres: "PostgresServer") -> str:
+    """A fresh database on the test process's PostgreSQL server."""
+    return postgres.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """`feedback.database_url` for each engine the log runs on: None (SQLite in the data
+    directory, the default) and a fresh PostgreSQL database."""
+    return None if request.param == "sqlite" else str(request.getfixturevalue("postgres_url"))

@@ -68,11 +68,11 @@ def test_a_session_keeps_its_arm_and_the_share_has_its_size() -> None:
     assert 0.1 < sum(a and b for a, b in zip(arms, other, strict=True)) / sum(arms) < 0.3
 
 
-def test_the_tests_and_the_decision_on_known_tallies(tmp_path: Path) -> None:
+def test_the_tests_and_the_decision_on_known_tallies(tmp_path: Path, database_url: str | None) -> None:
     assert sign_test(10, 0) == pytest.approx(2 / 1024) and sign_test(5, 5) == 1.0 and sign_test(0, 0) is None
     # 30/100 vs 45/100: pooled 0.375, z = 0.15 / sqrt(0.375 * 0.625 * 0.02) = 2.191, p = 0.0285
     assert two_proportions(30, 100, 45, 100) == pytest.approx(0.02846, abs=1e-4)
-    log = TrafficLog(tmp_path, FeedbackSettings())
+    log = TrafficLog(tmp_path, FeedbackSettings(database_url=database_url))
     now = time.time()
     canary = Canary(deployment=2, control=1, share=0.5, interleave=True, max_events=10, max_seconds=3600,
                     alpha=0.05, started_ts=now - 60)  # fmt: skip

@@ -1,6 +1,7 @@
 """Learning from use: search ids and the search log, feedback events (idempotent, all-or-nothing,
 crash-safe), traffic stats, pairs from feedback (skip-above), calibration from feedback, and pairs
-by id read by retrain: through a real server, its CLI and its quality page in chromium.
+by id read by retrain: through a real server, its CLI and its quality page in chromium. The log's
+tests run on both of its engines: SQLite in the data directory and a real PostgreSQL server.
 
 The server's corpus is 60 debian-ir documents embedded by the real MiniLM; a simulated user asks
 each document's first line and clicks (and cites) that document's hit when it is shown.
@@ -105,8 +106,11 @@ def test_pairs_from_feedback_take_positives_and_the_hits_skipped_above_them() ->
     assert strict.below_min == 3  # q2 c8, q4 c2, q7 c2
 
 
-def test_a_log_without_query_text_keeps_hashes_and_expires_old_rows(tmp_path: Path) -> None:
-    log = TrafficLog(tmp_path, FeedbackSettings(store_query_text=False, retention_days=1))
+def test_a_log_without_query_text_keeps_hashes_and_expires_old_rows(
+    tmp_path: Path, database_url: str | None
+) -> None:
+    settings = FeedbackSettings(store_query_text=False, retention_days=1, database_url=database_url)
+    log = TrafficLog(tmp_path, settings)
     now = time.time()
     log.log_search(_search("my secret question", [], new_search_id(now), ts=now))
     log.log_search(_search("old", ["c1"], new_search_id(now - 3 * 86400), ts=now - 3 * 86400))
@@ -115,7 +119,8 @@ def test_a_log_without_query_text_keeps_hashes_and_expires_old_rows(tmp_path: Pa
     assert stored[1].query_hash == query_hash("my secret question")
     stats = traffic_stats(log, days=7, now=now)
     assert stats.zero_hit[0].query == "sha256:" + query_hash("my secret question")[:16]
-    assert b"my secret question" not in (tmp_path / "traffic.sqlite3").read_bytes()
+    if database_url is None:
+        assert b"my secret question" not in (tmp_path / "traffic.sqlite3").read_bytes()
     log.purge(now)
     assert len(log.searches()) == 1
     log.close()
@@ -126,7 +131,7 @@ import sys, time
 from pathlib import Path
 from twostage.retrieval.traffic.settings import FeedbackSettings
 from twostage.retrieval.traffic.log import Event, LoggedSearch, TrafficLog, new_search_id
-log = TrafficLog(Path(sys.argv[1]), FeedbackSettings(search_log=False))
+log = TrafficLog(Path(sys.argv[1]), FeedbackSettings(search_log=False, database_url=sys.argv[2] or None))
 search = new_search_id()
 for i in range(1_000_000):
     log.record([Event(f"e{i}", search, "c1", None, "click", None, time.time())])
@@ -134,9 +139,11 @@ for i in range(1_000_000):
 """
 
 
-def test_a_kill_9_mid_write_loses_at_most_the_event_being_written(tmp_path: Path) -> None:
+def test_a_kill_9_mid_write_loses_at_most_the_event_being_written(
+    tmp_path: Path, database_url: str | None
+) -> None:
     writer = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _WRITER, str(tmp_path), database_url or ""], stdout=subprocess.PIPE, text=True
     )
     assert writer.stdout is not None
     acknowledged = -1
@@ -146,9 +153,11 @@ def test_a_kill_9_mid_write_loses_at_most_the_event_being_written(tmp_path: Path
     writer.wait()
     for line in writer.stdout.read().splitlines():  # acknowledged before the kill, not yet read here
         acknowledged = int(line)
-    check = TrafficLog(tmp_path, FeedbackSettings())
+    check = TrafficLog(tmp_path, FeedbackSettings(database_url=database_url))
     ids = [e.event_id for e in check.events()]
-    assert check._db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    if database_url is None:
+        with check.engine.connect() as db:
+            assert db.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
     check.close()
     # every acknowledged event is there, in order, and at most the one in flight beyond them (stored,
     # killed before it said so)
@@ -159,14 +168,19 @@ def test_a_kill_9_mid_write_loses_at_most_the_event_being_written(tmp_path: Path
 # -- through the server -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def served(
-    tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModelPaths, model_cache: Path
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_models: TinyModelPaths,
+    model_cache: Path,
 ) -> Iterator[Served]:
+    """The server with its log on each engine (`feedback.database_url` unset, or PostgreSQL)."""
+    url = request.getfixturevalue("postgres").new_database() if request.param == "postgresql" else None
     base = sample_settings(tmp_path_factory.mktemp("feedback-data"), tiny_models, model_cache, DOCS)
     settings = Settings(**{
         **base.model_dump(), "api": {**base.api.model_dump(), "api_keys": [KEY, FLOOD_KEY]},
-        "feedback": {"max_events": 100, "rate_per_s": 0.5, "burst": 30},
+        "feedback": {"max_events": 100, "rate_per_s": 0.5, "burst": 30, "database_url": url},
     })  # fmt: skip
     yield from serve(settings)
 
@@ -243,7 +257,8 @@ def test_searches_are_logged_and_feedback_becomes_stats_pairs_and_a_calibration(
     assert _post(served, "/v1/feedback", {"events": [plain]}, key=None).status_code == 401
 
     # the CLI reads the log the server writes
-    env = {**os.environ, "TWOSTAGE_DATA_DIR": str(served.settings.data_dir), "TWOSTAGE_API_KEY": KEY}
+    env = {**os.environ, "TWOSTAGE_DATA_DIR": str(served.settings.data_dir), "TWOSTAGE_API_KEY": KEY,
+           "TWOSTAGE_FEEDBACK__DATABASE_URL": served.settings.feedback.database_url or ""}  # fmt: skip
     result = run_cli(["feedback", "stats", "--json"], env)
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)

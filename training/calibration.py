@@ -39,6 +39,7 @@ from twostage.retrieval.search.two_stage import (
 )
 from twostage.retrieval.store.collections import active_manifest
 from twostage.retrieval.store.vector_store import VectorStore, now_iso
+from twostage.retrieval.traffic.coordination import coordination_locks
 from twostage.training.data import Judgement
 from twostage.training.settings import TrainingSettings
 from twostage.training.stored_chunks import StoredChunks
@@ -264,7 +265,7 @@ def calibrate(
     `served` gives the deployment as it is served (the service's own, with its micro-batched
     `calls`); by default its models are loaded here. Holds the registry lock, as a retrain or a
     rollback does, so the record calibrated is the one still current when it is written."""
-    registry = Registry(settings, store=store)
+    registry = Registry(settings, store=store, locks=coordination_locks(settings.feedback, settings.data_dir))
     with registry.lock():
         current = registry.current()
         collection = current.collection if current else active_manifest(store, registry.name).collection

@@ -38,6 +38,7 @@ from twostage.retrieval.deployments.registry import Registry
 from twostage.retrieval.models.cache import ModelCache
 from twostage.retrieval.store.collections import active_manifest
 from twostage.retrieval.store.vector_store import VectorStore, now_iso
+from twostage.retrieval.traffic.coordination import coordination_locks
 from twostage.training.data import Judgement, Pair, load_examples, split_by_query
 from twostage.training.reranker_choice import reranker_start
 from twostage.training.retrain_run import RetrainOptions, Run, RunManifest, run_steps
@@ -106,7 +107,7 @@ def retrain(
             f"(TWOSTAGE_{remote[0].upper()}__BACKEND=remote): retrain where the weights are, then serve the "
             "promoted models from your model servers"
         )
-    registry = Registry(settings, store=store)
+    registry = Registry(settings, store=store, locks=coordination_locks(settings.feedback, settings.data_dir))
     with registry.lock():
         return _retrain_locked(settings, store, options, registry, say, models or ModelCache(settings))
 

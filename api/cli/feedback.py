@@ -1,6 +1,7 @@
 """`twostage feedback stats` and `twostage pairs from-feedback`: what the traffic says, and the
-training pairs it gives. Both read the log under the data directory (`retrieval.traffic`), which
-a running server may be writing: SQLite lets them read it meanwhile."""
+training pairs it gives; `twostage feedback migrate` copies a SQLite log into a shared database.
+They read the configured log (`retrieval.traffic`: SQLite under the data directory, or
+`feedback.database_url`), which running servers may be writing meanwhile."""
 
 import argparse
 import json
@@ -14,14 +15,17 @@ if TYPE_CHECKING:
 
 
 def open_log() -> Any:
+    """The configured search log (the data directory's SQLite file, or `feedback.database_url`)."""
     from twostage.api.settings import Settings
     from twostage.retrieval.core.errors import InputError
-    from twostage.retrieval.traffic.log import LOG_FILE, TrafficLog
+    from twostage.retrieval.traffic.database import LOG_FILE
+    from twostage.retrieval.traffic.log import open_log as open_configured
 
     settings = Settings()
-    if not (settings.data_dir / LOG_FILE).is_file():
+    log = open_configured(settings.data_dir, settings.feedback)
+    if log is None:
         raise InputError(f"no search log in this data directory ({LOG_FILE} is made by the first search)")
-    return TrafficLog(settings.data_dir, settings.feedback)
+    return log
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -34,6 +38,57 @@ def _stats(args: argparse.Namespace) -> int:
     finally:
         log.close()
     print(json.dumps(asdict(stats), indent=2) if args.json else stats_text(stats))
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    """Copy the data directory's SQLite log (or `--from`'s) into the database at `--to`."""
+    from twostage.api.settings import Settings
+    from twostage.retrieval.core.errors import InputError
+    from twostage.retrieval.traffic.database import LOG_FILE, check_url, copy_log, open_engine, shown_url
+
+    settings = Settings()
+    source = Path(args.source) if args.source else settings.data_dir / LOG_FILE
+    if not source.is_file():
+        raise InputError(f"no SQLite search log at {args.source or LOG_FILE} to copy from")
+    target_url = check_url(args.to)
+    source_engine, target_engine = open_engine(f"sqlite:///{source.absolute()}"), open_engine(target_url)
+    try:
+        copied = copy_log(source_engine, target_engine, say=lambda line: print(line, file=sys.stderr))
+    finally:
+        source_engine.dispose()
+        target_engine.dispose()
+    summary = ", ".join(
+        f"{name} {new} copied ({there} already there)" for name, (new, there) in copied.items()
+    )
+    print(f"{summary} -> {shown_url(target_url)}")
+    if not args.source:
+        print(f"to use it: TWOSTAGE_FEEDBACK__DATABASE_URL={shown_url(target_url)} (the password as set)",
+              file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    """Create or upgrade the log's schema (`serve` does this on start, too)."""
+    from twostage.api.settings import Settings
+    from twostage.retrieval.traffic.database import database_url, open_engine, reachable, shown_url, upgrade
+
+    settings = Settings()
+    url = database_url(settings.feedback.database_url, settings.data_dir)
+    engine = open_engine(url)
+    try:
+        with reachable(url):
+            before, now = upgrade(engine)
+    finally:
+        engine.dispose()
+    what = (
+        f"created at v{now}"
+        if before is None
+        else f"v{before} -> v{now}"
+        if before < now
+        else f"v{now}, current"
+    )
+    print(f"search log schema {what} ({shown_url(url)})")
     return 0
 
 
@@ -202,7 +257,7 @@ def _positive_float(value: str) -> float:
 
 
 def add_feedback_commands(commands: Any) -> None:
-    """Register `feedback stats` and `pairs from-feedback`."""
+    """Register `feedback stats|migrate`, `db upgrade` and `pairs from-feedback|synthesize`."""
     from twostage.api.cli.training import positive_int
 
     feedback = commands.add_parser("feedback", help="what users did with the hits (the search log)")
@@ -213,6 +268,19 @@ def add_feedback_commands(commands: Any) -> None:
                        help="a best hit below this relevance makes a low-score query (0.5)")  # fmt: skip
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(handler=_stats)
+    migrate = actions.add_parser("migrate", help="copy a SQLite search log into a shared database "
+                                 "(idempotent: run it again to finish or to catch up)")  # fmt: skip
+    migrate.add_argument(
+        "--to", required=True, help="the database: postgresql+psycopg://USER:PW@HOST:PORT/DB"
+    )
+    migrate.add_argument("--from", dest="source", help="a SQLite log file (default: the data directory's)")
+    migrate.set_defaults(handler=_migrate)
+
+    database = commands.add_parser("db", help="the search log's database")
+    db_actions = database.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_actions.add_parser(
+        "upgrade", help="create or upgrade its schema (serve does it on start)"
+    ).set_defaults(handler=_db_upgrade)
 
     pairs = commands.add_parser("pairs", help="make training pairs")
     makers = pairs.add_subparsers(dest="pairs_command", required=True, metavar="SOURCE")

@@ -118,7 +118,7 @@ def _canary_lines(row: dict[str, Any], settings: Any) -> list[str]:
     how a decided one ended."""
     from twostage.retrieval.deployments.canary import tallies
     from twostage.retrieval.deployments.registry import Canary
-    from twostage.retrieval.traffic.log import LOG_FILE, TrafficLog
+    from twostage.retrieval.traffic.log import open_log
 
     lines = []
     if row.get("canary"):
@@ -127,8 +127,8 @@ def _canary_lines(row: dict[str, Any], settings: Any) -> list[str]:
         budget = f"{canary.max_events} events or {canary.max_seconds:g} s"
         lines.append(f"canary since {canary.started_at}: {canary.share:.0%} of sessions see {how} beside "
                      f"d{canary.control}; decides after {budget}")  # fmt: skip
-        if (settings.data_dir / LOG_FILE).is_file():
-            log = TrafficLog(settings.data_dir, settings.feedback)
+        log = open_log(settings.data_dir, settings.feedback)
+        if log is not None:
             try:
                 counted = tallies(log, canary)
             finally:
@@ -217,6 +217,7 @@ def _rollback(args: argparse.Namespace) -> int:
     from twostage.api.settings import Settings
     from twostage.retrieval.deployments.lifecycle import rollback
     from twostage.retrieval.store.collections import open_store
+    from twostage.retrieval.traffic.coordination import coordination_locks
 
     settings = Settings()
     if args.collection:
@@ -230,7 +231,8 @@ def _rollback(args: argparse.Namespace) -> int:
             raise InputError(f"version must look like d3 or 3, got {args.version!r}")
     store = open_store(settings)
     try:
-        rollback(settings, store, target, say=print)
+        rollback(settings, store, target, say=print,
+                 locks=coordination_locks(settings.feedback, settings.data_dir))  # fmt: skip
     finally:
         store.close()
     return 0

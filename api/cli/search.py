@@ -95,6 +95,7 @@ def _embedded(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
 
     from twostage.api.http.schemas import SearchRequest
     from twostage.retrieval.access.caller import OPERATOR, visible_filter
+    from twostage.retrieval.core.errors import DatabaseUnavailable
     from twostage.retrieval.deployments.follower import load_served
     from twostage.retrieval.search.two_stage import needs_reranker, search
     from twostage.retrieval.store.collections import open_store
@@ -119,6 +120,9 @@ def _embedded(settings: Settings, body: dict[str, Any]) -> dict[str, Any]:
         traffic = TrafficLog(settings.data_dir, settings.feedback)
         try:  # logged as the server logs it, so feedback may name it
             traffic.log_search(request.logged(search_id, result, deployment, OPERATOR))
+        except DatabaseUnavailable as exc:  # as the server answers: the hits, without a search id
+            result.notes.append(f"not logged: {exc}; feedback cannot name this search")
+            return {"search_id": None, **asdict(result)}
         finally:
             traffic.close()
         return {"search_id": search_id, **asdict(result)}

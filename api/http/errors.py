@@ -15,6 +15,7 @@ like out of memory and loading models: the server is busy, not the client over a
 from dataclasses import dataclass, field
 
 from twostage.retrieval.core.errors import (
+    DatabaseUnavailable,
     Forbidden,
     InputError,
     ModelError,
@@ -81,6 +82,7 @@ ERRORS: dict[type[TwostageError], Answer] = {
     ModelLoadError: Answer(503, "a model failed to load (`/readyz` says why)"),
     RemoteUnavailable: Answer(503, "a model server unreachable (its own delay where it says one)"),
     StoreUnavailable: Answer(503, "the Qdrant server unreachable"),
+    DatabaseUnavailable: Answer(503, "the search log's database unreachable (feedback; searches go on)"),
     StoreLockedError: Answer(503, "the store or the registry is held by another process or a retrain"),
     TwostageError: Answer(400, "any other complete, user-facing message"),
 }

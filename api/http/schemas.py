@@ -110,7 +110,10 @@ class SearchRequest(_Strict):
 
 
 class SearchResponse(BaseModel):
-    search_id: str = Field(description="names this search in feedback events (POST /v1/feedback)")
+    search_id: str | None = Field(
+        description="names this search in feedback events (POST /v1/feedback); null when the search "
+        "log's database was unreachable (a note says so)"
+    )
     hits: list[SearchHit]
     collection: str = Field(description="the collection version that answered (NAME__vN)")
     embedder: str

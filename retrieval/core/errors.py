@@ -41,6 +41,13 @@ class RemoteUnavailable(TwostageError):
         self.retry_after_s = retry_after_s
 
 
+class DatabaseUnavailable(TwostageError):
+    """The search log's database cannot be reached (HTTP 503 + Retry-After on feedback; searches are
+    still answered, without a search id)."""
+
+    retry_after_s = 5.0
+
+
 class RateLimited(TwostageError):
     """A client over its request rate (HTTP 429 + Retry-After); nothing of the request was kept."""
 

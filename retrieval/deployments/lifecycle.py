@@ -14,13 +14,15 @@ from twostage.retrieval.deployments.canary import decide, tallies
 from twostage.retrieval.deployments.registry import Canary, DeploymentRecord, Registry, Say
 from twostage.retrieval.search.settings import QuerySettings
 from twostage.retrieval.store.collections import active_manifest
+from twostage.retrieval.store.locks import Locks
 from twostage.retrieval.store.vector_store import (
     StoreError,
     StoreLockedError,
     VectorStore,
     now_iso,
 )
-from twostage.retrieval.traffic.log import TrafficLog
+from twostage.retrieval.traffic.coordination import holder
+from twostage.retrieval.traffic.log import CanaryOutcome, TrafficLog
 
 
 def switch(registry: Registry, store: VectorStore, record: DeploymentRecord) -> None:
@@ -63,10 +65,15 @@ def clean_pending(registry: Registry, store: VectorStore, say: Say) -> None:
 
 
 def rollback(
-    settings: QuerySettings, store: VectorStore, to: int | None = None, say: Say = print
+    settings: QuerySettings,
+    store: VectorStore,
+    to: int | None = None,
+    say: Say = print,
+    locks: Locks | None = None,
 ) -> DeploymentRecord:
-    """Point the registry and the alias back at deployment `to` (default: the current one's parent)."""
-    registry = Registry(settings, store=store)
+    """Point the registry and the alias back at deployment `to` (default: the current one's parent);
+    under the registry's lock (`locks`: where it lives, `coordination_locks`)."""
+    registry = Registry(settings, store=store, locks=locks)
     with registry.lock():
         current = registry.current()
         if current is None:
@@ -113,9 +120,11 @@ def start_canary(
 
 def settle(settings: QuerySettings, store: VectorStore, log: TrafficLog, collection: str) -> str | None:
     """Decide `collection`'s canary if its budget is spent: switch to the candidate or stop serving
-    it, and keep the tallies (`Registry.record_canary`). Under the registry's lock, so one replica
-    decides; None when there is nothing to decide (no canary, budget left, a retrain running)."""
-    registry = Registry(settings, collection, store)
+    it, and keep the tallies (`Registry.record_canary`, and the log's `canary_outcomes` where every
+    replica reads them). Under the registry's lock, in the log's database where it is shared
+    (`TrafficLog.locks`), so one replica decides, from every replica's events; None when there is
+    nothing to decide (no canary, budget left, a retrain running)."""
+    registry = Registry(settings, collection, store, locks=log.locks)
     canary = registry.canary()
     if canary is None:
         return None
@@ -139,6 +148,10 @@ def settle(settings: QuerySettings, store: VectorStore, log: TrafficLog, collect
         if decision == "promote":
             switch(registry, store, registry.get(canary.deployment))
         registry.record_canary(canary, outcome)
+        log.record_canary_outcome(CanaryOutcome(
+            collection, canary.deployment, canary.started_ts, decision, why, counted.as_dict(), time.time(),
+            holder(),
+        ))  # fmt: skip
         return f"canary d{canary.deployment} of {collection}: {decision} ({why})"
     finally:
         lock.release()

@@ -8,7 +8,8 @@ A directory per collection name, no server:
     DATA/registry/NAME/models/dN/reranker
     DATA/registry/NAME/current.json          {"deployment": N}: the one pointer the API follows
     DATA/registry/NAME/runs/RUN/             each retrain's manifest, report.json, report.png
-    DATA/registry/NAME/retrain.lock          flock + pid: one retrain at a time
+    DATA/registry/NAME/retrain.lock          flock + pid: one retrain at a time (with a shared
+                                             PostgreSQL log: an advisory lock there instead)
 
 The pointer names the collection version and both models together, so switching it (one
 atomic rename) moves all three at once; the store's alias is moved right after it for
@@ -18,7 +19,9 @@ configured models, exactly as before the first retrain.
 In server mode (`store.kind = qdrant`) the records, the current pointer and the pending
 marker live in Qdrant itself (`QdrantRegistryBackend`: a small `twostage_registry`
 collection, one point per key), so every API replica on that cluster follows a switch
-within `api.alias_refresh_s`; models, runs and the lock stay under the data directory, whose
+within `api.alias_refresh_s`; with `feedback.database_url` on PostgreSQL the lock is an advisory
+lock in that database (`retrieval.traffic.coordination`), so replicas need no shared directory to
+exclude each other; models and runs stay under the data directory, whose
 promoted model directories are recorded by absolute path: on shared storage mounted at the
 same path, every replica loads them.
 """
@@ -34,7 +37,7 @@ from pydantic import BaseModel, Field
 
 from twostage.retrieval.search.calibration import Calibration
 from twostage.retrieval.search.settings import QuerySettings
-from twostage.retrieval.store.locks import PidLock, write_json_atomic
+from twostage.retrieval.store.locks import FileLocks, Lock, Locks, write_json_atomic
 from twostage.retrieval.store.vector_store import (
     StoreError,
     VectorStore,
@@ -132,9 +135,12 @@ class Registry:
     backend (a Qdrant server) holds the records, otherwise they are files under the data directory.
     """
 
-    def __init__(self, settings: QuerySettings, name: str | None = None, store: Any = None) -> None:
+    def __init__(
+        self, settings: QuerySettings, name: str | None = None, store: Any = None, locks: Locks | None = None
+    ) -> None:
         self.name = name or settings.collection
         self.root = (Path(settings.data_dir) / "registry" / self.name).absolute()
+        self.locks = locks or FileLocks(self.root.parent)
         shared = getattr(store, "registry_backend", None)
         self.backend: RegistryBackend = shared(self.name) if shared else FileRegistryBackend(self.root)
 
@@ -142,11 +148,11 @@ class Registry:
     def exists(self) -> bool:
         return self.backend.read("current") is not None
 
-    def lock(self) -> PidLock:
-        """Held for a whole retrain or rollback: a second one is refused with the holder's pid."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        return PidLock(
-            self.root / "retrain.lock",
+    def lock(self) -> Lock:
+        """Held for a whole retrain, rollback, calibration or canary decision: a second one is refused
+        with the holder's pid. `locks`: where (`coordination_locks`: the shared database, or files)."""
+        return self.locks.lock(
+            f"{self.name}/retrain",
             f"a retrain or rollback of {self.name!r} is already running (pid {{pid}}); wait for it",
         )
 

@@ -10,7 +10,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twostage.retrieval.store.vector_store import StoreLockedError
 
@@ -63,3 +63,36 @@ class PidLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class Lock(Protocol):
+    """An exclusive lock taken without waiting: `acquire` raises `StoreLockedError` naming the holder."""
+
+    def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+    def __enter__(self) -> "Lock": ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class Locks(Protocol):
+    """Where coordination locks live: files in the data directory (`FileLocks`), or the shared
+    database (`retrieval.traffic.coordination.DatabaseLocks`) for replicas without one."""
+
+    def lock(self, name: str, busy: str) -> Lock:
+        """The lock called `name` (a relative path: `NAME/retrain`); `busy` formats a refusal."""
+        ...
+
+
+class FileLocks:
+    """`PidLock`s under `root`: `name` is the lock file's path below it, less `.lock`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def lock(self, name: str, busy: str) -> PidLock:
+        path = self.root / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return PidLock(path, busy)

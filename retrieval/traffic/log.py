@@ -1,11 +1,17 @@
-"""The search log and feedback events: one SQLite database under the data directory.
+"""The search log, feedback events and canary outcomes: one database for every replica.
 
-Why SQLite: every write is a transaction in a write-ahead log, so a process killed mid-write
-(`kill -9`) loses at most the transaction it was in and never damages an earlier one; the
-unique index on `event_id` makes a resent batch a no-op; and the CLI (`twostage feedback stats`,
-`twostage pairs from-feedback`) reads the file while the server writes it. Commits are
-`synchronous=NORMAL`: durable against a crashed or killed process; a power cut may lose the
-last commits, never the file.
+The database is SQLite under the data directory by default and PostgreSQL where replicas share
+it (`feedback.database_url`; the schema and both engines: `database.py`). What holds on both:
+
+- an acknowledged event is durable: a batch is one transaction, committed before the answer
+  (SQLite: WAL, `synchronous=NORMAL`, durable against a killed process; PostgreSQL: its WAL,
+  `synchronous_commit` on);
+- an event is stored once however often and to whichever replica it is sent: `event_id` is a
+  unique constraint and the insert is `ON CONFLICT DO NOTHING` (no check-then-insert race);
+- a canary is decided once: its outcome's key is the canary, a primary key;
+- retention deletes in batches of `PURGE_BATCH` rows, each its own short transaction;
+- an unreachable database is `DatabaseUnavailable` (the API: 503 + Retry-After on feedback,
+  while searches are answered without a `search_id`, saying so in their notes).
 
 Search ids are time-ordered (milliseconds since the epoch, then 80 random bits), so feedback on
 a search can be checked against the retention window even when the search log is off.
@@ -13,8 +19,8 @@ a search can be checked against the retention window even when the search log is
 
 import hashlib
 import json
+import logging
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -23,33 +29,37 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from sqlalchemy import Connection, Row, Table, delete, func, select
+from sqlalchemy.sql import Insert
+
 from twostage.retrieval.access.caller import Caller
-from twostage.retrieval.core.errors import InputError, NotFound
+from twostage.retrieval.core.errors import DatabaseUnavailable, InputError, NotFound
 from twostage.retrieval.search.two_stage import SearchResult
+from twostage.retrieval.store.locks import Locks
+from twostage.retrieval.traffic.coordination import coordination_locks
+from twostage.retrieval.traffic.database import (
+    LOG_FILE,
+    canary_outcomes,
+    database_url,
+    events,
+    insert_ignoring_duplicates,
+    is_postgres,
+    open_engine,
+    reachable,
+    searches,
+    shown_url,
+    upgrade,
+    writing,
+)
 from twostage.retrieval.traffic.settings import FeedbackSettings
 
+log = logging.getLogger(__name__)
 EventKind = Literal["click", "cited", "thumbs_up", "thumbs_down", "dwell"]
 EVENT_KINDS: tuple[EventKind, ...] = ("click", "cited", "thumbs_up", "thumbs_down", "dwell")
 POSITIVE_EVENTS: tuple[EventKind, ...] = ("click", "cited", "thumbs_up")  # dwell: from DWELL_S seconds
 DWELL_S = 30.0  # a dwell this long counts as a positive (pairs, canaries)
-LOG_FILE = "traffic.sqlite3"
 _PURGE_EVERY_S = 3600.0
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS searches (
-    search_id TEXT PRIMARY KEY, ts REAL NOT NULL, session TEXT, query TEXT, query_hash TEXT NOT NULL,
-    instruction TEXT, filter TEXT, collection TEXT NOT NULL, deployment INTEGER, hits TEXT NOT NULL, arm TEXT,
-    key TEXT, principals TEXT, on_behalf_of TEXT
-);
-CREATE INDEX IF NOT EXISTS searches_ts ON searches (ts);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL UNIQUE, search_id TEXT NOT NULL,
-    chunk_id TEXT, doc_id TEXT, event TEXT NOT NULL, value REAL, ts REAL NOT NULL, received REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_search ON events (search_id);
-CREATE INDEX IF NOT EXISTS events_ts ON events (ts);
-"""
-# columns added since the first schema: (name, type), added to an older log when it is opened
-_ADDED_COLUMNS = {"searches": [("key", "TEXT"), ("principals", "TEXT"), ("on_behalf_of", "TEXT")]}
+PURGE_BATCH = 1000  # rows one retention transaction deletes: short locks on a busy log
 
 
 def new_search_id(now: float | None = None) -> str:
@@ -139,39 +149,69 @@ def content_id(search_id: str, chunk_id: str | None, doc_id: str | None, event: 
     return "h:" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class CanaryOutcome:
+    """How a canary ended, as the log keeps it for every replica (the registry keeps its own copy)."""
+
+    collection: str
+    deployment: int
+    started_ts: float
+    decision: str
+    why: str
+    tallies: dict[str, Any]
+    decided_ts: float
+    decided_by: str
+
+
 class TrafficLog:
-    """The one owner of the log's connection; every use goes through `_lock`."""
+    """The one owner of the log's engine (a thread-safe connection pool); every use is a
+    transaction of its own, and a database error that means "unreachable" is `DatabaseUnavailable`."""
 
     def __init__(self, data_dir: Path, settings: FeedbackSettings) -> None:
         self.settings = settings
-        self.path = data_dir / LOG_FILE
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        for table, columns in _ADDED_COLUMNS.items():
-            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            for name, kind in columns:
-                if name not in have:  # a log written before searches had owners: theirs is nobody's
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+        self.data_dir = Path(data_dir)
+        self.url = database_url(settings.database_url, self.data_dir)
+        self.engine = open_engine(self.url)
+        self.shown = shown_url(self.url) if settings.database_url else LOG_FILE
+        self._lock = threading.Lock()  # guards `_purged` and `_ready`
         self._purged = 0.0
+        self._ready = False
+        try:
+            self.ensure_schema()
+        except DatabaseUnavailable:  # a replica starts while the database is down: searches go on
+            log.warning("the search log's database is unreachable; retrying on the next use", exc_info=True)
+
+    @property
+    def shared(self) -> bool:
+        """PostgreSQL: other replicas write this log too."""
+        return is_postgres(self.engine)
+
+    @property
+    def locks(self) -> Locks:
+        """Where coordination locks live for this log's deployment (`coordination.py`)."""
+        return coordination_locks(self.settings, self.data_dir)
 
     def close(self) -> None:
+        self.engine.dispose()
+
+    def ensure_schema(self) -> tuple[int | None, int]:
+        """Create or upgrade the schema (`database.upgrade`): (version before, now)."""
+        with reachable(self.url):
+            versions = upgrade(self.engine)
         with self._lock:
-            self._db.close()
+            self._ready = True
+        return versions
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _connection(self, write: bool = False) -> Iterator[Connection]:
+        """A transaction (committed when the block ends), with the schema in place."""
+        if not self._ready:
+            self.ensure_schema()
+        with reachable(self.url), writing(self.engine) if write else self.engine.connect() as db:
+            yield db
+
+    def _insert_ignoring_duplicates(self, table: Table) -> Insert:
+        return insert_ignoring_duplicates(self.engine, table)
 
     @property
     def retention_s(self) -> float:
@@ -183,47 +223,46 @@ class TrafficLog:
         """Record a search (a no-op with the search log off); purges expired rows once an hour."""
         if not self.settings.search_log:
             return
-        hits = json.dumps([asdict(h) for h in search.hits], separators=(",", ":"))
-        query = search.query if self.settings.store_query_text else None
-        with self._transaction() as db:
-            db.execute(
-                f"INSERT OR IGNORE INTO searches ({_COLUMNS}) VALUES ({', '.join('?' * 14)})",
-                (search.search_id, search.ts, search.session, query, search.query_hash, search.instruction,
-                 None if search.filter is None else json.dumps(search.filter), search.collection,
-                 search.deployment, hits, search.arm, search.key,
-                 None if search.principals is None else json.dumps(search.principals), search.on_behalf_of),
-            )  # fmt: skip
-            self._purge_if_due(db, search.ts)
+        row = _search_row(search, self.settings.store_query_text)
+        with self._connection(write=True) as db:
+            db.execute(self._insert_ignoring_duplicates(searches).values(**row))
+        self._purge_if_due(search.ts)
 
     def record(
-        self, events: Sequence[Event], now: float | None = None, caller: Caller | None = None
+        self, events_: Sequence[Event], now: float | None = None, caller: Caller | None = None
     ) -> Recorded:
         """Store a batch of events, all or none: each is checked against its search (known, in the
         retention window, `caller`'s own, the chunk or document shown, its time plausible) before any
-        is written, so a rejected batch can be fixed and resent whole; events already stored count as
-        duplicates. Another key's search is answered as an unknown one: its id is not confirmed."""
+        is written, so a rejected batch can be fixed and resent whole; events already stored (by any
+        replica) count as duplicates. Another key's search is answered as an unknown one: its id is
+        not confirmed. Returns once the batch is committed."""
         now = time.time() if now is None else now
-        with self._transaction() as db:
-            searches = self._searches(db, {e.search_id for e in events}, now, caller)
-            for i, event in enumerate(events):
-                self._check(i, event, searches.get(event.search_id), now)
-            before = db.total_changes
-            rows = [
-                (e.event_id, e.search_id, e.chunk_id, e.doc_id, e.event, e.value, e.ts, now) for e in events
-            ]
-            db.executemany(
-                "INSERT OR IGNORE INTO events (event_id, search_id, chunk_id, doc_id, event, value, ts, "
-                "received) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows,
-            )  # fmt: skip
-            accepted = db.total_changes - before
-        return Recorded(accepted, len(events) - accepted)
+        # in event_id order: two replicas inserting overlapping batches take the unique index's
+        # locks in one order, so they wait for each other instead of deadlocking
+        rows = [dict(event_id=e.event_id, search_id=e.search_id, chunk_id=e.chunk_id, doc_id=e.doc_id,
+                     event=e.event, value=e.value, ts=e.ts, received=now)
+                for e in sorted(events_, key=lambda e: e.event_id)]  # fmt: skip
+        with self._connection(write=True) as db:
+            found = self._searches(db, {e.search_id for e in events_}, now, caller)
+            for i, event in enumerate(events_):
+                self._check(i, event, found.get(event.search_id), now)
+            inserted = self._insert_ignoring_duplicates(events).values(rows).returning(events.c.event_id)
+            accepted = len(db.execute(inserted).all()) if rows else 0
+        return Recorded(accepted, len(events_) - accepted)
+
+    def record_canary_outcome(self, outcome: CanaryOutcome) -> bool:
+        """Keep how a canary ended; False when it was already kept (by this or another replica)."""
+        row = {**asdict(outcome), "tallies": json.dumps(outcome.tallies)}
+        inserted = self._insert_ignoring_duplicates(canary_outcomes).values(**row)
+        with self._connection(write=True) as db:
+            return len(db.execute(inserted.returning(canary_outcomes.c.decision)).all()) == 1
 
     def _searches(
-        self, db: sqlite3.Connection, ids: set[str], now: float, caller: Caller | None = None
+        self, db: Connection, ids: set[str], now: float, caller: Caller | None = None
     ) -> dict[str, LoggedSearch | None]:
         """The logged searches the events name; None for an id of the retention window the log lacks
         (accepted only with the search log off). An unknown, expired or not `caller`'s id is `NotFound`."""
-        found = {s.search_id: s for s in self._read_searches(db, sorted(ids))
+        found = {s.search_id: s for s in _read_searches(db, sorted(ids))
                  if caller is None or caller.owns(s.key)}  # fmt: skip
         cutoff = now - self.retention_s
         missing = []
@@ -262,24 +301,37 @@ class TrafficLog:
             raise InputError(f"{where}: document {event.doc_id!r} was not among the hits shown; "
                              "nothing of this batch was stored")  # fmt: skip
 
-    def _purge_if_due(self, db: sqlite3.Connection, now: float) -> None:
-        if now - self._purged >= _PURGE_EVERY_S:
-            self._purged = now
-            cutoff = now - self.retention_s
-            db.execute("DELETE FROM searches WHERE ts < ?", (cutoff,))
-            db.execute("DELETE FROM events WHERE ts < ?", (cutoff,))
+    def _purge_if_due(self, now: float) -> None:
+        with self._lock:
+            if now - self._purged < _PURGE_EVERY_S:
+                return
+        try:
+            self.purge(now)
+        except DatabaseUnavailable:  # the search was logged; retention waits for the next hour
+            log.warning("could not purge the search log", exc_info=True)
 
-    def purge(self, now: float | None = None) -> None:
-        """Delete what is older than the retention window now."""
-        with self._transaction() as db:
-            self._purged = 0.0
-            self._purge_if_due(db, time.time() if now is None else now)
+    def purge(self, now: float | None = None) -> int:
+        """Delete what is older than the retention window, `PURGE_BATCH` rows a transaction (no
+        long lock on a log that replicas are writing); the rows deleted."""
+        now = time.time() if now is None else now
+        with self._lock:
+            self._purged = max(self._purged, now)  # the next hourly purge counts from this one
+        cutoff = now - self.retention_s
+        deleted = 0
+        for table, key in ((searches, searches.c.search_id), (events, events.c.seq)):
+            batch = select(key).where(table.c.ts < cutoff).limit(PURGE_BATCH).scalar_subquery()
+            done = PURGE_BATCH
+            while done == PURGE_BATCH:
+                with self._connection(write=True) as db:
+                    done = int(db.execute(delete(table).where(key.in_(batch))).rowcount)
+                deleted += done
+        return deleted
 
     # -- reads -----------------------------------------------------------------------------
 
     def search(self, search_id: str) -> LoggedSearch | None:
-        with self._lock:
-            found = self._read_searches(self._db, [search_id])
+        with self._connection() as db:
+            found = _read_searches(db, [search_id])
         return found[0] if found else None
 
     def searches(
@@ -287,67 +339,81 @@ class TrafficLog:
     ) -> list[LoggedSearch]:
         """Every logged search since `since`, oldest first; only key `key`'s (a non-admin reader's
         own), only those on collection `collection` (any of its versions), where given."""
-        where: list[str] = ["ts >= ?"]
-        args: list[Any] = [since]
+        query = select(searches).where(searches.c.ts >= since).order_by(searches.c.ts)
         if key is not None:
-            where.append("key = ?")
-            args.append(key)
+            query = query.where(searches.c.key == key)
         if collection is not None:
-            where.append("substr(collection, 1, ?) = ?")
-            args += [len(collection) + 3, f"{collection}__v"]
-        sql = f"SELECT {_COLUMNS} FROM searches WHERE {' AND '.join(where)} ORDER BY ts"
-        with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
-        return [_search(row) for row in rows]
+            prefix = f"{collection}__v"
+            query = query.where(func.substr(searches.c.collection, 1, len(prefix)) == prefix)
+        with self._connection() as db:
+            return [_search(row) for row in db.execute(query)]
 
     def events(self, since: float = 0.0) -> list[Event]:
-        """Every stored event since `since`, in arrival order."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT event_id, search_id, chunk_id, doc_id, event, value, ts FROM events WHERE ts >= ? "
-                "ORDER BY seq", (since,),
-            ).fetchall()  # fmt: skip
-        return [Event(*row) for row in rows]
+        """Every stored event since `since`, in arrival order (batch by batch; in a batch, by event_id)."""
+        query = select(events.c.event_id, events.c.search_id, events.c.chunk_id, events.c.doc_id,
+                       events.c.event, events.c.value, events.c.ts).where(events.c.ts >= since)  # fmt: skip
+        with self._connection() as db:
+            return [Event(*row) for row in db.execute(query.order_by(events.c.seq))]
 
     def canary_events(self, since: float, dwell_s: float = DWELL_S) -> int:
         """Positive events (`is_positive`'s rule) on searches a canary answered since `since`: one
         count in SQL, so a canary's watcher checks its budget without reading the period's searches."""
-        kinds = ", ".join("?" for _ in POSITIVE_EVENTS)
-        with self._lock:
-            (count,) = self._db.execute(
-                "SELECT COUNT(*) FROM events e JOIN searches s ON s.search_id = e.search_id WHERE e.ts >= ? "
-                f"AND s.ts >= ? AND s.arm IS NOT NULL AND (e.event IN ({kinds}) OR "
-                "(e.event = 'dwell' AND e.value >= ?))", (since, since, *POSITIVE_EVENTS, dwell_s),
-            ).fetchone()  # fmt: skip
-        return int(count)
+        dwelled = (events.c.event == "dwell") & (events.c.value >= dwell_s)
+        positive = events.c.event.in_(POSITIVE_EVENTS) | dwelled
+        query = (
+            select(func.count())
+            .select_from(events.join(searches, searches.c.search_id == events.c.search_id))
+            .where(events.c.ts >= since, searches.c.ts >= since, searches.c.arm.is_not(None), positive)
+        )
+        with self._connection() as db:
+            return int(db.execute(query).scalar_one())
 
-    @staticmethod
-    def _read_searches(db: sqlite3.Connection, ids: list[str]) -> list[LoggedSearch]:
-        found: list[LoggedSearch] = []
-        for start in range(0, len(ids), 500):
-            part = ids[start : start + 500]
-            marks = ",".join("?" * len(part))
-            rows = db.execute(
-                f"SELECT {_COLUMNS} FROM searches WHERE search_id IN ({marks})", part
-            ).fetchall()
-            found += [_search(row) for row in rows]
-        return found
+    def canary_outcomes(self, collection: str | None = None) -> list[CanaryOutcome]:
+        """The canaries decided, oldest first (of `collection`, where given)."""
+        query = select(canary_outcomes).order_by(canary_outcomes.c.decided_ts)
+        if collection is not None:
+            query = query.where(canary_outcomes.c.collection == collection)
+        with self._connection() as db:
+            return [CanaryOutcome(**{**row._asdict(), "tallies": json.loads(row.tallies)})
+                    for row in db.execute(query)]  # fmt: skip
 
 
-_COLUMNS = (
-    "search_id, ts, session, query, query_hash, instruction, filter, collection, deployment, hits, arm, "
-    "key, principals, on_behalf_of"
-)
-
-
-def _search(row: tuple[Any, ...]) -> LoggedSearch:
-    (search_id, ts, session, query, digest, instruction, filter_, collection, deployment, hits, arm, key,
-     principals, on_behalf_of) = row  # fmt: skip
-    return LoggedSearch(
-        search_id, ts, query, digest, instruction, None if filter_ is None else json.loads(filter_),
-        collection, deployment, tuple(ShownHit(**h) for h in json.loads(hits)), session, arm, key,
-        None if principals is None else tuple(json.loads(principals)), on_behalf_of,
+def _search_row(search: LoggedSearch, store_query_text: bool) -> dict[str, Any]:
+    return dict(
+        search_id=search.search_id, ts=search.ts, session=search.session,
+        query=search.query if store_query_text else None, query_hash=search.query_hash,
+        instruction=search.instruction, filter=None if search.filter is None else json.dumps(search.filter),
+        collection=search.collection, deployment=search.deployment,
+        hits=json.dumps([asdict(h) for h in search.hits], separators=(",", ":")), arm=search.arm,
+        key=search.key, principals=None if search.principals is None else json.dumps(search.principals),
+        on_behalf_of=search.on_behalf_of,
     )  # fmt: skip
+
+
+def _read_searches(db: Connection, ids: list[str]) -> list[LoggedSearch]:
+    found: list[LoggedSearch] = []
+    for start in range(0, len(ids), 500):
+        part = ids[start : start + 500]
+        found += [_search(row) for row in db.execute(select(searches).where(searches.c.search_id.in_(part)))]
+    return found
+
+
+def _search(row: Row[Any]) -> LoggedSearch:
+    r = row._mapping
+    return LoggedSearch(
+        r["search_id"], r["ts"], r["query"], r["query_hash"], r["instruction"],
+        None if r["filter"] is None else json.loads(r["filter"]), r["collection"], r["deployment"],
+        tuple(ShownHit(**h) for h in json.loads(r["hits"])), r["session"], r["arm"], r["key"],
+        None if r["principals"] is None else tuple(json.loads(r["principals"])), r["on_behalf_of"],
+    )  # fmt: skip
+
+
+def open_log(data_dir: Path, settings: FeedbackSettings) -> "TrafficLog | None":
+    """The log a CLI command reads: None where there is none yet (SQLite: no file in the data
+    directory; a configured database always answers, or says why it cannot)."""
+    if settings.database_url is None and not (Path(data_dir) / LOG_FILE).is_file():
+        return None
+    return TrafficLog(data_dir, settings)
 
 
 def is_positive(event: Event, dwell_s: float = DWELL_S) -> bool:

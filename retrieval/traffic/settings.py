@@ -1,6 +1,8 @@
 """The traffic layer's settings: the search log and feedback events."""
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+from twostage.retrieval.traffic.database import check_url
 
 
 class FeedbackSettings(BaseModel):
@@ -8,7 +10,12 @@ class FeedbackSettings(BaseModel):
 
     search_log: bool = Field(
         True, description="log each search (query, instruction, filter, the hits shown, the deployment) "
-        "under DATA_DIR/traffic.sqlite3; off: feedback is still taken for search ids of the retention window",
+        "in the log's database; off: feedback is still taken for search ids of the retention window",
+    )  # fmt: skip
+    database_url: str | None = Field(
+        None, description="where the search log, feedback events, canary outcomes and coordination locks "
+        "live: a SQLAlchemy URL; unset: SQLite at DATA_DIR/traffic.sqlite3 (one replica); "
+        "postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB: shared by replicas (docs/service.md, Replicas)",
     )  # fmt: skip
     store_query_text: bool = Field(
         True, description="keep the query's text in the log; false keeps only its SHA-256 (pairs from "
@@ -31,3 +38,8 @@ class FeedbackSettings(BaseModel):
         "this share of its query's searches (fewer: a stray click); off by default, since on the bench 0.2 "
         "removed most wrong positives and trained a worse embedder; `pairs from-feedback --min-rate`",
     )  # fmt: skip
+
+    @field_validator("database_url")
+    @classmethod
+    def _usable_url(cls, url: str | None) -> str | None:
+        return check_url(url) if url else None  # empty (an unset variable in compose): the default

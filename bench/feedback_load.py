@@ -162,8 +162,9 @@ def main() -> None:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("TWOSTAGE_")},
             "TWOSTAGE_CACHE_DIR": str(Path(args.cache_dir).resolve()),
-            "TWOSTAGE_EMBEDDER__MODEL": args.embedder,
-            "TWOSTAGE_SEARCH__RERANK": "false", "TWOSTAGE_API__API_KEYS": json.dumps([KEY]),
+            "TWOSTAGE_EMBEDDER__MODEL": args.embedder, "TWOSTAGE_SEARCH__RERANK": "false",
+            "TWOSTAGE_RERANKER__MODEL": "pypi:SmolLM2-135M-Instruct",  # offline; not trained to rank: off
+            "TWOSTAGE_API__API_KEYS": json.dumps([KEY]),
             # a load test, not a rate-limit test
             "TWOSTAGE_FEEDBACK__RATE_PER_S": "100000", "TWOSTAGE_FEEDBACK__BURST": "100000",
             "HF_HUB_OFFLINE": "1",

@@ -5,6 +5,7 @@ candidate users prefer and rolls back an interleaved one they do not; a replica 
 """
 
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -14,15 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from helpers import debian_rows, run_cli, serve, write_jsonl
+from numpy.typing import NDArray
+from scipy.special import betaln
+from scipy.stats import binom
 from test_retrain import TRAINING
 
 from twostage.api.runtime.service import Service
 from twostage.api.settings import Settings
 from twostage.retrieval.deployments.canary import (
     decide,
+    evidence,
     in_share,
+    log_evidence,
     sign_test,
     tallies,
     team_draft,
@@ -72,12 +79,21 @@ def test_the_tests_and_the_decision_on_known_tallies(tmp_path: Path, database_ur
     assert sign_test(10, 0) == pytest.approx(2 / 1024) and sign_test(5, 5) == 1.0 and sign_test(0, 0) is None
     # 30/100 vs 45/100: pooled 0.375, z = 0.15 / sqrt(0.375 * 0.625 * 0.02) = 2.191, p = 0.0285
     assert two_proportions(30, 100, 45, 100) == pytest.approx(0.02846, abs=1e-4)
+    # the mixture statistic in closed form against the integral it stands for (Beta(4, 4) cut to p > 1/2)
+    grid = np.linspace(0.5, 1.0, 200_001)
+    density = 2 * grid**3 * (1 - grid) ** 3 / math.exp(betaln(4, 4))
+    for wins, losses in [(11, 1), (3, 5), (40, 22)]:
+        ratio = grid**wins * (1 - grid) ** losses / 0.5 ** (wins + losses)
+        assert evidence(wins, losses)["better"] == pytest.approx(
+            np.trapezoid(ratio * density, grid), rel=1e-6
+        )
+    assert evidence(0, 0) == {"better": 1.0, "worse": 1.0}
     log = TrafficLog(tmp_path, FeedbackSettings(database_url=database_url))
     now = time.time()
-    canary = Canary(deployment=2, control=1, share=0.5, interleave=True, max_events=10, max_seconds=3600,
+    canary = Canary(deployment=2, control=1, share=0.5, interleave=True, max_events=20, max_seconds=3600,
                     alpha=0.05, started_ts=now - 60)  # fmt: skip
     events = []
-    for i in range(12):  # the user clicks the candidate's pick in 11 searches, the control's in one
+    for i in range(15):  # the user clicks the candidate's pick in 14 searches, the control's in one
         search_id = new_search_id(now - 30)
         hits = (
             ShownHit("a", "da", 1, 0.1, None, None, "control"),
@@ -89,18 +105,48 @@ def test_the_tests_and_the_decision_on_known_tallies(tmp_path: Path, database_ur
             )
         )
         events.append(Event(f"e{i}", search_id, "b" if i else "a", None, "click", None, now - 20))
-    log.record(events[:9], now=now)
+    log.record(events[:12], now=now)
     counted = tallies(log, canary, now=now)
-    assert (counted.wins, counted.losses, counted.events) == (8, 1, 9) == (8, 1, log.canary_events(now - 60))
-    assert decide(canary, counted)[0] == "wait"  # 9 of 10 events: the budget is not spent
-    log.record(events[9:], now=now)
+    assert (
+        (counted.wins, counted.losses, counted.events) == (11, 1, 12) == (11, 1, log.canary_events(now - 60))
+    )
+    # 11 to 1 (a fixed-horizon sign test's p = 0.006): evidence 19.5, short of 1/alpha = 20; wait
+    assert counted.evidence is not None and counted.evidence["better"] == pytest.approx(19.5367, rel=1e-4)
+    assert decide(canary, counted)[0] == "wait"
+    log.record(events[12:], now=now)
     counted = tallies(log, canary, now=now)
-    decision, why = decide(canary, counted)
-    assert (counted.wins, counted.losses) == (11, 1) and counted.p_value == pytest.approx(sign_test(11, 1))
-    assert decision == "promote" and "won 11, lost 1" in why
-    late = canary.model_copy(update={"alpha": 0.001})  # not significant at 0.001: rolled back
-    assert decide(late, counted)[0] == "rollback"
+    decision, why = decide(canary, counted)  # 14 to 1: decided before the budget (20 events) is spent
+    assert (counted.wins, counted.losses) == (14, 1) and counted.p_value == pytest.approx(
+        1 / 69.5308, rel=1e-4
+    )
+    assert decision == "promote" and "won 14, lost 1" in why and ">= 1/alpha = 20" in why
+    late = canary.model_copy(update={"alpha": 0.001})  # not yet at 1/0.001: waits for more
+    assert decide(late, counted)[0] == "wait"
+    spent = late.model_copy(update={"max_events": 15})  # ... and the budget ends it: kept
+    assert decide(spent, counted) == ("rollback", f"the candidate is not shown better within the budget: "
+                                      f"{counted.summary()}")  # fmt: skip
     log.close()
+
+
+def test_the_sequential_test_may_be_looked_at_after_every_event() -> None:
+    """Under the null (the candidate wins half its decided searches) 1,000 canaries of up to 1,000
+    searches, looked at after each: the sequential test promotes at most alpha of them, where the
+    fixed-horizon sign test looked at as often promotes several times that; a clear win (70%) is
+    decided within a few dozen searches."""
+    rng = np.random.default_rng(7)
+    looks = np.arange(1, 1001)
+
+    def first_crossing(win_rate: float) -> tuple[NDArray[np.bool_], NDArray[np.float64]]:
+        wins = np.cumsum(rng.random((1000, looks.size)) < win_rate, axis=1)
+        crossed = log_evidence(wins, looks - wins) >= math.log(1 / 0.05)
+        return wins, np.where(crossed.any(axis=1), crossed.argmax(axis=1) + 1.0, np.inf)
+
+    wins, promoted = first_crossing(0.5)
+    assert np.isfinite(promoted).mean() <= 0.05
+    peeked = 2 * binom.cdf(np.minimum(wins, looks - wins), looks, 0.5) < 0.05  # the sign test, each look
+    assert (peeked & (wins > looks - wins)).any(axis=1).mean() > 0.15
+    _, clear = first_crossing(0.7)
+    assert np.isfinite(clear).all() and np.median(clear) < 60
 
 
 # -- a real retrain, a real server --------------------------------------------------------------

@@ -10,11 +10,21 @@ coin deciding ties, and each hit remembers whose pick it was, so a click credits
 that put it there.
 
 What the feedback says. Split: the share of searches with a positive event (a click, citation,
-thumbs-up or long dwell) of each arm, compared by a two-proportion z-test (two-sided).
+thumbs-up or long dwell) of each arm, compared by a two-proportion z-test (two-sided), once, when
+the budget (events or time) is spent: a fixed-horizon test must not be looked at earlier.
 Interleaved: each search with positive events credits the deployment whose picks got more of
-them; wins against losses by an exact sign test (two-sided), ties left out, the usual analysis of
-team-draft interleaving (Chapelle et al. 2012). The candidate is promoted when it is better with
-p < alpha; when the budget (events or time) is spent without that, the canary is rolled back.
+them (Chapelle et al. 2012: wins against losses, ties left out), and the wins are tested
+sequentially, so the canary may be looked at after every event and decided as soon as the
+evidence is there: a mixture sequential probability ratio test (Robbins 1970; the mSPRT of
+Johari, Koomen, Pekelis & Walsh 2017, "Peeking at A/B tests"). Its statistic is the likelihood
+ratio of the wins under a win rate p against p = 1/2, mixed over p by a Beta(a, a) prior cut to
+p > 1/2 (`evidence`); under any win rate <= 1/2 it is a nonnegative supermartingale, so by
+Ville's inequality the chance it ever reaches 1/alpha is at most alpha, however often it is
+looked at. Promoted when it reaches 1/alpha; rolled back as soon as the mirror statistic (p < 1/2)
+does, or when the budget is spent first. `PRIOR_A` = 4 was chosen by simulation (1,000 canaries
+of up to 1,000 decided searches, alpha 0.05): false promotions 0.033 at p = 1/2; promoted within
+the budget at p = 0.55 / 0.6 / 0.7 in 70% / 100% / 100% of runs, after a median 616 / 153 / 37
+searches (a = 1: 61%, 797 / 161 / 37; a = 16: 75%, 571 / 149 / 47).
 Starting and settling it (under the registry lock) is `lifecycle.py`'s; serving it, `follower.py`'s.
 """
 
@@ -26,11 +36,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy.special import betainc, betaln
+
 from twostage.retrieval.deployments.registry import Canary
 from twostage.retrieval.search.two_stage import Deployment, SearchHit, SearchResult
 from twostage.retrieval.traffic.log import TrafficLog, is_positive
 from twostage.retrieval.traffic.stats import event_rank
 
+PRIOR_A = 4.0  # the mixing prior Beta(a, a) on the win rate (the module docstring: why 4)
 Arm = Literal["control", "candidate", "interleaved"]
 Team = Literal["control", "candidate"]
 
@@ -114,9 +129,10 @@ class Tallies:
     losses: int
     ties: int
     events: int  # positive events on canary-period searches
-    p_value: float | None
+    p_value: float | None  # split: the z-test's; interleaved: always valid, min(1, 1/evidence better)
     effect: float | None  # split: candidate rate - control rate; interleaved: wins/(wins+losses) - 0.5
     seconds: float
+    evidence: dict[str, float] | None = None  # interleaved: the sequential statistics, "better", "worse"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,8 +144,10 @@ class Tallies:
                 f"{arm} {self.successes[arm]}/{self.searches[arm]}" for arm in ("control", "candidate")
             )
             return f"searches with a positive event: {rates}; two-proportion z-test p = {p}"
+        better = "-" if self.evidence is None else f"{self.evidence['better']:.3g}"
         return (f"interleaved: candidate won {self.wins}, lost {self.losses}, tied {self.ties} of "
-                f"{self.searches.get('interleaved', 0)} searches; sign test p = {p}")  # fmt: skip
+                f"{self.searches.get('interleaved', 0)} searches; sequential test: evidence {better}, "
+                f"always-valid p = {p}")  # fmt: skip
 
 
 def two_proportions(x1: int, n1: int, x2: int, n2: int) -> float | None:
@@ -141,6 +159,25 @@ def two_proportions(x1: int, n1: int, x2: int, n2: int) -> float | None:
         return 1.0
     z = (x2 / n2 - x1 / n1) / math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
     return math.erfc(abs(z) / math.sqrt(2))
+
+
+def log_evidence(wins: ArrayLike, losses: ArrayLike, prior_a: float = PRIOR_A) -> NDArray[np.float64]:
+    """log of the mixture likelihood ratio that the win rate exceeds 1/2: the mean over p ~ Beta(a, a)
+    cut to p > 1/2 (density doubled) of p^w (1-p)^l / (1/2)^(w+l), in closed form:
+    2 * B(w+a, l+a) / B(a, a) * P(Beta(w+a, l+a) > 1/2) * 2^(w+l). Elementwise on arrays."""
+    won = np.asarray(wins, dtype=np.float64) + prior_a
+    lost = np.asarray(losses, dtype=np.float64) + prior_a
+    upper = np.maximum(betainc(lost, won, 0.5), 1e-300)  # P(Beta(w+a, l+a) > 1/2)
+    decided = won + lost - 2 * prior_a
+    return np.asarray(
+        (decided + 1) * math.log(2) + betaln(won, lost) - betaln(prior_a, prior_a) + np.log(upper)
+    )
+
+
+def evidence(wins: int, losses: int) -> dict[str, float]:
+    """The sequential statistics of an interleaved canary: that the candidate is better, and worse."""
+    return {"better": float(np.exp(log_evidence(wins, losses))),
+            "worse": float(np.exp(log_evidence(losses, wins)))}  # fmt: skip
 
 
 def sign_test(wins: int, losses: int) -> float | None:
@@ -155,7 +192,7 @@ def sign_test(wins: int, losses: int) -> float | None:
 def tallies(log: TrafficLog, canary: Canary, now: float | None = None) -> Tallies:
     """The canary's searches (since it began) and their feedback."""
     now = time.time() if now is None else now
-    searches = {s.search_id: s for s in log.searches(canary.started_ts) if s.arm is not None}
+    searches = {s.search_id: s for s in log.searches(canary.started_ts, armed=True)}
     events = [e for e in log.events(canary.started_ts) if e.search_id in searches and is_positive(e)]
     counts = {"control": 0, "candidate": 0, "interleaved": 0}
     for search in searches.values():
@@ -175,8 +212,10 @@ def tallies(log: TrafficLog, canary: Canary, now: float | None = None) -> Tallie
         wins += got["candidate"] > got["control"]
         losses += got["candidate"] < got["control"]
         ties += got["candidate"] == got["control"]
+    seen: dict[str, float] | None = None
     if canary.interleave:
-        p = sign_test(wins, losses)
+        seen = evidence(wins, losses)
+        p: float | None = min(1.0, 1.0 / seen["better"])
         effect = None if wins + losses == 0 else wins / (wins + losses) - 0.5
         mode: Literal["split", "interleaved"] = "interleaved"
     else:
@@ -185,14 +224,29 @@ def tallies(log: TrafficLog, canary: Canary, now: float | None = None) -> Tallie
         effect = None if min(n1, n2) == 0 else successes["candidate"] / n2 - successes["control"] / n1
         mode = "split"
     return Tallies(mode, counts, successes, wins, losses, ties, len(events), p, effect,
-                   round(now - canary.started_ts, 1))  # fmt: skip
+                   round(now - canary.started_ts, 1), seen)  # fmt: skip
 
 
 def decide(canary: Canary, counted: Tallies) -> tuple[Decision, str]:
-    """Promote a candidate significantly better; roll back once the budget is spent without that."""
+    """Promote a candidate significantly better; roll back once the budget is spent without that.
+    Interleaved: at any look, as soon as the sequential test says better (or worse)."""
     better = counted.effect is not None and counted.effect > 0
     significant = counted.p_value is not None and counted.p_value < canary.alpha
     spent = counted.events >= canary.max_events or counted.seconds >= canary.max_seconds
+    if counted.evidence is not None:
+        threshold = 1 / canary.alpha
+        if counted.evidence["better"] >= threshold:
+            return (
+                "promote",
+                f"the candidate is better: {counted.summary()}; evidence >= 1/alpha = {threshold:g}",
+            )
+        if counted.evidence["worse"] >= threshold:
+            return (
+                "rollback",
+                f"the candidate is worse: {counted.summary()}; evidence of worse >= {threshold:g}",
+            )
+        if spent:
+            return "rollback", f"the candidate is not shown better within the budget: {counted.summary()}"
     if not spent:
         return "wait", f"budget not spent: {counted.events}/{canary.max_events} events, " \
                        f"{counted.seconds:.0f}/{canary.max_seconds:.0f} s"  # fmt: skip

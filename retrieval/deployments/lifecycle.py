@@ -3,8 +3,9 @@
 Each change is one write of the registry pointer (collection and both models together), taken
 under the registry's lock, so replicas that follow the pointer (`follower.py`) see one
 consistent pair; the store's alias follows for clients that read Qdrant directly. A canary is
-started here (`start_canary`) and settled here (`settle`): whichever replica takes the lock once
-the budget is spent decides, by the tests in `canary.py`, and records the outcome.
+started here (`start_canary`) and settled here (`settle`): whichever replica takes the lock decides,
+by the tests in `canary.py` (an interleaved canary's sequential test at every check, a split
+canary's once its budget is spent), and records the outcome.
 """
 
 import time
@@ -138,8 +139,9 @@ def settle(settings: QuerySettings, store: VectorStore, log: TrafficLog, collect
         if canary is None:
             return None
         elapsed = time.time() - canary.started_ts
-        if elapsed < canary.max_seconds and log.canary_events(canary.started_ts) < canary.max_events:
-            return None  # the budget is not spent: the tallies (every canary search read) wait for it
+        spent = elapsed >= canary.max_seconds or log.canary_events(canary.started_ts) >= canary.max_events
+        if not spent and not canary.interleave:
+            return None  # a split canary's test is fixed-horizon: its tallies are read once, at the budget
         counted = tallies(log, canary)
         decision, why = decide(canary, counted)
         if decision == "wait":

@@ -76,8 +76,8 @@ class Canary(BaseModel):
     """A candidate deployment served to a share of the traffic before anyone decides to switch:
     `share` of sessions (stable per session, else per search) get the candidate's ranking, or
     with `interleave` that share get both rankings merged by team-draft interleaving. The
-    service's canary watcher decides from the feedback once a budget is spent
-    (`retrieval.deployments.lifecycle.settle`)."""
+    service's canary watcher decides from the feedback: interleaved, as soon as the sequential
+    test does; split, once a budget is spent (`retrieval.deployments.lifecycle.settle`)."""
 
     deployment: int = Field(description="the candidate (a recorded deployment, not current)")
     control: int = Field(description="the current deployment when the canary began")

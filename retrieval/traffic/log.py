@@ -43,11 +43,9 @@ from twostage.retrieval.traffic.database import (
     database_url,
     events,
     insert_ignoring_duplicates,
-    is_postgres,
     open_engine,
     reachable,
     searches,
-    shown_url,
     upgrade,
     writing,
 )
@@ -172,7 +170,6 @@ class TrafficLog:
         self.data_dir = Path(data_dir)
         self.url = database_url(settings.database_url, self.data_dir)
         self.engine = open_engine(self.url)
-        self.shown = shown_url(self.url) if settings.database_url else LOG_FILE
         self._lock = threading.Lock()  # guards `_purged` and `_ready`
         self._purged = 0.0
         self._ready = False
@@ -180,11 +177,6 @@ class TrafficLog:
             self.ensure_schema()
         except DatabaseUnavailable:  # a replica starts while the database is down: searches go on
             log.warning("the search log's database is unreachable; retrying on the next use", exc_info=True)
-
-    @property
-    def shared(self) -> bool:
-        """PostgreSQL: other replicas write this log too."""
-        return is_postgres(self.engine)
 
     @property
     def locks(self) -> Locks:
@@ -335,11 +327,19 @@ class TrafficLog:
         return found[0] if found else None
 
     def searches(
-        self, since: float = 0.0, *, key: str | None = None, collection: str | None = None
+        self,
+        since: float = 0.0,
+        *,
+        key: str | None = None,
+        collection: str | None = None,
+        armed: bool = False,
     ) -> list[LoggedSearch]:
         """Every logged search since `since`, oldest first; only key `key`'s (a non-admin reader's
-        own), only those on collection `collection` (any of its versions), where given."""
+        own), only those on collection `collection` (any of its versions), where given; `armed`: only
+        those a canary answered (a canary's tallies, read at every look, read no other search)."""
         query = select(searches).where(searches.c.ts >= since).order_by(searches.c.ts)
+        if armed:
+            query = query.where(searches.c.arm.is_not(None))
         if key is not None:
             query = query.where(searches.c.key == key)
         if collection is not None:

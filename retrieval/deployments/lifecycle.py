@@ -11,7 +11,7 @@ canary's once its budget is spent), and records the outcome.
 import time
 
 from twostage.retrieval.core.errors import InputError
-from twostage.retrieval.deployments.canary import decide, tallies
+from twostage.retrieval.deployments.canary import Decision, Tallies, decide, tallies
 from twostage.retrieval.deployments.registry import Canary, DeploymentRecord, Registry, Say
 from twostage.retrieval.search.settings import QuerySettings
 from twostage.retrieval.store.collections import active_manifest
@@ -120,14 +120,15 @@ def start_canary(
 
 
 def settle(settings: QuerySettings, store: VectorStore, log: TrafficLog, collection: str) -> str | None:
-    """Decide `collection`'s canary if its budget is spent: switch to the candidate or stop serving
+    """Decide `collection`'s canary once its test says so: switch to the candidate or stop serving
     it, and keep the tallies (`Registry.record_canary`, and the log's `canary_outcomes` where every
-    replica reads them). Under the registry's lock, in the log's database where it is shared
-    (`TrafficLog.locks`), so one replica decides, from every replica's events; None when there is
-    nothing to decide (no canary, budget left, a retrain running)."""
+    replica reads them). The look itself takes no lock (an interleaved canary is looked at every
+    check); a decision is taken under the registry's lock, in the log's database where it is shared
+    (`TrafficLog.locks`), on tallies read again there, so one replica decides, from every replica's
+    events. None when there is nothing to decide (no canary, no decision yet, a retrain running)."""
     registry = Registry(settings, collection, store, locks=log.locks)
     canary = registry.canary()
-    if canary is None:
+    if canary is None or _look(log, canary) is None:
         return None
     lock = registry.lock()
     try:
@@ -136,16 +137,10 @@ def settle(settings: QuerySettings, store: VectorStore, log: TrafficLog, collect
         return None  # a retrain or rollback holds the registry: next time
     try:
         canary = registry.canary()  # another replica may have decided meanwhile
-        if canary is None:
+        looked = None if canary is None else _look(log, canary)
+        if canary is None or looked is None:
             return None
-        elapsed = time.time() - canary.started_ts
-        spent = elapsed >= canary.max_seconds or log.canary_events(canary.started_ts) >= canary.max_events
-        if not spent and not canary.interleave:
-            return None  # a split canary's test is fixed-horizon: its tallies are read once, at the budget
-        counted = tallies(log, canary)
-        decision, why = decide(canary, counted)
-        if decision == "wait":
-            return None
+        counted, decision, why = looked
         outcome = {"decision": decision, "why": why, "tallies": counted.as_dict(), "decided_at": now_iso()}
         if decision == "promote":
             switch(registry, store, registry.get(canary.deployment))
@@ -157,3 +152,15 @@ def settle(settings: QuerySettings, store: VectorStore, log: TrafficLog, collect
         return f"canary d{canary.deployment} of {collection}: {decision} ({why})"
     finally:
         lock.release()
+
+
+def _look(log: TrafficLog, canary: Canary) -> tuple[Tallies, Decision, str] | None:
+    """The canary's tallies and decision, None while it waits. A split canary's test is
+    fixed-horizon: its tallies are read once, when the budget is spent (one count in SQL before)."""
+    elapsed = time.time() - canary.started_ts
+    spent = elapsed >= canary.max_seconds or log.canary_events(canary.started_ts) >= canary.max_events
+    if not spent and not canary.interleave:
+        return None
+    counted = tallies(log, canary)
+    decision, why = decide(canary, counted)
+    return None if decision == "wait" else (counted, decision, why)
